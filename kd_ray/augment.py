@@ -1,0 +1,335 @@
+"""Batched augmentation policies for distillation inputs (paper experiment E3).
+
+Every policy works on a whole batch tensor on its own device: no per-sample Python loops, no PIL,
+no torchvision. All randomness comes from the ``torch.Generator`` passed in, which lives on the
+batch's device, so one seed reproduces an augmented batch exactly and the global RNG is never
+touched.
+
+Data kinds:
+
+- ``signal``: ``[N, C, L]`` standardised 1-D signals (any range),
+- ``gray``:   ``[N, 1, H, W]`` images in ``[0, 1]``,
+- ``rgb``:    ``[N, 3, H, W]`` images in ``[0, 1]``.
+
+Image policies keep images in ``[0, 1]``. Every policy except ``none`` starts with ``baseline``
+(the teachers' own augmentation: random translation with zero padding, plus an optional horizontal
+flip), as in the paper. The teacher labels the augmented batch itself, so mixup and cutmix return
+the partner permutation and the label weight only for callers that also mix hard labels.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+POLICIES: tuple[str, ...] = (
+    "none", "baseline", "rotation", "vflip", "colorjitter", "combaug", "mixup", "cutmix", "noise",
+)
+KINDS: tuple[str, ...] = ("signal", "gray", "rgb")
+
+_ALL = KINDS
+_IMAGES = ("gray", "rgb")
+_SUPPORTED: dict[str, tuple[str, ...]] = {
+    "none": _ALL,
+    "baseline": _ALL,
+    "rotation": _IMAGES,
+    "vflip": _IMAGES,
+    "colorjitter": ("rgb",),
+    "combaug": _IMAGES,
+    "mixup": _ALL,
+    "cutmix": _ALL,
+    "noise": _ALL,
+}
+
+ROTATION_DEGREES = 20.0
+JITTER_STRENGTH = 0.2  # brightness, contrast, saturation and hue alike
+NOISE_P = 0.2
+# ITU-R 601 luma weights, the ones torchvision's grayscale conversion uses.
+_LUMA = (0.2989, 0.587, 0.114)
+
+
+@dataclass
+class AugmentedBatch:
+    """One augmented batch.
+
+    ``x`` has the input's shape, dtype and device; it may be the input tensor itself when the
+    policy changed nothing, and the input is never modified in place. ``mix_index`` is the partner
+    permutation (LongTensor ``[N]``) for mixup and cutmix, else ``None``. ``lam`` is the weight of
+    each original sample's label (1.0 when nothing was mixed).
+    """
+
+    x: torch.Tensor
+    mix_index: torch.Tensor | None
+    lam: float
+
+
+def check_policy(name: str, kind: str) -> None:
+    """Raise ValueError unless policy ``name`` exists and is meaningful for data ``kind``."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown data kind {kind!r}; choose one of: {', '.join(KINDS)}")
+    if name not in _SUPPORTED:
+        close = difflib.get_close_matches(str(name), POLICIES, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise ValueError(f"unknown augmentation {name!r}{hint}; choose one of: {', '.join(POLICIES)}")
+    supported = _SUPPORTED[name]
+    if kind not in supported:
+        raise ValueError(
+            f"augmentation {name!r} is not meaningful for {kind} data; it supports: {', '.join(supported)}"
+        )
+
+
+def augment(
+    name: str,
+    x: torch.Tensor,
+    generator: torch.Generator,
+    *,
+    kind: str,
+    crop_pad: int,
+    hflip: bool,
+    mixup_alpha: float = 1.0,
+) -> AugmentedBatch:
+    """Apply augmentation policy ``name`` to the batch ``x`` of data ``kind``.
+
+    Policies (all but ``none`` start with ``baseline``):
+
+    - ``none``: ``x`` unchanged.
+    - ``baseline``: random translation by up to ``crop_pad`` positions in each spatial dimension
+      with zero fill (pad, then random crop), then a horizontal flip (reversal along the last axis)
+      with p=0.5 when ``hflip`` is true. Signals and images.
+    - ``rotation``: baseline, then a rotation uniform in [-20°, 20°] with zero fill. Images.
+    - ``vflip``: baseline, then a vertical flip with p=0.5. Images.
+    - ``colorjitter``: baseline, then brightness, contrast and saturation factors uniform in
+      [0.8, 1.2] and a hue shift uniform in [-0.2, 0.2] of a turn, each drawn per sample and
+      applied in that fixed order. RGB only.
+    - ``combaug``: baseline, rotation, vflip and colorjitter together. On gray images colorjitter
+      is left out, since saturation and hue do not exist there; signals are refused.
+    - ``mixup``: baseline, then one ``lam ~ Beta(mixup_alpha, mixup_alpha)`` per batch and a random
+      partner permutation ``perm``: ``lam * x + (1 - lam) * x[perm]``.
+    - ``cutmix``: baseline, then one ``lam ~ Beta(mixup_alpha, mixup_alpha)`` per batch and one
+      random box (a segment for signals) of area fraction about ``1 - lam``, clipped at the border,
+      pasted from ``x[perm]``; the returned ``lam`` is the exact kept fraction.
+    - ``noise``: baseline, then each sample independently replaced with p=0.2 by uniform noise,
+      in [0, 1] for images and in [min, max] of the input batch for signals.
+    """
+    check_policy(name, kind)
+    _check_batch(x, generator, kind=kind, crop_pad=crop_pad)
+    if name in ("mixup", "cutmix") and not (math.isfinite(mixup_alpha) and mixup_alpha > 0):
+        raise ValueError(f"mixup_alpha={mixup_alpha!r} must be a finite number > 0")
+    is_image = kind != "signal"
+
+    if name == "none":
+        return AugmentedBatch(x, None, 1.0)
+
+    out = _baseline(x, generator, crop_pad=crop_pad, hflip=hflip)
+    if name == "baseline":
+        return AugmentedBatch(out, None, 1.0)
+    if name == "rotation":
+        return AugmentedBatch(_rotate(out, generator), None, 1.0)
+    if name == "vflip":
+        return AugmentedBatch(_random_flip(out, generator, dim=-2), None, 1.0)
+    if name == "colorjitter":
+        return AugmentedBatch(_color_jitter(out, generator), None, 1.0)
+    if name == "combaug":
+        out = _random_flip(_rotate(out, generator), generator, dim=-2)
+        if kind == "rgb":
+            out = _color_jitter(out, generator)
+        return AugmentedBatch(out, None, 1.0)
+    if name == "mixup":
+        lam = _beta(mixup_alpha, generator, x.device)
+        perm = torch.randperm(x.shape[0], generator=generator, device=x.device)
+        # lerp is exact where a sample meets an identical partner; clamping guards the last ulp.
+        mixed = torch.lerp(out[perm], out, lam)
+        if is_image:
+            mixed = mixed.clamp(0.0, 1.0)
+        return AugmentedBatch(mixed, perm, lam)
+    if name == "cutmix":
+        return _cutmix(out, generator, mixup_alpha)
+    if name == "noise":
+        if is_image:
+            low, high = 0.0, 1.0
+        else:
+            # The input's range, not the translated batch's: zero padding could widen it.
+            low, high = float(x.min()), float(x.max())
+        replace = torch.rand(x.shape[0], generator=generator, device=x.device) < NOISE_P
+        noise = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        noise = low + (high - low) * noise
+        if is_image:
+            noise = noise.clamp(0.0, 1.0)
+        mask = replace.view(-1, *([1] * (x.dim() - 1)))
+        return AugmentedBatch(torch.where(mask, noise, out), None, 1.0)
+    raise AssertionError(f"policy {name!r} is listed but not implemented")
+
+
+# --- checks ------------------------------------------------------------------------------------
+
+
+def _check_batch(x: torch.Tensor, generator: torch.Generator, *, kind: str, crop_pad: int) -> None:
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise ValueError(f"augment expects a floating-point tensor, got {getattr(x, 'dtype', type(x))}")
+    expected = {"signal": "[N, C, L]", "gray": "[N, 1, H, W]", "rgb": "[N, 3, H, W]"}[kind]
+    ndim = 3 if kind == "signal" else 4
+    channels = {"gray": 1, "rgb": 3}.get(kind)
+    if x.dim() != ndim or (channels is not None and x.shape[1] != channels):
+        raise ValueError(f"{kind} batches have shape {expected}, got {list(x.shape)}")
+    if isinstance(crop_pad, bool) or not isinstance(crop_pad, int) or crop_pad < 0:
+        raise ValueError(f"crop_pad={crop_pad!r} must be an integer >= 0")
+    # torch's own message for a generator on the wrong device is easy to misread.
+    if generator.device.type != x.device.type:
+        raise ValueError(f"generator is on {generator.device}, the batch on {x.device}; they must match")
+
+
+# --- geometric ---------------------------------------------------------------------------------
+
+
+def _baseline(x: torch.Tensor, generator: torch.Generator, *, crop_pad: int, hflip: bool) -> torch.Tensor:
+    out = x
+    if crop_pad > 0:
+        out = _translate(out, generator, crop_pad)
+    if hflip:
+        out = _random_flip(out, generator, dim=-1)
+    return out
+
+
+def _translate(x: torch.Tensor, generator: torch.Generator, pad: int) -> torch.Tensor:
+    """Random crop of the zero-padded batch: each sample shifted by up to ``pad`` per spatial dim.
+
+    Each spatial dimension is cropped with one batched gather whose start offset differs per
+    sample, so the cost does not depend on how many distinct shifts the batch holds.
+    """
+    n = x.shape[0]
+    spatial = x.shape[2:]
+    padded = F.pad(x, [pad, pad] * len(spatial))
+    offsets = torch.randint(0, 2 * pad + 1, (len(spatial), n), generator=generator, device=x.device)
+    out = padded
+    for axis, size in enumerate(spatial):
+        dim = 2 + axis
+        index = offsets[axis][:, None] + torch.arange(size, device=x.device)  # [N, size]
+        view = [n] + [1] * (out.dim() - 1)
+        view[dim] = size
+        target = list(out.shape)
+        target[dim] = size
+        out = torch.gather(out, dim, index.view(view).expand(target))
+    return out
+
+
+def _random_flip(x: torch.Tensor, generator: torch.Generator, *, dim: int) -> torch.Tensor:
+    flip = torch.rand(x.shape[0], generator=generator, device=x.device) < 0.5
+    return torch.where(flip.view(-1, *([1] * (x.dim() - 1))), x.flip(dim), x)
+
+
+def _rotate(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    n, _, h, w = x.shape
+    u = torch.rand(n, generator=generator, device=x.device, dtype=torch.float32)
+    angle = torch.deg2rad((2.0 * u - 1.0) * ROTATION_DEGREES)
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    zero = torch.zeros_like(angle)
+    # affine_grid works in coordinates normalised to [-1, 1] per axis; the h/w factors keep the
+    # rotation rigid in pixel space when the image is not square.
+    theta = torch.stack(
+        [torch.stack([cos, -sin * (h / w), zero], -1), torch.stack([sin * (w / h), cos, zero], -1)], 1
+    ).to(x.dtype)
+    grid = F.affine_grid(theta, [n, x.shape[1], h, w], align_corners=False)
+    out = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return out.clamp(0.0, 1.0)
+
+
+# --- colour ------------------------------------------------------------------------------------
+
+
+def _color_jitter(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    n = x.shape[0]
+    u = torch.rand(4, n, generator=generator, device=x.device, dtype=x.dtype)
+    brightness, contrast, saturation = (1.0 + JITTER_STRENGTH * (2.0 * u[:3] - 1.0)).view(3, n, 1, 1, 1)
+    hue_shift = (JITTER_STRENGTH * (2.0 * u[3] - 1.0)).view(n, 1, 1)
+
+    out = (x * brightness).clamp(0.0, 1.0)
+    mean = _grayscale(out).mean(dim=(-2, -1), keepdim=True)
+    out = (contrast * out + (1.0 - contrast) * mean).clamp(0.0, 1.0)
+    out = (saturation * out + (1.0 - saturation) * _grayscale(out)).clamp(0.0, 1.0)
+    hue, sat, val = _rgb_to_hsv(out)
+    hue = torch.remainder(hue + hue_shift, 1.0)
+    return _hsv_to_rgb(hue, sat, val).clamp(0.0, 1.0)
+
+
+def _grayscale(x: torch.Tensor) -> torch.Tensor:
+    """Luma of ``[N, 3, H, W]`` as ``[N, 1, H, W]``."""
+    r, g, b = x.unbind(1)
+    return (_LUMA[0] * r + _LUMA[1] * g + _LUMA[2] * b).unsqueeze(1)
+
+
+def _rgb_to_hsv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``[N, 3, H, W]`` RGB in [0, 1] to hue (turns), saturation, value, each ``[N, H, W]``."""
+    r, g, b = x.unbind(1)
+    maxc = x.amax(1)
+    minc = x.amin(1)
+    chroma = maxc - minc
+    gray = chroma == 0
+    ones = torch.ones_like(maxc)
+    # Gray pixels have no hue; the substituted divisors keep them finite (hue 0, saturation 0).
+    sat = chroma / torch.where(gray, ones, maxc)
+    divisor = torch.where(gray, ones, chroma)
+    rc = (maxc - r) / divisor
+    gc = (maxc - g) / divisor
+    bc = (maxc - b) / divisor
+    is_r = maxc == r
+    is_g = (maxc == g) & ~is_r
+    is_b = ~is_r & ~is_g
+    hue = is_r * (bc - gc) + is_g * (2.0 + rc - bc) + is_b * (4.0 + gc - rc)
+    hue = torch.remainder(hue / 6.0, 1.0)
+    return hue, sat, maxc
+
+
+def _hsv_to_rgb(hue: torch.Tensor, sat: torch.Tensor, val: torch.Tensor) -> torch.Tensor:
+    sector_f = torch.floor(hue * 6.0)
+    frac = hue * 6.0 - sector_f
+    # hue can round up to exactly 1.0, which is sector 0 again.
+    sector = sector_f.long().remainder(6).unsqueeze(1)
+    p = (val * (1.0 - sat)).clamp(0.0, 1.0)
+    q = (val * (1.0 - sat * frac)).clamp(0.0, 1.0)
+    t = (val * (1.0 - sat * (1.0 - frac))).clamp(0.0, 1.0)
+    r = torch.stack([val, q, p, p, t, val], 1).gather(1, sector)
+    g = torch.stack([t, val, val, q, p, p], 1).gather(1, sector)
+    b = torch.stack([p, p, t, val, val, q], 1).gather(1, sector)
+    return torch.cat([r, g, b], 1)
+
+
+# --- mixing ------------------------------------------------------------------------------------
+
+
+def _beta(alpha: float, generator: torch.Generator, device: torch.device) -> float:
+    """One draw from Beta(alpha, alpha), seeded by ``generator``.
+
+    Inverse-CDF sampling of one uniform from the generator: exact, and unlike torch's Gamma-based
+    Beta sampler it takes a generator. One float per batch, so the host round-trip is negligible.
+    """
+    from scipy.special import betaincinv  # deferred: only the mixing policies need scipy
+
+    u = float(torch.rand((), generator=generator, device=device))
+    return float(betaincinv(alpha, alpha, u))
+
+
+def _cutmix(x: torch.Tensor, generator: torch.Generator, alpha: float) -> AugmentedBatch:
+    lam = _beta(alpha, generator, x.device)
+    perm = torch.randperm(x.shape[0], generator=generator, device=x.device)
+    spatial = list(x.shape[2:])
+    # A box with the same aspect as the data whose area is (1 - lam) of it (CutMix, Yun et al.).
+    side = (1.0 - lam) ** (1.0 / len(spatial))
+    centres = torch.stack(
+        [torch.randint(0, size, (), generator=generator, device=x.device) for size in spatial]
+    ).tolist()
+    box: list[slice] = []
+    box_fraction = 1.0
+    for size, centre in zip(spatial, centres):
+        length = int(size * side)
+        start = centre - length // 2
+        lo, hi = max(start, 0), min(start + length, size)
+        box.append(slice(lo, hi))
+        box_fraction *= (hi - lo) / size
+    out = x.clone()
+    index = (slice(None), slice(None), *box)
+    out[index] = x[index][perm]
+    return AugmentedBatch(out, perm, 1.0 - box_fraction)

@@ -1,0 +1,151 @@
+"""The ``kd-ray`` command: trial | analyze | teachers | validate-cluster.
+
+Every bad input is reported as one line on stderr with exit code 2, before any compute starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from typing import Any
+
+from kd_ray.config import ConfigError, TrialConfig, parse_set
+
+EXIT_BAD_INPUT = 2
+
+
+def _fail(message: str) -> int:
+    print(f"kd-ray: error: {message}", file=sys.stderr)
+    return EXIT_BAD_INPUT
+
+
+def _progress(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def format_trial_table(result: dict[str, Any]) -> str:
+    """Teacher and student side by side: accuracy, NLL, ECE, then the fidelity metrics."""
+    rows = [
+        ("test accuracy", result.get("teacher_test_acc"), result.get("test_acc")),
+        ("test NLL", result.get("teacher_test_nll"), result.get("test_nll")),
+        ("test ECE", result.get("teacher_test_ece"), result.get("test_ece")),
+        ("test agreement", None, result.get("test_agreement")),
+        ("test KL(t||s)", None, result.get("test_kl")),
+        ("train agreement", None, result.get("train_agreement")),
+        ("train KL(t||s)", None, result.get("train_kl")),
+        ("aug-train agreement", None, result.get("aug_train_agreement")),
+    ]
+    if result.get("control_test_agreement") is not None:
+        rows.append(("control test agreement", None, result["control_test_agreement"]))
+
+    def cell(value: Any) -> str:
+        if value is None:
+            return ""
+        return "nan" if isinstance(value, float) and math.isnan(value) else f"{value:.4f}"
+
+    lines = [f"{'metric':<24}{'teacher':>10}{'student':>10}", "-" * 44]
+    lines += [f"{name:<24}{cell(t):>10}{cell(s):>10}" for name, t, s in rows]
+    lines.append(
+        f"status {result['status']}, {result['epochs_completed']} epochs, {result['train_time_s']:.1f} s, "
+        f"teacher {result['teacher_key']}, device {result['device_name']}"
+    )
+    if result.get("error"):
+        lines.append(f"reason: {result['error']}")
+    return "\n".join(lines)
+
+
+def cmd_trial(args: argparse.Namespace) -> int:
+    try:
+        cfg = TrialConfig.from_dict(parse_set(args.set or []))
+        from kd_ray.trial import check_runnable, run_trial
+
+        check_runnable(cfg)
+    except ConfigError as exc:
+        return _fail(str(exc))
+    progress = None if args.quiet else _progress
+    if progress:
+        progress(f"trial: {cfg.to_json()}")
+    result = run_trial(cfg, store=args.store, data_dir=args.data_dir, progress=progress)
+    print(format_trial_table(result))
+    if args.json:
+        clean = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in result.items()}
+        print(json.dumps(clean, sort_keys=True))
+    return 0 if result["status"] == "TERMINATED" else 1
+
+
+def cmd_teachers(args: argparse.Namespace) -> int:
+    from kd_ray.teachers import TeacherStore, default_store
+
+    store = TeacherStore(args.store or default_store())
+    keys = store.keys()
+    if args.action == "list":
+        print(f"teacher store {store.uri}: {len(keys)} members")
+        for key in keys:
+            manifest = store.manifest(key)
+            spec = manifest["spec"]
+            print(
+                f"{key}  {spec['dataset']:<9} {spec['teacher_arch']:<14} split={spec['teacher_split']:<4} "
+                f"seed={spec['teacher_seed']} member={spec['member']} epochs={spec['teacher_epochs']} "
+                f"test_acc={manifest['metrics'].get('test_acc', float('nan')):.4f}"
+            )
+        return 0
+    bad = 0
+    for key in keys:
+        problems = store.verify(key)
+        if problems:
+            bad += 1
+            print(f"{key}: BAD: {'; '.join(problems)}")
+            if args.delete_bad:
+                store.delete(key)
+                print(f"{key}: deleted; it is trained again when next needed")
+        else:
+            print(f"{key}: ok")
+    print(f"{len(keys)} members checked, {bad} bad")
+    return 1 if bad and not args.delete_bad else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kd-ray", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    trial = sub.add_parser(
+        "trial", help="run one distillation trial (no Ray needed)",
+        description="Train (or load) a teacher ensemble, distil one student, print its fidelity and "
+        "generalization metrics. Every TrialConfig field can be set with --set key=value.",
+        epilog="fields and defaults: " + ", ".join(f"{k}={v}" for k, v in TrialConfig().to_dict().items()),
+    )
+    trial.add_argument("--set", action="append", metavar="KEY=VALUE",
+                       help="override a TrialConfig field, e.g. --set temperature=1 (repeatable)")
+    trial.add_argument("--json", action="store_true", help="print the final metrics as one JSON object on the last line")
+    trial.add_argument("--store", help="teacher store: directory or URI (default $KD_RAY_TEACHERS or ~/.cache/kd_ray/teachers)")
+    trial.add_argument("--data-dir", help="dataset cache directory (default $KD_RAY_DATA or ~/.cache/kd_ray/data)")
+    trial.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    trial.set_defaults(func=cmd_trial)
+
+    teachers = sub.add_parser("teachers", help="list or verify the teacher store")
+    teachers.add_argument("action", choices=("list", "verify"))
+    teachers.add_argument("--store", help="teacher store: directory or URI")
+    teachers.add_argument("--delete-bad", action="store_true", help="with verify: delete members that fail their checksum")
+    teachers.set_defaults(func=cmd_teachers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "analyze":
+        from kd_ray import analysis
+
+        return analysis.main(argv[1:])
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse exits 2 on bad usage already; keep its code
+        return int(exc.code or 0)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

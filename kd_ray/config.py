@@ -1,0 +1,268 @@
+"""TrialConfig: every knob of one distillation trial, validated and hashable.
+
+One flat set of names is shared by ``--set key=value``, study axes, Optuna search spaces and the
+columns of the trial tables. Validation happens here, before any compute, and raises a single
+``ConfigError`` that names the field, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+# Names known without importing torch; data.py, models.py and augment.py hold the real registries
+# and a test keeps these in step with them.
+DATASETS = ("mnist1d", "digits", "cifar10", "cifar100")
+OPTIMIZERS = ("sgd", "adam")
+LR_SCHEDULES = ("cosine", "constant")
+INITS = ("random", "teacher_init", "interpolate")
+TEACHER_SPLITS = ("full", "half")
+DISTILL_SPLITS = ("train", "holdout", "both")
+NORMS = ("batch", "group", "none")
+DEFAULT_LR = {"sgd": 0.05, "adam": 1e-3}
+
+
+class ConfigError(ValueError):
+    """A trial or study specification that cannot run; raised before any compute starts."""
+
+
+@dataclass(frozen=True)
+class TrialConfig:
+    # data
+    dataset: str = "mnist1d"
+    teacher_split: str = "full"  # full: teacher sees all train data; half: a seeded half D0
+    distill_split: str = "train"  # train: the teacher's data (D0 under half); holdout: D1; both
+    distill_fraction: float = 1.0  # stratified, seeded fraction of the distillation split
+    extra_data: int = 0  # in-domain samples added to the distillation data (mnist1d only)
+    data_seed: int = 0  # seeds the D0/D1 split; part of the teacher's identity
+    # teacher
+    teacher_arch: str = "conv1d"
+    teacher_members: int = 3
+    teacher_epochs: int = 30
+    teacher_lr: float = 0.05
+    teacher_batch_size: int = 128
+    teacher_seed: int = 0  # member i of the ensemble is trained from seed (teacher_seed, i)
+    norm: str = "batch"  # normalisation layers of teacher and student: batch | group | none
+    # student and distillation
+    student_arch: str = "conv1d"
+    temperature: float = 4.0
+    alpha: float = 0.0
+    augmentation: str = "baseline"
+    mixup_alpha: float = 1.0
+    epochs: int = 20
+    batch_size: int = 128
+    optimizer: str = "sgd"
+    lr: float | None = None  # None: the optimizer's default (sgd 0.05, adam 1e-3)
+    weight_decay: float = 1e-4
+    lr_schedule: str = "cosine"
+    init: str = "random"
+    init_lambda: float = 0.0
+    control: bool = False  # also distil from an independent teacher (paper section 3.2)
+    seed: int = 0
+    eval_every: int = 5
+    device: str = "auto"
+    compile: bool = False
+
+    def __post_init__(self) -> None:
+        if self.lr is None and self.optimizer in DEFAULT_LR:
+            object.__setattr__(self, "lr", DEFAULT_LR[self.optimizer])
+        _validate(self)
+
+    # construction -------------------------------------------------------------------------------
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "TrialConfig":
+        """Build from a plain dict (CLI, Ray Tune config, table row); unknown keys are refused."""
+        names = cls.field_names()
+        unknown = [k for k in values if k not in names]
+        if unknown:
+            key = unknown[0]
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise ConfigError(f"unknown field '{key}'{hint} Known fields: {', '.join(names)}")
+        coerced = {k: _coerce(k, v) for k, v in values.items()}
+        return cls(**coerced)
+
+    def replace(self, **changes: Any) -> "TrialConfig":
+        return TrialConfig.from_dict({**self.to_dict(), **changes})
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    # identity -----------------------------------------------------------------------------------
+    def teacher_spec(self, member: int | None = None, seed_offset: int = 0) -> dict[str, Any]:
+        """The fields that decide a teacher member's weights; ``member=None`` for the ensemble."""
+        spec = {
+            "dataset": self.dataset,
+            "teacher_split": self.teacher_split,
+            "data_seed": self.data_seed,
+            "teacher_arch": self.teacher_arch,
+            "teacher_epochs": self.teacher_epochs,
+            "teacher_lr": self.teacher_lr,
+            "teacher_batch_size": self.teacher_batch_size,
+            "teacher_seed": self.teacher_seed + seed_offset,
+            "norm": self.norm,
+        }
+        if member is None:
+            spec["teacher_members"] = self.teacher_members
+        else:
+            spec["member"] = member
+        return spec
+
+    def teacher_key(self, seed_offset: int = 0) -> str:
+        """Stable content hash of the teacher ensemble this trial distils from."""
+        return content_hash(self.teacher_spec(None, seed_offset))
+
+
+def content_hash(spec: dict[str, Any]) -> str:
+    text = json.dumps(spec, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def parse_set(expressions: list[str]) -> dict[str, Any]:
+    """Parse ``key=value`` strings from ``--set``; values are coerced later by ``from_dict``."""
+    values: dict[str, Any] = {}
+    for expr in expressions:
+        key, sep, value = expr.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(f"--set expects key=value, got '{expr}'")
+        values[key] = value.strip()
+    return values
+
+
+# --- validation --------------------------------------------------------------------------------
+
+_FIELD_TYPES = {f.name: f.type for f in dataclasses.fields(TrialConfig)}
+
+
+def _coerce(name: str, value: Any) -> Any:
+    """Turn strings (from --set or YAML) into the field's type; leave typed values alone."""
+    kind = _FIELD_TYPES[name]
+    if not isinstance(value, str) or kind == "str":
+        return value
+    text = value.strip()
+    try:
+        if kind == "int":
+            return int(text)
+        if kind in ("float", "float | None"):
+            if kind == "float | None" and text.lower() in ("none", ""):
+                return None
+            return float(text)
+        if kind == "bool":
+            lowered = text.lower()
+            if lowered in ("1", "true", "yes", "on"):
+                return True
+            if lowered in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+    except ValueError:
+        allowed = {"int": "an integer", "bool": "true or false"}.get(kind, "a number")
+        raise ConfigError(f"{name}={value!r} is not {allowed}") from None
+    return value
+
+
+def _check_type(cfg: TrialConfig, name: str, kinds: tuple[type, ...], what: str) -> None:
+    value = getattr(cfg, name)
+    if isinstance(value, bool) and bool not in kinds:
+        raise ConfigError(f"{name}={value!r} is not {what}")
+    if not isinstance(value, kinds):
+        raise ConfigError(f"{name}={value!r} is not {what}")
+
+
+def _check_choice(cfg: TrialConfig, name: str, allowed: tuple[str, ...]) -> None:
+    value = getattr(cfg, name)
+    if value not in allowed:
+        close = difflib.get_close_matches(str(value), allowed, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise ConfigError(f"{name}={value!r} is not allowed{hint}; choose one of: {', '.join(allowed)}")
+
+
+def _check_range(cfg: TrialConfig, name: str, low: float, high: float, low_open: bool, high_open: bool) -> None:
+    value = getattr(cfg, name)
+    if not math.isfinite(value):
+        raise ConfigError(f"{name}={value!r} must be a finite number")
+    too_low = value <= low if low_open else value < low
+    too_high = value >= high if high_open else value > high
+    if too_low or too_high:
+        left = "(" if low_open else "["
+        right = ")" if high_open else "]"
+        hi = "inf" if high == math.inf else f"{high:g}"
+        raise ConfigError(f"{name}={value!r} is out of range; allowed: {left}{low:g}, {hi}{right}")
+
+
+def _validate(cfg: TrialConfig) -> None:
+    strings = ("dataset", "teacher_split", "distill_split", "teacher_arch", "norm", "student_arch",
+               "augmentation", "optimizer", "lr_schedule", "init", "device")
+    for name in strings:
+        _check_type(cfg, name, (str,), "a string")
+
+    _check_choice(cfg, "dataset", DATASETS)
+    _check_choice(cfg, "teacher_split", TEACHER_SPLITS)
+    _check_choice(cfg, "distill_split", DISTILL_SPLITS)
+    _check_choice(cfg, "norm", NORMS)
+    _check_choice(cfg, "optimizer", OPTIMIZERS)
+    _check_choice(cfg, "lr_schedule", LR_SCHEDULES)
+    _check_choice(cfg, "init", INITS)
+    ints = ("extra_data", "data_seed", "teacher_members", "teacher_epochs", "teacher_batch_size", "teacher_seed",
+            "epochs", "batch_size", "seed", "eval_every")
+    for name in ints:
+        _check_type(cfg, name, (int,), "an integer")
+    floats = ("distill_fraction", "teacher_lr", "temperature", "alpha", "mixup_alpha", "lr",
+              "weight_decay", "init_lambda")
+    for name in floats:
+        _check_type(cfg, name, (int, float), "a number")
+    for name in ("control", "compile"):
+        _check_type(cfg, name, (bool,), "true or false")
+
+    inf = math.inf
+    _check_range(cfg, "distill_fraction", 0, 1, True, False)
+    _check_range(cfg, "temperature", 0, inf, True, True)
+    _check_range(cfg, "alpha", 0, 1, False, False)
+    _check_range(cfg, "mixup_alpha", 0, inf, True, True)
+    _check_range(cfg, "lr", 0, inf, True, True)
+    _check_range(cfg, "teacher_lr", 0, inf, True, True)
+    _check_range(cfg, "weight_decay", 0, inf, False, True)
+    _check_range(cfg, "init_lambda", 0, 1, False, False)
+    for name in ("teacher_members", "teacher_epochs", "teacher_batch_size", "epochs", "batch_size", "eval_every"):
+        _check_range(cfg, name, 1, inf, False, True)
+    _check_range(cfg, "extra_data", 0, inf, False, True)
+
+    if not (cfg.device in ("auto", "cpu", "cuda", "mps") or cfg.device.startswith("cuda:")):
+        raise ConfigError(f"device={cfg.device!r} is not allowed; choose auto, cpu, cuda, cuda:N or mps")
+    if cfg.distill_split == "holdout" and cfg.teacher_split != "half":
+        raise ConfigError(
+            "distill_split='holdout' needs teacher_split='half' (the holdout half D1 exists only "
+            f"when the teacher is trained on D0); got teacher_split={cfg.teacher_split!r}"
+        )
+    if cfg.extra_data > 0 and cfg.dataset != "mnist1d":
+        raise ConfigError(
+            f"extra_data={cfg.extra_data} needs a dataset that can generate in-domain samples "
+            f"(mnist1d); got dataset={cfg.dataset!r}"
+        )
+    if cfg.init == "interpolate" and cfg.student_arch != cfg.teacher_arch:
+        raise ConfigError(
+            f"init='interpolate' needs student_arch == teacher_arch; got student_arch="
+            f"{cfg.student_arch!r}, teacher_arch={cfg.teacher_arch!r}"
+        )
+    if cfg.init == "teacher_init" and cfg.student_arch != cfg.teacher_arch:
+        raise ConfigError(
+            f"init='teacher_init' needs student_arch == teacher_arch; got student_arch="
+            f"{cfg.student_arch!r}, teacher_arch={cfg.teacher_arch!r}"
+        )
+    if cfg.init == "interpolate" and cfg.norm == "batch":
+        raise ConfigError(
+            "init='interpolate' needs norm='group' or norm='none': an interpolated network's "
+            "function is not fixed by its weights under BatchNorm running statistics; got norm='batch'"
+        )

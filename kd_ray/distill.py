@@ -1,0 +1,197 @@
+"""One readable training loop, used for teacher members (labels) and students (a teacher).
+
+Data is one tensor on the device; a batch is an index slice of a per-epoch permutation; the batch is
+augmented on the device and, when distilling, the teacher labels that very augmented batch.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from kd_ray.augment import augment
+from kd_ray.losses import kd_loss
+
+TeacherFn = Callable[[torch.Tensor], torch.Tensor]  # inputs -> ensemble log-probabilities
+EpochCallback = Callable[[int, float, float], None]  # (epoch, mean train loss, last lr)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    epochs: int
+    batch_size: int
+    optimizer: str  # sgd (momentum 0.9, Nesterov for students) | adam
+    lr: float
+    weight_decay: float
+    lr_schedule: str  # cosine | constant
+    augmentation: str
+    mixup_alpha: float = 1.0
+    temperature: float = 1.0
+    alpha: float = 0.0
+    nesterov: bool = True
+    final_lr: float = 0.0
+
+
+@dataclass(frozen=True)
+class AugmentSpec:
+    """What the augmentation policies need to know about the data."""
+
+    kind: str
+    crop_pad: int
+    hflip: bool
+
+
+class Diverged(RuntimeError):
+    """Training produced a non-finite loss."""
+
+    def __init__(self, epoch: int, step: int, loss: float):
+        super().__init__(f"non-finite training loss {loss} at epoch {epoch}, step {step}")
+        self.epoch = epoch
+
+
+def lr_at(recipe: Recipe, step: int, total_steps: int) -> float:
+    if recipe.lr_schedule == "constant":
+        return recipe.lr
+    progress = min(step / max(total_steps, 1), 1.0)
+    return recipe.final_lr + 0.5 * (recipe.lr - recipe.final_lr) * (1.0 + math.cos(math.pi * progress))
+
+
+def make_optimizer(model: torch.nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
+    if recipe.optimizer == "adam":
+        return torch.optim.Adam(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
+    return torch.optim.SGD(
+        model.parameters(), lr=recipe.lr, momentum=0.9, nesterov=recipe.nesterov,
+        weight_decay=recipe.weight_decay,
+    )
+
+
+@dataclass
+class TrainState:
+    """Everything needed to resume the loop at an epoch boundary (all tensors: weights_only safe)."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    generator: torch.Generator
+    epoch: int = 0  # epochs completed
+
+    def state_dict(self) -> dict:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "generator": self.generator.get_state(),
+            "epoch": self.epoch,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.generator.set_state(state["generator"])
+        self.epoch = int(state["epoch"])
+
+
+def fit(
+    state: TrainState,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    recipe: Recipe,
+    spec: AugmentSpec,
+    teacher: TeacherFn | None = None,
+    on_epoch: EpochCallback | None = None,
+) -> None:
+    """Train ``state.model`` from ``state.epoch`` to ``recipe.epochs``.
+
+    With ``teacher=None`` the loss is cross-entropy on the labels (teacher training); otherwise the
+    distillation loss against the teacher's log-probabilities on the same augmented batch.
+    """
+    model, optimizer, generator = state.model, state.optimizer, state.generator
+    n = x.shape[0]
+    steps_per_epoch = math.ceil(n / recipe.batch_size)
+    total_steps = steps_per_epoch * recipe.epochs
+    for epoch in range(state.epoch, recipe.epochs):
+        model.train()
+        loss_sum = torch.zeros((), device=x.device)
+        order = torch.randperm(n, device=x.device, generator=generator)
+        lr = recipe.lr
+        for i in range(steps_per_epoch):
+            step = epoch * steps_per_epoch + i
+            lr = lr_at(recipe, step, total_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            idx = order[i * recipe.batch_size : (i + 1) * recipe.batch_size]
+            batch = augment(
+                recipe.augmentation, x[idx], generator, kind=spec.kind, crop_pad=spec.crop_pad,
+                hflip=spec.hflip, mixup_alpha=recipe.mixup_alpha,
+            )
+            logits = model(batch.x)
+            if teacher is None:
+                loss = F.cross_entropy(logits, y[idx])
+                if batch.mix_index is not None:
+                    loss = batch.lam * loss + (1 - batch.lam) * F.cross_entropy(logits, y[idx][batch.mix_index])
+            else:
+                with torch.no_grad():
+                    teacher_log_probs = teacher(batch.x)
+                loss = kd_loss(
+                    logits, teacher_log_probs, y[idx], temperature=recipe.temperature,
+                    alpha=recipe.alpha, mix_index=batch.mix_index, lam=batch.lam,
+                )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            loss_sum += loss.detach()
+        # One host sync per epoch, not per step: the loss check waits for the epoch's end.
+        mean_loss = (loss_sum / steps_per_epoch).item()
+        if not math.isfinite(mean_loss):
+            raise Diverged(epoch + 1, steps_per_epoch, mean_loss)
+        state.epoch = epoch + 1
+        if on_epoch is not None:
+            on_epoch(epoch + 1, mean_loss, lr)
+
+
+@torch.inference_mode()
+def predict(model: torch.nn.Module, x: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
+    """Logits of ``model`` (eval mode) on ``x``, float32."""
+    was_training = model.training
+    model.eval()
+    out = torch.cat([model(x[i : i + batch_size]).float() for i in range(0, x.shape[0], batch_size)])
+    model.train(was_training)
+    return out
+
+
+class Timer:
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+
+def initialize_student(
+    student: torch.nn.Module,
+    init: str,
+    init_lambda: float,
+    teacher_initial: dict[str, torch.Tensor] | None,
+    teacher_final: dict[str, torch.Tensor] | None,
+) -> None:
+    """Apply the init mode: random (as built), teacher_init (a member's initial weights), or
+    interpolate (lambda * teacher final + (1 - lambda) * the student's own random weights)."""
+    if init == "random":
+        return
+    if init == "teacher_init":
+        assert teacher_initial is not None
+        student.load_state_dict(teacher_initial)
+        return
+    assert init == "interpolate" and teacher_final is not None
+    random_weights = student.state_dict()
+    mixed = {}
+    for name, value in random_weights.items():
+        target = teacher_final[name].to(value.device)
+        if value.is_floating_point():
+            mixed[name] = init_lambda * target + (1.0 - init_lambda) * value
+        else:
+            mixed[name] = target  # integer buffers (counters) are not interpolated
+    student.load_state_dict(mixed)

@@ -1,0 +1,74 @@
+"""Fidelity and generalization metrics, exactly as defined in docs/architecture.md.
+
+Every function takes logits or log-probabilities as tensors and returns a Python float; all
+arithmetic is done in float32 whatever the input dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def _log_probs(logits_or_log_probs: torch.Tensor) -> torch.Tensor:
+    # log_softmax is idempotent on log-probabilities, so either input form is accepted.
+    return F.log_softmax(logits_or_log_probs.float(), dim=-1)
+
+
+def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """Fraction of inputs whose argmax equals the label."""
+    return (logits.float().argmax(-1) == labels).float().mean().item()
+
+
+def nll(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """Mean cross-entropy of the true label, in nats."""
+    return F.nll_loss(_log_probs(logits), labels).item()
+
+
+def ece(logits: torch.Tensor, labels: torch.Tensor, n_bins: int = 10) -> float:
+    """Expected calibration error over equal-width bins of the max softmax probability, a fraction."""
+    probs = _log_probs(logits).exp()
+    confidence, prediction = probs.max(-1)
+    correct = (prediction == labels).float()
+    # Bin b holds confidences in (b/n, (b+1)/n]; confidence is never 0, so bin 0 starts open.
+    bins = (confidence * n_bins).ceil().long().clamp(1, n_bins) - 1
+    total = torch.zeros(n_bins).index_add_(0, bins.cpu(), torch.ones_like(confidence).cpu())
+    conf_sum = torch.zeros(n_bins).index_add_(0, bins.cpu(), confidence.cpu())
+    acc_sum = torch.zeros(n_bins).index_add_(0, bins.cpu(), correct.cpu())
+    gap = (conf_sum - acc_sum).abs()  # per bin: n_b * |mean confidence - accuracy|
+    return (gap.sum() / confidence.numel()).item()
+
+
+def agreement(teacher: torch.Tensor, student: torch.Tensor) -> float:
+    """Fraction of inputs where the teacher's and the student's top-1 predictions agree."""
+    return (teacher.float().argmax(-1) == student.float().argmax(-1)).float().mean().item()
+
+
+def predictive_kl(teacher: torch.Tensor, student: torch.Tensor) -> float:
+    """Mean over inputs of KL(p_teacher || p_student) at temperature 1, in nats."""
+    log_p = _log_probs(teacher)
+    log_q = _log_probs(student)
+    return (log_p.exp() * (log_p - log_q)).sum(-1).mean().item()
+
+
+def evaluate_predictions(
+    student_logits: torch.Tensor, teacher_log_probs: torch.Tensor, labels: torch.Tensor | None = None
+) -> dict[str, float]:
+    """The metric set of one evaluation split: agreement and KL, plus accuracy/NLL/ECE with labels."""
+    out = {
+        "agreement": agreement(teacher_log_probs, student_logits),
+        "kl": predictive_kl(teacher_log_probs, student_logits),
+    }
+    if labels is not None:
+        out["acc"] = accuracy(student_logits, labels)
+        out["nll"] = nll(student_logits, labels)
+        out["ece"] = ece(student_logits, labels)
+    return out
+
+
+def teacher_metrics(teacher_log_probs: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    return {
+        "teacher_test_acc": accuracy(teacher_log_probs, labels),
+        "teacher_test_nll": nll(teacher_log_probs, labels),
+        "teacher_test_ece": ece(teacher_log_probs, labels),
+    }

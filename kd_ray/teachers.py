@@ -1,0 +1,312 @@
+"""Teacher ensembles: train members, keep them in a content-addressed store, load them verified.
+
+Each ensemble member is stored on its own, keyed by a hash of the fields that decide its weights
+(``TrialConfig.teacher_spec(member)``), so an ensemble of 5 reuses the members of an ensemble of 3.
+A member directory holds ``weights.pt`` (initial and final state dicts), ``logits.pt`` (the member's
+float32 logits on the test set and on the whole clean train set, so no trial recomputes them) and
+``manifest.json`` (spec, sha256 of each file, metrics), written last: a member without a manifest
+does not exist. The store is a local directory or any pyarrow filesystem URI (s3://, gs://).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import io
+import json
+import os
+import shutil
+import tempfile
+import time
+import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+
+from kd_ray import __version__
+from kd_ray.config import TrialConfig, content_hash
+from kd_ray.data import Arrays, DatasetInfo
+from kd_ray.distill import AugmentSpec, Recipe, TrainState, fit, make_optimizer, predict
+from kd_ray.metrics import accuracy
+from kd_ray.models import build_model, ensemble_log_probs
+
+WEIGHTS, LOGITS, MANIFEST = "weights.pt", "logits.pt", "manifest.json"
+CONTROL_SEED_OFFSET = 1000  # the independent-teacher control uses teacher_seed + this
+Progress = Callable[[str], None]
+
+
+class TeacherStoreError(RuntimeError):
+    """A stored teacher is missing, truncated or corrupted."""
+
+
+def default_store() -> str:
+    return os.environ.get("KD_RAY_TEACHERS", str(Path.home() / ".cache" / "kd_ray" / "teachers"))
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+class TeacherStore:
+    def __init__(self, root: str | os.PathLike) -> None:
+        import pyarrow.fs as pafs
+
+        root = str(root)
+        if "://" in root:
+            self.fs, self.root = pafs.FileSystem.from_uri(root)
+            self.local = False
+        else:
+            self.fs, self.root = pafs.LocalFileSystem(), os.path.abspath(root)
+            self.local = True
+        self.uri = root if not self.local else self.root
+
+    def member_path(self, key: str) -> str:
+        return f"{self.root}/members/{key}"
+
+    def _read(self, path: str) -> bytes:
+        with self.fs.open_input_stream(path) as stream:
+            return stream.read()
+
+    def has(self, key: str) -> bool:
+        import pyarrow.fs as pafs
+
+        info = self.fs.get_file_info(f"{self.member_path(key)}/{MANIFEST}")
+        return info.type == pafs.FileType.File
+
+    def keys(self) -> list[str]:
+        import pyarrow.fs as pafs
+
+        base = f"{self.root}/members"
+        if self.fs.get_file_info(base).type != pafs.FileType.Directory:
+            return []
+        infos = self.fs.get_file_info(pafs.FileSelector(base))
+        return sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory and self.has(i.base_name))
+
+    def manifest(self, key: str) -> dict:
+        return json.loads(self._read(f"{self.member_path(key)}/{MANIFEST}"))
+
+    def save(self, key: str, spec: dict, weights: dict, logits: dict, metrics: dict) -> None:
+        """Write one member atomically: a reader sees the whole member or none of it."""
+        blobs = {WEIGHTS: _to_bytes(weights), LOGITS: _to_bytes(logits)}
+        manifest = {
+            "key": key,
+            "spec": spec,
+            "files": {name: _sha256(data) for name, data in blobs.items()},
+            "metrics": metrics,
+            "kd_ray_version": __version__,
+            "torch_version": torch.__version__,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        blobs[MANIFEST] = json.dumps(manifest, indent=2, sort_keys=True).encode()
+        final = self.member_path(key)
+        if self.local:
+            # Build the member in a private directory, then rename it into place: rename is atomic
+            # and fails if another writer got there first, in which case its copy stands.
+            os.makedirs(os.path.dirname(final), exist_ok=True)
+            staging = tempfile.mkdtemp(prefix=f".{key}.", dir=os.path.dirname(final))
+            try:
+                for name, data in blobs.items():
+                    with open(os.path.join(staging, name), "wb") as f:
+                        f.write(data)
+                        f.flush()
+                        os.fsync(f.fileno())
+                if os.path.isdir(final) and not self.has(key):
+                    shutil.rmtree(final)  # leftovers of a member without a manifest
+                try:
+                    os.rename(staging, final)
+                except OSError:
+                    if not self.has(key):
+                        raise
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
+            return
+        # Object stores: every file via a unique temporary name, the manifest last.
+        self.fs.create_dir(final, recursive=True)
+        for name in (WEIGHTS, LOGITS, MANIFEST):
+            tmp = f"{final}/.{name}.{uuid.uuid4().hex}"
+            with self.fs.open_output_stream(tmp) as out:
+                out.write(blobs[name])
+            self.fs.move(tmp, f"{final}/{name}")
+
+    def load(self, key: str, name: str) -> dict:
+        """Load ``weights.pt`` or ``logits.pt`` of a member, verified against its manifest."""
+        if not self.has(key):
+            raise TeacherStoreError(f"teacher member {key} is not in the store {self.uri}")
+        path = f"{self.member_path(key)}/{name}"
+        expected = self.manifest(key)["files"][name]
+        try:
+            data = self._read(path)
+        except (OSError, FileNotFoundError) as exc:
+            raise TeacherStoreError(f"cannot read {path}: {exc}") from None
+        if _sha256(data) != expected:
+            raise TeacherStoreError(
+                f"checksum mismatch in {path}: the file is truncated or corrupted. Run "
+                f"`kd-ray teachers verify --store {self.uri} --delete-bad` to remove it, or pass "
+                f"--retrain-teachers; the member is then trained again."
+            )
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+
+    def verify(self, key: str) -> list[str]:
+        """Problems found in one member (empty when it is sound)."""
+        problems = []
+        for name in (WEIGHTS, LOGITS):
+            try:
+                self.load(key, name)
+            except (TeacherStoreError, RuntimeError, KeyError) as exc:
+                problems.append(str(exc))
+        return problems
+
+    def delete(self, key: str) -> None:
+        self.fs.delete_dir(self.member_path(key))
+
+    @contextmanager
+    def lock(self, key: str) -> Iterator[None]:
+        """Serialise the training of one member across processes on this node's filesystem."""
+        if not self.local:
+            yield
+            return
+        os.makedirs(f"{self.root}/locks", exist_ok=True)
+        with open(f"{self.root}/locks/{key}.lock", "w") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _to_bytes(obj: dict) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+# --- training -----------------------------------------------------------------------------------
+
+
+def member_key(cfg: TrialConfig, member: int, seed_offset: int = 0) -> str:
+    return content_hash(cfg.teacher_spec(member, seed_offset))
+
+
+def member_seed(cfg: TrialConfig, member: int, seed_offset: int = 0) -> int:
+    return (cfg.teacher_seed + seed_offset) * 1000 + member
+
+
+def teacher_recipe(cfg: TrialConfig) -> Recipe:
+    """The teachers' recipe: SGD momentum 0.9, cosine to 0, weight decay 1e-4, baseline augmentation."""
+    return Recipe(
+        epochs=cfg.teacher_epochs, batch_size=cfg.teacher_batch_size, optimizer="sgd",
+        lr=cfg.teacher_lr, weight_decay=1e-4, lr_schedule="cosine", augmentation="baseline",
+        nesterov=False,
+    )
+
+
+def train_member(
+    cfg: TrialConfig,
+    member: int,
+    arrays: Arrays,
+    teacher_idx: torch.Tensor,
+    info: DatasetInfo,
+    device: torch.device,
+    seed_offset: int = 0,
+    progress: Progress | None = None,
+) -> tuple[dict, dict, dict]:
+    """Train one member from scratch; returns (weights, logits, metrics) ready for the store."""
+    seed = member_seed(cfg, member, seed_offset)
+    torch.manual_seed(seed)
+    model = build_model(cfg.teacher_arch, info.input_shape, info.num_classes, cfg.norm).to(device)
+    initial = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    recipe = teacher_recipe(cfg)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    state = TrainState(model, make_optimizer(model, recipe), generator)
+    x_train = torch.as_tensor(arrays.x_train, device=device)
+    y_train = torch.as_tensor(arrays.y_train, device=device)
+    x_fit, y_fit = x_train[teacher_idx.to(device)], y_train[teacher_idx.to(device)]
+    spec = AugmentSpec(info.kind, info.crop_pad, info.hflip)
+    started = time.perf_counter()
+
+    def on_epoch(epoch: int, loss: float, lr: float) -> None:
+        if progress and (epoch % max(1, recipe.epochs // 5) == 0 or epoch == recipe.epochs):
+            progress(f"teacher member {member}: epoch {epoch}/{recipe.epochs} loss {loss:.3f}")
+
+    fit(state, x_fit, y_fit, recipe, spec, teacher=None, on_epoch=on_epoch)
+    final = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    x_test = torch.as_tensor(arrays.x_test, device=device)
+    logits = {"test": predict(model, x_test).cpu(), "train": predict(model, x_train).cpu()}
+    metrics = {
+        "test_acc": accuracy(logits["test"], torch.as_tensor(arrays.y_test)),
+        "train_time_s": time.perf_counter() - started,
+        "device": str(device),
+    }
+    return {"initial": initial, "final": final}, logits, metrics
+
+
+def ensure_members(
+    cfg: TrialConfig,
+    store: TeacherStore,
+    arrays: Arrays,
+    teacher_idx: torch.Tensor,
+    info: DatasetInfo,
+    device: torch.device,
+    seed_offset: int = 0,
+    progress: Progress | None = None,
+    members: list[int] | None = None,
+) -> list[str]:
+    """Make sure every member of the trial's ensemble is in the store; train the missing ones."""
+    keys = []
+    for member in members if members is not None else range(cfg.teacher_members):
+        key = member_key(cfg, member, seed_offset)
+        keys.append(key)
+        if store.has(key):
+            continue
+        with store.lock(key):
+            if store.has(key):  # trained by another process while we waited
+                continue
+            weights, logits, metrics = train_member(cfg, member, arrays, teacher_idx, info, device, seed_offset, progress)
+            store.save(key, cfg.teacher_spec(member, seed_offset), weights, logits, metrics)
+            if progress:
+                progress(f"teacher member {member} stored as {key} (test acc {metrics['test_acc']:.3f})")
+    return keys
+
+
+@dataclass
+class Ensemble:
+    """A loaded teacher ensemble: member models (eval mode) and their cached logits."""
+
+    key: str
+    models: list[torch.nn.Module]
+    initial_states: list[dict]
+    final_states: list[dict]
+    test_logits: torch.Tensor  # [m, N_test, C]
+    train_logits: torch.Tensor  # [m, N_train, C] on the whole clean train set
+
+    @torch.no_grad()
+    def log_probs(self, x: torch.Tensor) -> torch.Tensor:
+        """Ensemble log-probabilities ``log(mean_i softmax(z_i))`` on a batch."""
+        return ensemble_log_probs(torch.stack([m(x) for m in self.models]))
+
+
+def load_ensemble(
+    cfg: TrialConfig, store: TeacherStore, info: DatasetInfo, device: torch.device, seed_offset: int = 0
+) -> Ensemble:
+    models, initial, final, test, train = [], [], [], [], []
+    for member in range(cfg.teacher_members):
+        key = member_key(cfg, member, seed_offset)
+        weights = store.load(key, WEIGHTS)
+        logits = store.load(key, LOGITS)
+        model = build_model(cfg.teacher_arch, info.input_shape, info.num_classes, cfg.norm)
+        model.load_state_dict(weights["final"])
+        model.to(device).eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        models.append(model)
+        initial.append(weights["initial"])
+        final.append(weights["final"])
+        test.append(logits["test"])
+        train.append(logits["train"])
+    return Ensemble(
+        key=cfg.teacher_key(seed_offset), models=models, initial_states=initial, final_states=final,
+        test_logits=torch.stack(test).to(device), train_logits=torch.stack(train).to(device),
+    )

@@ -1,0 +1,214 @@
+"""One distillation trial end to end: teacher -> student -> metrics. No Ray in here.
+
+``run_trial`` is what ``kd-ray trial`` calls directly and what the Ray Tune trainable wraps.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable
+
+import torch
+
+from kd_ray.config import ConfigError, TrialConfig
+from kd_ray.data import DATASET_INFO, DatasetInfo, generate_extra, load_arrays, split_indices
+from kd_ray.distill import (
+    AugmentSpec, Diverged, Recipe, TrainState, fit, initialize_student, make_optimizer, predict,
+)
+from kd_ray.augment import augment, check_policy
+from kd_ray.metrics import agreement, evaluate_predictions, teacher_metrics
+from kd_ray.models import build_model, check_arch, ensemble_log_probs
+from kd_ray.provenance import versions
+from kd_ray.teachers import CONTROL_SEED_OFFSET, Ensemble, TeacherStore, default_store, ensure_members, load_ensemble
+
+Report = Callable[[dict[str, Any], dict[str, Any] | None], None]  # (metrics, checkpoint or None)
+Progress = Callable[[str], None]
+
+FINAL_METRICS = (
+    "test_acc", "test_nll", "test_ece", "test_agreement", "test_kl", "train_agreement", "train_kl",
+    "aug_train_agreement", "teacher_test_acc", "teacher_test_nll", "teacher_test_ece",
+)
+
+
+def check_runnable(cfg: TrialConfig) -> None:
+    """Refuse combinations that only the model, data and augmentation registries can judge."""
+    info = DATASET_INFO[cfg.dataset]
+    for field in ("teacher_arch", "student_arch"):
+        try:
+            check_arch(getattr(cfg, field), info.input_shape, cfg.norm)
+        except ValueError as exc:
+            raise ConfigError(f"{field}={getattr(cfg, field)!r} with dataset={cfg.dataset!r}: {exc}") from None
+    try:
+        check_policy(cfg.augmentation, info.kind)
+    except ValueError as exc:
+        raise ConfigError(f"augmentation={cfg.augmentation!r} with dataset={cfg.dataset!r}: {exc}") from None
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device={cfg.device!r} but no CUDA device is visible; use device=cpu or auto")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def student_recipe(cfg: TrialConfig) -> Recipe:
+    return Recipe(
+        epochs=cfg.epochs, batch_size=cfg.batch_size, optimizer=cfg.optimizer, lr=float(cfg.lr),
+        weight_decay=cfg.weight_decay, lr_schedule=cfg.lr_schedule, augmentation=cfg.augmentation,
+        mixup_alpha=cfg.mixup_alpha, temperature=cfg.temperature, alpha=cfg.alpha, nesterov=True,
+        final_lr=1e-6 if cfg.lr_schedule == "cosine" else float(cfg.lr),
+    )
+
+
+class TrialData:
+    """The trial's tensors on its device: distillation set, test set, and the teacher's cached logits."""
+
+    def __init__(self, cfg: TrialConfig, device: torch.device, data_dir: str | None) -> None:
+        self.info: DatasetInfo = DATASET_INFO[cfg.dataset]
+        self.arrays = load_arrays(cfg.dataset, data_dir)
+        teacher_idx, distill_idx = split_indices(
+            self.arrays.y_train, teacher_split=cfg.teacher_split, distill_split=cfg.distill_split,
+            distill_fraction=cfg.distill_fraction, data_seed=cfg.data_seed, seed=cfg.seed,
+        )
+        self.teacher_idx = torch.as_tensor(teacher_idx)
+        self.distill_idx = torch.as_tensor(distill_idx, device=device)
+        x_train = torch.as_tensor(self.arrays.x_train, device=device)
+        y_train = torch.as_tensor(self.arrays.y_train, device=device)
+        self.x = x_train[self.distill_idx]
+        self.y = y_train[self.distill_idx]
+        self.n_extra = cfg.extra_data
+        if cfg.extra_data > 0:
+            x_extra, y_extra = generate_extra(cfg.dataset, cfg.extra_data, data_dir)
+            self.x = torch.cat([self.x, torch.as_tensor(x_extra, device=device)])
+            self.y = torch.cat([self.y, torch.as_tensor(y_extra, device=device)])
+        self.x_test = torch.as_tensor(self.arrays.x_test, device=device)
+        self.y_test = torch.as_tensor(self.arrays.y_test, device=device)
+        self.spec = AugmentSpec(self.info.kind, self.info.crop_pad, self.info.hflip)
+
+    def teacher_log_probs(self, ensemble: Ensemble) -> tuple[torch.Tensor, torch.Tensor]:
+        """Teacher log-probabilities on (test set, clean distillation set), from the cached logits."""
+        test = ensemble_log_probs(ensemble.test_logits)
+        distill = ensemble_log_probs(ensemble.train_logits[:, self.distill_idx])
+        if self.n_extra:
+            # Extra in-domain samples are not in the store's cache; they vary with extra_data.
+            extra = self.x[-self.n_extra :]
+            extra_lp = torch.cat([ensemble.log_probs(extra[i : i + 1024]) for i in range(0, self.n_extra, 1024)])
+            distill = torch.cat([distill, extra_lp])
+        return test, distill
+
+
+def aug_agreement(
+    student: torch.nn.Module, ensemble: Ensemble, data: TrialData, cfg: TrialConfig, seed: int
+) -> float:
+    """Agreement on one augmented pass over the distillation set with the trial's policy."""
+    generator = torch.Generator(device=data.x.device).manual_seed(seed)
+    teacher_preds, student_preds = [], []
+    for i in range(0, data.x.shape[0], 1024):
+        batch = augment(
+            cfg.augmentation, data.x[i : i + 1024], generator, kind=data.spec.kind,
+            crop_pad=data.spec.crop_pad, hflip=data.spec.hflip, mixup_alpha=cfg.mixup_alpha,
+        )
+        teacher_preds.append(ensemble.log_probs(batch.x))
+        student_preds.append(predict(student, batch.x))
+    return agreement(torch.cat(teacher_preds), torch.cat(student_preds))
+
+
+def run_trial(
+    config: TrialConfig | dict[str, Any],
+    report: Report | None = None,
+    resume: dict[str, Any] | None = None,
+    *,
+    store: TeacherStore | str | None = None,
+    data_dir: str | None = None,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Train (or load) the teacher ensemble, distil a student, return the final metrics.
+
+    ``report(metrics, checkpoint)`` is called at every evaluation epoch; ``checkpoint`` is a dict of
+    tensors that, passed back as ``resume``, continues the trial from that epoch.
+    """
+    cfg = config if isinstance(config, TrialConfig) else TrialConfig.from_dict(config)
+    check_runnable(cfg)
+    store = store if isinstance(store, TeacherStore) else TeacherStore(store or default_store())
+    device = resolve_device(cfg.device)
+    started = time.perf_counter()
+    elapsed_before = float(resume["train_time_s"]) if resume else 0.0
+
+    data = TrialData(cfg, device, data_dir)
+    ensure_members(cfg, store, data.arrays, data.teacher_idx, data.info, device, progress=progress)
+    ensemble = load_ensemble(cfg, store, data.info, device)
+    teacher_test, teacher_distill = data.teacher_log_probs(ensemble)
+    teacher_summary = teacher_metrics(teacher_test, data.y_test)
+
+    result: dict[str, Any] = {"status": "TERMINATED", "error": None, "teacher_key": ensemble.key}
+    result.update(teacher_summary)
+    last_metrics: dict[str, Any] = {}
+    state_ref: dict[str, TrainState] = {}
+
+    def evaluate(student: torch.nn.Module) -> dict[str, float]:
+        test = evaluate_predictions(predict(student, data.x_test), teacher_test, data.y_test)
+        train = evaluate_predictions(predict(student, data.x), teacher_distill)
+        return {
+            "test_acc": test["acc"], "test_nll": test["nll"], "test_ece": test["ece"],
+            "test_agreement": test["agreement"], "test_kl": test["kl"],
+            "train_agreement": train["agreement"], "train_kl": train["kl"],
+            "aug_train_agreement": aug_agreement(student, ensemble, data, cfg, seed=cfg.seed + 7919),
+        }
+
+    def on_epoch(epoch: int, loss: float, lr: float) -> None:
+        if epoch % cfg.eval_every and epoch != cfg.epochs:
+            return
+        state = state_ref["state"]
+        metrics = {"epoch": epoch, "lr": lr, "train_loss": loss, **evaluate(state.model), **teacher_summary}
+        metrics["train_time_s"] = elapsed_before + time.perf_counter() - started
+        last_metrics.clear()
+        last_metrics.update(metrics)
+        if progress:
+            progress(
+                f"student epoch {epoch}/{cfg.epochs}: loss {loss:.4f} test acc {metrics['test_acc']:.3f} "
+                f"test agreement {metrics['test_agreement']:.3f} train agreement {metrics['train_agreement']:.3f}"
+            )
+        if report is not None:
+            checkpoint = {"train_state": state.state_dict(), "train_time_s": metrics["train_time_s"]}
+            report(metrics, checkpoint)
+
+    try:
+        resume_state = resume["train_state"] if resume else None
+        state_ref["state"] = build_student_state(cfg, ensemble, data, device, resume_state)
+        fit(state_ref["state"], data.x, data.y, student_recipe(cfg), data.spec,
+            teacher=ensemble.log_probs, on_epoch=on_epoch)
+    except Diverged as exc:
+        result.update(status="DIVERGED", error=str(exc))
+    result.update({k: last_metrics.get(k, float("nan")) for k in FINAL_METRICS if k not in teacher_summary})
+    result["epochs_completed"] = state_ref["state"].epoch if "state" in state_ref else 0
+
+    if cfg.control and result["status"] == "TERMINATED":
+        if progress:
+            progress("control: distilling from an independent teacher ensemble")
+        ensure_members(cfg, store, data.arrays, data.teacher_idx, data.info, device,
+                       seed_offset=CONTROL_SEED_OFFSET, progress=progress)
+        independent = load_ensemble(cfg, store, data.info, device, seed_offset=CONTROL_SEED_OFFSET)
+        control = build_student_state(cfg, independent, data, device, None)
+        fit(control, data.x, data.y, student_recipe(cfg), data.spec, teacher=independent.log_probs)
+        result["control_test_agreement"] = agreement(teacher_test, predict(control.model, data.x_test))
+
+    result["train_time_s"] = elapsed_before + time.perf_counter() - started
+    result["device_name"] = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    result.update(versions())
+    result["config_json"] = cfg.to_json()
+    return result
+
+
+def build_student_state(
+    cfg: TrialConfig, ensemble: Ensemble, data: TrialData, device: torch.device, resume_state: dict | None
+) -> TrainState:
+    """The student (seeded, initialised per ``cfg.init``), its optimizer and its data generator."""
+    torch.manual_seed(cfg.seed)
+    student = build_model(cfg.student_arch, data.info.input_shape, data.info.num_classes, cfg.norm).to(device)
+    initialize_student(student, cfg.init, cfg.init_lambda, ensemble.initial_states[0], ensemble.final_states[0])
+    recipe = student_recipe(cfg)
+    state = TrainState(student, make_optimizer(student, recipe), torch.Generator(device=device).manual_seed(cfg.seed))
+    if resume_state is not None:
+        state.load_state_dict(resume_state)
+    return state
