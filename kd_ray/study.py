@@ -1,0 +1,167 @@
+"""Study: many distillation trials on Ray Tune, written to Parquet trial tables.
+
+A Study is a base TrialConfig, the axes to grid over (or an Optuna search space), seeds, a
+scheduler, resources per trial and a storage location. ``Study.run()`` validates every config
+before any compute, prepares the teacher members as parallel Ray tasks, runs a ``ray.tune.Tuner``
+around one function trainable, and writes ``trials.parquet`` and ``epochs.parquet`` into
+``<storage>/<name>/``. This is the only module besides ``teachers`` preparation that imports Ray.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from kd_ray.config import ConfigError, TrialConfig
+from kd_ray.teachers import CONTROL_SEED_OFFSET, member_key
+
+STATE_FILE = "state.pt"
+OPTUNA_JOURNAL = "optuna.journal"
+
+
+@dataclass(frozen=True)
+class OptunaSpec:
+    """An Optuna search: ``space`` maps a TrialConfig field to one of
+    ``("float", low, high)``, ``("logfloat", low, high)``, ``("int", low, high)`` or
+    ``("choice", [values])``; one metric (TPE) or several (multi-objective, NSGA-II)."""
+
+    space: dict[str, tuple]
+    metrics: tuple[str, ...] = ("test_agreement",)
+    modes: tuple[str, ...] = ("max",)
+    num_samples: int = 8
+    seed: int = 0
+
+
+@dataclass
+class Study:
+    name: str
+    base: TrialConfig = field(default_factory=TrialConfig)
+    axes: dict[str, list[Any]] = field(default_factory=dict)
+    seeds: list[int] = field(default_factory=lambda: [0])
+    search: OptunaSpec | None = None  # None: grid over axes x seeds
+    scheduler: str = "fifo"  # fifo | asha (ASHA stops weak trials early; see docs/architecture.md)
+    asha_grace_epochs: int = 2
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: float = 0.0
+    max_concurrent_trials: int | None = None
+    storage: str = "results"
+    resume: bool = False
+    address: str | None = None
+    data_dir: str | None = None
+    max_failures: int = 2
+    verbose: int = 1
+
+    # --- specification ------------------------------------------------------------------------
+    @property
+    def storage_path(self) -> str:
+        return self.storage if "://" in self.storage else os.path.abspath(os.path.expanduser(self.storage))
+
+    @property
+    def study_dir(self) -> str:
+        return f"{self.storage_path.rstrip('/')}/{self.name}"
+
+    @property
+    def teacher_store(self) -> str:
+        return f"{self.storage_path.rstrip('/')}/teachers"
+
+    def configs(self) -> list[TrialConfig]:
+        """Every trial config of a grid study (axes x seeds); for Optuna, the base with each seed."""
+        names = list(self.axes)
+        grid = itertools.product(*(self.axes[n] for n in names)) if names else [()]
+        configs = []
+        for values in grid:
+            for seed in self.seeds:
+                configs.append(TrialConfig.from_dict({**self.base.to_dict(), **dict(zip(names, values)), "seed": seed}))
+        return configs
+
+    def validate(self) -> list[TrialConfig]:
+        """Refuse a bad specification before any Ray work: raises ConfigError."""
+        from kd_ray.trial import check_runnable
+
+        if not self.name or "/" in self.name:
+            raise ConfigError(f"study name {self.name!r} must be a non-empty name without '/'")
+        for axis, values in self.axes.items():
+            if axis not in TrialConfig.field_names():
+                TrialConfig.from_dict({axis: None})  # raises the did-you-mean error
+            if not isinstance(values, (list, tuple)) or not values:
+                raise ConfigError(f"axis {axis!r} needs a non-empty list of values, got {values!r}")
+        if not self.seeds:
+            raise ConfigError("seeds must name at least one seed")
+        if self.scheduler not in ("fifo", "asha"):
+            raise ConfigError(f"scheduler={self.scheduler!r} is not allowed; choose fifo or asha")
+        if self.cpus_per_trial <= 0:
+            raise ConfigError(f"cpus_per_trial={self.cpus_per_trial} must be > 0")
+        if self.gpus_per_trial < 0:
+            raise ConfigError(f"gpus_per_trial={self.gpus_per_trial} must be >= 0")
+        if self.gpus_per_trial > 1 and self.gpus_per_trial != int(self.gpus_per_trial):
+            raise ConfigError(f"gpus_per_trial={self.gpus_per_trial}: above 1 it must be a whole number")
+        if self.search is not None:
+            self._validate_search()
+        configs = self.configs()
+        for cfg in configs:
+            check_runnable(cfg, check_device=False)
+        if self.gpus_per_trial == 0 and self.base.device.startswith("cuda"):
+            raise ConfigError(f"device={self.base.device!r} needs gpus_per_trial > 0")
+        return configs
+
+    def _validate_search(self) -> None:
+        search = self.search
+        assert search is not None
+        if self.axes:
+            raise ConfigError("an Optuna search takes its dimensions from the search space; axes must be empty")
+        if len(search.metrics) != len(search.modes):
+            raise ConfigError(f"search metrics {search.metrics} and modes {search.modes} differ in length")
+        for mode in search.modes:
+            if mode not in ("min", "max"):
+                raise ConfigError(f"search mode {mode!r} is not allowed; choose min or max")
+        from kd_ray.tables import METRICS
+
+        for metric in search.metrics:
+            if metric not in METRICS:
+                raise ConfigError(f"search metric {metric!r} is not a trial metric; choose from {', '.join(METRICS)}")
+        if len(search.metrics) > 1 and self.scheduler == "asha":
+            raise ConfigError("scheduler='asha' stops trials on one metric; use it with a single-objective search")
+        for name, dim in search.space.items():
+            if name not in TrialConfig.field_names():
+                TrialConfig.from_dict({name: None})
+            if not dim or dim[0] not in ("float", "logfloat", "int", "choice"):
+                raise ConfigError(f"search space {name}={dim!r}: kind must be float, logfloat, int or choice")
+            samples = [v for v in dim[1]] if dim[0] == "choice" else [dim[1], dim[2]]
+            for value in samples:  # both ends (or every choice) must be a valid config
+                TrialConfig.from_dict({**self.base.to_dict(), name: value})
+        if search.num_samples < 1:
+            raise ConfigError(f"search num_samples={search.num_samples} must be >= 1")
+
+    # --- running --------------------------------------------------------------------------------
+    def run(self) -> "StudyResult":
+        configs = self.validate()
+        from kd_ray import study_runner
+
+        return study_runner.run(self, configs)
+
+
+@dataclass
+class StudyResult:
+    study_dir: str
+    trials: Any  # pandas.DataFrame
+    epochs: Any  # pandas.DataFrame
+    partial: bool
+    finished: int
+    expected: int
+
+
+def needed_members(configs: list[TrialConfig]) -> dict[str, tuple[TrialConfig, int, int]]:
+    """Every teacher member the configs distil from, keyed by member key (control included)."""
+    members: dict[str, tuple[TrialConfig, int, int]] = {}
+    for cfg in configs:
+        offsets = (0, CONTROL_SEED_OFFSET) if cfg.control else (0,)
+        for offset in offsets:
+            for member in range(cfg.teacher_members):
+                members.setdefault(member_key(cfg, member, offset), (cfg, member, offset))
+    return members
