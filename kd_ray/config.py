@@ -41,7 +41,7 @@ class TrialConfig:
     extra_data: int = 0  # in-domain samples added to the distillation data (mnist1d only)
     data_seed: int = 0  # seeds the D0/D1 split; part of the teacher's identity
     # teacher
-    teacher_arch: str = "conv1d"
+    teacher_arch: str = "mlp"
     teacher_members: int = 3
     teacher_epochs: int = 30
     teacher_lr: float = 0.05
@@ -49,7 +49,7 @@ class TrialConfig:
     teacher_seed: int = 0  # member i of the ensemble is trained from seed (teacher_seed, i)
     norm: str = "batch"  # normalisation layers of teacher and student: batch | group | none
     # student and distillation
-    student_arch: str = "conv1d"
+    student_arch: str = "mlp"
     temperature: float = 4.0
     alpha: float = 0.0
     augmentation: str = "baseline"
@@ -191,15 +191,16 @@ def _check_choice(cfg: TrialConfig, name: str, allowed: tuple[str, ...]) -> None
 
 def _check_range(cfg: TrialConfig, name: str, low: float, high: float, low_open: bool, high_open: bool) -> None:
     value = getattr(cfg, name)
+    left = "(" if low_open else "["
+    right = ")" if high_open else "]"
+    hi = "inf" if high == math.inf else f"{high:g}"
+    allowed = f"{left}{low:g}, {hi}{right}"
     if not math.isfinite(value):
-        raise ConfigError(f"{name}={value!r} must be a finite number")
+        raise ConfigError(f"{name}={value!r} must be a finite number; allowed: {allowed}")
     too_low = value <= low if low_open else value < low
     too_high = value >= high if high_open else value > high
     if too_low or too_high:
-        left = "(" if low_open else "["
-        right = ")" if high_open else "]"
-        hi = "inf" if high == math.inf else f"{high:g}"
-        raise ConfigError(f"{name}={value!r} is out of range; allowed: {left}{low:g}, {hi}{right}")
+        raise ConfigError(f"{name}={value!r} is out of range; allowed: {allowed}")
 
 
 def _validate(cfg: TrialConfig) -> None:

@@ -43,6 +43,7 @@ class Study:
     name: str
     base: TrialConfig = field(default_factory=TrialConfig)
     axes: dict[str, list[Any]] = field(default_factory=dict)
+    arms: list[dict[str, Any]] = field(default_factory=list)  # explicit arms, crossed with axes
     seeds: list[int] = field(default_factory=lambda: [0])
     search: OptunaSpec | None = None  # None: grid over axes x seeds
     scheduler: str = "fifo"  # fifo | asha (ASHA stops weak trials early; see docs/architecture.md)
@@ -71,13 +72,15 @@ class Study:
         return f"{self.storage_path.rstrip('/')}/teachers"
 
     def configs(self) -> list[TrialConfig]:
-        """Every trial config of a grid study (axes x seeds); for Optuna, the base with each seed."""
+        """Every trial config of a grid study: arms x axes x seeds (for Optuna, the base per seed)."""
         names = list(self.axes)
-        grid = itertools.product(*(self.axes[n] for n in names)) if names else [()]
+        grid = list(itertools.product(*(self.axes[n] for n in names))) if names else [()]
         configs = []
-        for values in grid:
-            for seed in self.seeds:
-                configs.append(TrialConfig.from_dict({**self.base.to_dict(), **dict(zip(names, values)), "seed": seed}))
+        for arm in self.arms or [{}]:
+            for values in grid:
+                for seed in self.seeds:
+                    values_dict = {**self.base.to_dict(), **arm, **dict(zip(names, values)), "seed": seed}
+                    configs.append(TrialConfig.from_dict(values_dict))
         return configs
 
     def validate(self) -> list[TrialConfig]:
@@ -91,6 +94,12 @@ class Study:
                 TrialConfig.from_dict({axis: None})  # raises the did-you-mean error
             if not isinstance(values, (list, tuple)) or not values:
                 raise ConfigError(f"axis {axis!r} needs a non-empty list of values, got {values!r}")
+        for arm in self.arms:
+            if not isinstance(arm, dict) or not arm:
+                raise ConfigError(f"each arm must be a non-empty dict of TrialConfig fields, got {arm!r}")
+            overlap = set(arm) & set(self.axes)
+            if overlap:
+                raise ConfigError(f"fields {sorted(overlap)} are set by both an arm and an axis")
         if not self.seeds:
             raise ConfigError("seeds must name at least one seed")
         if self.scheduler not in ("fifo", "asha"):
@@ -113,8 +122,8 @@ class Study:
     def _validate_search(self) -> None:
         search = self.search
         assert search is not None
-        if self.axes:
-            raise ConfigError("an Optuna search takes its dimensions from the search space; axes must be empty")
+        if self.axes or self.arms:
+            raise ConfigError("an Optuna search takes its dimensions from the search space; axes and arms must be empty")
         if len(search.metrics) != len(search.modes):
             raise ConfigError(f"search metrics {search.metrics} and modes {search.modes} differ in length")
         for mode in search.modes:

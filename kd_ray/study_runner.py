@@ -83,6 +83,13 @@ def prepare_teachers(study: "Study", configs: list[TrialConfig]) -> None:
 
 # --- the trainable ------------------------------------------------------------------------------
 
+ARM_KEY = "arm"  # an explicit arm travels through Tune's grid as one dict-valued parameter
+
+
+def flatten_arm(config: dict[str, Any]) -> dict[str, Any]:
+    config = dict(config)
+    return {**config, **(config.pop(ARM_KEY, None) or {})}
+
 
 def _trainable(config: dict[str, Any], store_uri: str, data_dir: str | None) -> None:
     import torch
@@ -90,7 +97,7 @@ def _trainable(config: dict[str, Any], store_uri: str, data_dir: str | None) -> 
     from kd_ray.trial import run_trial
 
     _set_threads()
-    cfg = TrialConfig.from_dict(config)
+    cfg = TrialConfig.from_dict(flatten_arm(config))
     resume = None
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
@@ -164,6 +171,8 @@ def _param_space(study: "Study") -> dict[str, Any]:
         return base
     for axis, values in study.axes.items():
         base[axis] = tune.grid_search(list(values))
+    if study.arms:
+        base[ARM_KEY] = tune.grid_search(list(study.arms))
     base["seed"] = tune.grid_search(list(study.seeds))
     return base
 
@@ -219,7 +228,7 @@ def collect_rows(study_name: str, results) -> tuple[list[dict], list[dict]]:
     for result in results:
         metrics = result.metrics or {}
         trial_id = str(metrics.get("trial_id") or os.path.basename(result.path))
-        config = {k: v for k, v in (result.config or {}).items() if k in TrialConfig.field_names()}
+        config = {k: v for k, v in flatten_arm(result.config or {}).items() if k in TrialConfig.field_names()}
         row = {"study": study_name, "trial_id": trial_id, **config}
         if result.error is not None:
             row.update(status="ERROR", error=f"{type(result.error).__name__}: {result.error}"[:2000])
