@@ -107,6 +107,19 @@ def cmd_teachers(args: argparse.Namespace) -> int:
     return 1 if bad and not args.delete_bad else 0
 
 
+def cmd_validate_cluster(args: argparse.Namespace) -> int:
+    from kd_ray.cluster import ClusterConfigError, load_cluster_config, validate_cluster_config
+
+    try:
+        notes = validate_cluster_config(load_cluster_config(args.path), args.path)
+    except ClusterConfigError as exc:
+        return _fail(str(exc))
+    for note in notes:
+        print(note)
+    print(f"{args.path}: valid")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kd-ray", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -130,6 +143,12 @@ def build_parser() -> argparse.ArgumentParser:
     teachers.add_argument("--store", help="teacher store: directory or URI")
     teachers.add_argument("--delete-bad", action="store_true", help="with verify: delete members that fail their checksum")
     teachers.set_defaults(func=cmd_teachers)
+
+    cluster = sub.add_parser("validate-cluster", help="check a Ray cluster launcher config offline")
+    cluster.add_argument("path", help="cluster YAML, e.g. cluster.yaml")
+    cluster.set_defaults(func=cmd_validate_cluster)
+
+    sub.add_parser("analyze", help="summaries, correlations, figures and report.md for study tables (see kd-ray analyze --help)")
     return parser
 
 
