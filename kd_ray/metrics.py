@@ -48,7 +48,10 @@ def predictive_kl(teacher: torch.Tensor, student: torch.Tensor) -> float:
     """Mean over inputs of KL(p_teacher || p_student) at temperature 1, in nats."""
     log_p = _log_probs(teacher)
     log_q = _log_probs(student)
-    return (log_p.exp() * (log_p - log_q)).sum(-1).mean().item()
+    p = log_p.exp()
+    # 0 * log 0 = 0: classes the teacher rules out (log-prob -inf) contribute nothing, not NaN.
+    terms = torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p))
+    return terms.sum(-1).mean().item()
 
 
 def evaluate_predictions(

@@ -72,6 +72,11 @@ def _parse(name: str, input_shape: tuple[int, ...]) -> tuple[str, int, int]:
     """Split a name into (base, depth, width); depth and width are 0 for non-ResNet archs."""
     if name in ARCHS and name != "preresnet":
         return name, 0, 0
+    if name == "preresnet":
+        raise ValueError(
+            f"arch 'preresnet' for input shape {input_shape} needs a depth, preresnet<D>[-w<K>] "
+            f"(e.g. preresnet20, preresnet56-w2); {_preresnet_depth_help()}"
+        )
     match = _PRERESNET_RE.match(name)
     if match is None:
         candidates = [a for a in ARCHS if a != "preresnet"] + ["preresnet20", "preresnet56"]

@@ -163,6 +163,8 @@ def test_unknown_name_suggests_preresnet() -> None:
         check_arch("resnet20", CIFAR)
     with pytest.raises(ValueError, match=r"mlp, conv1d, smallcnn, lenet5, vgg16, preresnet"):
         check_arch("transformer", CIFAR)
+    with pytest.raises(ValueError, match=r"'preresnet' .* needs a depth"):
+        check_arch("preresnet", CIFAR)
     with pytest.raises(ValueError, match=r"preresnet width"):
         check_arch("preresnet20-w0", CIFAR)
 
