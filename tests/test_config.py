@@ -266,7 +266,7 @@ def test_parse_set_rejects_malformed(expr: str) -> None:
 # --- teacher identity ---------------------------------------------------------------------------
 
 TEACHER_CHANGES: list[tuple[str, Any]] = [
-    ("teacher_arch", "mlp"),
+    ("teacher_arch", "conv1d"),
     ("teacher_epochs", 31),
     ("teacher_seed", 1),
     ("teacher_lr", 0.1),
@@ -286,7 +286,7 @@ STUDENT_CHANGES: list[tuple[str, Any]] = [
     ("epochs", 3),
     ("lr", 0.2),
     ("seed", 9),
-    ("student_arch", "mlp"),
+    ("student_arch", "conv1d"),
     ("optimizer", "adam"),
     ("batch_size", 32),
     ("weight_decay", 0.0),
