@@ -1,0 +1,273 @@
+"""The Markdown report of one or several studies, written by ``report`` (also ``analysis.report``)
+with summary.csv, correlations.csv and the figures; ``kd-ray analyze`` (analysis.main) writes it too.
+
+Built on kd_ray.analysis for the statistics and kd_ray.figures for the PNGs. Like them, this module
+imports neither torch nor Ray.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from kd_ray.analysis import (
+    CORRELATION_METHODS,
+    CORRELATION_PAIRS,
+    FIGURES_DIR,
+    FRACTION_METRICS,
+    PROVENANCE_COLUMNS,
+    REPORT_FILE,
+    SUMMARY_METRICS,
+    PathLike,
+    _arm_label,
+    _check_objectives,
+    _default_objectives,
+    _exclusion_counts,
+    _exclusion_message,
+    _finite,
+    _fmt_level,
+    _fmt_metric,
+    _has_values,
+    _metric_header,
+    _resolve_by,
+    _search_dims,
+    _summary_rows,
+    control_gap,
+    correlate,
+    format_summary,
+    load_epochs,
+    load_trials,
+    pareto_front,
+    study_dirs,
+    summarize,
+)
+from kd_ray.figures import figures
+
+__all__ = ["report"]
+
+
+def _markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    def escape(cell: Any) -> str:
+        return str(cell).replace("|", "\\|").replace("\n", " ")
+
+    lines = ["| " + " | ".join(escape(h) for h in header) + " |"]
+    lines.append("|" + "|".join("---" for _ in header) + "|")
+    lines += ["| " + " | ".join(escape(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _default_out_dir(directories: Sequence[Path]) -> Path:
+    # Next to the tables: the study directory itself, or the storage directory holding several.
+    if len(directories) == 1:
+        return directories[0]
+    return Path(os.path.commonpath([str(d.resolve()) for d in directories]))
+
+
+def _correlation_section(
+    kept: pd.DataFrame, by: Sequence[str], n_boot: int, seed: int
+) -> tuple[str, pd.DataFrame]:
+    pairs = [(x, y) for x, y in CORRELATION_PAIRS if _has_values(kept, x, y)]
+    if not pairs:
+        return "No fidelity–generalization pair has values.", pd.DataFrame()
+    results = [
+        correlate(kept, x, y, by=list(by) or None, n_boot=n_boot, seed=seed, include_failed=True)
+        for x, y in pairs
+    ]
+    table = pd.concat(results, ignore_index=True)
+    header = ["x", "y", "group", "n"]
+    header += [f"{name} [95% CI] (p)" for name in ("Pearson r", "Spearman ρ", "Kendall τ")]
+    rows = []
+    group_columns = [*by, "scope", "x", "y"]
+    for _, group in table.groupby(group_columns, dropna=False, sort=False):
+        first = group.iloc[0]
+        label = "overall" if first["scope"] == "overall" else _arm_label(by, [first[c] for c in by])
+        cells = [first["x"], first["y"], label, str(int(first["n"]))]
+        for method in CORRELATION_METHODS:
+            row = group[group["method"] == method].iloc[0]
+            if not np.isfinite(row["r"]):
+                cells.append("–")
+            else:
+                interval = f"[{row['ci_low']:.2f}, {row['ci_high']:.2f}]"
+                cells.append(f"{row['r']:.2f} {interval} (p = {row['p_value']:.2g})")
+        rows.append(cells)
+    note = (
+        "Overall rows pool every trial; within rows hold the arm fixed, so a factor that moves both "
+        "metrics cannot pass for a correlation between them. CIs: bootstrap percentile intervals "
+        f"({n_boot} resamples, seed {seed})."
+    )
+    return note + "\n\n" + _markdown_table(header, rows), table
+
+
+def _detail_rows(summary: pd.DataFrame, by: Sequence[str]) -> list[list[str]]:
+    rows = []
+    for _, row in summary.iterrows():
+        if row["n"] == 0:
+            continue
+        metric = row["metric"]
+        ci = "–"
+        if np.isfinite(row["ci_low"]):
+            ci = f"[{_fmt_metric(metric, row['ci_low'])}, {_fmt_metric(metric, row['ci_high'])}]"
+        digits = 3 if metric in FRACTION_METRICS else 4
+        mean, sd = _fmt_metric(metric, row["mean"], digits), _fmt_metric(metric, row["sd"], digits)
+        cells = [_metric_header(metric), str(int(row["n"])), mean, sd, ci]
+        rows.append([_fmt_level(row[c]) for c in by] + cells)
+    return rows
+
+
+def _provenance_section(df: pd.DataFrame) -> str:
+    lines = []
+    studies = df["study"].value_counts(sort=False) if "study" in df.columns else pd.Series(dtype=int)
+    if len(studies):
+        lines.append("Studies: " + ", ".join(f"`{s}` ({n} trials)" for s, n in studies.items()) + ".")
+    columns = [c for c in PROVENANCE_COLUMNS if c in df.columns]
+    if "device_name" not in columns and "device" in df.columns:
+        columns.append("device")
+    if columns:
+        counts = df[columns].astype("string").fillna("–").value_counts(sort=False).reset_index()
+        rows = [[str(v) for v in row.iloc[:-1]] + [str(row.iloc[-1])] for _, row in counts.iterrows()]
+        lines.append(_markdown_table([*columns, "trials"], rows))
+    if "teacher_key" in df.columns:
+        lines.append(f"Teacher ensembles: {df['teacher_key'].nunique()} distinct (`teacher_key`).")
+    if _has_values(df, "train_time_s"):
+        total = float(_finite(df["train_time_s"]).sum())
+        lines.append(f"Student training time: {total / 3600:.2f} h over {len(df)} trials.")
+    return "\n\n".join(lines) if lines else "The tables carry no provenance columns."
+
+
+def _excluded_section(df: pd.DataFrame) -> str:
+    failed = df[~df["usable"]]
+    if failed.empty:
+        return "None: every trial terminated with finite metrics."
+    rows = []
+    for _, row in failed.iterrows():
+        error = row.get("error")
+        text = "" if error is None or pd.isna(error) else str(error).strip()
+        # A traceback ends with the exception itself; its first line says nothing.
+        last_line = text.splitlines()[-1][:160] if text else ""
+        rows.append([str(row.get("study", "")), str(row["trial_id"]), str(row["excluded_reason"]), last_line])
+    return _markdown_table(["study", "trial_id", "reason", "error"], rows)
+
+
+def _build_report(
+    paths: PathLike | Iterable[PathLike],
+    by: str | Sequence[str] | None,
+    out_dir: PathLike | None,
+    objectives: dict[str, str] | None,
+    n_boot: int,
+    seed: int,
+) -> tuple[Path, str]:
+    directories = study_dirs(paths)
+    trials = load_trials(directories)
+    epochs = load_epochs(directories)
+    by = _resolve_by(trials, by)
+    _check_objectives(trials, objectives)
+    out = Path(out_dir) if out_dir is not None else _default_out_dir(directories)
+    out.mkdir(parents=True, exist_ok=True)
+    message = _exclusion_message(trials)
+    if message:
+        print(message)
+    kept = trials[trials["usable"]]
+
+    summary = summarize(trials, by=by, verbose=False)
+    summary_text = format_summary(trials, by=by, verbose=False)
+    main_metrics = [m for m in SUMMARY_METRICS if _has_values(kept, m)]
+    header, rows = _summary_rows(summary[summary["metric"].isin(main_metrics)], by, main_metrics)
+    correlation_text, correlation_table = _correlation_section(kept, by, n_boot, seed)
+    figure_paths = figures(trials, epochs, out / FIGURES_DIR, by=by, objectives=objectives)
+
+    names = ", ".join(f"`{s}`" for s in trials["study"].drop_duplicates())
+    replicates = [c for c in ("seed",) if c in trials.columns and trials[c].nunique() > 1]
+    searched = _search_dims(trials)
+    detail_rows = _detail_rows(summary, by)
+    parts = [
+        f"# kd_ray report: {names}",
+        f"{len(trials)} trials loaded from {', '.join(f'`{d}`' for d in directories)}; "
+        f"{len(kept)} usable, {len(trials) - len(kept)} excluded from the statistics"
+        + (f" ({_exclusion_counts(trials)})." if message else "."),
+        "Arms vary " + (", ".join(f"`{c}`" for c in by) if by else "nothing (one arm)")
+        + (f"; replicates over {', '.join(f'`{c}`' for c in replicates)}" if replicates else "")
+        + (f"; searched (not arms): {', '.join(f'`{c}`' for c in searched)}" if searched else "")
+        + ".",
+        "## Summary",
+        "Mean ± sd per arm; fractions in percent, KL and NLL in nats; n = usable trials.",
+        _markdown_table(header, rows) if rows else "No usable trials.",
+        "### All metrics with 95% confidence intervals",
+        "t-distribution intervals for the mean; n counts the finite values behind each mean.",
+        _markdown_table([*by, "metric", "n", "mean", "sd", "95% CI"], detail_rows)
+        if detail_rows
+        else "No usable trials.",
+        "## Fidelity vs generalization",
+        correlation_text,
+    ]
+    gap = control_gap(kept, verbose=False)
+    if not gap.empty:
+        gap_metrics = ["test_agreement", "control_test_agreement", "control_gap"]
+        gap_summary = summarize(gap, by=by, metrics=gap_metrics, verbose=False)
+        gap_header, gap_rows = _summary_rows(gap_summary, by, gap_metrics)
+        parts += [
+            "## Independent-student control",
+            "control_gap = test_agreement − control_test_agreement: the agreement a student owes to its "
+            "own teacher beyond what a student distilled from an independent teacher shares with it "
+            "(paper §3.2).",
+            _markdown_table(gap_header, gap_rows),
+        ]
+    objectives = objectives if objectives is not None else _default_objectives(kept)
+    if objectives and _has_values(kept, *objectives):
+        maximize = [c for c, d in objectives.items() if d == "max"]
+        minimize = [c for c, d in objectives.items() if d == "min"]
+        front = pareto_front(kept, maximize=maximize, minimize=minimize, verbose=False)
+        dims = _search_dims(kept)
+        columns = [c for c in ("study", "trial_id", *by, *dims) if c in front.columns] + list(objectives)
+        front_rows = [
+            [_fmt_metric(c, row[c]) if c in objectives else _fmt_level(row[c]) for c in columns]
+            for _, row in front.iterrows()
+        ]
+        parts += [
+            "## Pareto front",
+            "Non-dominated trials on " + ", ".join(f"{c} ({d})" for c, d in objectives.items()) + ".",
+            _markdown_table([_metric_header(c) if c in objectives else c for c in columns], front_rows),
+        ]
+    if figure_paths:
+        parts.append("## Figures")
+        for path in figure_paths:
+            parts.append(f"![{path.stem}]({path.relative_to(out).as_posix()})")
+    parts += ["## Excluded trials", _excluded_section(trials), "## Provenance", _provenance_section(trials)]
+
+    report_path = out / REPORT_FILE
+    _write_atomic(report_path, "\n\n".join(parts) + "\n")
+    summary.to_csv(out / "summary.csv", index=False)
+    if not correlation_table.empty:
+        correlation_table.to_csv(out / "correlations.csv", index=False)
+    return report_path, summary_text
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(text, encoding="utf-8")
+    os.replace(temporary, path)
+
+
+def report(
+    paths: PathLike | Iterable[PathLike],
+    by: str | Sequence[str] | None = None,
+    out_dir: PathLike | None = None,
+    objectives: dict[str, str] | None = None,
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> Path:
+    """Write ``report.md``, ``figures/*.png``, ``summary.csv`` and ``correlations.csv`` for one or
+    several studies and return the report's path.
+
+    ``by`` defaults to arm_columns of the loaded trials; ``out_dir`` to the study directory (the
+    common parent of several). The report holds the per-arm summary, correlations overall and within
+    arms, the independent-student control where it ran, the Pareto front for a searched study (or the
+    given ``objectives``), the figures, the excluded trials and the provenance of the trials.
+    """
+    path, _ = _build_report(paths, by, out_dir, objectives, n_boot, seed)
+    return path
+
