@@ -68,7 +68,14 @@ def cmd_trial(args: argparse.Namespace) -> int:
     progress = None if args.quiet else _progress
     if progress:
         progress(f"trial: {cfg.to_json()}")
-    result = run_trial(cfg, store=args.store, data_dir=args.data_dir, progress=progress)
+    from kd_ray.data import DataError
+    from kd_ray.teachers import TeacherStoreError
+
+    try:
+        result = run_trial(cfg, store=args.store, data_dir=args.data_dir, progress=progress,
+                           retrain_teachers=args.retrain_teachers)
+    except (DataError, TeacherStoreError) as exc:
+        return _fail(str(exc))
     print(format_trial_table(result))
     if args.json:
         clean = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in result.items()}
@@ -77,14 +84,18 @@ def cmd_trial(args: argparse.Namespace) -> int:
 
 
 def cmd_teachers(args: argparse.Namespace) -> int:
-    from kd_ray.teachers import TeacherStore, default_store
+    from kd_ray.teachers import TeacherStore, TeacherStoreError, default_store
 
     store = TeacherStore(args.store or default_store())
     keys = store.keys()
     if args.action == "list":
         print(f"teacher store {store.uri}: {len(keys)} members")
         for key in keys:
-            manifest = store.manifest(key)
+            try:
+                manifest = store.manifest(key)
+            except TeacherStoreError as exc:
+                print(f"{key}  BAD: {exc}")
+                continue
             spec = manifest["spec"]
             print(
                 f"{key}  {spec['dataset']:<9} {spec['teacher_arch']:<14} split={spec['teacher_split']:<4} "
@@ -136,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     trial.add_argument("--store", help="teacher store: directory or URI (default $KD_RAY_TEACHERS or ~/.cache/kd_ray/teachers)")
     trial.add_argument("--data-dir", help="dataset cache directory (default $KD_RAY_DATA or ~/.cache/kd_ray/data)")
     trial.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    trial.add_argument("--retrain-teachers", action="store_true", help="delete and train again the trial's teacher members")
     trial.set_defaults(func=cmd_trial)
 
     teachers = sub.add_parser("teachers", help="list or verify the teacher store")

@@ -6,6 +6,7 @@ augmented on the device and, when distilling, the teacher labels that very augme
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ class Recipe:
     alpha: float = 0.0
     nesterov: bool = True
     final_lr: float = 0.0
+    bf16: bool = False  # bf16 autocast for the forward passes; losses and metrics stay float32
 
 
 @dataclass(frozen=True)
@@ -49,8 +51,8 @@ class AugmentSpec:
 class Diverged(RuntimeError):
     """Training produced a non-finite loss."""
 
-    def __init__(self, epoch: int, step: int, loss: float):
-        super().__init__(f"non-finite training loss {loss} at epoch {epoch}, step {step}")
+    def __init__(self, epoch: int, loss: float):
+        super().__init__(f"non-finite mean training loss ({loss}) in epoch {epoch}")
         self.epoch = epoch
 
 
@@ -78,14 +80,17 @@ class TrainState:
     optimizer: torch.optim.Optimizer
     generator: torch.Generator
     epoch: int = 0  # epochs completed
+    forward: Callable[[torch.Tensor], torch.Tensor] | None = None  # e.g. torch.compile(model)
 
     def state_dict(self) -> dict:
-        return {
+        # A snapshot: model and optimizer state dicts hold the live tensors, which later steps
+        # update in place, so a checkpoint kept in memory would silently move on with training.
+        return copy.deepcopy({
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "generator": self.generator.get_state(),
             "epoch": self.epoch,
-        }
+        })
 
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
@@ -112,6 +117,7 @@ def fit(
     n = x.shape[0]
     steps_per_epoch = math.ceil(n / recipe.batch_size)
     total_steps = steps_per_epoch * recipe.epochs
+    autocast = torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=recipe.bf16)
     for epoch in range(state.epoch, recipe.epochs):
         model.train()
         loss_sum = torch.zeros((), device=x.device)
@@ -127,14 +133,14 @@ def fit(
                 recipe.augmentation, x[idx], generator, kind=spec.kind, crop_pad=spec.crop_pad,
                 hflip=spec.hflip, mixup_alpha=recipe.mixup_alpha,
             )
-            logits = model(batch.x)
+            with autocast:
+                logits = (state.forward or model)(batch.x)
+            teacher_log_probs = None if teacher is None else teacher(batch.x)
             if teacher is None:
                 loss = F.cross_entropy(logits, y[idx])
                 if batch.mix_index is not None:
                     loss = batch.lam * loss + (1 - batch.lam) * F.cross_entropy(logits, y[idx][batch.mix_index])
             else:
-                with torch.no_grad():
-                    teacher_log_probs = teacher(batch.x)
                 loss = kd_loss(
                     logits, teacher_log_probs, y[idx], temperature=recipe.temperature,
                     alpha=recipe.alpha, mix_index=batch.mix_index, lam=batch.lam,
@@ -146,7 +152,7 @@ def fit(
         # One host sync per epoch, not per step: the loss check waits for the epoch's end.
         mean_loss = (loss_sum / steps_per_epoch).item()
         if not math.isfinite(mean_loss):
-            raise Diverged(epoch + 1, steps_per_epoch, mean_loss)
+            raise Diverged(epoch + 1, mean_loss)
         state.epoch = epoch + 1
         if on_epoch is not None:
             on_epoch(epoch + 1, mean_loss, lr)

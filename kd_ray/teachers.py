@@ -31,7 +31,7 @@ from kd_ray.config import TrialConfig, content_hash
 from kd_ray.data import Arrays, DatasetInfo
 from kd_ray.distill import AugmentSpec, Recipe, TrainState, fit, make_optimizer, predict
 from kd_ray.metrics import accuracy
-from kd_ray.models import build_model, ensemble_log_probs
+from kd_ray.models import StackedEnsemble, build_model
 
 WEIGHTS, LOGITS, MANIFEST = "weights.pt", "logits.pt", "manifest.json"
 CONTROL_SEED_OFFSET = 1000  # the independent-teacher control uses teacher_seed + this
@@ -86,7 +86,14 @@ class TeacherStore:
         return sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory and self.has(i.base_name))
 
     def manifest(self, key: str) -> dict:
-        return json.loads(self._read(f"{self.member_path(key)}/{MANIFEST}"))
+        path = f"{self.member_path(key)}/{MANIFEST}"
+        try:
+            return json.loads(self._read(path))
+        except ValueError as exc:  # truncated or corrupted JSON (or bytes that are not UTF-8)
+            raise TeacherStoreError(
+                f"cannot parse {path}: {exc}. Run `kd-ray teachers verify --store {self.uri} "
+                f"--delete-bad` to remove the member; it is then trained again."
+            ) from None
 
     def save(self, key: str, spec: dict, weights: dict, logits: dict, metrics: dict) -> None:
         """Write one member atomically: a reader sees the whole member or none of it."""
@@ -147,7 +154,13 @@ class TeacherStore:
                 f"`kd-ray teachers verify --store {self.uri} --delete-bad` to remove it, or pass "
                 f"--retrain-teachers; the member is then trained again."
             )
-        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        try:
+            return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        except Exception as exc:  # e.g. an UnpicklingError for objects other than tensors and containers
+            raise TeacherStoreError(
+                f"cannot load {path} as weights only: {exc}. Run `kd-ray teachers verify --store "
+                f"{self.uri} --delete-bad` to remove the member; it is then trained again."
+            ) from None
 
     def verify(self, key: str) -> list[str]:
         """Problems found in one member (empty when it is sound)."""
@@ -253,12 +266,18 @@ def ensure_members(
     seed_offset: int = 0,
     progress: Progress | None = None,
     members: list[int] | None = None,
+    retrain: bool = False,
 ) -> list[str]:
-    """Make sure every member of the trial's ensemble is in the store; train the missing ones."""
+    """Make sure every member of the trial's ensemble is in the store; train the missing ones.
+
+    ``retrain=True`` deletes the stored members first (the fix for a corrupted store)."""
     keys = []
     for member in members if members is not None else range(cfg.teacher_members):
         key = member_key(cfg, member, seed_offset)
         keys.append(key)
+        if retrain and store.has(key):
+            with store.lock(key):
+                store.delete(key)
         if store.has(key):
             continue
         with store.lock(key):
@@ -282,10 +301,12 @@ class Ensemble:
     test_logits: torch.Tensor  # [m, N_test, C]
     train_logits: torch.Tensor  # [m, N_train, C] on the whole clean train set
 
-    @torch.no_grad()
+    def __post_init__(self) -> None:
+        self.stacked = StackedEnsemble(self.models)
+
     def log_probs(self, x: torch.Tensor) -> torch.Tensor:
-        """Ensemble log-probabilities ``log(mean_i softmax(z_i))`` on a batch."""
-        return ensemble_log_probs(torch.stack([m(x) for m in self.models]))
+        """Ensemble log-probabilities ``log(mean_i softmax(z_i))`` on a batch, all members in one call."""
+        return self.stacked.log_probs(x)
 
 
 def load_ensemble(

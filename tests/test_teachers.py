@@ -1,0 +1,314 @@
+"""Tests for kd_ray.teachers: the content-addressed store, its integrity checks, member sharing."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from kd_ray import teachers
+from kd_ray.data import DATASET_INFO, split_indices
+from kd_ray.metrics import accuracy
+from kd_ray.models import ensemble_log_probs
+from kd_ray.teachers import (
+    LOGITS, MANIFEST, WEIGHTS, TeacherStore, TeacherStoreError, ensure_members, load_ensemble, member_key,
+)
+
+
+def _member(seed: int = 0) -> tuple[dict, dict, dict]:
+    g = torch.Generator().manual_seed(seed)
+    weights = {
+        "initial": {"w": torch.randn(3, 4, generator=g), "n": torch.tensor(7)},
+        "final": {"w": torch.randn(3, 4, generator=g), "n": torch.tensor(9)},
+    }
+    logits = {"test": torch.randn(5, 10, generator=g), "train": torch.randn(8, 10, generator=g)}
+    return weights, logits, {"test_acc": 0.5 + seed / 100}
+
+
+def _save(store: TeacherStore, key: str, seed: int = 0) -> tuple[dict, dict, dict]:
+    weights, logits, metrics = _member(seed)
+    store.save(key, {"member": seed, "dataset": "mnist1d"}, weights, logits, metrics)
+    return weights, logits, metrics
+
+
+def _assert_nested_equal(a, b) -> None:
+    if isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys()
+        for k in a:
+            _assert_nested_equal(a[k], b[k])
+    else:
+        assert torch.equal(a, b)
+
+
+def _visible(path: Path) -> list[str]:
+    return sorted(p.name for p in path.iterdir() if not p.name.startswith(".")) if path.exists() else []
+
+
+def _first_weight(state: dict[str, torch.Tensor]) -> str:
+    return next(k for k, v in state.items() if v.is_floating_point() and v.dim() > 1)
+
+
+def _teacher_idx(cfg, arrays) -> torch.Tensor:
+    idx, _ = split_indices(
+        arrays.y_train, teacher_split=cfg.teacher_split, distill_split=cfg.distill_split,
+        distill_fraction=cfg.distill_fraction, data_seed=cfg.data_seed, seed=cfg.seed,
+    )
+    return torch.as_tensor(idx)
+
+
+# --- the store ---------------------------------------------------------------------------------
+
+
+def test_round_trip(tmp_path: Path) -> None:
+    store = TeacherStore(tmp_path)
+    weights, logits, _ = _save(store, "abc")
+    _assert_nested_equal(store.load("abc", WEIGHTS), weights)
+    _assert_nested_equal(store.load("abc", LOGITS), logits)
+    member = tmp_path / "members" / "abc"
+    assert sorted(os.listdir(member)) == sorted([WEIGHTS, LOGITS, MANIFEST])
+    files = store.manifest("abc")["files"]
+    for name in (WEIGHTS, LOGITS):
+        assert files[name] == hashlib.sha256((member / name).read_bytes()).hexdigest()
+
+
+def test_has_keys_manifest(tmp_path: Path) -> None:
+    store = TeacherStore(tmp_path)
+    assert not store.has("k2") and store.keys() == []
+    _save(store, "k2", seed=2)
+    _save(store, "k1", seed=1)
+    assert store.has("k1") and store.has("k2") and not store.has("k3")
+    assert store.keys() == ["k1", "k2"]
+    manifest = store.manifest("k2")
+    assert manifest["key"] == "k2"
+    assert manifest["spec"] == {"member": 2, "dataset": "mnist1d"}
+    assert manifest["metrics"] == {"test_acc": 0.52}
+    assert manifest["torch_version"] == torch.__version__
+    assert store.verify("k1") == [] and store.verify("k2") == []
+
+
+def test_missing_member_raises(tmp_path: Path) -> None:
+    with pytest.raises(TeacherStoreError, match="nope"):
+        TeacherStore(tmp_path).load("nope", WEIGHTS)
+
+
+def test_corrupted_file_is_refused(tmp_path: Path) -> None:
+    store = TeacherStore(tmp_path)
+    _, logits, _ = _save(store, "abc")
+    path = tmp_path / "members" / "abc" / WEIGHTS
+    data = bytearray(path.read_bytes())
+    for i in range(len(data) // 2, len(data) // 2 + 8):
+        data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(TeacherStoreError) as info:
+        store.load("abc", WEIGHTS)
+    message = str(info.value)
+    assert str(path) in message
+    assert "kd-ray teachers verify" in message
+    # The other file of the member is unaffected.
+    _assert_nested_equal(store.load("abc", LOGITS), logits)
+
+
+def test_truncated_file_is_refused(tmp_path: Path) -> None:
+    store = TeacherStore(tmp_path)
+    _save(store, "abc")
+    path = tmp_path / "members" / "abc" / LOGITS
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(TeacherStoreError) as info:
+        store.load("abc", LOGITS)
+    assert str(path) in str(info.value)
+    assert "kd-ray teachers verify" in str(info.value)
+
+
+def test_truncated_manifest_is_refused(tmp_path: Path) -> None:
+    store = TeacherStore(tmp_path)
+    _save(store, "abc")
+    path = tmp_path / "members" / "abc" / MANIFEST
+    path.write_bytes(path.read_bytes()[:40])
+    with pytest.raises(TeacherStoreError) as info:
+        store.load("abc", WEIGHTS)
+    assert str(path) in str(info.value)
+    assert "kd-ray teachers verify" in str(info.value)
+    problems = store.verify("abc")
+    assert len(problems) == 2 and all(MANIFEST in p for p in problems)
+
+
+def test_verify_reports_problems(tmp_path: Path) -> None:
+    store = TeacherStore(tmp_path)
+    _save(store, "good", seed=1)
+    _save(store, "bad", seed=2)
+    path = tmp_path / "members" / "bad" / WEIGHTS
+    path.write_bytes(path.read_bytes()[:-10])
+    assert store.verify("good") == []
+    problems = store.verify("bad")
+    assert len(problems) == 1
+    assert WEIGHTS in problems[0] and "checksum" in problems[0]
+    store.delete("bad")
+    assert store.keys() == ["good"]
+
+
+class _FsyncCrash(RuntimeError):
+    pass
+
+
+@pytest.mark.parametrize("fail_at", [1, 2, 3])  # during weights.pt, logits.pt, manifest.json
+def test_interrupted_save_leaves_no_partial_member(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fail_at: int
+) -> None:
+    store = TeacherStore(tmp_path)
+    _save(store, "other", seed=1)
+    calls = {"n": 0}
+    real_fsync = os.fsync
+
+    def crashing_fsync(fd: int) -> None:
+        calls["n"] += 1
+        if calls["n"] == fail_at:
+            raise _FsyncCrash("disk went away")
+        real_fsync(fd)
+
+    monkeypatch.setattr(teachers.os, "fsync", crashing_fsync)
+    with pytest.raises(_FsyncCrash):
+        _save(store, "abc")
+    assert calls["n"] == fail_at
+    monkeypatch.undo()
+
+    assert not store.has("abc")
+    assert store.keys() == ["other"]
+    assert _visible(tmp_path / "members") == ["other"]
+    with pytest.raises(TeacherStoreError):
+        store.load("abc", WEIGHTS)
+    # A later save of the same member succeeds and is whole.
+    weights, logits, _ = _save(store, "abc")
+    assert store.keys() == ["abc", "other"]
+    _assert_nested_equal(store.load("abc", WEIGHTS), weights)
+    _assert_nested_equal(store.load("abc", LOGITS), logits)
+
+
+def test_leftover_directory_without_manifest_is_not_a_member(tmp_path: Path) -> None:
+    store = TeacherStore(tmp_path)
+    leftover = tmp_path / "members" / "abc"
+    leftover.mkdir(parents=True)
+    (leftover / WEIGHTS).write_bytes(b"half a file")
+    assert not store.has("abc") and store.keys() == []
+    weights, _, _ = _save(store, "abc")
+    assert store.keys() == ["abc"]
+    _assert_nested_equal(store.load("abc", WEIGHTS), weights)
+
+
+class _Payload:
+    """Unpickling this runs ``os.mkdir(marker)``: what an untrusted checkpoint could do."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.mkdir, (self.marker,))
+
+
+def test_loads_are_weights_only(tmp_path: Path) -> None:
+    store = TeacherStore(tmp_path / "store")
+    _save(store, "abc")
+    marker = tmp_path / "pwned"
+    buffer = io.BytesIO()
+    torch.save({"final": {"w": torch.zeros(2)}, "extra": _Payload(marker)}, buffer)
+    data = buffer.getvalue()
+    member = tmp_path / "store" / "members" / "abc"
+    (member / WEIGHTS).write_bytes(data)
+    manifest = json.loads((member / MANIFEST).read_text())
+    manifest["files"][WEIGHTS] = hashlib.sha256(data).hexdigest()  # the checksum matches
+    (member / MANIFEST).write_text(json.dumps(manifest))
+
+    with pytest.raises(TeacherStoreError) as info:
+        store.load("abc", WEIGHTS)
+    assert WEIGHTS in str(info.value)
+    assert not marker.exists()
+    assert store.verify("abc") and not marker.exists()
+    # The file really does carry code: an unrestricted unpickler runs it.
+    torch.load(io.BytesIO(data), weights_only=False)
+    assert marker.is_dir()
+
+
+# --- training and sharing ----------------------------------------------------------------------
+
+
+def test_members_are_shared_across_ensemble_sizes(
+    base_cfg, session_store, mnist1d_arrays, shared_teacher, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert shared_teacher == [member_key(base_cfg, m) for m in range(base_cfg.teacher_members)]
+    assert all(session_store.has(k) for k in shared_teacher)
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("train_member called for a member already in the store")
+
+    monkeypatch.setattr(teachers, "train_member", no_training)
+    one = base_cfg.replace(teacher_members=1)
+    keys = ensure_members(
+        one, session_store, mnist1d_arrays, _teacher_idx(one, mnist1d_arrays), DATASET_INFO["mnist1d"],
+        torch.device("cpu"),
+    )
+    assert keys == shared_teacher[:1]
+    assert one.teacher_key() != base_cfg.teacher_key()  # the ensembles differ, their members do not
+
+
+def test_larger_ensemble_trains_only_missing_members(
+    base_cfg, session_store, mnist1d_arrays, shared_teacher, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    shutil.copytree(session_store.root, tmp_path / "store")
+    store = TeacherStore(tmp_path / "store")
+    trained: list[tuple[int, float]] = []
+
+    def fake_train(cfg, member, *args, **kwargs):
+        trained.append((member, cfg.teacher_lr))
+        return _member(member)
+
+    monkeypatch.setattr(teachers, "train_member", fake_train)
+    info, cpu = DATASET_INFO["mnist1d"], torch.device("cpu")
+    idx = _teacher_idx(base_cfg, mnist1d_arrays)
+    three = base_cfg.replace(teacher_members=3)
+    keys = ensure_members(three, store, mnist1d_arrays, idx, info, cpu)
+    assert trained == [(2, base_cfg.teacher_lr)]
+    assert keys[:2] == shared_teacher and store.has(keys[2])
+    assert store.manifest(keys[2])["spec"] == three.teacher_spec(2)
+    # A field that decides the weights makes new members.
+    other = base_cfg.replace(teacher_members=1, teacher_lr=0.01)
+    ensure_members(other, store, mnist1d_arrays, idx, info, cpu)
+    assert trained[-1] == (0, 0.01)
+    assert member_key(other, 0) not in shared_teacher
+
+
+def test_trained_member_is_accurate_and_consistent(
+    base_cfg, session_store, mnist1d_arrays, shared_teacher
+) -> None:
+    y_test = torch.as_tensor(mnist1d_arrays.y_test)
+    for member, key in enumerate(shared_teacher):
+        manifest = session_store.manifest(key)
+        assert manifest["spec"] == base_cfg.teacher_spec(member)
+        assert manifest["metrics"]["test_acc"] > 0.5  # chance is 0.1
+        logits = session_store.load(key, LOGITS)
+        assert logits["test"].shape == (len(y_test), 10)
+        assert logits["train"].shape == (len(mnist1d_arrays.y_train), 10)
+        assert logits["test"].dtype == torch.float32
+        assert accuracy(logits["test"], y_test) == pytest.approx(manifest["metrics"]["test_acc"])
+        weights = session_store.load(key, WEIGHTS)
+        assert weights["initial"].keys() == weights["final"].keys()
+        name = _first_weight(weights["final"])
+        assert not torch.equal(weights["initial"][name], weights["final"][name])
+    # Different members start from different seeds.
+    w0, w1 = (session_store.load(k, WEIGHTS)["initial"][name] for k in shared_teacher)
+    assert not torch.equal(w0, w1)
+
+    ensemble = load_ensemble(base_cfg, session_store, DATASET_INFO["mnist1d"], torch.device("cpu"))
+    assert ensemble.key == base_cfg.teacher_key()
+    assert ensemble.test_logits.shape == (base_cfg.teacher_members, len(y_test), 10)
+    # The cached logits are what the stored weights compute.
+    x_test = torch.as_tensor(mnist1d_arrays.x_test)
+    torch.testing.assert_close(
+        ensemble.log_probs(x_test), ensemble_log_probs(ensemble.test_logits), atol=1e-4, rtol=1e-4
+    )
+    assert accuracy(ensemble_log_probs(ensemble.test_logits), y_test) > 0.5

@@ -1,0 +1,192 @@
+"""Tests for kd_ray.trial: one distillation trial end to end, resuming, control, divergence, refusals."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+import kd_ray
+from kd_ray import trial as trial_module
+from kd_ray.config import ConfigError, TrialConfig
+from kd_ray.teachers import CONTROL_SEED_OFFSET, member_key
+from kd_ray.trial import FINAL_METRICS, TrialData, check_runnable, run_trial
+
+PROVENANCE = ("teacher_key", "kd_ray_version", "git_sha", "torch_version", "ray_version", "config_json")
+STUDENT_METRICS = tuple(k for k in FINAL_METRICS if not k.startswith("teacher_"))
+
+
+def assert_metrics_in_range(m: dict) -> None:
+    for key in ("test_acc", "test_agreement", "train_agreement", "aug_train_agreement", "teacher_test_acc"):
+        assert 0.0 <= m[key] <= 1.0, key
+    for key in ("test_kl", "train_kl"):
+        assert m[key] >= 0.0, key
+    for key in ("test_nll", "teacher_test_nll"):
+        assert m[key] > 0.0 and math.isfinite(m[key]), key
+    for key in ("test_ece", "teacher_test_ece"):
+        assert 0.0 <= m[key] <= 1.0, key
+
+
+@pytest.fixture(scope="module")
+def full_run(base_cfg, shared_teacher):
+    """A default-shaped mnist1d trial (conv1d teacher ensemble and student, baseline augmentation,
+    temperature 4, cosine SGD), small: 6 student epochs, evaluated every 2."""
+    cfg = base_cfg.replace(epochs=6, eval_every=2)
+    reports: list[tuple[dict, dict | None]] = []
+    result = run_trial(cfg, report=lambda metrics, checkpoint: reports.append((metrics, checkpoint)))
+    return cfg, result, reports
+
+
+def test_full_trial_metrics(full_run, kd_dirs) -> None:
+    cfg, result, _ = full_run
+    assert result["status"] == "TERMINATED" and result["error"] is None
+    assert result["epochs_completed"] == cfg.epochs
+    assert result["teacher_test_acc"] > 0.5  # chance is 0.1
+    assert_metrics_in_range(result)
+    assert result["test_agreement"] > 0.5
+    assert result["train_time_s"] > 0
+    # Data and teachers came from the session's directories (KD_RAY_DATA, KD_RAY_TEACHERS).
+    assert any(kd_dirs["data"].glob("mnist1d*.npz"))
+    assert (kd_dirs["teachers"] / "members" / member_key(cfg, 0)).is_dir()
+
+
+def test_provenance(full_run) -> None:
+    cfg, result, _ = full_run
+    for key in PROVENANCE:
+        assert result.get(key), key
+    assert result["teacher_key"] == cfg.teacher_key()
+    assert result["kd_ray_version"] == kd_ray.__version__
+    assert result["torch_version"].split("+")[0] == torch.__version__.split("+")[0]
+    assert TrialConfig.from_dict(json.loads(result["config_json"])) == cfg
+    assert result["device_name"] == "cpu"
+
+
+def test_report_at_each_eval_epoch(full_run) -> None:
+    cfg, result, reports = full_run
+    assert [m["epoch"] for m, _ in reports] == [2, 4, 6]
+    for metrics, checkpoint in reports:
+        assert checkpoint is not None
+        assert checkpoint["train_state"]["epoch"] == metrics["epoch"]
+        for key in ("lr", "train_loss", "train_time_s", *FINAL_METRICS):
+            assert key in metrics, key
+        assert_metrics_in_range(metrics)
+        # Checkpoints survive the trip to disk with a weights-only loader.
+        buffer = io.BytesIO()
+        torch.save(checkpoint, buffer)
+        torch.load(io.BytesIO(buffer.getvalue()), weights_only=True)
+    # Checkpoints are snapshots of their epoch, not views of the live student.
+    first, last = reports[0][1]["train_state"]["model"], reports[-1][1]["train_state"]["model"]
+    name = next(k for k, v in first.items() if v.is_floating_point() and v.dim() > 1)
+    assert not torch.equal(first[name], last[name])
+    assert reports[0][0]["lr"] > reports[-1][0]["lr"]
+    final = reports[-1][0]
+    for key in FINAL_METRICS:
+        assert final[key] == result[key], key
+
+
+def test_resume_from_a_mid_run_checkpoint(full_run) -> None:
+    cfg, result, reports = full_run
+    checkpoint = reports[0][1]
+    assert checkpoint["train_state"]["epoch"] == 2
+    resumed_reports: list[dict] = []
+    resumed = run_trial(cfg, report=lambda m, c: resumed_reports.append(m), resume=checkpoint)
+    assert [m["epoch"] for m in resumed_reports] == [4, 6]
+    assert resumed["status"] == "TERMINATED"
+    assert resumed["epochs_completed"] == cfg.epochs
+    for key in FINAL_METRICS:
+        assert resumed[key] == result[key], key
+    assert resumed["train_time_s"] >= checkpoint["train_time_s"]
+
+
+def test_digits_mixup_with_label_loss() -> None:
+    cfg = TrialConfig(
+        dataset="digits", teacher_arch="smallcnn", student_arch="smallcnn", teacher_members=1,
+        teacher_epochs=3, augmentation="mixup", alpha=0.3, mixup_alpha=0.4, epochs=2, eval_every=2,
+        device="cpu",
+    )
+    result = run_trial(cfg)
+    assert result["status"] == "TERMINATED", result["error"]
+    assert result["epochs_completed"] == 2
+    assert_metrics_in_range(result)
+    assert "control_test_agreement" not in result
+
+
+def test_control(base_cfg, session_store, shared_teacher) -> None:
+    cfg = base_cfg.replace(teacher_members=1, control=True, epochs=2, eval_every=2)
+    result = run_trial(cfg, store=session_store)
+    assert result["status"] == "TERMINATED"
+    assert 0.0 <= result["control_test_agreement"] <= 1.0
+    control_key = member_key(cfg, 0, CONTROL_SEED_OFFSET)
+    assert session_store.has(control_key) and control_key not in shared_teacher
+    assert session_store.manifest(control_key)["spec"]["teacher_seed"] == cfg.teacher_seed + CONTROL_SEED_OFFSET
+
+
+def test_diverging_trial_reports_instead_of_raising(base_cfg, shared_teacher) -> None:
+    cfg = base_cfg.replace(lr=1e6, lr_schedule="constant", epochs=2)
+    reports: list[dict] = []
+    result = run_trial(cfg, report=lambda m, c: reports.append(m))
+    assert result["status"] == "DIVERGED"
+    assert "non-finite" in result["error"]
+    assert result["epochs_completed"] == 0 and reports == []
+    assert all(math.isnan(result[k]) for k in STUDENT_METRICS)
+    assert result["teacher_test_acc"] > 0.5
+    assert TrialConfig.from_dict(json.loads(result["config_json"])) == cfg
+
+
+@pytest.mark.parametrize(
+    ("changes", "field"),
+    [
+        ({"teacher_arch": "conv1d", "student_arch": "conv1d", "augmentation": "colorjitter"}, "augmentation"),
+        ({"dataset": "digits", "teacher_arch": "smallcnn", "student_arch": "smallcnn",
+          "augmentation": "colorjitter"}, "augmentation"),
+        ({"dataset": "digits", "teacher_arch": "conv1d", "student_arch": "smallcnn"}, "teacher_arch"),
+        ({"dataset": "digits", "teacher_arch": "smallcnn", "student_arch": "conv1d"}, "student_arch"),
+        ({"teacher_arch": "conv1d", "student_arch": "preresnet20"}, "student_arch"),
+        ({"teacher_arch": "preresnet20", "student_arch": "preresnet20"}, "teacher_arch"),
+    ],
+)
+def test_check_runnable_refuses(changes: dict, field: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = TrialConfig(device="cpu", **changes)
+    with pytest.raises(ConfigError) as info:
+        check_runnable(cfg)
+    message = str(info.value)
+    assert message.startswith(f"{field}=")
+    assert cfg.dataset in message
+
+    def no_compute(*args, **kwargs):
+        raise AssertionError("run_trial loaded data for a config it should refuse")
+
+    monkeypatch.setattr(trial_module, "TrialData", no_compute)
+    with pytest.raises(ConfigError, match=f"^{field}="):
+        run_trial(cfg)
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [{}, {"dataset": "digits", "teacher_arch": "smallcnn", "student_arch": "smallcnn", "augmentation": "combaug"},
+     {"teacher_arch": "conv1d", "student_arch": "mlp", "augmentation": "mixup"}],
+)
+def test_check_runnable_accepts(changes: dict) -> None:
+    check_runnable(TrialConfig(device="cpu", **changes))
+
+
+def test_holdout_distillation_with_extra_data(base_cfg, kd_dirs: dict[str, Path]) -> None:
+    cfg = base_cfg.replace(
+        teacher_split="half", distill_split="holdout", extra_data=200, teacher_epochs=3, teacher_members=1,
+        epochs=2, eval_every=2,
+    )
+    data = TrialData(cfg, torch.device("cpu"), None)
+    n_train = len(data.arrays.y_train)
+    assert len(data.teacher_idx) == n_train // 2
+    assert set(data.teacher_idx.tolist()).isdisjoint(data.distill_idx.tolist())
+    assert data.x.shape[0] == data.y.shape[0] == n_train - n_train // 2 + 200
+
+    result = run_trial(cfg)
+    assert result["status"] == "TERMINATED", result["error"]
+    assert result["teacher_key"] == cfg.teacher_key() != base_cfg.teacher_key()
+    assert_metrics_in_range(result)
+    assert any(kd_dirs["data"].glob("mnist1d_extra*_n200_*.npz"))
