@@ -24,6 +24,7 @@ INITS = ("random", "teacher_init", "interpolate")
 TEACHER_SPLITS = ("full", "half")
 DISTILL_SPLITS = ("train", "holdout", "both")
 NORMS = ("batch", "group", "none")
+PRECISIONS = ("auto", "fp32", "bf16")
 DEFAULT_LR = {"sgd": 0.05, "adam": 1e-3}
 
 
@@ -66,7 +67,8 @@ class TrialConfig:
     seed: int = 0
     eval_every: int = 5
     device: str = "auto"
-    compile: bool = False
+    precision: str = "auto"  # student forward passes: auto (by measurement per device) | fp32 | bf16
+    compile: bool = False  # torch.compile the student
 
     def __post_init__(self) -> None:
         if self.lr is None and self.optimizer in DEFAULT_LR:
@@ -205,7 +207,7 @@ def _check_range(cfg: TrialConfig, name: str, low: float, high: float, low_open:
 
 def _validate(cfg: TrialConfig) -> None:
     strings = ("dataset", "teacher_split", "distill_split", "teacher_arch", "norm", "student_arch",
-               "augmentation", "optimizer", "lr_schedule", "init", "device")
+               "augmentation", "optimizer", "lr_schedule", "init", "device", "precision")
     for name in strings:
         _check_type(cfg, name, (str,), "a string")
 
@@ -216,6 +218,7 @@ def _validate(cfg: TrialConfig) -> None:
     _check_choice(cfg, "optimizer", OPTIMIZERS)
     _check_choice(cfg, "lr_schedule", LR_SCHEDULES)
     _check_choice(cfg, "init", INITS)
+    _check_choice(cfg, "precision", PRECISIONS)
     ints = ("extra_data", "data_seed", "teacher_members", "teacher_epochs", "teacher_batch_size", "teacher_seed",
             "epochs", "batch_size", "seed", "eval_every")
     for name in ints:

@@ -27,6 +27,7 @@ from torch's global generator, so ``torch.manual_seed(s)`` before ``build_model`
 
 from __future__ import annotations
 
+import copy
 import difflib
 import math
 import re
@@ -414,3 +415,49 @@ def ensemble_log_probs(member_logits: torch.Tensor) -> torch.Tensor:
 def count_parameters(model: nn.Module) -> int:
     """Number of scalar parameters (trainable or not; buffers such as BN statistics excluded)."""
     return sum(p.numel() for p in model.parameters())
+
+
+class StackedEnsemble:
+    """Members of one architecture run as a single vectorized call (``torch.func.vmap``).
+
+    The members' parameters and buffers are stacked along a new leading dimension, so one forward
+    pass computes all ``m`` members' logits; members must be in eval mode (running statistics).
+    """
+
+    def __init__(self, members: list[nn.Module]) -> None:
+        if not members:
+            raise ValueError("StackedEnsemble needs at least one member")
+        params, buffers = torch.func.stack_module_state(members)
+        self.params = {k: v.detach() for k, v in params.items()}
+        self.buffers = {k: v.detach() for k, v in buffers.items()}
+        # A parameter-free skeleton: functional_call supplies each member's tensors.
+        skeleton = copy.deepcopy(members[0]).to("meta").eval()
+
+        def member_logits(p: dict, b: dict, x: torch.Tensor) -> torch.Tensor:
+            return torch.func.functional_call(skeleton, (p, b), (x,))
+
+        self._logits = torch.func.vmap(member_logits, in_dims=(0, 0, None))
+        self.size = len(members)
+        self.dtype = torch.float32
+
+    def cast(self, dtype: torch.dtype) -> "StackedEnsemble":
+        """A copy whose members run in ``dtype`` (e.g. bfloat16 on a bf16-capable device)."""
+        other = copy.copy(self)
+        other.params = {k: v.to(dtype) if v.is_floating_point() else v for k, v in self.params.items()}
+        other.buffers = {k: v.to(dtype) if v.is_floating_point() else v for k, v in self.buffers.items()}
+        other.dtype = dtype
+        return other
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """``[m, N, C]`` member logits on the batch ``x``, in the ensemble's dtype."""
+        with torch.inference_mode(), torch.autocast(x.device.type, enabled=False):
+            return self._logits(self.params, self.buffers, x.to(self.dtype))
+
+    def log_probs(self, x: torch.Tensor) -> torch.Tensor:
+        return ensemble_log_probs(self.logits(x))
+
+
+def loop_ensemble_logits(members: list[nn.Module], x: torch.Tensor) -> torch.Tensor:
+    """The reference: ``[m, N, C]`` member logits, one member after another."""
+    with torch.inference_mode():
+        return torch.stack([member(x) for member in members])

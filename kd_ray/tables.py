@@ -23,7 +23,10 @@ METRICS = (
     "aug_train_agreement", "teacher_test_acc", "teacher_test_nll", "teacher_test_ece",
     "control_test_agreement",
 )
-PROVENANCE = ("teacher_key", "kd_ray_version", "git_sha", "torch_version", "ray_version", "device_name", "config_json")
+PROVENANCE = (
+    "teacher_key", "kd_ray_version", "git_sha", "torch_version", "ray_version", "device_name", "precision_used",
+    "config_json",
+)
 
 _ARROW_TYPES = {"str": pa.string(), "int": pa.int64(), "float": pa.float64(), "float | None": pa.float64(), "bool": pa.bool_()}
 

@@ -1,0 +1,211 @@
+"""Student-training throughput: kd_ray's path against the standard PyTorch pipeline, in one run.
+
+Reference: a DataLoader over a Dataset with per-sample transforms (pad + random crop + flip on each
+image), teacher members run one after another, float32. kd_ray: the data as one device tensor,
+batched augmentation, the teacher members in one vectorized call, precision chosen per device
+(``use_bf16``), the training loop of ``kd_ray.distill.fit``. Both see the same inputs and models.
+
+Workloads: (a) CIFAR-shaped, 32x32x3, PreResNet-20 student, 3-member PreResNet-20 teacher, baseline
+augmentation; (b) the embedded default, mnist1d with MLPs. Prints images/s of both and the ratio per
+workload, the fraction of the device's measured matmul peak that kd_ray's step reaches (FLOPs counted
+from the models), and last ``speedup: <ratio of (a)>``.
+
+    python benchmarks/throughput.py            # CPU here; the GPU when one is present
+    python benchmarks/throughput.py --tiny     # seconds: CI checks it runs end to end
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+from torch.utils.flop_counter import FlopCounterMode
+
+from kd_ray.data import DATASET_INFO, load_arrays
+from kd_ray.distill import AugmentSpec, Recipe, TrainState, fit, make_optimizer
+from kd_ray.losses import kd_loss
+from kd_ray.models import StackedEnsemble, build_model, ensemble_log_probs
+from kd_ray.provenance import versions
+from kd_ray.trial import use_bf16
+
+
+@dataclass
+class Workload:
+    name: str
+    x: np.ndarray  # float32, images in [0, 1]
+    y: np.ndarray
+    arch: str
+    num_classes: int
+    spec: AugmentSpec
+    members: int = 3
+    batch_size: int = 128
+
+
+class PerSampleDataset(Dataset):
+    """The standard pipeline: one sample at a time, transformed on the host."""
+
+    def __init__(self, x: np.ndarray, y: np.ndarray, spec: AugmentSpec, seed: int) -> None:
+        self.x, self.y, self.spec = x, y, spec
+        self.rng = np.random.default_rng(seed)
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i: int):
+        sample = torch.from_numpy(self.x[i])
+        pad = self.spec.crop_pad
+        if pad:
+            spatial = sample.shape[1:]
+            padded = F.pad(sample, [pad, pad] * len(spatial))
+            offsets = self.rng.integers(0, 2 * pad + 1, size=len(spatial))
+            if len(spatial) == 1:
+                sample = padded[:, offsets[0] : offsets[0] + spatial[0]]
+            else:
+                sample = padded[:, offsets[0] : offsets[0] + spatial[0], offsets[1] : offsets[1] + spatial[1]]
+        if self.spec.hflip and self.rng.random() < 0.5:
+            sample = sample.flip(-1)
+        return sample, int(self.y[i])
+
+
+def make_models(w: Workload, device: torch.device):
+    torch.manual_seed(0)
+    shape = tuple(w.x.shape[1:])
+    teachers = [build_model(w.arch, shape, w.num_classes).to(device).eval() for _ in range(w.members)]
+    student = build_model(w.arch, shape, w.num_classes).to(device)
+    return teachers, student
+
+
+def reference_epoch(w: Workload, device: torch.device, steps: int) -> float:
+    """Images per second of the standard pipeline over ``steps`` batches (after one warm-up batch)."""
+    teachers, student = make_models(w, device)
+    optimizer = torch.optim.SGD(student.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-4)
+    loader = DataLoader(PerSampleDataset(w.x, w.y, w.spec, seed=0), batch_size=w.batch_size, shuffle=True, drop_last=True)
+    seen, started = 0, None
+    for i, (xb, yb) in enumerate(loader):
+        if i == 1:
+            torch.cuda.synchronize() if device.type == "cuda" else None
+            started, seen = time.perf_counter(), 0
+        xb, yb = xb.to(device), yb.to(device)
+        with torch.no_grad():
+            teacher_log_probs = ensemble_log_probs(torch.stack([t(xb) for t in teachers]))
+        loss = kd_loss(student(xb), teacher_log_probs, yb, temperature=4.0)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        seen += xb.shape[0]
+        if i == steps:
+            break
+    torch.cuda.synchronize() if device.type == "cuda" else None
+    return seen / (time.perf_counter() - started)
+
+
+def kd_ray_epoch(w: Workload, device: torch.device, steps: int, bf16: bool) -> float:
+    """Images per second of kd_ray's loop over ``steps`` batches (after a warm-up epoch of 1 batch)."""
+    teachers, student = make_models(w, device)
+    ensemble = StackedEnsemble(teachers)
+    teacher = ensemble.cast(torch.bfloat16) if bf16 else ensemble
+    x = torch.as_tensor(w.x, device=device)
+    y = torch.as_tensor(w.y, device=device)
+    recipe = Recipe(epochs=2, batch_size=w.batch_size, optimizer="sgd", lr=0.05, weight_decay=1e-4,
+                    lr_schedule="constant", augmentation="baseline", temperature=4.0, bf16=bf16)
+    state = TrainState(student, make_optimizer(student, recipe), torch.Generator(device=device).manual_seed(0))
+    # Epoch 1 warms up on one batch; epoch 2 is timed on ``steps`` batches.
+    fit(state, x[: w.batch_size], y[: w.batch_size], Recipe(**{**recipe.__dict__, "epochs": 1}), w.spec, teacher.log_probs)
+    n = steps * w.batch_size
+    torch.cuda.synchronize() if device.type == "cuda" else None
+    started = time.perf_counter()
+    fit(state, x[:n], y[:n], recipe, w.spec, teacher.log_probs)
+    torch.cuda.synchronize() if device.type == "cuda" else None
+    return n / (time.perf_counter() - started)
+
+
+def step_flops_per_image(w: Workload, device: torch.device) -> float:
+    """FLOPs of one training step per image: student forward + backward, teacher members forward."""
+    teachers, student = make_models(w, device)
+    xb = torch.as_tensor(w.x[: w.batch_size], device=device)
+    with FlopCounterMode(display=False) as counter:
+        with torch.no_grad():
+            teacher_log_probs = ensemble_log_probs(torch.stack([t(xb) for t in teachers]))
+        kd_loss(student(xb), teacher_log_probs, temperature=4.0).backward()
+    return counter.get_total_flops() / w.batch_size
+
+
+def matmul_peak(device: torch.device, dtype: torch.dtype, size: int) -> float:
+    """Measured FLOP/s of a square matmul, the device's practical peak for that dtype."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize() if device.type == "cuda" else None
+    repeats = 10
+    started = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    torch.cuda.synchronize() if device.type == "cuda" else None
+    return 2 * size**3 * repeats / (time.perf_counter() - started)
+
+
+def workloads(tiny: bool, steps: int) -> list[Workload]:
+    n = (steps + 2) * 128
+    rng = np.random.default_rng(0)
+    cifar = Workload(
+        name="cifar-shaped (32x32x3, PreResNet-20, 3-member PreResNet-20 teacher)",
+        x=rng.random((n, 3, 32, 32), dtype=np.float32), y=rng.integers(0, 100, n), arch="preresnet20",
+        num_classes=100, spec=AugmentSpec("rgb", 4, True),
+    )
+    arrays = load_arrays("mnist1d")
+    info = DATASET_INFO["mnist1d"]
+    embedded = Workload(
+        name="embedded default (mnist1d, MLP, 3-member MLP teacher)", x=arrays.x_train[:n], y=arrays.y_train[:n],
+        arch="mlp", num_classes=info.num_classes, spec=AugmentSpec(info.kind, info.crop_pad, info.hflip),
+    )
+    return [cifar, embedded]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tiny", action="store_true", help="a few batches, to check the benchmark runs")
+    parser.add_argument("--steps", type=int, default=None, help="timed batches per path (default 20, tiny 2)")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if args.device == "auto" else args.device)
+    steps = args.steps or (2 if args.tiny else 20)
+    bf16 = use_bf16("auto", device)
+    peak_size = 512 if args.tiny else 2048
+    peaks = {str(dt).split(".")[1]: matmul_peak(device, dt, peak_size) for dt in (torch.float32, torch.bfloat16)}
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
+    print(f"device: {device} ({name}), torch threads {torch.get_num_threads()}, kd_ray precision "
+          f"{'bf16' if bf16 else 'fp32'} (chosen by measurement)")
+    print(f"measured matmul peak: fp32 {peaks['float32'] / 1e9:.0f} GFLOP/s, bf16 {peaks['bfloat16'] / 1e9:.0f} GFLOP/s")
+    ratios, record = [], {"versions": versions(), "device": name, "peaks": peaks, "bf16": bf16, "workloads": []}
+    for w in workloads(args.tiny, steps):
+        reference = reference_epoch(w, device, steps)
+        fast = kd_ray_epoch(w, device, steps, bf16)
+        flops = step_flops_per_image(w, device)
+        achieved = flops * fast
+        peak = peaks["bfloat16" if bf16 else "float32"]
+        ratio = fast / reference
+        ratios.append(ratio)
+        print(f"{w.name}: reference {reference:,.0f} img/s, kd_ray {fast:,.0f} img/s, ratio {ratio:.2f}x; "
+              f"step {flops / 1e6:.1f} MFLOP/img, {achieved / 1e9:.1f} GFLOP/s = {achieved / peak:.1%} of the "
+              f"measured {'bf16' if bf16 else 'fp32'} matmul peak ({achieved / peaks['bfloat16']:.1%} of bf16)")
+        record["workloads"].append({"name": w.name, "reference": reference, "kd_ray": fast, "ratio": ratio,
+                                    "flops_per_image": flops})
+    print("json: " + json.dumps(record))
+    print(f"speedup: {ratios[0]:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
