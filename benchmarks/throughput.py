@@ -3,7 +3,7 @@
 Reference: a DataLoader over a Dataset with per-sample transforms (pad + random crop + flip on each
 image), teacher members run one after another, float32. kd_ray: the data as one device tensor,
 batched augmentation, the teacher members in one vectorized call, precision chosen per device
-(``use_bf16``), the training loop of ``kd_ray.distill.fit``. Both see the same inputs and models.
+(``kd_ray.fastpath``: bf16, channels_last, vectorized or looped teacher), the training loop of ``kd_ray.distill.fit``. Both see the same inputs and models.
 
 Workloads: (a) CIFAR-shaped, 32x32x3, PreResNet-20 student, 3-member PreResNet-20 teacher, baseline
 augmentation; (b) the embedded default, mnist1d with MLPs. Prints images/s of both and the ratio per
@@ -31,9 +31,9 @@ from torch.utils.flop_counter import FlopCounterMode
 from kd_ray.data import DATASET_INFO, load_arrays
 from kd_ray.distill import AugmentSpec, Recipe, TrainState, fit, make_optimizer
 from kd_ray.losses import kd_loss
-from kd_ray.models import StackedEnsemble, build_model, ensemble_log_probs
+from kd_ray import fastpath
+from kd_ray.models import LoopEnsemble, StackedEnsemble, build_model, ensemble_log_probs
 from kd_ray.provenance import versions
-from kd_ray.trial import use_bf16
 
 
 @dataclass
@@ -106,15 +106,19 @@ def reference_epoch(w: Workload, device: torch.device, steps: int) -> float:
     return seen / (time.perf_counter() - started)
 
 
-def kd_ray_epoch(w: Workload, device: torch.device, steps: int, bf16: bool) -> float:
+def kd_ray_epoch(w: Workload, device: torch.device, steps: int, path: fastpath.FastPath) -> float:
     """Images per second of kd_ray's loop over ``steps`` batches (after a warm-up epoch of 1 batch)."""
     teachers, student = make_models(w, device)
-    ensemble = StackedEnsemble(teachers)
-    teacher = ensemble.cast(torch.bfloat16) if bf16 else ensemble
+    if path.channels_last:
+        teachers = [t.to(memory_format=torch.channels_last) for t in teachers]
+        student = student.to(memory_format=torch.channels_last)
+    runner = StackedEnsemble(teachers) if path.stacked_teacher else LoopEnsemble(teachers)
+    teacher = runner.cast(torch.bfloat16) if path.bf16 else runner
     x = torch.as_tensor(w.x, device=device)
     y = torch.as_tensor(w.y, device=device)
     recipe = Recipe(epochs=2, batch_size=w.batch_size, optimizer="sgd", lr=0.05, weight_decay=1e-4,
-                    lr_schedule="constant", augmentation="baseline", temperature=4.0, bf16=bf16)
+                    lr_schedule="constant", augmentation="baseline", temperature=4.0, bf16=path.bf16,
+                    channels_last=path.channels_last)
     state = TrainState(student, make_optimizer(student, recipe), torch.Generator(device=device).manual_seed(0))
     # Epoch 1 warms up on one batch; epoch 2 is timed on ``steps`` batches.
     fit(state, x[: w.batch_size], y[: w.batch_size], Recipe(**{**recipe.__dict__, "epochs": 1}), w.spec, teacher.log_probs)
@@ -181,17 +185,19 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           "cpu" if args.device == "auto" else args.device)
     steps = args.steps or (2 if args.tiny else 20)
-    bf16 = use_bf16("auto", device)
     peak_size = 512 if args.tiny else 2048
     peaks = {str(dt).split(".")[1]: matmul_peak(device, dt, peak_size) for dt in (torch.float32, torch.bfloat16)}
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
-    print(f"device: {device} ({name}), torch threads {torch.get_num_threads()}, kd_ray precision "
-          f"{'bf16' if bf16 else 'fp32'} (chosen by measurement)")
+    print(f"device: {device} ({name}), torch threads {torch.get_num_threads()}")
     print(f"measured matmul peak: fp32 {peaks['float32'] / 1e9:.0f} GFLOP/s, bf16 {peaks['bfloat16'] / 1e9:.0f} GFLOP/s")
-    ratios, record = [], {"versions": versions(), "device": name, "peaks": peaks, "bf16": bf16, "workloads": []}
+    ratios, record = [], {"versions": versions(), "device": name, "peaks": peaks, "workloads": []}
     for w in workloads(args.tiny, steps):
+        shape = tuple(w.x.shape[1:])
+        path = fastpath.choose(w.arch, w.arch, shape, w.num_classes, "batch", w.members, w.batch_size, str(device), "auto")
+        bf16 = path.bf16
+        print(f"{w.name}: kd_ray fast path measured as {path.describe()}")
         reference = reference_epoch(w, device, steps)
-        fast = kd_ray_epoch(w, device, steps, bf16)
+        fast = kd_ray_epoch(w, device, steps, path)
         flops = step_flops_per_image(w, device)
         achieved = flops * fast
         peak = peaks["bfloat16" if bf16 else "float32"]
@@ -201,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
               f"step {flops / 1e6:.1f} MFLOP/img, {achieved / 1e9:.1f} GFLOP/s = {achieved / peak:.1%} of the "
               f"measured {'bf16' if bf16 else 'fp32'} matmul peak ({achieved / peaks['bfloat16']:.1%} of bf16)")
         record["workloads"].append({"name": w.name, "reference": reference, "kd_ray": fast, "ratio": ratio,
-                                    "flops_per_image": flops})
+                                    "flops_per_image": flops, "fast_path": path.describe()})
     print("json: " + json.dumps(record))
     print(f"speedup: {ratios[0]:.2f}")
     return 0

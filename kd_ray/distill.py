@@ -37,6 +37,7 @@ class Recipe:
     nesterov: bool = True
     final_lr: float = 0.0
     bf16: bool = False  # bf16 autocast for the forward passes; losses and metrics stay float32
+    channels_last: bool = False  # image batches in channels_last layout
 
 
 @dataclass(frozen=True)
@@ -118,6 +119,7 @@ def fit(
     steps_per_epoch = math.ceil(n / recipe.batch_size)
     total_steps = steps_per_epoch * recipe.epochs
     autocast = torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=recipe.bf16)
+    channels_last = recipe.channels_last and x.dim() == 4
     for epoch in range(state.epoch, recipe.epochs):
         model.train()
         loss_sum = torch.zeros((), device=x.device)
@@ -133,9 +135,10 @@ def fit(
                 recipe.augmentation, x[idx], generator, kind=spec.kind, crop_pad=spec.crop_pad,
                 hflip=spec.hflip, mixup_alpha=recipe.mixup_alpha,
             )
+            inputs = batch.x.contiguous(memory_format=torch.channels_last) if channels_last else batch.x
             with autocast:
-                logits = (state.forward or model)(batch.x)
-            teacher_log_probs = None if teacher is None else teacher(batch.x)
+                logits = (state.forward or model)(inputs)
+            teacher_log_probs = None if teacher is None else teacher(inputs)
             if teacher is None:
                 loss = F.cross_entropy(logits, y[idx])
                 if batch.mix_index is not None:

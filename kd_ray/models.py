@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import warnings
 import math
 import re
 
@@ -450,8 +451,32 @@ class StackedEnsemble:
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """``[m, N, C]`` member logits on the batch ``x``, in the ensemble's dtype."""
-        with torch.inference_mode(), torch.autocast(x.device.type, enabled=False):
+        with torch.inference_mode(), torch.autocast(x.device.type, enabled=False), warnings.catch_warnings():
+            # vmap falls back to a loop for a few ops (adaptive pooling); fastpath measures the cost.
+            warnings.filterwarnings("ignore", message="There is a performance drop")
             return self._logits(self.params, self.buffers, x.to(self.dtype))
+
+    def log_probs(self, x: torch.Tensor) -> torch.Tensor:
+        return ensemble_log_probs(self.logits(x))
+
+
+class LoopEnsemble:
+    """The reference execution: members one after another; same interface as StackedEnsemble."""
+
+    def __init__(self, members: list[nn.Module]) -> None:
+        self.members = members
+        self.dtype = torch.float32
+        self.size = len(members)
+
+    def cast(self, dtype: torch.dtype) -> "LoopEnsemble":
+        other = LoopEnsemble([copy.deepcopy(m).to(dtype) for m in self.members])
+        other.dtype = dtype
+        return other
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode(), torch.autocast(x.device.type, enabled=False):
+            x = x.to(self.dtype)
+            return torch.stack([member(x) for member in self.members])
 
     def log_probs(self, x: torch.Tensor) -> torch.Tensor:
         return ensemble_log_probs(self.logits(x))
@@ -459,5 +484,4 @@ class StackedEnsemble:
 
 def loop_ensemble_logits(members: list[nn.Module], x: torch.Tensor) -> torch.Tensor:
     """The reference: ``[m, N, C]`` member logits, one member after another."""
-    with torch.inference_mode():
-        return torch.stack([member(x) for member in members])
+    return LoopEnsemble(members).logits(x)

@@ -24,7 +24,7 @@ METRICS = (
     "control_test_agreement",
 )
 PROVENANCE = (
-    "teacher_key", "kd_ray_version", "git_sha", "torch_version", "ray_version", "device_name", "precision_used",
+    "teacher_key", "kd_ray_version", "git_sha", "torch_version", "ray_version", "device_name", "precision_used", "fast_path",
     "config_json",
 )
 

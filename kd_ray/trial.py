@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import functools
 import time
 from typing import Any, Callable
 
@@ -18,7 +17,9 @@ from kd_ray.distill import (
 )
 from kd_ray.augment import augment, check_policy
 from kd_ray.metrics import agreement, evaluate_predictions, teacher_metrics
-from kd_ray.models import StackedEnsemble, build_model, check_arch, ensemble_log_probs
+from kd_ray import fastpath
+from kd_ray.fastpath import FastPath
+from kd_ray.models import LoopEnsemble, StackedEnsemble, build_model, check_arch, ensemble_log_probs
 from kd_ray.provenance import versions
 from kd_ray.teachers import CONTROL_SEED_OFFSET, Ensemble, TeacherStore, default_store, ensure_members, load_ensemble
 
@@ -55,45 +56,32 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-@functools.lru_cache(maxsize=None)
-def cpu_bf16_pays(size: int = 512, repeats: int = 5) -> bool:
-    """Whether this CPU multiplies bf16 matrices clearly faster than fp32 (measured once per process)."""
-    timings = {}
-    for dtype in (torch.float32, torch.bfloat16):
-        a = torch.randn(size, size, dtype=dtype)
-        b = torch.randn(size, size, dtype=dtype)
-        a @ b  # warm-up
-        started = time.perf_counter()
-        for _ in range(repeats):
-            a @ b
-        timings[dtype] = time.perf_counter() - started
-    return timings[torch.bfloat16] * 1.5 < timings[torch.float32]
+def fast_path(cfg: TrialConfig, info: DatasetInfo, device: torch.device) -> FastPath:
+    """The measured fastest bf16 / layout / teacher-execution choice for this trial's shapes."""
+    return fastpath.choose(
+        cfg.student_arch, cfg.teacher_arch, info.input_shape, info.num_classes, cfg.norm, cfg.teacher_members,
+        cfg.batch_size, str(device), cfg.precision,
+    )
 
 
-def use_bf16(precision: str, device: torch.device) -> bool:
-    """fp32 / bf16 as asked; auto: bf16 on CUDA devices that support it, on CPUs where it measures faster."""
-    if precision != "auto":
-        return precision == "bf16"
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type == "cpu":
-        return cpu_bf16_pays()
-    return False
-
-
-def student_recipe(cfg: TrialConfig, device: torch.device | None = None) -> Recipe:
+def student_recipe(cfg: TrialConfig, path: FastPath = FastPath()) -> Recipe:
     return Recipe(
         epochs=cfg.epochs, batch_size=cfg.batch_size, optimizer=cfg.optimizer, lr=float(cfg.lr),
         weight_decay=cfg.weight_decay, lr_schedule=cfg.lr_schedule, augmentation=cfg.augmentation,
         mixup_alpha=cfg.mixup_alpha, temperature=cfg.temperature, alpha=cfg.alpha, nesterov=True,
         final_lr=1e-6 if cfg.lr_schedule == "cosine" else float(cfg.lr),
-        bf16=use_bf16(cfg.precision, device or torch.device("cpu")),
+        bf16=path.bf16, channels_last=path.channels_last,
     )
 
 
-def training_teacher(ensemble: Ensemble, recipe: Recipe) -> StackedEnsemble:
-    """The ensemble that labels training batches: bf16 with a bf16 recipe. Metrics use the float32 one."""
-    return ensemble.stacked.cast(torch.bfloat16) if recipe.bf16 else ensemble.stacked
+def training_teacher(ensemble: Ensemble, path: FastPath) -> StackedEnsemble | LoopEnsemble:
+    """The ensemble that labels training batches, run as ``path`` says; metrics use the float32 one."""
+    if path.stacked_teacher:
+        runner = ensemble.stacked
+    else:
+        layout = torch.channels_last if path.channels_last else torch.contiguous_format
+        runner = LoopEnsemble([m.to(memory_format=layout) for m in ensemble.models])
+    return runner.cast(torch.bfloat16) if path.bf16 else runner
 
 
 class TrialData:
@@ -175,7 +163,9 @@ def run_trial(
     ensure_members(cfg, store, data.arrays, data.teacher_idx, data.info, device, progress=progress,
                    retrain=retrain_teachers)
     ensemble = load_ensemble(cfg, store, data.info, device)
-    teacher_for_training = training_teacher(ensemble, student_recipe(cfg, device))
+    path = fast_path(cfg, data.info, device)
+    recipe = student_recipe(cfg, path)
+    teacher_for_training = training_teacher(ensemble, path)
     teacher_test, teacher_distill = data.teacher_log_probs(ensemble)
     teacher_summary = teacher_metrics(teacher_test, data.y_test)
 
@@ -213,8 +203,8 @@ def run_trial(
 
     try:
         resume_state = resume["train_state"] if resume else None
-        state_ref["state"] = build_student_state(cfg, ensemble, data, device, resume_state)
-        fit(state_ref["state"], data.x, data.y, student_recipe(cfg, device), data.spec,
+        state_ref["state"] = build_student_state(cfg, recipe, ensemble, data, device, resume_state)
+        fit(state_ref["state"], data.x, data.y, recipe, data.spec,
             teacher=teacher_for_training.log_probs, on_epoch=on_epoch)
     except Diverged as exc:
         result.update(status="DIVERGED", error=str(exc))
@@ -227,16 +217,16 @@ def run_trial(
         ensure_members(cfg, store, data.arrays, data.teacher_idx, data.info, device,
                        seed_offset=CONTROL_SEED_OFFSET, progress=progress)
         independent = load_ensemble(cfg, store, data.info, device, seed_offset=CONTROL_SEED_OFFSET)
-        control = build_student_state(cfg, independent, data, device, None)
-        recipe = student_recipe(cfg, device)
+        control = build_student_state(cfg, recipe, independent, data, device, None)
         try:
-            fit(control, data.x, data.y, recipe, data.spec, teacher=training_teacher(independent, recipe).log_probs)
+            fit(control, data.x, data.y, recipe, data.spec, teacher=training_teacher(independent, path).log_probs)
             result["control_test_agreement"] = agreement(teacher_test, predict(control.model, data.x_test))
         except Diverged as exc:
             result.update(status="DIVERGED", error=f"control student: {exc}")
 
     result["train_time_s"] = elapsed_before + time.perf_counter() - started
-    result["precision_used"] = "bf16" if student_recipe(cfg, device).bf16 else "fp32"
+    result["precision_used"] = "bf16" if path.bf16 else "fp32"
+    result["fast_path"] = path.describe()
     result["device_name"] = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     result.update(versions())
     result["config_json"] = cfg.to_json()
@@ -244,13 +234,15 @@ def run_trial(
 
 
 def build_student_state(
-    cfg: TrialConfig, ensemble: Ensemble, data: TrialData, device: torch.device, resume_state: dict | None
+    cfg: TrialConfig, recipe: Recipe, ensemble: Ensemble, data: TrialData, device: torch.device,
+    resume_state: dict | None,
 ) -> TrainState:
     """The student (seeded, initialised per ``cfg.init``), its optimizer and its data generator."""
     torch.manual_seed(cfg.seed)
     student = build_model(cfg.student_arch, data.info.input_shape, data.info.num_classes, cfg.norm).to(device)
     initialize_student(student, cfg.init, cfg.init_lambda, ensemble.initial_states[0], ensemble.final_states[0])
-    recipe = student_recipe(cfg, device)
+    if recipe.channels_last:
+        student = student.to(memory_format=torch.channels_last)
     state = TrainState(student, make_optimizer(student, recipe), torch.Generator(device=device).manual_seed(cfg.seed))
     if resume_state is not None:
         state.load_state_dict(resume_state)

@@ -1,0 +1,111 @@
+"""Choose the fastest numerically safe execution of a training step, by measuring it.
+
+Three choices, each timed on throwaway models of the trial's architecture and batch shape:
+- bf16 autocast for the forward passes (losses and metrics stay float32), when asked for (`bf16`)
+  or when it measures clearly faster (`auto`);
+- channels_last memory layout for image models (convolution libraries often prefer it);
+- the teacher members in one vectorized call (torch.func) or one after another.
+The measurement runs once per process and configuration; a Ray worker reused across trials pays it
+once. What was chosen is written to every trial row (`precision_used`, `fast_path`).
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from kd_ray.models import LoopEnsemble, StackedEnsemble, build_model
+
+BF16_MIN_GAIN = 1.2  # bf16 must beat the best fp32 option by this factor to be chosen under auto
+
+
+@dataclass(frozen=True)
+class FastPath:
+    bf16: bool = False
+    channels_last: bool = False
+    stacked_teacher: bool = True
+
+    def describe(self) -> str:
+        return (f"{'bf16' if self.bf16 else 'fp32'}, {'channels_last' if self.channels_last else 'contiguous'}, "
+                f"teacher {'vectorized' if self.stacked_teacher else 'loop'}")
+
+    def layout(self, x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last and x.dim() == 4 else x
+
+
+def _bf16_supported(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu"
+
+
+def _time(fn, repeats: int, device: torch.device) -> float:
+    fn()  # warm-up: kernel selection, allocator
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    started = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return (time.perf_counter() - started) / repeats
+
+
+@functools.lru_cache(maxsize=None)
+def choose(
+    arch: str, teacher_arch: str, input_shape: tuple[int, ...], num_classes: int, norm: str, members: int, batch_size: int,
+    device_name: str, precision: str, repeats: int = 3,
+) -> FastPath:
+    device = torch.device(device_name)
+    torch_state = torch.random.get_rng_state()  # throwaway models must not move the trial's RNG
+    try:
+        return _measure(arch, teacher_arch, input_shape, num_classes, norm, members, batch_size, device, precision, repeats)
+    finally:
+        torch.random.set_rng_state(torch_state)
+
+
+def _measure(arch, teacher_arch, input_shape, num_classes, norm, members, batch_size, device, precision, repeats) -> FastPath:
+    x = torch.rand(batch_size, *input_shape, device=device)
+    image = len(input_shape) == 3
+    dtypes = {"fp32": [False], "bf16": [True], "auto": [False, True] if _bf16_supported(device) else [False]}[precision]
+    layouts = [False, True] if image else [False]
+    student_times: dict[tuple[bool, bool], float] = {}
+    for channels_last in layouts:
+        student = build_model(arch, input_shape, num_classes, norm).to(device)
+        path = FastPath(channels_last=channels_last)
+        if channels_last:
+            student = student.to(memory_format=torch.channels_last)
+        xb = path.layout(x)
+        optimizer = torch.optim.SGD(student.parameters(), lr=1e-3)
+        for bf16 in dtypes:
+            def step() -> None:
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                    out = student(xb)
+                loss = F.log_softmax(out.float(), -1).mean()
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+            student_times[(bf16, channels_last)] = _time(step, repeats, device)
+    best_fp32 = min(t for (bf16, _), t in student_times.items() if not bf16) if False in dtypes else None
+    if best_fp32 is not None and True in dtypes:
+        best_bf16 = min(t for (bf16, _), t in student_times.items() if bf16)
+        use_bf16 = best_bf16 * BF16_MIN_GAIN < best_fp32
+    else:
+        use_bf16 = dtypes == [True]
+    channels_last = min((t, cl) for (bf16, cl), t in student_times.items() if bf16 == use_bf16)[1]
+    path = FastPath(bf16=use_bf16, channels_last=channels_last)
+
+    teachers = [build_model(teacher_arch, input_shape, num_classes, norm).to(device).eval() for _ in range(members)]
+    if channels_last:
+        teachers = [t.to(memory_format=torch.channels_last) for t in teachers]
+    dtype = torch.bfloat16 if use_bf16 else torch.float32
+    stacked = StackedEnsemble(teachers).cast(dtype)
+    looped = LoopEnsemble(teachers).cast(dtype)
+    xb = path.layout(x).to(dtype)
+    stacked_time = _time(lambda: stacked.logits(xb), repeats, device)
+    loop_time = _time(lambda: looped.logits(xb), repeats, device)
+    return FastPath(bf16=use_bf16, channels_last=channels_last, stacked_teacher=stacked_time <= loop_time)
