@@ -88,7 +88,8 @@ ARM_KEY = "arm"  # an explicit arm travels through Tune's grid as one dict-value
 
 def flatten_arm(config: dict[str, Any]) -> dict[str, Any]:
     config = dict(config)
-    return {**config, **(config.pop(ARM_KEY, None) or {})}
+    arm = config.pop(ARM_KEY, None) or {}  # pop first: {**config, **config.pop(...)} keeps the key
+    return {**config, **arm}
 
 
 def _trainable(config: dict[str, Any], store_uri: str, data_dir: str | None) -> None:
@@ -157,9 +158,11 @@ def _scheduler(study: "Study"):
     metric = study.search.metrics[0] if study.search else "test_agreement"
     mode = study.search.modes[0] if study.search else "max"
     # The scheduler gets its own metric/mode: the searcher already holds the search's.
+    # stop_last_trials=False: a trial that reaches max_t must run on to its final report (status and
+    # provenance); with the default, ASHA would stop it at its last eval and it would read STOPPED.
     return ASHAScheduler(
         time_attr="epoch", metric=metric, mode=mode, max_t=study.base.epochs,
-        grace_period=min(study.asha_grace_epochs, study.base.epochs),
+        grace_period=min(study.asha_grace_epochs, study.base.epochs), stop_last_trials=False,
     )
 
 

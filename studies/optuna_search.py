@@ -38,7 +38,7 @@ def search_space(args) -> OptunaSpec:
             "lr": ("logfloat", 0.01, 0.2),
             "distill_fraction": ("float", 0.25, 1.0),
         },
-        metrics=("test_agreement", "test_acc"), modes=("max", "max"), num_samples=args.num_samples or SAMPLES[args.preset],
+        metrics=("test_agreement", "test_acc"), modes=("max", "max"), num_samples=SAMPLES[args.preset] if args.num_samples is None else args.num_samples,
     )
 
 
