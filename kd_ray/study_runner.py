@@ -269,7 +269,9 @@ def run(study: "Study", configs: list[TrialConfig]) -> StudyResult:
         expected = study.search.num_samples if study.search else len(configs)
         _log(f"study {study.name}: {expected} trials, {study.cpus_per_trial:g} CPU / {study.gpus_per_trial:g} GPU each, storage {study.study_dir}")
         prepare_teachers(study, configs if study.search is None else [study.base])
+        tuner_started = time.perf_counter()
         results = _build_tuner(study, expected).fit()
+        _log(f"Ray Tune finished in {time.perf_counter() - tuner_started:.1f} s")
     finally:
         if started_ray:
             ray.shutdown()
