@@ -25,6 +25,7 @@ TINY = ["--set", "epochs=1", "--set", "teacher_epochs=1", "--set", "batch_size=2
 # Per script, flags that collapse an axis (or merge arms) to keep the run to a handful of trials; the
 # expected row count below follows the same rule the scripts document: a --set field leaves the grid.
 EXTRA = {
+    "alpha_sweep": ["--set", "teacher_members=1"],
     "augmentation_ablation": ["--set", "temperature=4", "--set", "teacher_members=1"],
     "dataset_size": ["--set", "distill_fraction=0.25", "--set", "extra_data=0", "--set", "teacher_members=1"],
     "ensemble_size": [],

@@ -1,0 +1,26 @@
+"""E15 (paper Fig. 14) with the independent-student control (paper section 3.2).
+
+The label weight alpha in {0, .1, .3, .5, .7} for a 3-member ensemble at temperature 1: raising alpha
+does not raise agreement (finding 14). Every trial also distils the same recipe from an independent
+ensemble and reports that student's agreement with the reference teacher (`control_test_agreement`):
+the gap to `test_agreement` is the knowledge transferred (finding 15).
+"""
+
+import sys
+
+from kd_ray.study_cli import LOCAL_BASE, PAPER_BASE, Preset, study_main
+
+ALPHAS = [0.0, 0.1, 0.3, 0.5, 0.7]
+RECIPE = {"teacher_members": 3, "temperature": 1.0, "control": True}
+PRESETS = {
+    "local": Preset(base={**LOCAL_BASE, **RECIPE}, axes={"alpha": ALPHAS}, seeds=2),
+    "paper": Preset(base={**PAPER_BASE, **RECIPE}, axes={"alpha": ALPHAS}, seeds=3, gpus_per_trial=1.0),
+}
+
+
+def main(argv=None) -> int:
+    return study_main("alpha_sweep", __doc__, PRESETS, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
