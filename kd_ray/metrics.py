@@ -75,3 +75,22 @@ def teacher_metrics(teacher_log_probs: torch.Tensor, labels: torch.Tensor) -> di
         "teacher_test_nll": nll(teacher_log_probs, labels),
         "teacher_test_ece": ece(teacher_log_probs, labels),
     }
+
+
+def evaluate(
+    student_test: torch.Tensor,
+    teacher_test: torch.Tensor,
+    test_labels: torch.Tensor,
+    student_train: torch.Tensor,
+    teacher_train: torch.Tensor,
+) -> dict[str, float]:
+    """A student's metric set, named as in the trial tables: generalization and fidelity on the test
+    set, fidelity on the clean distillation set (``aug_train_agreement`` needs the augmentation and is
+    computed by the trial)."""
+    test = evaluate_predictions(student_test, teacher_test, test_labels)
+    train = evaluate_predictions(student_train, teacher_train)
+    return {
+        "test_acc": test["acc"], "test_nll": test["nll"], "test_ece": test["ece"],
+        "test_agreement": test["agreement"], "test_kl": test["kl"],
+        "train_agreement": train["agreement"], "train_kl": train["kl"],
+    }

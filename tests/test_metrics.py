@@ -326,3 +326,16 @@ def test_teacher_metrics_keys_and_values() -> None:
         float(-np.mean(np.log(p[np.arange(30), labels.numpy()]))), rel=1e-5
     )
     assert out["teacher_test_ece"] == pytest.approx(ece(teacher, labels))
+
+
+def test_evaluate_names_the_table_columns_and_matches_the_parts():
+    from kd_ray.metrics import agreement, evaluate, predictive_kl
+
+    torch.manual_seed(0)
+    student_test, teacher_test = torch.randn(50, 5), torch.randn(50, 5).log_softmax(-1)
+    student_train, teacher_train = torch.randn(30, 5), torch.randn(30, 5).log_softmax(-1)
+    labels = torch.randint(0, 5, (50,))
+    out = evaluate(student_test, teacher_test, labels, student_train, teacher_train)
+    assert set(out) == {"test_acc", "test_nll", "test_ece", "test_agreement", "test_kl", "train_agreement", "train_kl"}
+    assert out["test_agreement"] == agreement(teacher_test, student_test)
+    assert out["train_kl"] == predictive_kl(teacher_train, student_train)
