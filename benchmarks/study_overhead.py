@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
         study = Study("overhead", base=base, axes={"temperature": temperatures}, seeds=[0, 1], storage=storage,
                       cpus_per_trial=1, verbose=0)
         configs = study.validate()
-        ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
         try:
             prepare_teachers(study, configs)
             started = time.perf_counter()

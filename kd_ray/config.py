@@ -40,6 +40,7 @@ class TrialConfig:
     distill_split: str = "train"  # train: the teacher's data (D0 under half); holdout: D1; both
     distill_fraction: float = 1.0  # stratified, seeded fraction of the distillation split
     extra_data: int = 0  # in-domain samples added to the distillation data (mnist1d only)
+    teacher_fraction: float = 1.0  # stratified, seeded fraction of its split the teacher trains on
     data_seed: int = 0  # seeds the D0/D1 split; part of the teacher's identity
     # teacher
     teacher_arch: str = "mlp"
@@ -108,6 +109,7 @@ class TrialConfig:
         spec = {
             "dataset": self.dataset,
             "teacher_split": self.teacher_split,
+            "teacher_fraction": self.teacher_fraction,
             "data_seed": self.data_seed,
             "teacher_arch": self.teacher_arch,
             "teacher_epochs": self.teacher_epochs,
@@ -223,7 +225,7 @@ def _validate(cfg: TrialConfig) -> None:
             "epochs", "batch_size", "seed", "eval_every")
     for name in ints:
         _check_type(cfg, name, (int,), "an integer")
-    floats = ("distill_fraction", "teacher_lr", "temperature", "alpha", "mixup_alpha", "lr",
+    floats = ("distill_fraction", "teacher_fraction", "teacher_lr", "temperature", "alpha", "mixup_alpha", "lr",
               "weight_decay", "init_lambda")
     for name in floats:
         _check_type(cfg, name, (int, float), "a number")
@@ -232,6 +234,7 @@ def _validate(cfg: TrialConfig) -> None:
 
     inf = math.inf
     _check_range(cfg, "distill_fraction", 0, 1, True, False)
+    _check_range(cfg, "teacher_fraction", 0, 1, True, False)
     _check_range(cfg, "temperature", 0, inf, True, True)
     _check_range(cfg, "alpha", 0, 1, False, False)
     _check_range(cfg, "mixup_alpha", 0, inf, True, True)

@@ -139,6 +139,7 @@ def split_indices(
     distill_fraction: float,
     data_seed: int,
     seed: int,
+    teacher_fraction: float = 1.0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """``(teacher_idx, distill_idx)``: sorted int64 indices into the train arrays.
 
@@ -146,6 +147,8 @@ def split_indices(
     also every index (``train`` or ``both``; ``holdout`` has nothing to hold out and is refused).
     teacher_split ``half``: a stratified half D0 drawn with ``data_seed`` (D1 is the rest); the
     teacher uses D0 and the base set is D0 (``train``), D1 (``holdout``) or D0 and D1 (``both``).
+    ``teacher_fraction`` < 1 trains the teacher on a stratified subset of its split (drawn with
+    ``data_seed``); ``train`` then means exactly that subset, the teacher's own training data.
     The distillation set is then a stratified subset of the base set of size
     ``round(distill_fraction * len(base))`` drawn with ``seed`` (at least one per class when the
     size allows; fraction 1 keeps the whole base set).
@@ -159,6 +162,8 @@ def split_indices(
         raise ConfigError(f"distill_split={distill_split!r} is not allowed; choose one of: {', '.join(DISTILL_SPLITS)}")
     if not 0.0 < float(distill_fraction) <= 1.0:
         raise ConfigError(f"distill_fraction={distill_fraction!r} is out of range; allowed: (0, 1]")
+    if not 0.0 < float(teacher_fraction) <= 1.0:
+        raise ConfigError(f"teacher_fraction={teacher_fraction!r} is out of range; allowed: (0, 1]")
     for label, value in (("data_seed", data_seed), ("seed", seed)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
             raise ConfigError(f"{label}={value!r} must be a non-negative integer")
@@ -179,6 +184,11 @@ def split_indices(
         d1 = np.setdiff1d(everything, d0)
         teacher_idx = d0
         base = {"train": d0, "holdout": d1, "both": everything}[distill_split]
+    if float(teacher_fraction) < 1.0:
+        size = max(1, int(round(float(teacher_fraction) * len(teacher_idx))))
+        teacher_idx = _stratified_subset(teacher_idx, y, size, np.random.default_rng([int(data_seed), _TEACHER_SALT]))
+        if distill_split == "train":
+            base = teacher_idx
 
     if float(distill_fraction) == 1.0:
         distill_idx = base
@@ -192,6 +202,7 @@ def split_indices(
 # --- shared helpers ----------------------------------------------------------------------------
 
 _HALF_SALT = 0x0D0
+_TEACHER_SALT = 0x7EA
 _SUBSET_SALT = 0x5B5
 
 

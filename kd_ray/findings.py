@@ -110,6 +110,15 @@ def _f1(t: pd.DataFrame) -> Verdict:
     return Verdict(verdict, [teacher.text(), student.text()])
 
 
+def _f2(t: pd.DataFrame) -> Verdict:
+    extra = int(t.loc[t["usable"], "extra_data"].max())
+    most = arm(t, "test_agreement", f"all train data + {extra} generated", distill_split="both", extra_data=extra)
+    own = arm(t, "test_agreement", "the teacher's own examples only", distill_split="train", extra_data=0)
+    teacher = arm(t, "teacher_test_acc", "teacher", distill_split="both", extra_data=extra)
+    verdict = HOLDS if most.low >= 0.99 else FAILS if most.high < 0.99 else INCONCLUSIVE
+    return Verdict(verdict, [teacher.text(), own.text(), most.text()])
+
+
 def _f3(t: pd.DataFrame) -> Verdict:
     parts, evidence = [], []
     for split in ("train", "holdout", "both"):
@@ -266,7 +275,8 @@ FINDINGS = [
     Finding(1, "Same-architecture student, alpha 0, distilled on the teacher's training data: test agreement clearly below 100% when teacher accuracy is well below 100%.",
             "temperature_sweep", "m = 1, tau = 4", "holds if the agreement CI lies below 99% and teacher accuracy is below 95%", _f1, "members_x_temperature.png"),
     Finding(2, "A teacher trained on very few examples, distilled on a large in-domain set: test agreement >= 99%.",
-            None, "", "", why_not_covered="no local study trains the teacher on a few hundred examples (the TrialConfig has no teacher subset field yet)"),
+            "small_teacher", "teacher on a stratified 5% of mnist1d's train set (200 signals); student on all 4000 + 8000 generated",
+            "holds if the agreement CI lies at or above 99%, does not hold if it lies below", _f2, "arms.png"),
     Finding(3, "More in-domain distillation inputs raise test agreement.",
             "dataset_size", "each split: fraction 1 + 8000 generated samples vs fraction 0.25", "holds if more data is higher for every split", _f3, "arms.png"),
     Finding(4, "Inputs beyond the teacher's training set lower train agreement while test agreement stays flat or rises.",

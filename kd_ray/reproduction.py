@@ -55,7 +55,7 @@ def paper_plan() -> list[dict]:
 
     rows = []
     for name in ["augmentation_ablation", "temperature_sweep", "dataset_size", "training_duration", "initialization",
-                 "ensemble_size", "alpha_sweep"]:
+                 "ensemble_size", "alpha_sweep", "small_teacher"]:
         module = _study_module(name)
         preset = module.PRESETS["paper"]
         for adapt in ("keep_applicable_policies", "drop_extra_data_if_not_generative"):
@@ -77,9 +77,10 @@ def paper_plan() -> list[dict]:
             offsets = (0, 1000) if cfg.get("control") else (0,)
             for offset in offsets:
                 for member in range(m):
-                    members.add((teacher, cfg["teacher_epochs"], cfg.get("teacher_split", "full"), offset, member))
-        for teacher, epochs, split, _, _ in members:
-            images = CIFAR_TRAIN * (0.5 if split == "half" else 1.0) * epochs
+                    members.add((teacher, cfg["teacher_epochs"], cfg.get("teacher_split", "full"),
+                                 cfg.get("teacher_fraction", 1.0), offset, member))
+        for teacher, epochs, split, teacher_fraction, _, _ in members:
+            images = CIFAR_TRAIN * (0.5 if split == "half" else 1.0) * teacher_fraction * epochs
             gpu_seconds += images * _flops_per_image(teacher, True) / SUSTAINED_GPU_FLOPS
         rows.append({
             "study": name, "trials": trials, "teacher members": len(members), "GPU-hours (est.)": gpu_seconds / 3600,

@@ -55,7 +55,8 @@ class Study:
     resume: bool = False
     address: str | None = None
     data_dir: str | None = None
-    max_failures: int = 2
+    max_failures: int = 2  # Ray Tune retries a failed trial (lost worker or node) this often
+    retrain_teachers: bool = False  # delete the needed teacher members first and train them again
     verbose: int = 1
 
     # --- specification ------------------------------------------------------------------------
@@ -110,14 +111,41 @@ class Study:
             raise ConfigError(f"gpus_per_trial={self.gpus_per_trial} must be >= 0")
         if self.gpus_per_trial > 1 and self.gpus_per_trial != int(self.gpus_per_trial):
             raise ConfigError(f"gpus_per_trial={self.gpus_per_trial}: above 1 it must be a whole number")
+        if self.max_concurrent_trials is not None and self.max_concurrent_trials < 1:
+            raise ConfigError(f"max_concurrent_trials={self.max_concurrent_trials} must be >= 1 (or unset)")
+        if self.max_failures < 0:
+            raise ConfigError(f"max_failures={self.max_failures} must be >= 0")
+        self._validate_local_gpus()
         if self.search is not None:
             self._validate_search()
+        # When no axis, arm or search dimension touches what check_runnable judges, every config shares
+        # the base's values there: judge the base first, so that a typo in an arch name is reported as
+        # such rather than as some arm's cross-field rule (init='teacher_init' needs equal archs).
+        varied = set(self.axes) | {k for arm in self.arms for k in arm} | set(self.search.space if self.search else ())
+        if not varied & {"dataset", "teacher_arch", "student_arch", "norm", "augmentation"}:
+            check_runnable(self.base, check_device=False)
         configs = self.configs()
         for cfg in configs:
             check_runnable(cfg, check_device=False)
         if self.gpus_per_trial == 0 and self.base.device.startswith("cuda"):
             raise ConfigError(f"device={self.base.device!r} needs gpus_per_trial > 0")
         return configs
+
+    def _validate_local_gpus(self) -> None:
+        """Without --address the study runs on a Ray started on this machine: refuse more GPUs per
+        trial than this machine has before starting it. With an address (or a Ray the caller already
+        started) the runner checks the cluster's GPUs once connected."""
+        ray = sys.modules.get("ray")
+        if self.address is not None or self.gpus_per_trial == 0 or (ray is not None and ray.is_initialized()):
+            return
+        import torch
+
+        local = torch.cuda.device_count()
+        if self.gpus_per_trial > local:
+            raise ConfigError(
+                f"gpus_per_trial={self.gpus_per_trial:g} but this machine has {local} GPUs; allowed: at most "
+                f"{local} here, or pass --address of a Ray cluster that has GPUs"
+            )
 
     def _validate_search(self) -> None:
         search = self.search

@@ -36,6 +36,18 @@ class Preset:
     gpus_per_trial: float = 0.0
 
 
+def drop_extra_data_if_not_generative(preset: Preset, args: argparse.Namespace) -> Preset:
+    """Leave out an ``extra_data`` axis when the chosen dataset cannot generate samples (CIFAR)."""
+    from kd_ray.data import DATASET_INFO
+
+    dataset = args.dataset or preset.base["dataset"]
+    axes = dict(preset.axes)
+    if dataset in DATASET_INFO and not DATASET_INFO[dataset].can_generate and "extra_data" in axes:
+        print(f"{dataset} cannot generate extra in-domain samples; the extra_data axis is left out")
+        axes.pop("extra_data")
+    return Preset(preset.base, axes, preset.arms, preset.seeds, preset.gpus_per_trial)
+
+
 def parse_seeds(text: str) -> list[int]:
     """``3`` means seeds 0, 1, 2; ``4,7`` means seeds 4 and 7."""
     try:
@@ -66,6 +78,8 @@ def study_parser(description: str) -> argparse.ArgumentParser:
     parser.add_argument("--resume", action="store_true", help="continue an interrupted study without re-running finished trials")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a TrialConfig field for every trial")
     parser.add_argument("--data-dir", help="dataset cache directory on each node")
+    parser.add_argument("--retrain-teachers", action="store_true",
+                        help="delete the study's teacher members from the store and train them again (the fix for a corrupted store)")
     parser.add_argument("--quiet", action="store_true", help="less Ray Tune output")
     return parser
 
@@ -87,7 +101,8 @@ def build_study(name: str, preset: Preset, args: argparse.Namespace, search=None
         name=args.name or name, base=base, axes=axes, arms=arms, seeds=seeds, search=search,
         scheduler=args.scheduler, cpus_per_trial=args.cpus_per_trial, gpus_per_trial=gpus,
         max_concurrent_trials=args.max_concurrent, storage=args.storage, resume=args.resume,
-        address=args.address, data_dir=args.data_dir, verbose=0 if args.quiet else 1,
+        address=args.address, data_dir=args.data_dir, retrain_teachers=args.retrain_teachers,
+        verbose=0 if args.quiet else 1,
     )
 
 
@@ -110,9 +125,14 @@ def study_main(
     except ConfigError as exc:
         print(f"{name}: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    from kd_ray.data import DataError
+    from kd_ray.teachers import TeacherStoreError
+
     try:
         result = study.run()
-    except ConfigError as exc:  # problems only Ray can see (cluster resources, existing study)
+    except (ConfigError, DataError, TeacherStoreError) as exc:
+        # Problems found once the study looks at its storage, data and cluster: an existing study,
+        # a corrupted teacher store, missing data, too few cluster resources. No trial ran.
         print(f"{name}: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     if result.partial:

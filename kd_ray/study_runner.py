@@ -15,7 +15,9 @@ import ray
 from ray import tune
 
 from kd_ray.config import ConfigError, TrialConfig
+from kd_ray.data import DataError
 from kd_ray.study import OPTUNA_JOURNAL, STATE_FILE, StudyResult, needed_members
+from kd_ray.teachers import TeacherStoreError
 
 if TYPE_CHECKING:
     from kd_ray.study import Study
@@ -49,13 +51,34 @@ def _train_member(cfg_dict: dict, member: int, seed_offset: int, store_uri: str,
     arrays = load_arrays(cfg.dataset, data_dir)
     teacher_idx, _ = split_indices(
         arrays.y_train, teacher_split=cfg.teacher_split, distill_split="train", distill_fraction=1.0,
-        data_seed=cfg.data_seed, seed=0,
+        data_seed=cfg.data_seed, seed=0, teacher_fraction=cfg.teacher_fraction,
     )
     keys = ensure_members(
         cfg, TeacherStore(store_uri), arrays, torch.as_tensor(teacher_idx), DATASET_INFO[cfg.dataset],
         resolve_device(cfg.device), seed_offset=seed_offset, members=[member],
     )
     return keys[0]
+
+
+def check_teacher_store(study: "Study", configs: list[TrialConfig]) -> None:
+    """Before Ray starts: every stored member the study needs must match its checksums, else
+    TeacherStoreError names the file and the fix. With ``retrain_teachers`` those members are
+    deleted instead, so ``prepare_teachers`` trains them again (once, before any trial)."""
+    from kd_ray.teachers import TeacherStore
+
+    store = TeacherStore(study.teacher_store)
+    for key in needed_members(configs):
+        if not store.has(key):
+            continue
+        if study.retrain_teachers:
+            with store.lock(key):
+                store.delete(key)
+            continue
+        problems = store.check(key)
+        if problems:
+            raise TeacherStoreError(problems[0])
+    if study.retrain_teachers:
+        _log(f"teachers: --retrain-teachers: the study's members are trained again in {store.uri}")
 
 
 def prepare_teachers(study: "Study", configs: list[TrialConfig]) -> None:
@@ -76,7 +99,14 @@ def prepare_teachers(study: "Study", configs: list[TrialConfig]) -> None:
     done = 0
     while pending:
         ready, pending = ray.wait(pending, num_returns=1)
-        key = ray.get(ready[0])
+        try:
+            key = ray.get(ready[0])
+        except ray.exceptions.RayTaskError as exc:
+            # Missing data or a bad store is the user's to fix: raise the task's own error, whose
+            # message says how, rather than a remote traceback.
+            if isinstance(exc.cause, (DataError, TeacherStoreError, ConfigError)):
+                raise exc.cause from None
+            raise
         done += 1
         _log(f"teachers: member {key} ready ({done}/{len(missing)})")
 
@@ -104,8 +134,12 @@ def _trainable(config: dict[str, Any], store_uri: str, data_dir: str | None) -> 
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             resume = torch.load(os.path.join(directory, STATE_FILE), map_location="cpu", weights_only=True)
+    # Which process and node produced each report (result.json, progress.csv): a retried trial's
+    # reports show where it died and where it went on.
+    where = {"pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id()}
 
     def report(metrics: dict[str, Any], state: dict[str, Any] | None) -> None:
+        metrics = {**metrics, **where}
         if state is None:
             tune.report(metrics)
             return
@@ -115,7 +149,7 @@ def _trainable(config: dict[str, Any], store_uri: str, data_dir: str | None) -> 
 
     result = run_trial(cfg, report, resume, store=store_uri, data_dir=data_dir)
     # The last report carries the trial's final status and provenance for the trials table.
-    tune.report({**result, "epoch": result["epochs_completed"], "final": True})
+    tune.report({**result, "epoch": result["epochs_completed"], "final": True, **where})
 
 
 # --- the tuner ----------------------------------------------------------------------------------
@@ -242,6 +276,10 @@ def collect_rows(study_name: str, results) -> tuple[list[dict], list[dict]]:
         history = result.metrics_dataframe
         if history is not None and len(history):
             reports = history[history["final"] != True] if "final" in history else history  # noqa: E712
+            if "epoch" in reports:
+                # A retried trial reports again the epochs after its last checkpoint: one row per
+                # epoch, the last report of it (the one the trial's state continued from).
+                reports = reports.drop_duplicates(subset="epoch", keep="last").sort_values("epoch", kind="stable")
             for record in reports.to_dict("records"):
                 epochs.append({"study": study_name, "trial_id": trial_id, **{k: _nan_to_none(v) for k, v in record.items()}})
             if row["status"] == "STOPPED" and len(reports):
@@ -255,15 +293,18 @@ def collect_rows(study_name: str, results) -> tuple[list[dict], list[dict]]:
 def run(study: "Study", configs: list[TrialConfig]) -> StudyResult:
     from kd_ray import tables
 
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    if study.address is None:
+        # A local instance of our own; a cluster (--address) keeps whatever authentication it uses.
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     if os.path.exists(study.study_dir) and not study.resume and "://" not in study.study_dir:
         raise ConfigError(
             f"study directory {study.study_dir} already exists: pass --resume to continue or rewrite "
             f"it, or choose another --name or --storage"
         )
+    check_teacher_store(study, configs if study.search is None else [study.base])
     started_ray = not ray.is_initialized()
     if started_ray:
-        ray.init(address=study.address, include_dashboard=False, log_to_driver=True)
+        ray.init(address=study.address or "local", include_dashboard=False, log_to_driver=True)
     try:
         _check_cluster(study)
         expected = study.search.num_samples if study.search else len(configs)

@@ -92,7 +92,7 @@ class TeacherStore:
         except ValueError as exc:  # truncated or corrupted JSON (or bytes that are not UTF-8)
             raise TeacherStoreError(
                 f"cannot parse {path}: {exc}. Run `kd-ray teachers verify --store {self.uri} "
-                f"--delete-bad` to remove the member; it is then trained again."
+                f"--delete-bad` to remove the member, or pass --retrain-teachers; it is then trained again."
             ) from None
 
     def save(self, key: str, spec: dict, weights: dict, logits: dict, metrics: dict) -> None:
@@ -149,18 +149,40 @@ class TeacherStore:
         except (OSError, FileNotFoundError) as exc:
             raise TeacherStoreError(f"cannot read {path}: {exc}") from None
         if _sha256(data) != expected:
-            raise TeacherStoreError(
-                f"checksum mismatch in {path}: the file is truncated or corrupted. Run "
-                f"`kd-ray teachers verify --store {self.uri} --delete-bad` to remove it, or pass "
-                f"--retrain-teachers; the member is then trained again."
-            )
+            raise TeacherStoreError(self._mismatch(path))
         try:
             return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
         except Exception as exc:  # e.g. an UnpicklingError for objects other than tensors and containers
             raise TeacherStoreError(
                 f"cannot load {path} as weights only: {exc}. Run `kd-ray teachers verify --store "
-                f"{self.uri} --delete-bad` to remove the member; it is then trained again."
+                f"{self.uri} --delete-bad` to remove the member, or pass --retrain-teachers; it is then "
+                f"trained again."
             ) from None
+
+    def _mismatch(self, path: str) -> str:
+        return (
+            f"checksum mismatch in {path}: the file is truncated or corrupted. Run "
+            f"`kd-ray teachers verify --store {self.uri} --delete-bad` to remove it, or pass "
+            f"--retrain-teachers; the member is then trained again."
+        )
+
+    def check(self, key: str) -> list[str]:
+        """Checksum problems of one stored member, without unpickling anything (cheap)."""
+        try:
+            files = self.manifest(key)["files"]
+        except (TeacherStoreError, KeyError, TypeError) as exc:
+            return [str(exc)]
+        problems = []
+        for name in (WEIGHTS, LOGITS):
+            path = f"{self.member_path(key)}/{name}"
+            try:
+                data = self._read(path)
+            except (OSError, FileNotFoundError) as exc:
+                problems.append(f"cannot read {path}: {exc}")
+                continue
+            if _sha256(data) != files.get(name):
+                problems.append(self._mismatch(path))
+        return problems
 
     def verify(self, key: str) -> list[str]:
         """Problems found in one member (empty when it is sound)."""

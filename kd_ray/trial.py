@@ -93,6 +93,7 @@ class TrialData:
         teacher_idx, distill_idx = split_indices(
             self.arrays.y_train, teacher_split=cfg.teacher_split, distill_split=cfg.distill_split,
             distill_fraction=cfg.distill_fraction, data_seed=cfg.data_seed, seed=cfg.seed,
+            teacher_fraction=cfg.teacher_fraction,
         )
         self.teacher_idx = torch.as_tensor(teacher_idx)
         self.distill_idx = torch.as_tensor(distill_idx, device=device)
@@ -208,6 +209,11 @@ def run_trial(
             teacher=teacher_for_training.log_probs, on_epoch=on_epoch)
     except Diverged as exc:
         result.update(status="DIVERGED", error=str(exc))
+    resumed_at_end = "state" in state_ref and state_ref["state"].epoch > 0 and not last_metrics
+    if resumed_at_end and result["status"] == "TERMINATED":
+        # Resumed from the checkpoint of the last epoch (the process died after it, before the final
+        # report): nothing is left to train, so the final metrics are those of the restored student.
+        last_metrics.update(evaluate(state_ref["state"].model))
     result.update({k: last_metrics.get(k, float("nan")) for k in FINAL_METRICS if k not in teacher_summary})
     result["epochs_completed"] = state_ref["state"].epoch if "state" in state_ref else 0
 

@@ -9,8 +9,7 @@ but lower agreement than D1, and D0 u D1 is best on both (finding 9).
 
 import sys
 
-from kd_ray.data import DATASET_INFO
-from kd_ray.study_cli import LOCAL_BASE, PAPER_BASE, Preset, study_main
+from kd_ray.study_cli import LOCAL_BASE, PAPER_BASE, Preset, drop_extra_data_if_not_generative, study_main
 
 AXES = {"distill_split": ["train", "holdout", "both"], "distill_fraction": [0.25, 1.0], "extra_data": [0, 8000]}
 PRESETS = {
@@ -19,15 +18,6 @@ PRESETS = {
                     axes={"distill_split": ["train", "holdout", "both"], "distill_fraction": [0.25, 0.5, 1.0]},
                     seeds=3, gpus_per_trial=1.0),
 }
-
-
-def drop_extra_data_if_not_generative(preset: Preset, args) -> Preset:
-    dataset = args.dataset or preset.base["dataset"]
-    axes = dict(preset.axes)
-    if dataset in DATASET_INFO and not DATASET_INFO[dataset].can_generate and "extra_data" in axes:
-        print(f"dataset_size: {dataset} cannot generate extra in-domain samples; extra_data axis left out")
-        axes.pop("extra_data")
-    return Preset(preset.base, axes, preset.arms, preset.seeds, preset.gpus_per_trial)
 
 
 def main(argv=None) -> int:

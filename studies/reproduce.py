@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 STUDIES = ["augmentation_ablation", "temperature_sweep", "dataset_size", "training_duration", "initialization",
-           "ensemble_size", "alpha_sweep"]
+           "ensemble_size", "alpha_sweep", "small_teacher"]
 HERE = Path(__file__).resolve().parent
 
 
@@ -36,7 +36,7 @@ def run_studies(storage: Path, seeds: int, extra: list[str]) -> dict[str, dict]:
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     runs = {}
-    ray.init(include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", include_dashboard=False, log_to_driver=False)  # never a stray running cluster
     try:
         for name in STUDIES:
             if (storage / name / "trials.parquet").exists():

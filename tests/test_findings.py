@@ -70,3 +70,24 @@ def test_evaluate_reverses_when_the_data_does(tmp_path):
     _write_study(tmp_path, "ensemble_size", rows)
     verdicts = {f.number: v for f, v in findings.evaluate(tmp_path)}
     assert verdicts[7].verdict == findings.FAILS
+
+
+def test_reproduction_document_from_tables(tmp_path):
+    from kd_ray import reproduction
+
+    rows = [{"study": "alpha_sweep", "trial_id": f"{a}-{s}", "status": "TERMINATED", "seed": s, "alpha": a,
+             "teacher_members": 3, "temperature": 1.0, "test_agreement": 0.85 + 0.001 * s,
+             "control_test_agreement": 0.84 + 0.001 * s, "test_acc": 0.7, "torch_version": "t", "ray_version": "r",
+             "git_sha": "abc", "device_name": "cpu", "train_time_s": 1.0}
+            for a in (0.0, 0.5) for s in range(3)]
+    _write_study(tmp_path / "storage", "alpha_sweep", rows)
+    out = tmp_path / "docs" / "reproduction.md"
+    reproduction.write_document(tmp_path / "storage", out, {"alpha_sweep": {"wall_s": 60.0, "exit": 0}}, 3,
+                                figures_dir=tmp_path / "docs" / "figures" / "reproduction")
+    text = out.read_text()
+    verdict_rows = [line for line in text.splitlines() if line.startswith("| ") and "**" in line]
+    assert len(verdict_rows) == len(findings.FINDINGS) == 17
+    assert "| 14 |" in text and "| 15 |" in text
+    assert text.count("**not covered**") >= 10  # every study but alpha_sweep is absent here
+    assert "## The paper preset on a GPU cluster" in text and "GPU-hours" in text
+    assert "abc" in text  # provenance names the git sha of the trials

@@ -18,7 +18,8 @@ from kd_ray.config import TrialConfig
 
 REPO = Path(__file__).resolve().parent.parent
 STUDIES = REPO / "studies"
-SCRIPTS = sorted(p.stem for p in STUDIES.glob("*.py") if not p.name.startswith("_"))
+# reproduce.py runs all the others; tests/test_findings.py covers the document it writes.
+SCRIPTS = sorted(p.stem for p in STUDIES.glob("*.py") if not p.name.startswith("_") and p.stem != "reproduce")
 
 # Flags every run gets: one student epoch, one teacher epoch, one seed, large batches, less output.
 TINY = ["--set", "epochs=1", "--set", "teacher_epochs=1", "--set", "batch_size=256", "--seeds", "1", "--quiet"]
@@ -31,11 +32,16 @@ EXTRA = {
     "ensemble_size": [],
     "initialization": ["--set", "init_lambda=0.5"],
     "optuna_search": ["--num-samples", "2", "--set", "teacher_members=1"],
+    "small_teacher": ["--set", "extra_data=0"],
     "temperature_sweep": ["--set", "teacher_members=1"],
     "training_duration": [],
 }
 # The scripts that adapt their preset to the dataset, and the function that does it.
-ADAPT = {"augmentation_ablation": "keep_applicable_policies", "dataset_size": "drop_extra_data_if_not_generative"}
+ADAPT = {
+    "augmentation_ablation": "keep_applicable_policies",
+    "dataset_size": "drop_extra_data_if_not_generative",
+    "small_teacher": "drop_extra_data_if_not_generative",
+}
 
 
 def load_script(name: str):
