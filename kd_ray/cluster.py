@@ -75,6 +75,14 @@ def validate_cluster_config(config: dict[str, Any], path: str = "cluster.yaml") 
             f"(--dashboard-host=127.0.0.1); reach it with `ray dashboard {os.path.basename(path)}`"
         )
     notes.append("dashboard on localhost: ok")
+    run_options = " ".join((config.get("docker") or {}).get("run_options", []))
+    commands = " ".join(config.get("head_start_ray_commands", []) + config.get("worker_start_ray_commands", []))
+    if "RAY_AUTH_MODE=token" not in run_options and "RAY_AUTH_MODE=token" not in commands:
+        raise ClusterConfigError(
+            f"{path}: enable Ray's token authentication on every node: add '--env RAY_AUTH_MODE=token' to "
+            f"docker/run_options (or export it in the start commands) and mount ~/.ray/auth_token"
+        )
+    notes.append("token authentication on: ok")
     image = (config.get("docker") or {}).get("image", "")
     pinned = re.search(r"rayproject/ray(?:-ml)?:(\d+\.\d+\.\d+)", image)
     setup = " ".join(config.get("setup_commands", []))

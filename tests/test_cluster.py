@@ -39,6 +39,7 @@ def _broken(config: dict, edit) -> dict:
         (lambda c: c["available_node_types"]["head"].__setitem__("resources", {"CPU": 4}), "CPU: 0"),
         (lambda c: c.__setitem__("head_start_ray_commands", ["ray start --head --dashboard-host=0.0.0.0"]), "localhost"),
         (lambda c: c["docker"].__setitem__("image", "rayproject/ray:2.9.0-py311-gpu"), "2.9.0"),
+        (lambda c: c["docker"].__setitem__("run_options", []), "RAY_AUTH_MODE=token"),
     ],
 )
 def test_broken_copies_fail_with_a_clear_message(config, edit, expected):
