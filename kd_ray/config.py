@@ -12,7 +12,7 @@ import difflib
 import hashlib
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 # Names known without importing torch; data.py, models.py and augment.py hold the real registries

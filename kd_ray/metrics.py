@@ -32,7 +32,6 @@ def ece(logits: torch.Tensor, labels: torch.Tensor, n_bins: int = 10) -> float:
     correct = (prediction == labels).float()
     # Bin b holds confidences in (b/n, (b+1)/n]; confidence is never 0, so bin 0 starts open.
     bins = (confidence * n_bins).ceil().long().clamp(1, n_bins) - 1
-    total = torch.zeros(n_bins).index_add_(0, bins.cpu(), torch.ones_like(confidence).cpu())
     conf_sum = torch.zeros(n_bins).index_add_(0, bins.cpu(), confidence.cpu())
     acc_sum = torch.zeros(n_bins).index_add_(0, bins.cpu(), correct.cpu())
     gap = (conf_sum - acc_sum).abs()  # per bin: n_b * |mean confidence - accuracy|

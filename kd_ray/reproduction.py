@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import importlib.util
 import itertools
-import math
 import shutil
 import time
 from pathlib import Path
@@ -178,7 +177,7 @@ def write_document(storage: Path, out: Path, runs: dict, seeds: int, figures_dir
         "",
         "CIFAR-100, PreResNet-56 ensembles (PreResNet-20 where the paper uses it), the paper's recipes. Start the",
         "cluster with `ray up cluster.yaml`, then submit each command with `ray submit cluster.yaml ... --`.",
-        f"GPU-hours are estimated from the models' FLOPs (student forward + backward and every teacher member's",
+        "GPU-hours are estimated from the models' FLOPs (student forward + backward and every teacher member's",
         f"forward per image, plus training each teacher member once) at an assumed sustained {SUSTAINED_GPU_FLOPS / 1e12:.0f}",
         "TFLOP/s per GPU; no GPU was available to measure per-epoch times, so read these as planning figures and",
         "replace them with the `train_time_s` per epoch of the first trials of a real run.",

@@ -10,11 +10,8 @@ around one function trainable, and writes ``trials.parquet`` and ``epochs.parque
 from __future__ import annotations
 
 import itertools
-import math
 import os
 import sys
-import tempfile
-import time
 from dataclasses import dataclass, field
 from typing import Any
 

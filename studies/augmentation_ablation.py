@@ -7,7 +7,7 @@ Policies the dataset cannot take (colour on grayscale, rotations on 1-D signals)
 
 import sys
 
-from kd_ray.augment import POLICIES, check_policy
+from kd_ray.augment import check_policy
 from kd_ray.data import DATASET_INFO
 from kd_ray.study_cli import LOCAL_BASE, PAPER_BASE, Preset, study_main
 

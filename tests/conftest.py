@@ -84,3 +84,21 @@ def shared_teacher(base_cfg, session_store, mnist1d_arrays) -> list[str]:
         base_cfg, session_store, mnist1d_arrays, torch.as_tensor(teacher_idx), DATASET_INFO["mnist1d"],
         torch.device("cpu"),
     )
+
+
+@pytest.fixture(scope="module")
+def ray_local(tmp_path_factory: pytest.TempPathFactory):
+    """A real local Ray instance (2 CPUs, no GPU) shared by one test module, shut down after it."""
+    import os
+
+    import ray
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RAY_AUTH_MODE", "disabled")
+        if not os.environ.get("KD_RAY_DATA"):
+            mp.setenv("KD_RAY_DATA", str(tmp_path_factory.mktemp("kd_ray_data")))
+        ray.init(address="local", num_cpus=2, num_gpus=0, include_dashboard=False)
+        try:
+            yield ray
+        finally:
+            ray.shutdown()

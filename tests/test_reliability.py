@@ -104,19 +104,6 @@ def test_a_trial_resumed_from_its_last_epoch_checkpoint_keeps_its_final_metrics(
 # --- on a real local Ray ----------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def ray_local(tmp_path_factory):
-    import ray
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("RAY_AUTH_MODE", "disabled")
-        if not os.environ.get("KD_RAY_DATA"):
-            mp.setenv("KD_RAY_DATA", str(tmp_path_factory.mktemp("kd_ray_data")))
-        ray.init(num_cpus=2, num_gpus=0, include_dashboard=False)
-        try:
-            yield ray
-        finally:
-            ray.shutdown()
 
 
 def test_epochs_reported_twice_after_a_lost_process_are_one_row(ray_local, tmp_path):

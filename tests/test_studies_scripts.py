@@ -146,19 +146,6 @@ def test_unknown_field_suggests_the_right_one(tmp_path, capsys):
 # --- every script in process, on one local Ray ----------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def ray_local(tmp_path_factory):
-    import ray
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("RAY_AUTH_MODE", "disabled")
-        if not os.environ.get("KD_RAY_DATA"):
-            mp.setenv("KD_RAY_DATA", str(tmp_path_factory.mktemp("kd_ray_data")))
-        ray.init(num_cpus=2, num_gpus=0, include_dashboard=False)
-        try:
-            yield ray
-        finally:
-            ray.shutdown()
 
 
 @pytest.mark.parametrize("name", SCRIPTS)
