@@ -121,3 +121,23 @@ def test_bf16_training_step_stays_close_to_fp32():
             low = model(x)
     assert low.dtype == torch.bfloat16
     torch.testing.assert_close(low.float(), reference, rtol=0.05, atol=0.05)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_trial_uses_the_measured_fast_path(base_cfg):
+    from kd_ray.trial import run_trial
+
+    result = run_trial(base_cfg.replace(device="cuda", epochs=2, eval_every=1))
+    assert result["status"] == "TERMINATED"
+    assert result["device_name"] != "cpu"
+    assert result["precision_used"] in ("bf16", "fp32") and "teacher" in result["fast_path"]
+    assert 0.0 <= result["test_agreement"] <= 1.0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_vectorized_ensemble_equals_loop():
+    members = [m.cuda() for m in _members("preresnet8", (3, 16, 16))]
+    x = torch.rand(9, 3, 16, 16, device="cuda")
+    torch.testing.assert_close(StackedEnsemble(members).logits(x), LoopEnsemble(members).logits(x), rtol=1e-4, atol=1e-4)
