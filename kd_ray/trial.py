@@ -16,7 +16,7 @@ from kd_ray.distill import (
     AugmentSpec, Diverged, Recipe, TrainState, fit, initialize_student, make_optimizer, predict,
 )
 from kd_ray.augment import augment, check_policy
-from kd_ray.metrics import agreement, evaluate_predictions, teacher_metrics
+from kd_ray.metrics import agreement, evaluate, teacher_metrics
 from kd_ray import fastpath
 from kd_ray.fastpath import FastPath
 from kd_ray.models import LoopEnsemble, StackedEnsemble, build_model, check_arch, ensemble_log_probs
@@ -173,23 +173,18 @@ def run_trial(
     result: dict[str, Any] = {"status": "TERMINATED", "error": None, "teacher_key": ensemble.key}
     result.update(teacher_summary)
     last_metrics: dict[str, Any] = {}
-    state_ref: dict[str, TrainState] = {}
+    state = build_student_state(cfg, recipe, ensemble, data, device, resume["train_state"] if resume else None)
 
-    def evaluate(student: torch.nn.Module) -> dict[str, float]:
-        test = evaluate_predictions(predict(student, data.x_test), teacher_test, data.y_test)
-        train = evaluate_predictions(predict(student, data.x), teacher_distill)
-        return {
-            "test_acc": test["acc"], "test_nll": test["nll"], "test_ece": test["ece"],
-            "test_agreement": test["agreement"], "test_kl": test["kl"],
-            "train_agreement": train["agreement"], "train_kl": train["kl"],
-            "aug_train_agreement": aug_agreement(student, ensemble, data, cfg, seed=cfg.seed + 7919),
-        }
+    def evaluate_student() -> dict[str, float]:
+        model = state.model
+        metrics = evaluate(predict(model, data.x_test), teacher_test, data.y_test, predict(model, data.x), teacher_distill)
+        metrics["aug_train_agreement"] = aug_agreement(model, ensemble, data, cfg, seed=cfg.seed + 7919)
+        return metrics
 
     def on_epoch(epoch: int, loss: float, lr: float) -> None:
         if epoch % cfg.eval_every and epoch != cfg.epochs:
             return
-        state = state_ref["state"]
-        metrics = {"epoch": epoch, "lr": lr, "train_loss": loss, **evaluate(state.model), **teacher_summary}
+        metrics = {"epoch": epoch, "lr": lr, "train_loss": loss, **evaluate_student(), **teacher_summary}
         metrics["train_time_s"] = elapsed_before + time.perf_counter() - started
         last_metrics.clear()
         last_metrics.update(metrics)
@@ -203,19 +198,15 @@ def run_trial(
             report(metrics, checkpoint)
 
     try:
-        resume_state = resume["train_state"] if resume else None
-        state_ref["state"] = build_student_state(cfg, recipe, ensemble, data, device, resume_state)
-        fit(state_ref["state"], data.x, data.y, recipe, data.spec,
-            teacher=teacher_for_training.log_probs, on_epoch=on_epoch)
+        fit(state, data.x, data.y, recipe, data.spec, teacher=teacher_for_training.log_probs, on_epoch=on_epoch)
     except Diverged as exc:
         result.update(status="DIVERGED", error=str(exc))
-    resumed_at_end = "state" in state_ref and state_ref["state"].epoch > 0 and not last_metrics
-    if resumed_at_end and result["status"] == "TERMINATED":
+    if state.epoch > 0 and not last_metrics and result["status"] == "TERMINATED":
         # Resumed from the checkpoint of the last epoch (the process died after it, before the final
         # report): nothing is left to train, so the final metrics are those of the restored student.
-        last_metrics.update(evaluate(state_ref["state"].model))
+        last_metrics.update(evaluate_student())
     result.update({k: last_metrics.get(k, float("nan")) for k in FINAL_METRICS if k not in teacher_summary})
-    result["epochs_completed"] = state_ref["state"].epoch if "state" in state_ref else 0
+    result["epochs_completed"] = state.epoch
 
     if cfg.control and result["status"] == "TERMINATED":
         if progress:
