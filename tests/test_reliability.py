@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import importlib.util
 import io
-import json
 import math
 import os
 import signal
@@ -20,6 +19,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from ray_results import epoch_reports, reports
 import torch
 
 from kd_ray import analysis
@@ -44,24 +44,6 @@ def trial_dirs(study_dir: Path, prefix: str = "_trainable") -> list[Path]:
     if not study_dir.is_dir():
         return []
     return sorted(p for p in study_dir.iterdir() if p.is_dir() and p.name.startswith(prefix))
-
-
-def reports(trial_dir: Path) -> list[dict]:
-    """Every result Ray Tune logged for a trial (result.json, one JSON object a line), in order."""
-    path = trial_dir / "result.json"
-    if not path.is_file():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except ValueError:  # a line being written right now
-            break
-    return out
-
-
-def epoch_reports(trial_dir: Path) -> list[dict]:
-    return [r for r in reports(trial_dir) if not r.get("final")]
 
 
 def load_script(name: str):

@@ -11,7 +11,6 @@ cluster reachable from a network should; the study joins it with the same two va
 
 from __future__ import annotations
 
-import json
 import secrets
 import threading
 import time
@@ -19,6 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from ray_results import epoch_reports
 
 from kd_ray.config import TrialConfig
 from kd_ray.study import Study, needed_members
@@ -33,20 +33,6 @@ def trial_dirs(study_dir: Path) -> list[Path]:
     if not study_dir.is_dir():
         return []
     return sorted(p for p in study_dir.iterdir() if p.is_dir() and p.name.startswith("_trainable"))
-
-
-def epoch_reports(trial_dir: Path) -> list[dict]:
-    path = trial_dir / "result.json"
-    out = []
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            try:
-                report = json.loads(line)
-            except ValueError:
-                break
-            if not report.get("final"):
-                out.append(report)
-    return out
 
 
 @pytest.fixture

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from ray_results import epoch_reports, parse_epoch_reports
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds processes through /proc")
 
@@ -165,19 +166,6 @@ def recorded_terminated(study_dir: Path) -> set[str]:
     return done
 
 
-def epoch_reports(result_json: str) -> list[dict]:
-    """The per-epoch reports of a trial's result.json text (a line being written is left out)."""
-    out = []
-    for line in result_json.splitlines():
-        try:
-            report = json.loads(line)
-        except ValueError:
-            break
-        if not report.get("final"):
-            out.append(report)
-    return out
-
-
 def test_killed_then_interrupted_driver_resumes_to_complete_tables(tmp_path, drivers):
     storage = tmp_path / "storage"
     study_dir = storage / "temperature_sweep"
@@ -206,7 +194,7 @@ def test_killed_then_interrupted_driver_resumes_to_complete_tables(tmp_path, dri
             return False
         done = finished(study_dir)
         return any(1 <= len(logged) <= 4 for logged in (
-            epoch_reports((d / "result.json").read_text()) for d in trial_dirs(study_dir)
+            epoch_reports(d) for d in trial_dirs(study_dir)
             if d.name not in done and (d / "result.json").is_file()))
 
     wait_for(new_finish_and_one_mid_run, 300, second, "a trial finished by the resumed run and one mid-run")
@@ -220,7 +208,7 @@ def test_killed_then_interrupted_driver_resumes_to_complete_tables(tmp_path, dri
     for name, files in done_first.items():
         assert done_second[name] == files, f"{name} was run again"
     # The trial the interrupt stopped after some checkpoints: it must go on from the last one.
-    interrupted = {d.name: epoch_reports((d / "result.json").read_text()) for d in trial_dirs(study_dir)
+    interrupted = {d.name: epoch_reports(d) for d in trial_dirs(study_dir)
                    if d.name not in done_second and (d / "result.json").is_file()}
     interrupted = {name: logged for name, logged in interrupted.items() if logged}
     assert interrupted, "no trial was stopped mid-run by the interrupt"
@@ -234,7 +222,7 @@ def test_killed_then_interrupted_driver_resumes_to_complete_tables(tmp_path, dri
         assert after[name] == files, f"{name} was run again"
     for name, logged in interrupted.items():
         old = [r["epoch"] for r in logged]
-        resumed = [r["epoch"] for r in epoch_reports(after[name][1])]
+        resumed = [r["epoch"] for r in parse_epoch_reports(after[name][1])]
         assert resumed[: len(old)] == old  # the interrupted run's reports stay as they were
         assert resumed[len(old):] == list(range(old[-1] + EVERY, EPOCHS + 1, EVERY)), name  # no epoch run twice
 
