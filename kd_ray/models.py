@@ -481,7 +481,3 @@ class LoopEnsemble:
     def log_probs(self, x: torch.Tensor) -> torch.Tensor:
         return ensemble_log_probs(self.logits(x))
 
-
-def loop_ensemble_logits(members: list[nn.Module], x: torch.Tensor) -> torch.Tensor:
-    """The reference: ``[m, N, C]`` member logits, one member after another."""
-    return LoopEnsemble(members).logits(x)

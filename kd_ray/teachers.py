@@ -138,50 +138,47 @@ class TeacherStore:
                 out.write(blobs[name])
             self.fs.move(tmp, f"{final}/{name}")
 
-    def load(self, key: str, name: str) -> dict:
-        """Load ``weights.pt`` or ``logits.pt`` of a member, verified against its manifest."""
+    def _verified_bytes(self, key: str, name: str) -> bytes:
+        """The bytes of a member's file, after checking them against the manifest's sha256."""
         if not self.has(key):
             raise TeacherStoreError(f"teacher member {key} is not in the store {self.uri}")
         path = f"{self.member_path(key)}/{name}"
-        expected = self.manifest(key)["files"][name]
+        try:
+            expected = self.manifest(key)["files"][name]
+        except (KeyError, TypeError) as exc:
+            raise TeacherStoreError(f"{self.member_path(key)}/{MANIFEST} lists no checksum for {name}: {exc}") from None
         try:
             data = self._read(path)
         except (OSError, FileNotFoundError) as exc:
             raise TeacherStoreError(f"cannot read {path}: {exc}") from None
         if _sha256(data) != expected:
-            raise TeacherStoreError(self._mismatch(path))
+            raise TeacherStoreError(
+                f"checksum mismatch in {path}: the file is truncated or corrupted. Run "
+                f"`kd-ray teachers verify --store {self.uri} --delete-bad` to remove it, or pass "
+                f"--retrain-teachers; the member is then trained again."
+            )
+        return data
+
+    def load(self, key: str, name: str) -> dict:
+        """Load ``weights.pt`` or ``logits.pt`` of a member, verified against its manifest."""
+        data = self._verified_bytes(key, name)
         try:
             return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
         except Exception as exc:  # e.g. an UnpicklingError for objects other than tensors and containers
             raise TeacherStoreError(
-                f"cannot load {path} as weights only: {exc}. Run `kd-ray teachers verify --store "
-                f"{self.uri} --delete-bad` to remove the member, or pass --retrain-teachers; it is then "
-                f"trained again."
+                f"cannot load {self.member_path(key)}/{name} as weights only: {exc}. Run `kd-ray teachers "
+                f"verify --store {self.uri} --delete-bad` to remove the member, or pass --retrain-teachers; it "
+                f"is then trained again."
             ) from None
-
-    def _mismatch(self, path: str) -> str:
-        return (
-            f"checksum mismatch in {path}: the file is truncated or corrupted. Run "
-            f"`kd-ray teachers verify --store {self.uri} --delete-bad` to remove it, or pass "
-            f"--retrain-teachers; the member is then trained again."
-        )
 
     def check(self, key: str) -> list[str]:
         """Checksum problems of one stored member, without unpickling anything (cheap)."""
-        try:
-            files = self.manifest(key)["files"]
-        except (TeacherStoreError, KeyError, TypeError) as exc:
-            return [str(exc)]
         problems = []
         for name in (WEIGHTS, LOGITS):
-            path = f"{self.member_path(key)}/{name}"
             try:
-                data = self._read(path)
-            except (OSError, FileNotFoundError) as exc:
-                problems.append(f"cannot read {path}: {exc}")
-                continue
-            if _sha256(data) != files.get(name):
-                problems.append(self._mismatch(path))
+                self._verified_bytes(key, name)
+            except TeacherStoreError as exc:
+                problems.append(str(exc))
         return problems
 
     def verify(self, key: str) -> list[str]:
