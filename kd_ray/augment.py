@@ -15,6 +15,16 @@ Image policies keep images in ``[0, 1]``. Every policy except ``none`` starts wi
 (the teachers' own augmentation: random translation with zero padding, plus an optional horizontal
 flip), as in the paper. The teacher labels the augmented batch itself, so mixup and cutmix return
 the partner permutation and the label weight only for callers that also mix hard labels.
+
+``POLICIES`` are the paper's E3 policies (with ``none`` and ``cutmix``); ``SIGNAL_POLICIES`` are
+their 1-D analogues, for signals only. A name means one thing on every kind it applies to:
+
+- signal, gray, rgb: ``none``, ``baseline`` (on signals a random shift with zero fill), ``mixup``,
+  ``cutmix``, ``noise``;
+- gray, rgb: ``rotation``, ``vflip``, ``combaug``; rgb only: ``colorjitter``;
+- signal only: ``reversal`` (time reversal, the analogue of a horizontal flip), ``amplitude``
+  (a per-sample gain, the analogue of brightness), ``jitter`` (additive gaussian noise, as from a
+  sensor) and ``combaug1d`` (shift + reversal + amplitude + jitter, the analogue of ``combaug``).
 """
 
 from __future__ import annotations
@@ -29,11 +39,15 @@ import torch.nn.functional as F
 POLICIES: tuple[str, ...] = (
     "none", "baseline", "rotation", "vflip", "colorjitter", "combaug", "mixup", "cutmix", "noise",
 )
+# 1-D analogues of the image policies; signals only, so each name keeps one meaning.
+SIGNAL_POLICIES: tuple[str, ...] = ("reversal", "amplitude", "jitter", "combaug1d")
+ALL_POLICIES: tuple[str, ...] = POLICIES + SIGNAL_POLICIES
 KINDS: tuple[str, ...] = ("signal", "gray", "rgb")
 
 _ALL = KINDS
 _IMAGES = ("gray", "rgb")
-_SUPPORTED: dict[str, tuple[str, ...]] = {
+# The data kinds each policy is meaningful for.
+SUPPORTED_KINDS: dict[str, tuple[str, ...]] = {
     "none": _ALL,
     "baseline": _ALL,
     "rotation": _IMAGES,
@@ -43,11 +57,14 @@ _SUPPORTED: dict[str, tuple[str, ...]] = {
     "mixup": _ALL,
     "cutmix": _ALL,
     "noise": _ALL,
+    **dict.fromkeys(SIGNAL_POLICIES, ("signal",)),
 }
 
 ROTATION_DEGREES = 20.0
 JITTER_STRENGTH = 0.2  # brightness, contrast, saturation and hue alike
 NOISE_P = 0.2
+AMPLITUDE_RANGE = (0.8, 1.2)  # the spread of colorjitter's brightness factor
+SIGNAL_JITTER_SD = 0.1  # the jitter policy's noise sd, as a fraction of the input batch's sd
 # ITU-R 601 luma weights, the ones torchvision's grayscale conversion uses.
 _LUMA = (0.2989, 0.587, 0.114)
 
@@ -67,18 +84,25 @@ class AugmentedBatch:
     lam: float
 
 
-def check_policy(name: str, kind: str) -> None:
-    """Raise ValueError unless policy ``name`` exists and is meaningful for data ``kind``."""
+def policies_for(kind: str) -> tuple[str, ...]:
+    """The policies meaningful for data ``kind``, in ``ALL_POLICIES`` order."""
     if kind not in KINDS:
         raise ValueError(f"unknown data kind {kind!r}; choose one of: {', '.join(KINDS)}")
-    if name not in _SUPPORTED:
-        close = difflib.get_close_matches(str(name), POLICIES, n=1)
+    return tuple(name for name in ALL_POLICIES if kind in SUPPORTED_KINDS[name])
+
+
+def check_policy(name: str, kind: str) -> None:
+    """Raise ValueError unless policy ``name`` exists and is meaningful for data ``kind``."""
+    allowed = policies_for(kind)
+    if name not in SUPPORTED_KINDS:
+        close = difflib.get_close_matches(str(name), ALL_POLICIES, n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
-        raise ValueError(f"unknown augmentation {name!r}{hint}; choose one of: {', '.join(POLICIES)}")
-    supported = _SUPPORTED[name]
+        raise ValueError(f"unknown augmentation {name!r}{hint}; choose one of: {', '.join(ALL_POLICIES)}")
+    supported = SUPPORTED_KINDS[name]
     if kind not in supported:
         raise ValueError(
-            f"augmentation {name!r} is not meaningful for {kind} data; it supports: {', '.join(supported)}"
+            f"augmentation {name!r} is not meaningful for {kind} data; it supports: {', '.join(supported)}; "
+            f"policies for {kind} data: {', '.join(allowed)}"
         )
 
 
@@ -114,6 +138,15 @@ def augment(
       pasted from ``x[perm]``; the returned ``lam`` is the exact kept fraction.
     - ``noise``: baseline, then each sample independently replaced with p=0.2 by uniform noise,
       in [0, 1] for images and in [min, max] of the input batch for signals.
+
+    Signal-only policies (1-D analogues of the image ones):
+
+    - ``reversal``: baseline, then time reversal (along the last axis, all channels together) with
+      p=0.5 per sample.
+    - ``amplitude``: baseline, then each sample multiplied by a gain uniform in [0.8, 1.2].
+    - ``jitter``: baseline, then additive gaussian noise with sd 0.1 times the input batch's sd,
+      drawn independently for every value.
+    - ``combaug1d``: baseline, reversal, amplitude and jitter together, in that order.
     """
     check_policy(name, kind)
     _check_batch(x, generator, kind=kind, crop_pad=crop_pad)
@@ -124,17 +157,17 @@ def augment(
     if name == "none":
         return AugmentedBatch(x, None, 1.0)
 
-    out = _baseline(x, generator, crop_pad=crop_pad, hflip=hflip)
+    out = shift_and_flip(x, generator, crop_pad=crop_pad, hflip=hflip)
     if name == "baseline":
         return AugmentedBatch(out, None, 1.0)
     if name == "rotation":
         return AugmentedBatch(_rotate(out, generator), None, 1.0)
     if name == "vflip":
-        return AugmentedBatch(_random_flip(out, generator, dim=-2), None, 1.0)
+        return AugmentedBatch(random_flip(out, generator, dim=-2), None, 1.0)
     if name == "colorjitter":
         return AugmentedBatch(_color_jitter(out, generator), None, 1.0)
     if name == "combaug":
-        out = _random_flip(_rotate(out, generator), generator, dim=-2)
+        out = random_flip(_rotate(out, generator), generator, dim=-2)
         if kind == "rgb":
             out = _color_jitter(out, generator)
         return AugmentedBatch(out, None, 1.0)
@@ -148,6 +181,15 @@ def augment(
         return AugmentedBatch(mixed, perm, lam)
     if name == "cutmix":
         return _cutmix(out, generator, mixup_alpha)
+    if name == "reversal":
+        return AugmentedBatch(random_flip(out, generator, dim=-1), None, 1.0)
+    if name == "amplitude":
+        return AugmentedBatch(scale_amplitude(out, generator), None, 1.0)
+    if name == "jitter":
+        return AugmentedBatch(add_jitter(out, generator, reference=x), None, 1.0)
+    if name == "combaug1d":
+        out = scale_amplitude(random_flip(out, generator, dim=-1), generator)
+        return AugmentedBatch(add_jitter(out, generator, reference=x), None, 1.0)
     if name == "noise":
         if is_image:
             low, high = 0.0, 1.0
@@ -185,12 +227,12 @@ def _check_batch(x: torch.Tensor, generator: torch.Generator, *, kind: str, crop
 # --- geometric ---------------------------------------------------------------------------------
 
 
-def _baseline(x: torch.Tensor, generator: torch.Generator, *, crop_pad: int, hflip: bool) -> torch.Tensor:
+def shift_and_flip(x: torch.Tensor, generator: torch.Generator, *, crop_pad: int, hflip: bool) -> torch.Tensor:
     out = x
     if crop_pad > 0:
         out = _translate(out, generator, crop_pad)
     if hflip:
-        out = _random_flip(out, generator, dim=-1)
+        out = random_flip(out, generator, dim=-1)
     return out
 
 
@@ -216,7 +258,7 @@ def _translate(x: torch.Tensor, generator: torch.Generator, pad: int) -> torch.T
     return out
 
 
-def _random_flip(x: torch.Tensor, generator: torch.Generator, *, dim: int) -> torch.Tensor:
+def random_flip(x: torch.Tensor, generator: torch.Generator, *, dim: int) -> torch.Tensor:
     flip = torch.rand(x.shape[0], generator=generator, device=x.device) < 0.5
     return torch.where(flip.view(-1, *([1] * (x.dim() - 1))), x.flip(dim), x)
 
@@ -237,6 +279,32 @@ def _rotate(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return out.clamp(0.0, 1.0)
 
 
+# --- signal amplitude --------------------------------------------------------------------------
+
+
+def scale_amplitude(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Each sample times one gain in ``AMPLITUDE_RANGE``, the same for all its channels.
+
+    A pure gain, no offset: the baseline shift fills with zeros, and an offset would leave a step
+    between signal and fill that no real sample has. A gain keeps the shape of the signal and its
+    zero crossings, which carry the class, as brightness keeps an image's edges.
+    """
+    low, high = AMPLITUDE_RANGE
+    gain = low + (high - low) * torch.rand(x.shape[0], generator=generator, device=x.device)
+    return x * gain.to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
+
+
+def add_jitter(x: torch.Tensor, generator: torch.Generator, *, reference: torch.Tensor) -> torch.Tensor:
+    """``x`` plus gaussian noise of sd ``SIGNAL_JITTER_SD`` times the sd of ``reference``.
+
+    The scale comes from the un-augmented input (zero fill would shrink it) and stays a tensor, so
+    there is no host round-trip; it makes the policy independent of the data's units.
+    """
+    sigma = SIGNAL_JITTER_SD * reference.float().std(correction=0)
+    noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32)
+    return x + (sigma * noise).to(x.dtype)
+
+
 # --- colour ------------------------------------------------------------------------------------
 
 
@@ -250,9 +318,9 @@ def _color_jitter(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     mean = _grayscale(out).mean(dim=(-2, -1), keepdim=True)
     out = (contrast * out + (1.0 - contrast) * mean).clamp(0.0, 1.0)
     out = (saturation * out + (1.0 - saturation) * _grayscale(out)).clamp(0.0, 1.0)
-    hue, sat, val = _rgb_to_hsv(out)
+    hue, sat, val = rgb_to_hsv(out)
     hue = torch.remainder(hue + hue_shift, 1.0)
-    return _hsv_to_rgb(hue, sat, val).clamp(0.0, 1.0)
+    return hsv_to_rgb(hue, sat, val).clamp(0.0, 1.0)
 
 
 def _grayscale(x: torch.Tensor) -> torch.Tensor:
@@ -261,7 +329,7 @@ def _grayscale(x: torch.Tensor) -> torch.Tensor:
     return (_LUMA[0] * r + _LUMA[1] * g + _LUMA[2] * b).unsqueeze(1)
 
 
-def _rgb_to_hsv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def rgb_to_hsv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``[N, 3, H, W]`` RGB in [0, 1] to hue (turns), saturation, value, each ``[N, H, W]``."""
     r, g, b = x.unbind(1)
     maxc = x.amax(1)
@@ -283,7 +351,7 @@ def _rgb_to_hsv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
     return hue, sat, maxc
 
 
-def _hsv_to_rgb(hue: torch.Tensor, sat: torch.Tensor, val: torch.Tensor) -> torch.Tensor:
+def hsv_to_rgb(hue: torch.Tensor, sat: torch.Tensor, val: torch.Tensor) -> torch.Tensor:
     sector_f = torch.floor(hue * 6.0)
     frac = hue * 6.0 - sector_f
     # hue can round up to exactly 1.0, which is sector 0 again.

@@ -10,7 +10,7 @@ ALLOWED = [
     (name, kind)
     for name in POLICIES
     for kind in KINDS
-    if kind in aug._SUPPORTED[name]
+    if kind in aug.SUPPORTED_KINDS[name]
 ]
 REFUSED = [
     ("colorjitter", "gray"),
@@ -38,7 +38,7 @@ def test_public_names() -> None:
     assert POLICIES == ("none", "baseline", "rotation", "vflip", "colorjitter", "combaug", "mixup",
                         "cutmix", "noise")
     assert KINDS == ("signal", "gray", "rgb")
-    assert set(aug._SUPPORTED) == set(POLICIES)
+    assert set(aug.SUPPORTED_KINDS) == set(aug.ALL_POLICIES)
 
 
 @pytest.mark.parametrize("name,kind", ALLOWED)
@@ -179,10 +179,10 @@ def test_colorjitter_keeps_gray_pixels_gray() -> None:
 
 def test_hsv_round_trip_and_hue_turn() -> None:
     x = make_batch("rgb", n=4)
-    assert torch.allclose(aug._hsv_to_rgb(*aug._rgb_to_hsv(x)), x, atol=1e-5)
+    assert torch.allclose(aug.hsv_to_rgb(*aug.rgb_to_hsv(x)), x, atol=1e-5)
     red = torch.tensor([1.0, 0.0, 0.0]).view(1, 3, 1, 1)
-    hue, sat, val = aug._rgb_to_hsv(red)
-    green = aug._hsv_to_rgb(torch.remainder(hue + 1 / 3, 1.0), sat, val)
+    hue, sat, val = aug.rgb_to_hsv(red)
+    green = aug.hsv_to_rgb(torch.remainder(hue + 1 / 3, 1.0), sat, val)
     assert torch.allclose(green.flatten(), torch.tensor([0.0, 1.0, 0.0]), atol=1e-5)
 
 
@@ -268,3 +268,150 @@ def test_generator_on_other_device_is_refused() -> None:
     x = make_batch("gray", device="cuda")
     with pytest.raises(ValueError, match="generator"):
         augment("baseline", x, torch.Generator().manual_seed(0), kind="gray", crop_pad=1, hflip=False)
+
+
+# --- 1-D signal policies ---------------------------------------------------------------------
+
+
+def test_signal_policy_names() -> None:
+    assert aug.SIGNAL_POLICIES == ("reversal", "amplitude", "jitter", "combaug1d")
+    assert aug.ALL_POLICIES == POLICIES + aug.SIGNAL_POLICIES
+    assert aug.policies_for("signal") == (
+        "none", "baseline", "mixup", "cutmix", "noise", "reversal", "amplitude", "jitter", "combaug1d",
+    )
+    assert aug.policies_for("gray") == ("none", "baseline", "rotation", "vflip", "combaug", "mixup", "cutmix",
+                                        "noise")
+    assert aug.policies_for("rgb") == POLICIES
+
+
+@pytest.mark.parametrize("name", aug.SIGNAL_POLICIES)
+@pytest.mark.parametrize("crop_pad", [0, 2])
+def test_signal_policy_contract(name: str, crop_pad: int) -> None:
+    check_policy(name, "signal")
+    x = make_batch("signal", n=32)
+    before = x.clone()
+    out = run(name, x, "signal", crop_pad=crop_pad, hflip=False)
+    assert torch.equal(x, before), "input modified in place"
+    assert out.x.shape == x.shape and out.x.dtype == x.dtype and out.x.device == x.device
+    assert torch.isfinite(out.x).all()
+    assert out.mix_index is None and out.lam == 1.0
+    assert not torch.equal(out.x, x), "the policy changed nothing"
+    assert torch.equal(out.x, run(name, x, "signal", crop_pad=crop_pad, hflip=False).x)
+    assert not torch.equal(out.x, run(name, x, "signal", seed=1, crop_pad=crop_pad, hflip=False).x)
+
+
+def test_signal_policies_leave_global_rng_untouched() -> None:
+    state = torch.get_rng_state()
+    for name in aug.SIGNAL_POLICIES:
+        run(name, make_batch("signal"), "signal")
+    assert torch.equal(state, torch.get_rng_state())
+
+
+@pytest.mark.parametrize("name", aug.SIGNAL_POLICIES)
+@pytest.mark.parametrize("kind", ["gray", "rgb"])
+def test_signal_policies_refused_on_images_with_one_clear_error(name: str, kind: str) -> None:
+    with pytest.raises(ValueError) as info:
+        check_policy(name, kind)
+    message = str(info.value)
+    assert f"'{name}'" in message and f"{kind} data" in message and "supports: signal" in message
+    assert f"policies for {kind} data: {', '.join(aug.policies_for(kind))}" in message
+    with pytest.raises(ValueError, match="supports: signal"):
+        run(name, make_batch(kind), kind)
+
+
+@pytest.mark.parametrize("name", ["rotation", "vflip", "colorjitter", "combaug"])
+def test_image_policy_on_signals_names_the_signal_policies(name: str) -> None:
+    with pytest.raises(ValueError, match=f"'{name}' is not meaningful for signal data") as info:
+        check_policy(name, "signal")
+    assert "policies for signal data: none, baseline, mixup, cutmix, noise, reversal, amplitude, jitter, combaug1d" \
+        in str(info.value)
+
+
+def test_unknown_signal_policy_name_is_suggested() -> None:
+    with pytest.raises(ValueError, match="did you mean 'reversal'") as info:
+        check_policy("reversl", "signal")
+    assert "combaug1d" in str(info.value)
+
+
+def same_or_reversed(out: torch.Tensor, ref: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    same = (out == ref).flatten(1).all(1)
+    reversed_ = (out == ref.flip(-1)).flatten(1).all(1)
+    return same, reversed_
+
+
+def test_reversal_reverses_exactly_the_chosen_samples() -> None:
+    x = make_batch("signal", n=1000)
+    out = run("reversal", x, "signal", crop_pad=0, hflip=False).x
+    same, reversed_ = same_or_reversed(out, x)
+    assert torch.all(same ^ reversed_), "each sample is either kept or reversed, all channels together"
+    assert 0.4 < reversed_.float().mean().item() < 0.6
+
+
+def test_reversal_follows_the_baseline_shift() -> None:
+    # Both draw the shift first from the same seed, so reversal is the shifted batch, some samples reversed.
+    x = make_batch("signal", n=64)
+    shifted = run("baseline", x, "signal", crop_pad=3, hflip=False).x
+    assert not torch.equal(shifted, x)
+    out = run("reversal", x, "signal", crop_pad=3, hflip=False).x
+    same, reversed_ = same_or_reversed(out, shifted)
+    assert torch.all(same ^ reversed_) and same.any() and reversed_.any()
+
+
+def test_amplitude_scales_each_sample_within_bounds() -> None:
+    x = make_batch("signal", n=1000)
+    out = run("amplitude", x, "signal", crop_pad=0, hflip=False).x
+    gain = (out * x).flatten(1).sum(1) / (x * x).flatten(1).sum(1)
+    assert torch.allclose(out, gain.view(-1, 1, 1) * x, atol=1e-5), "one gain per sample, channels alike"
+    low, high = aug.AMPLITUDE_RANGE
+    assert gain.min() >= low - 1e-5 and gain.max() <= high + 1e-5
+    assert gain.min() < low + 0.02 and gain.max() > high - 0.02 and gain.std() > 0.1
+
+
+def test_amplitude_keeps_the_shift_of_baseline() -> None:
+    signal = torch.zeros(64, 2, 20)
+    signal[:, :, 10] = 1.0
+    moved = run("amplitude", signal, "signal", crop_pad=3, hflip=False).x
+    shift = moved[:, 0].argmax(1) - 10
+    assert shift.abs().max() <= 3 and len(set(shift.tolist())) > 1
+    assert torch.equal(moved[:, 0], moved[:, 1])
+    # A translation moves the peak and leaves zeros elsewhere; only its height changes.
+    assert torch.equal((moved != 0).sum(-1), torch.ones(64, 2, dtype=torch.long))
+
+
+def test_jitter_adds_gaussian_noise_scaled_to_the_data() -> None:
+    x = make_batch("signal", n=500)
+    noise = run("jitter", x, "signal", crop_pad=0, hflip=False).x - x
+    sd = aug.SIGNAL_JITTER_SD * x.std(correction=0).item()
+    assert abs(noise.mean().item()) < 0.05 * sd
+    assert noise.std().item() == pytest.approx(sd, rel=0.05)
+    assert (noise != 0).all()
+    # The scale follows the data's units: ten times the input, ten times the noise.
+    louder = run("jitter", 10 * x, "signal", crop_pad=0, hflip=False).x - 10 * x
+    assert torch.allclose(louder, 10 * noise, rtol=1e-4, atol=1e-4)
+
+
+def test_combaug1d_is_shift_reversal_amplitude_then_jitter() -> None:
+    x = make_batch("signal", n=64)
+    out = run("combaug1d", x, "signal", crop_pad=2, hflip=False).x
+    g = torch.Generator().manual_seed(0)
+    expected = aug.shift_and_flip(x, g, crop_pad=2, hflip=False)
+    expected = aug.scale_amplitude(aug.random_flip(expected, g, dim=-1), g)
+    expected = aug.add_jitter(expected, g, reference=x)
+    assert torch.equal(out, expected)
+
+
+def test_signal_policies_keep_half_precision() -> None:
+    x = make_batch("signal").to(torch.bfloat16)
+    for name in aug.SIGNAL_POLICIES:
+        assert run(name, x, "signal").x.dtype == torch.bfloat16
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name", aug.SIGNAL_POLICIES)
+def test_signal_policies_run_on_cuda(name: str) -> None:
+    x = make_batch("signal", device="cuda")
+    out = run(name, x, "signal")
+    assert out.x.device == x.device and out.x.shape == x.shape and out.x.dtype == x.dtype
+    assert torch.equal(out.x, run(name, x, "signal").x)
+    assert not torch.equal(out.x, x)
