@@ -1,0 +1,319 @@
+"""The paper's findings (shared numbering with docs/reproduction.md), each as claims over trial tables.
+
+A rule reads the tables of the studies its finding names and returns the claims that make up the
+paper's wording; ``_claims`` measures and decides them. Each rule is named for what it tests.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from kd_ray.findings._claims import Claim, Sample, above, below, higher, lower, no_gain, no_loss, same, sample
+
+Tables = dict[str, pd.DataFrame]
+
+
+@dataclass(frozen=True)
+class Finding:
+    number: int
+    claim: str
+    studies: tuple[str, ...]  # empty: no study covers it
+    setting: str
+    rule_text: str
+    rule: Callable[[Tables], list[Claim]] | None = None
+    figure: str | None = None
+    why_not_covered: str = ""
+
+    @property
+    def study(self) -> str | None:
+        return self.studies[0] if self.studies else None
+
+
+def usable(t: pd.DataFrame) -> pd.DataFrame:
+    return t[t["usable"]] if "usable" in t else t
+
+
+def levels(t: pd.DataFrame, column: str) -> list:
+    return sorted(usable(t)[column].dropna().unique())
+
+
+def agreement_below_perfect(tables: Tables) -> list[Claim]:
+    t = tables["temperature_sweep"]
+    student = sample(t, "test_agreement", "m=1, tau=4", teacher_members=1, temperature=4.0)
+    teacher = sample(t, "teacher_test_acc", "teacher m=1", teacher_members=1, temperature=4.0)
+    return [below(teacher, 0.95), below(student, 0.99)]
+
+
+def small_teacher_reaches_full_agreement(tables: Tables) -> list[Claim]:
+    t = tables["small_teacher"]
+    extra = int(usable(t)["extra_data"].max())
+    most = sample(t, "test_agreement", f"all train data + {extra} generated", distill_split="both", extra_data=extra)
+    return [above(most, 0.99)]
+
+
+def more_data_raises_agreement(tables: Tables) -> list[Claim]:
+    t = tables["dataset_size"]
+    extra = int(usable(t)["extra_data"].max())
+    claims = []
+    for split in ("train", "holdout", "both"):
+        more = sample(t, "test_agreement", f"{split}, all + {extra} extra", distill_split=split,
+                      distill_fraction=1.0, extra_data=extra)
+        less = sample(t, "test_agreement", f"{split}, 1/4, no extra", distill_split=split,
+                      distill_fraction=0.25, extra_data=0)
+        claims.append(higher(more, less))
+    return claims
+
+
+def outside_inputs_lower_train_agreement(tables: Tables) -> list[Claim]:
+    t = tables["dataset_size"]
+    extra = int(usable(t)["extra_data"].max())
+    base = dict(distill_split="train", distill_fraction=1.0)
+    claims = []
+    for metric, claim in (("train_agreement", lower), ("test_agreement", no_loss)):
+        with_extra = sample(t, metric, f"D0 + {extra} extra", **base, extra_data=extra)
+        without = sample(t, metric, "D0 only", **base, extra_data=0)
+        claims.append(claim(with_extra, without))
+    a = tables["augmentation_ablation"]
+    for metric, claim in (("train_agreement", lower), ("test_agreement", no_loss)):
+        heavy = sample(a, metric, "combaug, tau=4", augmentation="combaug", temperature=4.0)
+        baseline = sample(a, metric, "baseline, tau=4", augmentation="baseline", temperature=4.0)
+        claims.append(claim(heavy, baseline))
+    return claims
+
+
+def heavier_augmentation_lowers_augmented_agreement(tables: Tables) -> list[Claim]:
+    t = tables["augmentation_ablation"]
+    baseline = sample(t, "aug_train_agreement", "baseline, tau=4", augmentation="baseline", temperature=4.0)
+    claims = []
+    for policy in ("combaug", "mixup"):
+        heavy = sample(t, "aug_train_agreement", f"{policy}, tau=4", augmentation=policy, temperature=4.0)
+        if len(heavy.values):
+            claims.append(lower(heavy, baseline))
+    return claims
+
+
+def with_gap_to_teacher(t: pd.DataFrame) -> pd.DataFrame:
+    return t.assign(acc_gap_to_teacher=(t["test_acc"] - t["teacher_test_acc"]).abs())
+
+
+def self_distilled_student_beats_teacher(tables: Tables) -> list[Claim]:
+    t = with_gap_to_teacher(tables["dataset_size"])
+    extra = int(usable(t)["extra_data"].max())
+    base = dict(distill_split="train", distill_fraction=1.0)
+    student = sample(t, "test_acc", "student, D0 only", **base, extra_data=0)
+    teacher = sample(t, "teacher_test_acc", "its teacher", **base, extra_data=0)
+    gap_extra = sample(t, "acc_gap_to_teacher", f"|acc - teacher acc|, D0 + {extra}", **base, extra_data=extra)
+    gap = sample(t, "acc_gap_to_teacher", "|acc - teacher acc|, D0 only", **base, extra_data=0)
+    agreement_extra = sample(t, "test_agreement", f"D0 + {extra} extra", **base, extra_data=extra)
+    agreement = sample(t, "test_agreement", "D0 only", **base, extra_data=0)
+    return [higher(student, teacher), lower(gap_extra, gap, min_effect=0.005),
+            higher(agreement_extra, agreement)]
+
+
+def larger_ensembles_help(tables: Tables) -> list[Claim]:
+    t = tables["ensemble_size"]
+    sizes = levels(t, "teacher_members")
+    small, large = int(sizes[0]), int(sizes[-1])
+    return [higher(sample(t, metric, f"m={large}", teacher_members=large),
+                   sample(t, metric, f"m={small}", teacher_members=small))
+            for metric in ("teacher_test_acc", "test_agreement", "test_acc")]
+
+
+def temperature_four_beats_one(tables: Tables) -> list[Claim]:
+    t = tables["temperature_sweep"]
+    m = int(max(levels(t, "teacher_members")))
+    arms = {tau: sample(t, "test_agreement", f"m={m}, tau={tau:g}", teacher_members=m, temperature=tau)
+            for tau in (1.0, 4.0, 8.0, 16.0)}
+    return [higher(arms[4.0], arms[1.0]), same(arms[8.0], arms[4.0]), same(arms[16.0], arms[4.0])]
+
+
+def own_half_accuracy_other_half_agreement(tables: Tables) -> list[Claim]:
+    t = tables["dataset_size"]
+
+    def split(name: str, metric: str) -> Sample:
+        return sample(t, metric, name, distill_split=name, distill_fraction=1.0, extra_data=0)
+
+    claims = [higher(split("train", "test_acc"), split("holdout", "test_acc")),
+              lower(split("train", "test_agreement"), split("holdout", "test_agreement"))]
+    for metric in ("test_acc", "test_agreement"):
+        claims += [no_loss(split("both", metric), split(other, metric)) for other in ("train", "holdout")]
+    return claims
+
+
+def noise_does_not_help(tables: Tables) -> list[Claim]:
+    t = tables["augmentation_ablation"]
+    return [no_gain(sample(t, metric, "noise, tau=4", augmentation="noise", temperature=4.0),
+                    sample(t, metric, "baseline, tau=4", augmentation="baseline", temperature=4.0))
+            for metric in ("test_acc", "test_agreement")]
+
+
+def longer_training_raises_train_agreement(tables: Tables) -> list[Claim]:
+    t = tables["training_duration"]
+    epochs = levels(t, "epochs")
+    short, long = int(epochs[0]), int(epochs[-1])
+    sgd_long = sample(t, "train_agreement", f"sgd, {long} epochs", optimizer="sgd", epochs=long)
+    sgd_short = sample(t, "train_agreement", f"sgd, {short} epochs", optimizer="sgd", epochs=short)
+    adam_long = sample(t, "train_agreement", f"adam, {long} epochs", optimizer="adam", epochs=long)
+    return [higher(sgd_long, sgd_short, min_effect=0.005), no_gain(adam_long, sgd_long)]
+
+
+def jump_share(t: pd.DataFrame, lambdas: list[float]) -> pd.DataFrame:
+    """Per seed: the largest rise of train agreement between adjacent lambdas, over the whole rise."""
+    rows = usable(t)
+    rows = rows[rows["init"] == "interpolate"]
+    curve = rows.pivot_table(index="seed", columns="init_lambda", values="train_agreement").reindex(columns=lambdas)
+    steps = curve.diff(axis=1).iloc[:, 1:]
+    rise = curve.iloc[:, -1] - curve.iloc[:, 0]
+    share = (steps.max(axis=1) / rise).where(rise > 0)
+    return pd.DataFrame({"seed": share.index, "jump_share": share.to_numpy(), "usable": True})
+
+
+def initialization_threshold(tables: Tables) -> list[Claim]:
+    t = tables["initialization"]
+    lambdas = [float(x) for x in levels(t[t["init"] == "interpolate"], "init_lambda")]
+    if len(lambdas) < 3:
+        return []
+    low, next_low = lambdas[0], lambdas[1]
+    lam = {x: sample(t, "train_agreement", f"lambda={x:g}", init="interpolate", init_lambda=x)
+           for x in (low, next_low, lambdas[-1])}
+    shares = jump_share(t, lambdas)
+    share = sample(shares, "jump_share", "largest adjacent rise / whole rise")
+    return [same(lam[next_low], lam[low]), above(lam[lambdas[-1]], 0.99), above(share, 0.5)]
+
+
+def teacher_init_changes_nothing(tables: Tables) -> list[Claim]:
+    t = tables["initialization"]
+    return [same(sample(t, metric, "teacher's initial weights", init="teacher_init"),
+                 sample(t, metric, "random init", init="random"))
+            for metric in ("test_agreement", "test_kl")]
+
+
+def alpha_does_not_raise_agreement(tables: Tables) -> list[Claim]:
+    t = tables["alpha_sweep"]
+    zero = sample(t, "test_agreement", "alpha=0", alpha=0.0)
+    return [no_gain(sample(t, "test_agreement", f"alpha={a:g}", alpha=float(a)), zero)
+            for a in levels(t, "alpha") if a > 0]
+
+
+def with_control_share(t: pd.DataFrame, chance: float) -> pd.DataFrame:
+    above_chance = t["test_agreement"] - chance
+    share = ((t["control_test_agreement"] - chance) / above_chance).where(above_chance > 0)
+    return t.assign(control_share=share)
+
+
+def independent_student_explains_most_agreement(tables: Tables) -> list[Claim]:
+    t = tables["alpha_sweep"]
+    chance = 1.0 / 10  # every local dataset has ten classes
+    t = with_control_share(t, chance)
+    real = sample(t, "test_agreement", "student of the reference teacher", alpha=0.0)
+    control = sample(t, "control_test_agreement", "student of an independent teacher", alpha=0.0)
+    share = sample(t, "control_share", "(control - chance) / (real - chance)", alpha=0.0)
+    return [higher(real, control), above(share, 0.5)]
+
+
+def per_seed_rank_correlation(t: pd.DataFrame, x: str, y: str, by: list[str]) -> pd.DataFrame:
+    """Spearman's rho between the arms' x and y within each seed (a seed is a replicate of the sweep)."""
+    rows = usable(t)
+    out = []
+    for seed, group in rows.groupby("seed"):
+        arms = group.groupby(by)[[x, y]].mean()
+        if len(arms) >= 3 and arms[x].nunique() > 1 and arms[y].nunique() > 1:
+            out.append({"seed": seed, "rho": float(arms[x].rank().corr(arms[y].rank())), "usable": True})
+    return pd.DataFrame(out, columns=["seed", "rho", "usable"])
+
+
+def most_faithful_best_calibrated(tables: Tables) -> list[Claim]:
+    t = tables["temperature_sweep"]
+    by = ["teacher_members", "temperature"]
+    ece = sample(per_seed_rank_correlation(t, "test_agreement", "test_ece", by), "rho",
+                 "rank correlation of agreement and ECE across the m x tau arms")
+    acc = sample(per_seed_rank_correlation(t, "test_agreement", "test_acc", by), "rho",
+                 "rank correlation of agreement and accuracy across the m x tau arms")
+    claims = [below(ece, 0.0)]
+    mean_acc = float(np.mean(acc.values)) if len(acc.values) else math.nan
+    if not math.isnan(mean_acc):
+        claims[0].notes.append(f"agreement–accuracy rank correlation, for comparison: {mean_acc:+.2f}")
+    return claims
+
+
+FINDINGS = [
+    Finding(1, "Same-architecture student, alpha 0, distilled on the teacher's training data: test agreement "
+            "clearly below 100% when teacher accuracy is well below 100%.",
+            ("temperature_sweep",), "m = 1, tau = 4",
+            "teacher accuracy's CI below 95% and the student's agreement CI below 99%",
+            agreement_below_perfect, "members_x_temperature.png"),
+    Finding(2, "A teacher trained on very few examples, distilled on a large in-domain set: test agreement >= 99%.",
+            ("small_teacher",), "teacher on a stratified 5% of the training set; student on all of it plus "
+            "generated samples", "the agreement CI lies above 99%", small_teacher_reaches_full_agreement,
+            "arms.png"),
+    Finding(3, "More in-domain distillation inputs raise test agreement.",
+            ("dataset_size",), "each split: all of it plus extra samples vs a quarter of it; the same number of "
+            "optimizer steps for every arm", "agreement higher with more data, for every split",
+            more_data_raises_agreement, "arms.png"),
+    Finding(4, "Inputs beyond the teacher's training set (extra data, heavy augmentation) lower train agreement "
+            "while test agreement stays flat or rises.",
+            ("dataset_size", "augmentation_ablation"), "teacher on D0: D0 with vs without extra samples; "
+            "combaug vs baseline at tau = 4", "clean train agreement lower, test agreement not lower beyond the "
+            "minimum effect, for both kinds of input", outside_inputs_lower_train_agreement, "arms.png"),
+    Finding(5, "Heavier augmentation gives lower train agreement on the augmented distillation data.",
+            ("augmentation_ablation",), "tau = 4: combaug and mixup vs baseline",
+            "agreement on the augmented distillation data lower than baseline's, for each heavy policy",
+            heavier_augmentation_lowers_augmented_agreement, "arms.png"),
+    Finding(6, "In self-distillation on the teacher's training data the student's accuracy can exceed the "
+            "teacher's; adding non-training data pulls it toward the teacher while raising agreement.",
+            ("dataset_size",), "m = 1 self-distillation, teacher on D0; D0 with and without extra samples",
+            "student accuracy above its teacher's; the accuracy gap to the teacher smaller with extra data; "
+            "agreement higher with extra data", self_distilled_student_beats_teacher,
+            "test_acc_vs_test_agreement.png"),
+    Finding(7, "Larger ensembles: teacher accuracy up, test agreement up, student accuracy up but saturating.",
+            ("ensemble_size",), "smallest vs largest m, tau = 1; a distinct teacher ensemble per seed",
+            "all three higher for the largest m (teacher accuracy counted over distinct teachers)",
+            larger_ensembles_help, "arms.png"),
+    Finding(8, "For a confident teacher, tau = 4 gives higher test agreement than tau = 1; tau in {4, 8, 16} "
+            "similar.", ("temperature_sweep",), "largest m",
+            "tau 4 above tau 1; tau 8 and tau 16 each equivalent to tau 4 within the minimum effect",
+            temperature_four_beats_one, "members_x_temperature.png"),
+    Finding(9, "Distilling on the teacher's own half D0 gives higher student accuracy but lower agreement than "
+            "the unseen half D1; D0 u D1 is best on both.", ("dataset_size",),
+            "teacher on D0, whole splits, no extra data, the same number of optimizer steps",
+            "D0 accuracy above D1's, D0 agreement below D1's, D0 u D1 not worse than either on both",
+            own_half_accuracy_other_half_agreement, "arms.png"),
+    Finding(10, "Noise or out-of-domain inputs do not help accuracy or agreement.",
+            ("augmentation_ablation",), "tau = 4: noise vs baseline (out-of-domain inputs: not run)",
+            "noise gives no gain beyond the minimum effect in accuracy or agreement", noise_does_not_help,
+            "arms.png"),
+    Finding(11, "Longer training slightly raises train agreement; Adam is not better than SGD.",
+            ("training_duration",), "group norm, self-distillation, shortest vs longest run",
+            "SGD's longest run above its shortest; Adam no gain over SGD at the longest",
+            longer_training_raises_train_agreement, "agreement_over_epochs.png"),
+    Finding(12, "Initializing the student near the teacher shows a sharp threshold in lambda: below it agreement "
+            "stays at the random-init level, above it agreement is ~100%.", ("initialization",),
+            "group norm, self-distillation, interpolation lambda sweep, train agreement (paper Fig. 6b)",
+            "the two smallest lambdas equivalent; the largest lambda above 99%; per seed, the largest rise "
+            "between adjacent lambdas is more than half the whole rise", initialization_threshold,
+            "init_lambda.png"),
+    Finding(13, "Starting from the teacher's initial weights does not change final agreement.",
+            ("initialization",), "teacher_init vs random init, m = 1",
+            "test agreement and test KL each equivalent within the minimum effect", teacher_init_changes_nothing,
+            "arms.png"),
+    Finding(14, "For m > 1, raising alpha does not raise agreement.", ("alpha_sweep",), "m = 3, tau = 1",
+            "no alpha > 0 gains agreement beyond the minimum effect over alpha 0", alpha_does_not_raise_agreement,
+            "arms.png"),
+    Finding(15, "A student distilled from an independent teacher agrees with the reference teacher almost as "
+            "well as the real student: the gap, not the raw agreement, measures transferred knowledge.",
+            ("alpha_sweep",), "m = 3, tau = 1, alpha 0; the control distils from an ensemble of other member seeds",
+            "the real student agrees more than the control (knowledge is transferred), and the control reaches "
+            "more than half of the real student's agreement above chance",
+            independent_student_explains_most_agreement, "arms.png"),
+    Finding(16, "A deeper or wider student raises agreement only a little.", (), "", "",
+            why_not_covered="no local study varies the student's depth or width"),
+    Finding(17, "The most faithful student in an ensemble-distillation sweep is the best calibrated, not "
+            "necessarily the most accurate.", ("temperature_sweep",), "m x tau grid",
+            "within each seed, arms with higher agreement have lower ECE (rank correlation below 0)",
+            most_faithful_best_calibrated, "members_x_temperature.png"),
+]

@@ -1,0 +1,87 @@
+"""The findings' rules on planted trial tables: each rule decides by the paper's wording."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from kd_ray import findings
+from kd_ray.tables import TRIALS_SCHEMA, to_table, write_table
+
+
+def write_study(root, name: str, rows: list[dict]) -> None:
+    write_table(to_table(rows, TRIALS_SCHEMA), str(root / name / "trials.parquet"))
+
+
+def row(study: str, seed: int, **values) -> dict:
+    return {"study": study, "trial_id": f"{study}-{len(str(values))}-{seed}-{id(values)}", "status": "TERMINATED",
+            "seed": seed, "teacher_key": f"teacher-{seed}", **values}
+
+
+def test_ensemble_rule_on_a_planted_study(tmp_path):
+    rng = np.random.default_rng(0)
+    rows = []
+    for m, level in ((1, 0.80), (8, 0.90)):
+        for seed in range(6):
+            rows.append(row("ensemble_size", seed, teacher_members=m, temperature=1.0,
+                            test_agreement=level + rng.normal(0, 0.003), test_acc=level - 0.1 + rng.normal(0, 0.003),
+                            teacher_test_acc=level - 0.05 + rng.normal(0, 0.003)))
+    rows.append({"study": "ensemble_size", "trial_id": "bad", "status": "DIVERGED", "teacher_members": 8,
+                 "temperature": 1.0, "seed": 9, "test_agreement": 0.0, "test_acc": 0.0})
+    write_study(tmp_path, "ensemble_size", rows)
+    verdicts = {f.number: v for f, v in findings.judge_findings(tmp_path)}
+    assert verdicts[7].verdict == findings.HOLDS
+    assert all("n=6 pairs" in line for line in verdicts[7].evidence)  # the diverged row is left out
+    assert verdicts[2].verdict == findings.NOT_COVERED
+    assert verdicts[3].verdict == findings.NOT_COVERED  # dataset_size was not run
+
+
+def test_ensemble_rule_with_one_teacher_for_every_seed_is_inconclusive(tmp_path):
+    rows = []
+    for m, level in ((1, 0.80), (8, 0.90)):
+        for seed in range(6):
+            rows.append(row("ensemble_size", seed, teacher_members=m, temperature=1.0, teacher_key=f"fixed-{m}",
+                            test_agreement=level + seed * 1e-3, test_acc=level + seed * 1e-3,
+                            teacher_test_acc=level))
+    write_study(tmp_path, "ensemble_size", rows)
+    verdict = dict((f.number, v) for f, v in findings.judge_findings(tmp_path))[7]
+    teacher_claim = verdict.claims[0]
+    assert teacher_claim.metric == "teacher_test_acc" and teacher_claim.n == 1
+    assert verdict.verdict == findings.INCONCLUSIVE
+
+
+def test_teacher_init_rule_is_an_equivalence_test(tmp_path):
+    rng = np.random.default_rng(1)
+    rows = []
+    for seed in range(10):
+        base = 0.8 + rng.normal(0, 0.03)
+        for init, shift in (("random", 0.0), ("teacher_init", 0.034)):  # +3.4 pp: not "no change"
+            rows.append(row("initialization", seed, init=init, init_lambda=0.0, test_agreement=base + shift +
+                            rng.normal(0, 0.004), test_kl=0.3 + rng.normal(0, 0.001)))
+    write_study(tmp_path, "initialization", rows)
+    verdict = dict((f.number, v) for f, v in findings.judge_findings(tmp_path))[13]
+    assert verdict.verdict == findings.FAILS
+    assert "+3." in verdict.evidence[0]
+
+
+def test_calibration_rule_uses_rank_correlation_within_seeds(tmp_path):
+    rng = np.random.default_rng(2)
+    rows = []
+    for seed in range(8):
+        for i, (m, tau) in enumerate((m, tau) for m in (1, 3, 5) for tau in (1.0, 4.0, 8.0, 16.0)):
+            agreement = 0.80 + 0.01 * i + rng.normal(0, 0.001)
+            rows.append(row("temperature_sweep", seed, teacher_members=m, temperature=tau, test_agreement=agreement,
+                            test_ece=0.10 - 0.005 * i + rng.normal(0, 0.001), test_acc=0.7 + rng.normal(0, 0.01),
+                            teacher_test_acc=0.77))
+    write_study(tmp_path, "temperature_sweep", rows)
+    verdict = dict((f.number, v) for f, v in findings.judge_findings(tmp_path))[17]
+    assert verdict.verdict == findings.HOLDS
+    assert "rank correlation" in verdict.evidence[0]
+
+
+def test_every_finding_is_numbered_once_and_names_its_rule():
+    numbers = [f.number for f in findings.FINDINGS]
+    assert numbers == list(range(1, 18))
+    for finding in findings.FINDINGS:
+        if finding.rule is not None:
+            assert finding.studies and finding.rule_text
+            assert not finding.rule.__name__.startswith("_")
