@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         configs = study.validate()
         ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
         try:
-            prepare_teachers(study, configs)
+            prepare_teachers(study.plan(), configs)
             started = time.perf_counter()
             result = study.run()
             wall = time.perf_counter() - started

@@ -3,7 +3,8 @@
 Reference: a DataLoader over a Dataset with per-sample transforms (pad + random crop + flip on each
 image), teacher members run one after another, float32. kd_ray: the data as one device tensor,
 batched augmentation, the teacher members in one vectorized call, precision chosen per device
-(``kd_ray.fastpath``: bf16, channels_last, vectorized or looped teacher), the training loop of ``kd_ray.distill.fit``. Both see the same inputs and models.
+(``kd_ray.fastpath``: bf16, channels_last, vectorized or looped teacher), the training loop of
+``kd_ray.distill.fit``. Both see the same inputs and models.
 
 Workloads: (a) CIFAR-shaped, 32x32x3, PreResNet-20 student, 3-member PreResNet-20 teacher, baseline
 augmentation; (b) the embedded default, mnist1d with MLPs. Prints images/s of both and the ratio per
@@ -28,10 +29,10 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.flop_counter import FlopCounterMode
 
+from kd_ray import fastpath
 from kd_ray.data import DATASET_INFO, load_arrays
 from kd_ray.distill import AugmentSpec, Recipe, TrainState, fit, make_optimizer
 from kd_ray.losses import kd_loss
-from kd_ray import fastpath
 from kd_ray.models import LoopEnsemble, StackedEnsemble, build_model, ensemble_log_probs
 from kd_ray.provenance import versions
 
@@ -43,7 +44,7 @@ class Workload:
     y: np.ndarray
     arch: str
     num_classes: int
-    spec: AugmentSpec
+    augment_spec: AugmentSpec
     members: int = 3
     batch_size: int = 128
 
@@ -51,8 +52,8 @@ class Workload:
 class PerSampleDataset(Dataset):
     """The standard pipeline: one sample at a time, transformed on the host."""
 
-    def __init__(self, x: np.ndarray, y: np.ndarray, spec: AugmentSpec, seed: int) -> None:
-        self.x, self.y, self.spec = x, y, spec
+    def __init__(self, x: np.ndarray, y: np.ndarray, augment_spec: AugmentSpec, seed: int) -> None:
+        self.x, self.y, self.augment_spec = x, y, augment_spec
         self.rng = np.random.default_rng(seed)
 
     def __len__(self) -> int:
@@ -60,7 +61,7 @@ class PerSampleDataset(Dataset):
 
     def __getitem__(self, i: int):
         sample = torch.from_numpy(self.x[i])
-        pad = self.spec.crop_pad
+        pad = self.augment_spec.crop_pad
         if pad:
             spatial = sample.shape[1:]
             padded = F.pad(sample, [pad, pad] * len(spatial))
@@ -69,7 +70,7 @@ class PerSampleDataset(Dataset):
                 sample = padded[:, offsets[0] : offsets[0] + spatial[0]]
             else:
                 sample = padded[:, offsets[0] : offsets[0] + spatial[0], offsets[1] : offsets[1] + spatial[1]]
-        if self.spec.hflip and self.rng.random() < 0.5:
+        if self.augment_spec.hflip and self.rng.random() < 0.5:
             sample = sample.flip(-1)
         return sample, int(self.y[i])
 
@@ -86,7 +87,9 @@ def reference_epoch(w: Workload, device: torch.device, steps: int) -> float:
     """Images per second of the standard pipeline over ``steps`` batches (after one warm-up batch)."""
     teachers, student = make_models(w, device)
     optimizer = torch.optim.SGD(student.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-4)
-    loader = DataLoader(PerSampleDataset(w.x, w.y, w.spec, seed=0), batch_size=w.batch_size, shuffle=True, drop_last=True)
+    loader = DataLoader(
+        PerSampleDataset(w.x, w.y, w.augment_spec, seed=0), batch_size=w.batch_size, shuffle=True, drop_last=True
+    )
     seen, started = 0, None
     for i, (xb, yb) in enumerate(loader):
         if i == 1:
@@ -121,11 +124,12 @@ def kd_ray_epoch(w: Workload, device: torch.device, steps: int, path: fastpath.F
                     channels_last=path.channels_last)
     state = TrainState(student, make_optimizer(student, recipe), torch.Generator(device=device).manual_seed(0))
     # Epoch 1 warms up on one batch; epoch 2 is timed on ``steps`` batches.
-    fit(state, x[: w.batch_size], y[: w.batch_size], Recipe(**{**recipe.__dict__, "epochs": 1}), w.spec, teacher.log_probs)
+    warm_up = Recipe(**{**recipe.__dict__, "epochs": 1})
+    fit(state, x[: w.batch_size], y[: w.batch_size], warm_up, w.augment_spec, teacher.log_probs)
     n = steps * w.batch_size
     torch.cuda.synchronize() if device.type == "cuda" else None
     started = time.perf_counter()
-    fit(state, x[:n], y[:n], recipe, w.spec, teacher.log_probs)
+    fit(state, x[:n], y[:n], recipe, w.augment_spec, teacher.log_probs)
     torch.cuda.synchronize() if device.type == "cuda" else None
     return n / (time.perf_counter() - started)
 
@@ -162,13 +166,13 @@ def workloads(tiny: bool, steps: int) -> list[Workload]:
     cifar = Workload(
         name="cifar-shaped (32x32x3, PreResNet-20, 3-member PreResNet-20 teacher)",
         x=rng.random((n, 3, 32, 32), dtype=np.float32), y=rng.integers(0, 100, n), arch="preresnet20",
-        num_classes=100, spec=AugmentSpec("rgb", 4, True),
+        num_classes=100, augment_spec=AugmentSpec("rgb", 4, True),
     )
     arrays = load_arrays("mnist1d")
     info = DATASET_INFO["mnist1d"]
     embedded = Workload(
         name="embedded default (mnist1d, MLP, 3-member MLP teacher)", x=arrays.x_train[:n], y=arrays.y_train[:n],
-        arch="mlp", num_classes=info.num_classes, spec=AugmentSpec(info.kind, info.crop_pad, info.hflip),
+        arch="mlp", num_classes=info.num_classes, augment_spec=AugmentSpec(info.kind, info.crop_pad, info.hflip),
     )
     return [cifar, embedded]
 
@@ -187,13 +191,19 @@ def main(argv: list[str] | None = None) -> int:
     steps = args.steps or (2 if args.tiny else 20)
     peak_size = 512 if args.tiny else 2048
     peaks = {str(dt).split(".")[1]: matmul_peak(device, dt, peak_size) for dt in (torch.float32, torch.bfloat16)}
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = platform.processor() or platform.machine()
     print(f"device: {device} ({name}), torch threads {torch.get_num_threads()}")
-    print(f"measured matmul peak: fp32 {peaks['float32'] / 1e9:.0f} GFLOP/s, bf16 {peaks['bfloat16'] / 1e9:.0f} GFLOP/s")
+    print(f"measured matmul peak: fp32 {peaks['float32'] / 1e9:.0f} GFLOP/s, "
+          f"bf16 {peaks['bfloat16'] / 1e9:.0f} GFLOP/s")
     ratios, record = [], {"versions": versions(), "device": name, "peaks": peaks, "workloads": []}
     for w in workloads(args.tiny, steps):
         shape = tuple(w.x.shape[1:])
-        path = fastpath.choose(w.arch, w.arch, shape, w.num_classes, "batch", w.members, w.batch_size, str(device), "auto")
+        path = fastpath.choose(
+            w.arch, w.arch, shape, w.num_classes, "batch", w.members, w.batch_size, str(device), "auto"
+        )
         bf16 = path.bf16
         print(f"{w.name}: kd_ray fast path measured as {path.describe()}")
         reference = reference_epoch(w, device, steps)

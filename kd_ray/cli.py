@@ -9,21 +9,16 @@ import argparse
 import json
 import math
 import sys
-import time
+from pathlib import Path
 from typing import Any
 
-from kd_ray.config import ConfigError, TrialConfig, parse_set
-
-EXIT_BAD_INPUT = 2
+from kd_ray.config import EXIT_BAD_INPUT, ConfigError, TrialConfig, parse_set
+from kd_ray.progress import printer
 
 
 def _fail(message: str) -> int:
     print(f"kd-ray: error: {message}", file=sys.stderr)
     return EXIT_BAD_INPUT
-
-
-def _progress(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
 def format_trial_table(result: dict[str, Any]) -> str:
@@ -65,10 +60,11 @@ def cmd_trial(args: argparse.Namespace) -> int:
         check_runnable(cfg)
     except ConfigError as exc:
         return _fail(str(exc))
-    progress = None if args.quiet else _progress
+    progress = None if args.quiet else printer(stderr=True)
     if progress:
         progress(f"trial: {cfg.to_json()}")
     from kd_ray.data import DataError
+    from kd_ray.tables import TERMINATED
     from kd_ray.teachers import TeacherStoreError
 
     try:
@@ -80,7 +76,7 @@ def cmd_trial(args: argparse.Namespace) -> int:
     if args.json:
         clean = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in result.items()}
         print(json.dumps(clean, sort_keys=True))
-    return 0 if result["status"] == "TERMINATED" else 1
+    return 0 if result["status"] == TERMINATED else 1
 
 
 def cmd_teachers(args: argparse.Namespace) -> int:
@@ -131,6 +127,22 @@ def cmd_validate_cluster(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_analyze(args: argparse.Namespace) -> int:
+    # Deferred: pandas, scipy and matplotlib load only for this command.
+    from kd_ray import analysis
+
+    by = None if args.by is None else [c.strip() for c in args.by.split(",") if c.strip()]
+    try:
+        directories = analysis.study_dirs(args.paths)
+        path = analysis.report(directories, by=by, out_dir=args.out, n_boot=args.n_boot, seed=args.seed)
+    except (FileNotFoundError, ValueError) as error:
+        print(f"kd-ray analyze: error: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print(analysis.format_summary(analysis.load_trials(directories), by=by, verbose=False))
+    print(f"report: {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kd-ray", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -143,33 +155,46 @@ def build_parser() -> argparse.ArgumentParser:
     )
     trial.add_argument("--set", action="append", metavar="KEY=VALUE",
                        help="override a TrialConfig field, e.g. --set temperature=1 (repeatable)")
-    trial.add_argument("--json", action="store_true", help="print the final metrics as one JSON object on the last line")
-    trial.add_argument("--store", help="teacher store: directory or URI (default $KD_RAY_TEACHERS or ~/.cache/kd_ray/teachers)")
+    trial.add_argument("--json", action="store_true",
+                       help="print the final metrics as one JSON object on the last line")
+    trial.add_argument("--store",
+                       help="teacher store: directory or URI (default $KD_RAY_TEACHERS or ~/.cache/kd_ray/teachers)")
     trial.add_argument("--data-dir", help="dataset cache directory (default $KD_RAY_DATA or ~/.cache/kd_ray/data)")
     trial.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
-    trial.add_argument("--retrain-teachers", action="store_true", help="delete and train again the trial's teacher members")
+    trial.add_argument("--retrain-teachers", action="store_true",
+                       help="delete and train again the trial's teacher members")
     trial.set_defaults(func=cmd_trial)
 
     teachers = sub.add_parser("teachers", help="list or verify the teacher store")
     teachers.add_argument("action", choices=("list", "verify"))
     teachers.add_argument("--store", help="teacher store: directory or URI")
-    teachers.add_argument("--delete-bad", action="store_true", help="with verify: delete members that fail their checksum")
+    teachers.add_argument("--delete-bad", action="store_true",
+                          help="with verify: delete members that fail their checksum")
     teachers.set_defaults(func=cmd_teachers)
 
     cluster = sub.add_parser("validate-cluster", help="check a Ray cluster launcher config offline")
     cluster.add_argument("path", help="cluster YAML, e.g. cluster.yaml")
     cluster.set_defaults(func=cmd_validate_cluster)
 
-    sub.add_parser("analyze", help="summaries, correlations, figures and report.md for study tables (see kd-ray analyze --help)")
+    analyze = sub.add_parser(
+        "analyze", help="summaries, correlations, figures and report.md for study tables",
+        description="Summarize trial tables, correlate fidelity with generalization, draw the figures "
+        "and write report.md next to the tables.",
+    )
+    analyze.add_argument("paths", nargs="+", metavar="PATH", help="study directories (<storage>/<study>/) or globs")
+    analyze.add_argument("--by", default=None,
+                         help="comma-separated factor columns defining the arms (default: the config columns that "
+                         "vary, seeds excluded; '' for one arm)")
+    analyze.add_argument("--out", default=None, type=Path,
+                         help="directory for report.md and figures/ (default: next to the tables)")
+    analyze.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for correlation CIs")
+    analyze.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    analyze.set_defaults(func=cmd_analyze)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "analyze":
-        from kd_ray import analysis
-
-        return analysis.main(argv[1:])
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

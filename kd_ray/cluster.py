@@ -94,6 +94,8 @@ def validate_cluster_config(config: dict[str, Any], path: str = "cluster.yaml") 
             f"ray[tune]=={ray.__version__} in setup_commands)"
         )
     if version != ray.__version__:
-        raise ClusterConfigError(f"{path}: the cluster runs Ray {version} but this machine has Ray {ray.__version__}; they must match")
+        raise ClusterConfigError(
+            f"{path}: the cluster runs Ray {version} but this machine has Ray {ray.__version__}; they must match"
+        )
     notes.append(f"Ray pinned to {version}, matching this machine: ok")
     return notes

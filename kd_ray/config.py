@@ -32,6 +32,9 @@ class ConfigError(ValueError):
     """A trial or study specification that cannot run; raised before any compute starts."""
 
 
+EXIT_BAD_INPUT = 2  # the exit code of every command that refuses its input (argparse's own code, too)
+
+
 @dataclass(frozen=True)
 class TrialConfig:
     # data

@@ -1,4 +1,4 @@
-"""Datasets as numpy arrays, train-split bookkeeping and the extra in-domain samples of mnist1d.
+"""Datasets as numpy arrays, and the extra in-domain samples of mnist1d (the splits are in ``splits``).
 
 Four datasets, all returned as an ``Arrays`` of float32 inputs ``[N, *input_shape]`` and int64
 labels:
@@ -12,7 +12,7 @@ labels:
   verified by md5 and parsed straight from the tar file (no pickle anywhere).
 
 The cache directory is ``$KD_RAY_DATA`` when set, else ``~/.cache/kd_ray/data``. Every cache write is
-atomic (temporary file, then ``os.replace``) because several trials may load the same dataset at once.
+atomic (``kd_ray.atomic``) because several trials may load the same dataset at once.
 """
 
 from __future__ import annotations
@@ -22,17 +22,17 @@ import hashlib
 import os
 import random
 import tarfile
-import tempfile
 import urllib.error
 import urllib.request
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import IO, Any, Iterator
 
 import numpy as np
 
-from kd_ray.config import DISTILL_SPLITS, TEACHER_SPLITS, ConfigError
+from kd_ray.atomic import write_atomic
+from kd_ray.config import ConfigError
 
 
 @dataclass(frozen=True)
@@ -127,83 +127,11 @@ def generate_extra(name: str, n: int, cache_dir: str | Path | None = None) -> tu
     raw_x, raw_y = _mnist1d_raw(args)
     x = _mnist1d_shape((raw_x[:n] - raw_mean) / raw_std)
     y = raw_y[:n].astype(np.int64)
-    _atomic_savez(path, x=x, y=y)
+    _savez(path, x=x, y=y)
     return x, y
 
 
-def split_indices(
-    y_train: np.ndarray,
-    *,
-    teacher_split: str,
-    distill_split: str,
-    distill_fraction: float,
-    data_seed: int,
-    seed: int,
-    teacher_fraction: float = 1.0,
-) -> tuple[np.ndarray, np.ndarray]:
-    """``(teacher_idx, distill_idx)``: sorted int64 indices into the train arrays.
-
-    teacher_split ``full``: the teacher uses every train index and the distillation base set is
-    also every index (``train`` or ``both``; ``holdout`` has nothing to hold out and is refused).
-    teacher_split ``half``: a stratified half D0 drawn with ``data_seed`` (D1 is the rest); the
-    teacher uses D0 and the base set is D0 (``train``), D1 (``holdout``) or D0 and D1 (``both``).
-    ``teacher_fraction`` < 1 trains the teacher on a stratified subset of its split (drawn with
-    ``data_seed``); ``train`` then means exactly that subset, the teacher's own training data.
-    The distillation set is then a stratified subset of the base set of size
-    ``round(distill_fraction * len(base))`` drawn with ``seed`` (at least one per class when the
-    size allows; fraction 1 keeps the whole base set).
-    """
-    y = np.asarray(y_train)
-    if y.ndim != 1:
-        raise ConfigError(f"y_train must be one-dimensional, got shape {y.shape}")
-    if teacher_split not in TEACHER_SPLITS:
-        raise ConfigError(f"teacher_split={teacher_split!r} is not allowed; choose one of: {', '.join(TEACHER_SPLITS)}")
-    if distill_split not in DISTILL_SPLITS:
-        raise ConfigError(f"distill_split={distill_split!r} is not allowed; choose one of: {', '.join(DISTILL_SPLITS)}")
-    if not 0.0 < float(distill_fraction) <= 1.0:
-        raise ConfigError(f"distill_fraction={distill_fraction!r} is out of range; allowed: (0, 1]")
-    if not 0.0 < float(teacher_fraction) <= 1.0:
-        raise ConfigError(f"teacher_fraction={teacher_fraction!r} is out of range; allowed: (0, 1]")
-    for label, value in (("data_seed", data_seed), ("seed", seed)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
-            raise ConfigError(f"{label}={value!r} must be a non-negative integer")
-
-    everything = np.arange(len(y), dtype=np.int64)
-    if teacher_split == "full":
-        if distill_split == "holdout":
-            raise ConfigError(
-                "distill_split='holdout' needs teacher_split='half' (the holdout half D1 exists only "
-                "when the teacher is trained on D0); got teacher_split='full'"
-            )
-        teacher_idx = everything
-        base = everything
-    else:
-        # The salts keep the D0 draw and the subset draw on different streams even when
-        # data_seed == seed (both default to 0).
-        d0 = _stratified_subset(everything, y, len(y) // 2, np.random.default_rng([int(data_seed), _HALF_SALT]))
-        d1 = np.setdiff1d(everything, d0)
-        teacher_idx = d0
-        base = {"train": d0, "holdout": d1, "both": everything}[distill_split]
-    if float(teacher_fraction) < 1.0:
-        size = max(1, int(round(float(teacher_fraction) * len(teacher_idx))))
-        teacher_idx = _stratified_subset(teacher_idx, y, size, np.random.default_rng([int(data_seed), _TEACHER_SALT]))
-        if distill_split == "train":
-            base = teacher_idx
-
-    if float(distill_fraction) == 1.0:
-        distill_idx = base
-    else:
-        size = max(1, int(round(float(distill_fraction) * len(base))))
-        rng = np.random.default_rng([int(seed), _SUBSET_SALT])
-        distill_idx = _stratified_subset(base, y, size, rng)
-    return np.sort(teacher_idx).astype(np.int64), np.sort(distill_idx).astype(np.int64)
-
-
 # --- shared helpers ----------------------------------------------------------------------------
-
-_HALF_SALT = 0x0D0
-_TEACHER_SALT = 0x7EA
-_SUBSET_SALT = 0x5B5
 
 
 def _check_name(name: str) -> None:
@@ -217,18 +145,9 @@ def _resolve_cache_dir(cache_dir: str | Path | None) -> Path:
     return root
 
 
-def _atomic_savez(path: Path, **arrays: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        # Writing through the file object stops np.savez from appending its own ".npz".
-        with os.fdopen(fd, "wb") as handle:
-            np.savez(handle, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+def _savez(path: Path, **arrays: np.ndarray) -> None:
+    # Writing through the file object stops np.savez from appending its own ".npz".
+    write_atomic(path, lambda stream: np.savez(stream, **arrays))
 
 
 def _read_npz(path: Path, keys: tuple[str, ...]) -> dict[str, np.ndarray] | None:
@@ -242,31 +161,6 @@ def _read_npz(path: Path, keys: tuple[str, ...]) -> dict[str, np.ndarray] | None
         return None
 
 
-def _stratified_subset(candidates: np.ndarray, y: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
-    """``size`` of ``candidates`` drawn per class in proportion to the class counts.
-
-    Allocation is by largest remainder with random tie-breaks, so each class gets the floor or the
-    ceiling of its exact share; then every present class gets at least one when ``size`` allows.
-    """
-    labels = y[candidates]
-    classes, counts = np.unique(labels, return_counts=True)
-    size = min(size, len(candidates))
-    quota = size * counts / len(candidates)
-    alloc = np.floor(quota).astype(np.int64)
-    left = size - int(alloc.sum())
-    if left > 0:
-        order = np.lexsort((rng.random(len(classes)), -(quota - alloc)))
-        alloc[order[:left]] += 1
-    if size >= len(classes):
-        for c in np.flatnonzero(alloc == 0):
-            alloc[int(np.argmax(alloc))] -= 1
-            alloc[c] = 1
-    chosen = [
-        rng.permutation(candidates[labels == cls])[:k] for cls, k in zip(classes, alloc) if k > 0
-    ]
-    if not chosen:
-        return np.zeros((0,), np.int64)
-    return np.sort(np.concatenate(chosen)).astype(np.int64)
 
 
 # --- mnist1d -----------------------------------------------------------------------------------
@@ -362,7 +256,7 @@ def _load_mnist1d(root: Path) -> tuple[Arrays, float, float]:
         x_test=_mnist1d_shape(official["x_test"]),
         y_test=np.asarray(official["y_test"], dtype=np.int64),
     )
-    _atomic_savez(
+    _savez(
         path,
         x_train=arrays.x_train,
         y_train=arrays.y_train,
@@ -438,17 +332,17 @@ _DOWNLOAD_TIMEOUT_S = 60
 
 
 def _load_cifar(name: str, root: Path, download: bool) -> Arrays:
-    spec = CIFAR_ARCHIVES[name]
+    archive = CIFAR_ARCHIVES[name]
     # The cache keeps uint8 pixels (a quarter of the float32 size: 180 MB instead of 740 MB for
     # CIFAR-10) and is keyed by the archive's md5, so a different archive never reuses it.
-    cache = root / f"{name}_v{_CIFAR_CACHE_VERSION}_{spec.md5[:8]}.npz"
+    cache = root / f"{name}_v{_CIFAR_CACHE_VERSION}_{archive.md5[:8]}.npz"
     cached = _read_npz(cache, ("x_train", "y_train", "x_test", "y_test"))
     if cached is None:
-        archive = _cifar_archive(name, spec, root, download)
-        x_train, y_train = _parse_cifar(archive, spec.train_members, spec, name)
-        x_test, y_test = _parse_cifar(archive, spec.test_members, spec, name)
+        archive_path = _cifar_archive(name, archive, root, download)
+        x_train, y_train = _parse_cifar(archive_path, archive.train_members, archive, name)
+        x_test, y_test = _parse_cifar(archive_path, archive.test_members, archive, name)
         cached = {"x_train": x_train, "y_train": y_train, "x_test": x_test, "y_test": y_test}
-        _atomic_savez(cache, **cached)
+        _savez(cache, **cached)
     return Arrays(
         x_train=_to_float(cached["x_train"]),
         y_train=cached["y_train"].astype(np.int64),
@@ -463,10 +357,10 @@ def _to_float(pixels: np.ndarray) -> np.ndarray:
     return out
 
 
-def _how_to_fix(spec: CifarArchive, path: Path) -> str:
+def _how_to_fix(archive: CifarArchive, path: Path) -> str:
     return (
-        f"Download {spec.url} and place it at {path} (expected md5 {spec.md5}), or set KD_RAY_DATA "
-        f"to a directory that holds {spec.filename}."
+        f"Download {archive.url} and place it at {path} (expected md5 {archive.md5}), or set KD_RAY_DATA "
+        f"to a directory that holds {archive.filename}."
     )
 
 
@@ -478,69 +372,77 @@ def _md5(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _cifar_archive(name: str, spec: CifarArchive, root: Path, download: bool) -> Path:
+def _cifar_archive(name: str, archive: CifarArchive, root: Path, download: bool) -> Path:
     """The verified archive in the cache directory, downloaded first when allowed."""
-    path = root / spec.filename
+    path = root / archive.filename
     if path.exists():
         actual = _md5(path)
-        if actual != spec.md5:
+        if actual != archive.md5:
             raise DataError(
                 f"{name} archive {path} is corrupt or not the official file: md5 {actual}, expected "
-                f"{spec.md5}. Delete it and let kd_ray download it again, or replace it by hand. "
-                + _how_to_fix(spec, path)
+                f"{archive.md5}. Delete it and let kd_ray download it again, or replace it by hand. "
+                + _how_to_fix(archive, path)
             )
         return path
     if not download:
-        raise DataError(f"{name} archive not found at {path} and download=False. " + _how_to_fix(spec, path))
-    _download(name, spec, path)
+        raise DataError(f"{name} archive not found at {path} and download=False. " + _how_to_fix(archive, path))
+    _download(name, archive, path)
     return path
 
 
-def _download(name: str, spec: CifarArchive, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-    digest = hashlib.md5()
-    try:
+def _download(name: str, archive: CifarArchive, path: Path) -> None:
+    """Fetch the archive to ``path``; a download that fails or has the wrong md5 leaves nothing there."""
+
+    def fetch(out: IO[bytes]) -> None:
+        digest = hashlib.md5()
         try:
-            with os.fdopen(fd, "wb") as out, urllib.request.urlopen(spec.url, timeout=_DOWNLOAD_TIMEOUT_S) as response:
+            with urllib.request.urlopen(archive.url, timeout=_DOWNLOAD_TIMEOUT_S) as response:
                 for chunk in iter(lambda: response.read(1 << 20), b""):
                     digest.update(chunk)
                     out.write(chunk)
         except (urllib.error.URLError, OSError, ValueError) as exc:
-            raise DataError(f"could not download {name} from {spec.url}: {exc}. " + _how_to_fix(spec, path)) from exc
-        if digest.hexdigest() != spec.md5:
             raise DataError(
-                f"downloaded {name} archive from {spec.url} has md5 {digest.hexdigest()}, expected "
-                f"{spec.md5}; it was discarded. " + _how_to_fix(spec, path)
+                f"could not download {name} from {archive.url}: {exc}. " + _how_to_fix(archive, path)
+            ) from exc
+        if digest.hexdigest() != archive.md5:
+            # Raised inside the write: the temporary file is removed and nothing is renamed into place.
+            raise DataError(
+                f"downloaded {name} archive from {archive.url} has md5 {digest.hexdigest()}, expected "
+                f"{archive.md5}; it was discarded. " + _how_to_fix(archive, path)
             )
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
+
+    write_atomic(path, fetch)
 
 
-def _parse_cifar(archive: Path, members: tuple[str, ...], spec: CifarArchive, name: str) -> tuple[np.ndarray, np.ndarray]:
+def _parse_cifar(
+    archive_path: Path, members: tuple[str, ...], archive: CifarArchive, name: str
+) -> tuple[np.ndarray, np.ndarray]:
     """uint8 pixels ``[N, 3, 32, 32]`` and uint8 labels from the binary records of ``members``."""
-    record = spec.label_bytes + _CIFAR_PIXELS
+    record = archive.label_bytes + _CIFAR_PIXELS
     num_classes = DATASET_INFO[name].num_classes
     xs, ys = [], []
     try:
-        with tarfile.open(archive, "r:gz") as tar:
+        with tarfile.open(archive_path, "r:gz") as tar:
             for member in members:
                 handle = tar.extractfile(member)
                 if handle is None:
-                    raise DataError(f"{archive}: {member} is not a regular file")
+                    raise DataError(f"{archive_path}: {member} is not a regular file")
                 data = np.frombuffer(handle.read(), dtype=np.uint8)
                 if data.size == 0 or data.size % record:
-                    raise DataError(f"{archive}: {member} has {data.size} bytes, not a whole number of {record}-byte records")
+                    raise DataError(
+                        f"{archive_path}: {member} has {data.size} bytes, not a whole number of {record}-byte records"
+                    )
                 rows = data.reshape(-1, record)
-                labels = rows[:, spec.label_offset].copy()
+                labels = rows[:, archive.label_offset].copy()
                 if labels.max() >= num_classes:
-                    raise DataError(f"{archive}: {member} holds label {labels.max()}, but {name} has {num_classes} classes")
-                xs.append(rows[:, spec.label_bytes:].reshape(-1, 3, 32, 32))
+                    raise DataError(
+                        f"{archive_path}: {member} holds label {labels.max()}, but {name} has {num_classes} classes"
+                    )
+                xs.append(rows[:, archive.label_bytes :].reshape(-1, 3, 32, 32))
                 ys.append(labels)
     except (tarfile.TarError, KeyError, OSError, EOFError) as exc:
         raise DataError(
-            f"could not read {name} from {archive}: {exc}. Delete the file so it is downloaded again. "
-            + _how_to_fix(spec, archive)
+            f"could not read {name} from {archive_path}: {exc}. Delete the file so it is downloaded again. "
+            + _how_to_fix(archive, archive_path)
         ) from exc
     return np.ascontiguousarray(np.concatenate(xs)), np.concatenate(ys)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import math
-import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -105,7 +104,7 @@ def fit(
     x: torch.Tensor,
     y: torch.Tensor,
     recipe: Recipe,
-    spec: AugmentSpec,
+    augment_spec: AugmentSpec,
     teacher: TeacherFn | None = None,
     on_epoch: EpochCallback | None = None,
 ) -> None:
@@ -132,8 +131,8 @@ def fit(
                 group["lr"] = lr
             idx = order[i * recipe.batch_size : (i + 1) * recipe.batch_size]
             batch = augment(
-                recipe.augmentation, x[idx], generator, kind=spec.kind, crop_pad=spec.crop_pad,
-                hflip=spec.hflip, mixup_alpha=recipe.mixup_alpha,
+                recipe.augmentation, x[idx], generator, kind=augment_spec.kind, crop_pad=augment_spec.crop_pad,
+                hflip=augment_spec.hflip, mixup_alpha=recipe.mixup_alpha,
             )
             inputs = batch.x.contiguous(memory_format=torch.channels_last) if channels_last else batch.x
             with autocast:
@@ -169,14 +168,6 @@ def predict(model: torch.nn.Module, x: torch.Tensor, batch_size: int = 1024) -> 
     out = torch.cat([model(x[i : i + batch_size]).float() for i in range(0, x.shape[0], batch_size)])
     model.train(was_training)
     return out
-
-
-class Timer:
-    def __init__(self) -> None:
-        self.start = time.perf_counter()
-
-    def elapsed(self) -> float:
-        return time.perf_counter() - self.start
 
 
 def initialize_student(

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -57,18 +58,38 @@ def _time(fn, repeats: int, device: torch.device) -> float:
 
 @functools.lru_cache(maxsize=None)
 def choose(
-    arch: str, teacher_arch: str, input_shape: tuple[int, ...], num_classes: int, norm: str, members: int, batch_size: int,
-    device_name: str, precision: str, repeats: int = 3,
+    arch: str, teacher_arch: str, input_shape: tuple[int, ...], num_classes: int, norm: str, members: int,
+    batch_size: int, device_name: str, precision: str, repeats: int = 3,
 ) -> FastPath:
     device = torch.device(device_name)
     torch_state = torch.random.get_rng_state()  # throwaway models must not move the trial's RNG
     try:
-        return _measure(arch, teacher_arch, input_shape, num_classes, norm, members, batch_size, device, precision, repeats)
+        return _measure(
+            arch, teacher_arch, input_shape, num_classes, norm, members, batch_size, device, precision, repeats
+        )
     finally:
         torch.random.set_rng_state(torch_state)
 
 
-def _measure(arch, teacher_arch, input_shape, num_classes, norm, members, batch_size, device, precision, repeats) -> FastPath:
+def _student_step(
+    student: torch.nn.Module, optimizer: torch.optim.Optimizer, xb: torch.Tensor, bf16: bool
+) -> Callable[[], None]:
+    """One training step of ``student`` on ``xb`` (bf16 autocast or not), to be timed."""
+
+    def step() -> None:
+        with torch.autocast(xb.device.type, dtype=torch.bfloat16, enabled=bf16):
+            out = student(xb)
+        loss = F.log_softmax(out.float(), -1).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def _measure(
+    arch, teacher_arch, input_shape, num_classes, norm, members, batch_size, device, precision, repeats
+) -> FastPath:
     x = torch.rand(batch_size, *input_shape, device=device)
     image = len(input_shape) == 3
     dtypes = {"fp32": [False], "bf16": [True], "auto": [False, True] if _bf16_supported(device) else [False]}[precision]
@@ -82,14 +103,7 @@ def _measure(arch, teacher_arch, input_shape, num_classes, norm, members, batch_
         xb = path.layout(x)
         optimizer = torch.optim.SGD(student.parameters(), lr=1e-3)
         for bf16 in dtypes:
-            def step() -> None:
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                    out = student(xb)
-                loss = F.log_softmax(out.float(), -1).mean()
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-            student_times[(bf16, channels_last)] = _time(step, repeats, device)
+            student_times[(bf16, channels_last)] = _time(_student_step(student, optimizer, xb, bf16), repeats, device)
     best_fp32 = min(t for (bf16, _), t in student_times.items() if not bf16) if False in dtypes else None
     if best_fp32 is not None and True in dtypes:
         best_bf16 = min(t for (bf16, _), t in student_times.items() if bf16)

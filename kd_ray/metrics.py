@@ -53,22 +53,22 @@ def predictive_kl(teacher: torch.Tensor, student: torch.Tensor) -> float:
     return terms.sum(-1).mean().item()
 
 
-def evaluate_predictions(
+def prediction_metrics(
     student_logits: torch.Tensor, teacher_log_probs: torch.Tensor, labels: torch.Tensor | None = None
 ) -> dict[str, float]:
     """The metric set of one evaluation split: agreement and KL, plus accuracy/NLL/ECE with labels."""
-    out = {
-        "agreement": agreement(teacher_log_probs, student_logits),
-        "kl": predictive_kl(teacher_log_probs, student_logits),
-    }
+    out = {}
     if labels is not None:
         out["acc"] = accuracy(student_logits, labels)
         out["nll"] = nll(student_logits, labels)
         out["ece"] = ece(student_logits, labels)
+    out["agreement"] = agreement(teacher_log_probs, student_logits)
+    out["kl"] = predictive_kl(teacher_log_probs, student_logits)
     return out
 
 
 def teacher_metrics(teacher_log_probs: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """The teacher's own test metrics, named as in the trial tables (``teacher_test_acc``, ...)."""
     return {
         "teacher_test_acc": accuracy(teacher_log_probs, labels),
         "teacher_test_nll": nll(teacher_log_probs, labels),
@@ -76,7 +76,7 @@ def teacher_metrics(teacher_log_probs: torch.Tensor, labels: torch.Tensor) -> di
     }
 
 
-def evaluate(
+def student_metrics(
     student_test: torch.Tensor,
     teacher_test: torch.Tensor,
     test_labels: torch.Tensor,
@@ -84,12 +84,8 @@ def evaluate(
     teacher_train: torch.Tensor,
 ) -> dict[str, float]:
     """A student's metric set, named as in the trial tables: generalization and fidelity on the test
-    set, fidelity on the clean distillation set (``aug_train_agreement`` needs the augmentation and is
-    computed by the trial)."""
-    test = evaluate_predictions(student_test, teacher_test, test_labels)
-    train = evaluate_predictions(student_train, teacher_train)
-    return {
-        "test_acc": test["acc"], "test_nll": test["nll"], "test_ece": test["ece"],
-        "test_agreement": test["agreement"], "test_kl": test["kl"],
-        "train_agreement": train["agreement"], "train_kl": train["kl"],
-    }
+    set (``test_*``), fidelity on the clean distillation set (``train_agreement``, ``train_kl``).
+    ``aug_train_agreement`` needs the augmentation and is computed by the trial."""
+    test = prediction_metrics(student_test, teacher_test, test_labels)
+    train = prediction_metrics(student_train, teacher_train)
+    return {**{f"test_{k}": v for k, v in test.items()}, **{f"train_{k}": v for k, v in train.items()}}

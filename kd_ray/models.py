@@ -29,9 +29,9 @@ from __future__ import annotations
 
 import copy
 import difflib
-import warnings
 import math
 import re
+import warnings
 
 import torch
 from torch import nn

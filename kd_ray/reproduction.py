@@ -8,29 +8,24 @@ GPU throughput; replace it with the per-epoch times of a first real run (``epoch
 
 from __future__ import annotations
 
-import importlib.util
+import functools
 import itertools
-import shutil
 import time
 from pathlib import Path
 
 import pandas as pd
 
 from kd_ray import analysis, findings
+from kd_ray.atomic import write_bytes, write_text
+from kd_ray.config import TrialConfig
+from kd_ray.presets import REPRODUCTION, STUDIES
 from kd_ray.provenance import versions
 
 SUSTAINED_GPU_FLOPS = 10e12  # assumed: an A10G (g5) training small CIFAR ResNets in bf16, ~8% of its peak
 CIFAR_TRAIN, CIFAR_TEST = 50_000, 10_000
 
 
-def _study_module(name: str):
-    path = Path(__file__).resolve().parent.parent / "studies" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"kd_ray_plan_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
+@functools.lru_cache(maxsize=None)
 def _flops_per_image(arch: str, train: bool) -> float:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
@@ -49,41 +44,41 @@ def _flops_per_image(arch: str, train: bool) -> float:
 
 
 def paper_plan() -> list[dict]:
-    """Per study: the command, the number of trials and a FLOP-based GPU-hour estimate."""
-    import argparse
+    """Per study of the reproduction: the command, the number of trials and a FLOP-based GPU-hour estimate."""
+    # Deferred: the teacher module imports torch, which writing the verdicts does not need.
+    from kd_ray.teachers import needed_members
 
     rows = []
-    for name in ["augmentation_ablation", "temperature_sweep", "dataset_size", "training_duration", "initialization",
-                 "ensemble_size", "alpha_sweep", "small_teacher"]:
-        module = _study_module(name)
-        preset = module.PRESETS["paper"]
-        for adapt in ("keep_applicable_policies", "drop_extra_data_if_not_generative"):
-            if hasattr(module, adapt):
-                preset = getattr(module, adapt)(preset, argparse.Namespace(dataset=None, preset="paper"))
+    for name in REPRODUCTION:
+        study = STUDIES[name]
+        preset = study.presets["paper"]
+        if study.adapt is not None:
+            preset = study.adapt(preset, None)
         grid = [dict(zip(preset.axes, values)) for values in itertools.product(*preset.axes.values())] or [{}]
         arms = preset.arms or [{}]
-        configs = [{**preset.base, **arm, **point} for arm in arms for point in grid]
+        configs = [TrialConfig.from_dict({**preset.base, **arm, **point}) for arm in arms for point in grid]
         trials = len(configs) * preset.seeds
-        gpu_seconds, members = 0.0, set()
+        gpu_seconds = 0.0
         for cfg in configs:
-            teacher, student = cfg["teacher_arch"], cfg["student_arch"]
-            m = cfg["teacher_members"]
-            fraction = cfg.get("distill_fraction", 1.0) * (0.5 if cfg.get("teacher_split") == "half" else 1.0)
-            images = CIFAR_TRAIN * fraction * cfg["epochs"]
-            per_image = _flops_per_image(student, True) + m * _flops_per_image(teacher, False)
-            factor = 2 if cfg.get("control") else 1
+            fraction = cfg.distill_fraction * (0.5 if cfg.teacher_split == "half" else 1.0)
+            images = CIFAR_TRAIN * fraction * cfg.epochs
+            per_image = _flops_per_image(cfg.student_arch, True) + cfg.teacher_members * _flops_per_image(
+                cfg.teacher_arch, False
+            )
+            factor = 2 if cfg.control else 1
             gpu_seconds += preset.seeds * factor * images * per_image / SUSTAINED_GPU_FLOPS
-            offsets = (0, 1000) if cfg.get("control") else (0,)
-            for offset in offsets:
-                for member in range(m):
-                    members.add((teacher, cfg["teacher_epochs"], cfg.get("teacher_split", "full"),
-                                 cfg.get("teacher_fraction", 1.0), offset, member))
-        for teacher, epochs, split, teacher_fraction, _, _ in members:
-            images = CIFAR_TRAIN * (0.5 if split == "half" else 1.0) * teacher_fraction * epochs
-            gpu_seconds += images * _flops_per_image(teacher, True) / SUSTAINED_GPU_FLOPS
+        # Every member once, control members included: the store shares them between trials and seeds.
+        members = needed_members(configs)
+        for member in members.values():
+            teacher = member.cfg
+            images = CIFAR_TRAIN * (0.5 if teacher.teacher_split == "half" else 1.0) * teacher.teacher_fraction
+            gpu_seconds += images * teacher.teacher_epochs * _flops_per_image(teacher.teacher_arch, True) / (
+                SUSTAINED_GPU_FLOPS
+            )
         rows.append({
             "study": name, "trials": trials, "teacher members": len(members), "GPU-hours (est.)": gpu_seconds / 3600,
-            "command": f"python studies/{name}.py --preset paper --address auto --storage s3://BUCKET/kd --gpus-per-trial {preset.gpus_per_trial:g}",
+            "command": f"python studies/{name}.py --preset paper --address auto --storage s3://BUCKET/kd "
+                       f"--gpus-per-trial {preset.gpus_per_trial:g}",
         })
     return rows
 
@@ -94,14 +89,13 @@ def _copy_figure(storage: Path, study: str, figure: str | None, figures_dir: Pat
     source = storage / study / "figures" / figure
     if not source.exists():
         return None
-    figures_dir.mkdir(parents=True, exist_ok=True)
     target = figures_dir / f"{study}__{figure}"
-    shutil.copyfile(source, target)
+    write_bytes(target, source.read_bytes())
     return target.name
 
 
 def _provenance(storage: Path) -> str:
-    frames = [analysis.load_trials(d) for d in sorted(storage.iterdir()) if (d / "trials.parquet").exists()]
+    frames = [analysis.load_trials(d) for d in sorted(storage.iterdir()) if (d / analysis.TRIALS_FILE).exists()]
     if not frames:
         return "no tables found"
     trials = pd.concat(frames, ignore_index=True)
@@ -115,7 +109,7 @@ def _provenance(storage: Path) -> str:
 
 
 def write_document(storage: Path, out: Path, runs: dict, seeds: int, figures_dir: Path) -> None:
-    results = findings.evaluate(storage)
+    results = findings.judge_findings(storage)
     rel = Path("figures") / figures_dir.name
     lines = [
         "# Reproduction at laptop scale",
@@ -158,7 +152,8 @@ def write_document(storage: Path, out: Path, runs: dict, seeds: int, figures_dir
         if finding.study is None or verdict.verdict == findings.NOT_COVERED:
             lines += [f"Not covered: {verdict.evidence[0] if verdict.evidence else finding.why_not_covered}.", ""]
             continue
-        lines += [f"- Study: `{finding.study}`; setting: {finding.setting}.", f"- Rule: {finding.rule}.", "- Measured (mean ± sd over seeds):"]
+        lines += [f"- Study: `{finding.study}`; setting: {finding.setting}.", f"- Rule: {finding.rule}.",
+                  "- Measured (mean ± sd over seeds):"]
         lines += [f"  - {item}" for item in verdict.evidence]
         figure = _copy_figure(storage, finding.study, finding.figure, figures_dir)
         if figure:
@@ -178,7 +173,8 @@ def write_document(storage: Path, out: Path, runs: dict, seeds: int, figures_dir
         "CIFAR-100, PreResNet-56 ensembles (PreResNet-20 where the paper uses it), the paper's recipes. Start the",
         "cluster with `ray up cluster.yaml`, then submit each command with `ray submit cluster.yaml ... --`.",
         "GPU-hours are estimated from the models' FLOPs (student forward + backward and every teacher member's",
-        f"forward per image, plus training each teacher member once) at an assumed sustained {SUSTAINED_GPU_FLOPS / 1e12:.0f}",
+        "forward per image, plus training each teacher member once) at an assumed sustained "
+        f"{SUSTAINED_GPU_FLOPS / 1e12:.0f}",
         "TFLOP/s per GPU; no GPU was available to measure per-epoch times, so read these as planning figures and",
         "replace them with the `train_time_s` per epoch of the first trials of a real run.",
         "",
@@ -186,7 +182,7 @@ def write_document(storage: Path, out: Path, runs: dict, seeds: int, figures_dir
         "|---|---|---|---|---|",
     ]
     for row in plan:
-        lines.append(f"| {row['study']} | {row['trials']} | {row['teacher members']} | {row['GPU-hours (est.)']:.0f} | `{row['command']}` |")
+        lines.append(f"| {row['study']} | {row['trials']} | {row['teacher members']} | "
+                     f"{row['GPU-hours (est.)']:.0f} | `{row['command']}` |")
     lines += ["", f"Total: about {total:.0f} GPU-hours.", ""]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(lines))
+    write_text(out, "\n".join(lines))

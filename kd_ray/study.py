@@ -1,10 +1,11 @@
 """Study: many distillation trials on Ray Tune, written to Parquet trial tables.
 
 A Study is a base TrialConfig, the axes to grid over (or an Optuna search space), seeds, a
-scheduler, resources per trial and a storage location. ``Study.run()`` validates every config
-before any compute, prepares the teacher members as parallel Ray tasks, runs a ``ray.tune.Tuner``
-around one function trainable, and writes ``trials.parquet`` and ``epochs.parquet`` into
-``<storage>/<name>/``. This is the only module besides ``teachers`` preparation that imports Ray.
+scheduler, resources per trial and a storage location: the specification, and its validation.
+``Study.run()`` validates every config before any compute, then hands the study to the Ray runner
+(``kd_ray.study_runner``), which prepares the teacher members as parallel Ray tasks, runs a
+``ray.tune.Tuner`` around one function trainable, and writes ``trials.parquet`` and
+``epochs.parquet`` into ``<storage>/<name>/``. This module does not import Ray.
 """
 
 from __future__ import annotations
@@ -13,13 +14,12 @@ import itertools
 import os
 import sys
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kd_ray.config import ConfigError, TrialConfig
-from kd_ray.teachers import CONTROL_SEED_OFFSET, member_key
 
-STATE_FILE = "state.pt"
-OPTUNA_JOURNAL = "optuna.journal"
+if TYPE_CHECKING:
+    from kd_ray.study_runner import RunPlan, StudyResult
 
 
 @dataclass(frozen=True)
@@ -148,7 +148,9 @@ class Study:
         search = self.search
         assert search is not None
         if self.axes or self.arms:
-            raise ConfigError("an Optuna search takes its dimensions from the search space; axes and arms must be empty")
+            raise ConfigError(
+                "an Optuna search takes its dimensions from the search space; axes and arms must be empty"
+            )
         if len(search.metrics) != len(search.modes):
             raise ConfigError(f"search metrics {search.metrics} and modes {search.modes} differ in length")
         for mode in search.modes:
@@ -158,7 +160,9 @@ class Study:
 
         for metric in search.metrics:
             if metric not in METRICS:
-                raise ConfigError(f"search metric {metric!r} is not a trial metric; choose from {', '.join(METRICS)}")
+                raise ConfigError(
+                    f"search metric {metric!r} is not a trial metric; choose from {', '.join(METRICS)}"
+                )
         if len(search.metrics) > 1 and self.scheduler == "asha":
             raise ConfigError("scheduler='asha' stops trials on one metric; use it with a single-objective search")
         for name, dim in search.space.items():
@@ -166,36 +170,36 @@ class Study:
                 TrialConfig.from_dict({name: None})
             if not dim or dim[0] not in ("float", "logfloat", "int", "choice"):
                 raise ConfigError(f"search space {name}={dim!r}: kind must be float, logfloat, int or choice")
-            samples = [v for v in dim[1]] if dim[0] == "choice" else [dim[1], dim[2]]
+            samples = list(dim[1]) if dim[0] == "choice" else [dim[1], dim[2]]
             for value in samples:  # both ends (or every choice) must be a valid config
                 TrialConfig.from_dict({**self.base.to_dict(), name: value})
         if search.num_samples < 1:
             raise ConfigError(f"search num_samples={search.num_samples} must be >= 1")
 
     # --- running --------------------------------------------------------------------------------
-    def run(self) -> "StudyResult":
+    def plan(self) -> RunPlan:
+        """This study as the plain values the Ray runner takes."""
+        # Deferred and downward: the runner imports Ray, which a study that is only validated (or
+        # refused) never needs; the runner never imports this module.
+        from kd_ray.study_runner import RunPlan
+
+        search = self.search
+        return RunPlan(
+            name=self.name, study_dir=self.study_dir, storage_path=self.storage_path,
+            teacher_store=self.teacher_store, base=self.base, axes=dict(self.axes), arms=list(self.arms),
+            seeds=list(self.seeds), search_space=dict(search.space) if search else None,
+            metrics=search.metrics if search else ("test_agreement",), modes=search.modes if search else ("max",),
+            num_samples=search.num_samples if search else 1, search_seed=search.seed if search else 0,
+            scheduler=self.scheduler, asha_grace_epochs=self.asha_grace_epochs, cpus_per_trial=self.cpus_per_trial,
+            gpus_per_trial=self.gpus_per_trial, max_concurrent_trials=self.max_concurrent_trials,
+            max_failures=self.max_failures, resume=self.resume, address=self.address, data_dir=self.data_dir,
+            retrain_teachers=self.retrain_teachers, verbose=self.verbose,
+        )
+
+    def run(self) -> StudyResult:
         configs = self.validate()
-        from kd_ray import study_runner
+        # Deferred and downward, as in plan(): only a study that passed validation starts Ray.
+        from kd_ray.study_runner import run_study
 
-        return study_runner.run(self, configs)
-
-
-@dataclass
-class StudyResult:
-    study_dir: str
-    trials: Any  # pandas.DataFrame
-    epochs: Any  # pandas.DataFrame
-    partial: bool
-    finished: int
-    expected: int
-
-
-def needed_members(configs: list[TrialConfig]) -> dict[str, tuple[TrialConfig, int, int]]:
-    """Every teacher member the configs distil from, keyed by member key (control included)."""
-    members: dict[str, tuple[TrialConfig, int, int]] = {}
-    for cfg in configs:
-        offsets = (0, CONTROL_SEED_OFFSET) if cfg.control else (0,)
-        for offset in offsets:
-            for member in range(cfg.teacher_members):
-                members.setdefault(member_key(cfg, member, offset), (cfg, member, offset))
-    return members
+        # A search samples its trials as it goes: the teachers are prepared for the base config.
+        return run_study(self.plan(), configs if self.search is None else [self.base])

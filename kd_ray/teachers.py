@@ -18,24 +18,27 @@ import os
 import shutil
 import tempfile
 import time
-import uuid
+from collections.abc import Iterable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator, NamedTuple
 
+import numpy as np
 import torch
 
 from kd_ray import __version__
+from kd_ray.atomic import write_bytes
 from kd_ray.config import TrialConfig, content_hash
-from kd_ray.data import Arrays, DatasetInfo
+from kd_ray.data import DATASET_INFO, Arrays
 from kd_ray.distill import AugmentSpec, Recipe, TrainState, fit, make_optimizer, predict
 from kd_ray.metrics import accuracy
 from kd_ray.models import StackedEnsemble, build_model
+from kd_ray.progress import Progress
+from kd_ray.splits import split_indices
 
 WEIGHTS, LOGITS, MANIFEST = "weights.pt", "logits.pt", "manifest.json"
 CONTROL_SEED_OFFSET = 1000  # the independent-teacher control uses teacher_seed + this
-Progress = Callable[[str], None]
 
 
 class TeacherStoreError(RuntimeError):
@@ -116,10 +119,7 @@ class TeacherStore:
             staging = tempfile.mkdtemp(prefix=f".{key}.", dir=os.path.dirname(final))
             try:
                 for name, data in blobs.items():
-                    with open(os.path.join(staging, name), "wb") as f:
-                        f.write(data)
-                        f.flush()
-                        os.fsync(f.fileno())
+                    write_bytes(os.path.join(staging, name), data)
                 if os.path.isdir(final) and not self.has(key):
                     shutil.rmtree(final)  # leftovers of a member without a manifest
                 try:
@@ -130,13 +130,9 @@ class TeacherStore:
             finally:
                 shutil.rmtree(staging, ignore_errors=True)
             return
-        # Object stores: every file via a unique temporary name, the manifest last.
-        self.fs.create_dir(final, recursive=True)
+        # Object stores have no directory rename: every file is written atomically, the manifest last.
         for name in (WEIGHTS, LOGITS, MANIFEST):
-            tmp = f"{final}/.{name}.{uuid.uuid4().hex}"
-            with self.fs.open_output_stream(tmp) as out:
-                out.write(blobs[name])
-            self.fs.move(tmp, f"{final}/{name}")
+            write_bytes(f"{self.uri.rstrip('/')}/members/{key}/{name}", blobs[name])
 
     def _verified_bytes(self, key: str, name: str) -> bytes:
         """The bytes of a member's file, after checking them against the manifest's sha256."""
@@ -215,7 +211,15 @@ def _to_bytes(obj: dict) -> bytes:
     return buffer.getvalue()
 
 
-# --- training -----------------------------------------------------------------------------------
+# --- which members, on which data ---------------------------------------------------------------
+
+
+class NeededMember(NamedTuple):
+    """One teacher member a trial distils from: the config that decides it, its index, its seed offset."""
+
+    cfg: TrialConfig
+    member: int
+    seed_offset: int
 
 
 def member_key(cfg: TrialConfig, member: int, seed_offset: int = 0) -> str:
@@ -224,6 +228,54 @@ def member_key(cfg: TrialConfig, member: int, seed_offset: int = 0) -> str:
 
 def member_seed(cfg: TrialConfig, member: int, seed_offset: int = 0) -> int:
     return (cfg.teacher_seed + seed_offset) * 1000 + member
+
+
+def teacher_indices(cfg: TrialConfig, y_train: np.ndarray) -> np.ndarray:
+    """The sorted train indices a teacher member of ``cfg`` is trained on.
+
+    Decided by the teacher's fields alone (split, fraction, data seed), never by the student's
+    distillation split or fraction: every trial that shares a teacher trains it on the same data."""
+    indices, _ = split_indices(
+        y_train, teacher_split=cfg.teacher_split, distill_split="train", distill_fraction=1.0,
+        data_seed=cfg.data_seed, seed=0, teacher_fraction=cfg.teacher_fraction,
+    )
+    return indices
+
+
+def needed_members(configs: Iterable[TrialConfig]) -> dict[str, NeededMember]:
+    """Every teacher member the configs distil from, keyed by member key (control members included)."""
+    members: dict[str, NeededMember] = {}
+    for cfg in configs:
+        offsets = (0, CONTROL_SEED_OFFSET) if cfg.control else (0,)
+        for offset in offsets:
+            for member in range(cfg.teacher_members):
+                members.setdefault(member_key(cfg, member, offset), NeededMember(cfg, member, offset))
+    return members
+
+
+# --- the retrain policy and the store check ------------------------------------------------------
+
+
+def delete_members(store: TeacherStore, keys: Iterable[str]) -> None:
+    """Retrain: delete the stored members among ``keys``, each under its lock; they are trained again
+    when next needed. The fix for a corrupted member (``--retrain-teachers``)."""
+    for key in keys:
+        if store.has(key):
+            with store.lock(key):
+                store.delete(key)
+
+
+def check_stored_members(store: TeacherStore, keys: Iterable[str]) -> None:
+    """Raise TeacherStoreError (naming the file and the fix) for the first stored member among ``keys``
+    whose files do not match their checksums. Members not in the store are left to be trained."""
+    for key in keys:
+        if store.has(key):
+            problems = store.check(key)
+            if problems:
+                raise TeacherStoreError(problems[0])
+
+
+# --- training -----------------------------------------------------------------------------------
 
 
 def teacher_recipe(cfg: TrialConfig) -> Recipe:
@@ -239,13 +291,12 @@ def train_member(
     cfg: TrialConfig,
     member: int,
     arrays: Arrays,
-    teacher_idx: torch.Tensor,
-    info: DatasetInfo,
     device: torch.device,
     seed_offset: int = 0,
     progress: Progress | None = None,
 ) -> tuple[dict, dict, dict]:
     """Train one member from scratch; returns (weights, logits, metrics) ready for the store."""
+    info = DATASET_INFO[cfg.dataset]
     seed = member_seed(cfg, member, seed_offset)
     torch.manual_seed(seed)
     model = build_model(cfg.teacher_arch, info.input_shape, info.num_classes, cfg.norm).to(device)
@@ -255,15 +306,16 @@ def train_member(
     state = TrainState(model, make_optimizer(model, recipe), generator)
     x_train = torch.as_tensor(arrays.x_train, device=device)
     y_train = torch.as_tensor(arrays.y_train, device=device)
-    x_fit, y_fit = x_train[teacher_idx.to(device)], y_train[teacher_idx.to(device)]
-    spec = AugmentSpec(info.kind, info.crop_pad, info.hflip)
+    fit_idx = torch.as_tensor(teacher_indices(cfg, arrays.y_train), device=device)
+    x_fit, y_fit = x_train[fit_idx], y_train[fit_idx]
+    augment_spec = AugmentSpec(info.kind, info.crop_pad, info.hflip)
     started = time.perf_counter()
 
     def on_epoch(epoch: int, loss: float, lr: float) -> None:
         if progress and (epoch % max(1, recipe.epochs // 5) == 0 or epoch == recipe.epochs):
             progress(f"teacher member {member}: epoch {epoch}/{recipe.epochs} loss {loss:.3f}")
 
-    fit(state, x_fit, y_fit, recipe, spec, teacher=None, on_epoch=on_epoch)
+    fit(state, x_fit, y_fit, recipe, augment_spec, teacher=None, on_epoch=on_epoch)
     final = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     x_test = torch.as_tensor(arrays.x_test, device=device)
     logits = {"test": predict(model, x_test).cpu(), "train": predict(model, x_train).cpu()}
@@ -279,30 +331,26 @@ def ensure_members(
     cfg: TrialConfig,
     store: TeacherStore,
     arrays: Arrays,
-    teacher_idx: torch.Tensor,
-    info: DatasetInfo,
     device: torch.device,
+    *,
     seed_offset: int = 0,
-    progress: Progress | None = None,
     members: list[int] | None = None,
+    progress: Progress | None = None,
     retrain: bool = False,
 ) -> list[str]:
-    """Make sure every member of the trial's ensemble is in the store; train the missing ones.
-
-    ``retrain=True`` deletes the stored members first (the fix for a corrupted store)."""
-    keys = []
-    for member in members if members is not None else range(cfg.teacher_members):
-        key = member_key(cfg, member, seed_offset)
-        keys.append(key)
-        if retrain and store.has(key):
-            with store.lock(key):
-                store.delete(key)
+    """Make sure every member of the trial's ensemble (or those in ``members``) is in the store;
+    train the missing ones. ``retrain=True`` deletes the stored ones first (``delete_members``)."""
+    indices = members if members is not None else range(cfg.teacher_members)
+    keys = [member_key(cfg, member, seed_offset) for member in indices]
+    if retrain:
+        delete_members(store, keys)
+    for member, key in zip(indices, keys):
         if store.has(key):
             continue
         with store.lock(key):
             if store.has(key):  # trained by another process while we waited
                 continue
-            weights, logits, metrics = train_member(cfg, member, arrays, teacher_idx, info, device, seed_offset, progress)
+            weights, logits, metrics = train_member(cfg, member, arrays, device, seed_offset, progress)
             store.save(key, cfg.teacher_spec(member, seed_offset), weights, logits, metrics)
             if progress:
                 progress(f"teacher member {member} stored as {key} (test acc {metrics['test_acc']:.3f})")
@@ -328,9 +376,9 @@ class Ensemble:
         return self.stacked.log_probs(x)
 
 
-def load_ensemble(
-    cfg: TrialConfig, store: TeacherStore, info: DatasetInfo, device: torch.device, seed_offset: int = 0
-) -> Ensemble:
+def load_ensemble(cfg: TrialConfig, store: TeacherStore, device: torch.device, seed_offset: int = 0) -> Ensemble:
+    """The ensemble of ``cfg`` (the control's with ``seed_offset``) from the store, verified, on ``device``."""
+    info = DATASET_INFO[cfg.dataset]
     models, initial, final, test, train = [], [], [], [], []
     for member in range(cfg.teacher_members):
         key = member_key(cfg, member, seed_offset)

@@ -10,26 +10,24 @@ from typing import Any, Callable
 
 import torch
 
-from kd_ray.config import ConfigError, TrialConfig
-from kd_ray.data import DATASET_INFO, DatasetInfo, generate_extra, load_arrays, split_indices
-from kd_ray.distill import (
-    AugmentSpec, Diverged, Recipe, TrainState, fit, initialize_student, make_optimizer, predict,
-)
-from kd_ray.augment import augment, check_policy
-from kd_ray.metrics import agreement, evaluate, teacher_metrics
 from kd_ray import fastpath
+from kd_ray.augment import augment, check_policy
+from kd_ray.config import ConfigError, TrialConfig
+from kd_ray.data import DATASET_INFO, DatasetInfo, generate_extra, load_arrays
+from kd_ray.distill import AugmentSpec, Diverged, Recipe, TrainState, fit, initialize_student, make_optimizer, predict
 from kd_ray.fastpath import FastPath
+from kd_ray.metrics import agreement, student_metrics, teacher_metrics
 from kd_ray.models import LoopEnsemble, StackedEnsemble, build_model, check_arch, ensemble_log_probs
+from kd_ray.progress import Progress
 from kd_ray.provenance import versions
+from kd_ray.splits import split_indices
+from kd_ray.tables import CONTROL_METRICS, DIVERGED, METRICS, TERMINATED
 from kd_ray.teachers import CONTROL_SEED_OFFSET, Ensemble, TeacherStore, default_store, ensure_members, load_ensemble
 
-Report = Callable[[dict[str, Any], dict[str, Any] | None], None]  # (metrics, checkpoint or None)
-Progress = Callable[[str], None]
+EvalCallback = Callable[[dict[str, Any], dict[str, Any] | None], None]  # (metrics, checkpoint) per evaluation
 
-FINAL_METRICS = (
-    "test_acc", "test_nll", "test_ece", "test_agreement", "test_kl", "train_agreement", "train_kl",
-    "aug_train_agreement", "teacher_test_acc", "teacher_test_nll", "teacher_test_ece",
-)
+# The metrics every evaluation measures (the control's agreement is measured once, after training).
+FINAL_METRICS = tuple(m for m in METRICS if m not in CONTROL_METRICS)
 
 
 def check_runnable(cfg: TrialConfig, check_device: bool = True) -> None:
@@ -64,7 +62,8 @@ def fast_path(cfg: TrialConfig, info: DatasetInfo, device: torch.device) -> Fast
     )
 
 
-def student_recipe(cfg: TrialConfig, path: FastPath = FastPath()) -> Recipe:
+def student_recipe(cfg: TrialConfig, path: FastPath | None = None) -> Recipe:
+    path = path or FastPath()
     return Recipe(
         epochs=cfg.epochs, batch_size=cfg.batch_size, optimizer=cfg.optimizer, lr=float(cfg.lr),
         weight_decay=cfg.weight_decay, lr_schedule=cfg.lr_schedule, augmentation=cfg.augmentation,
@@ -90,12 +89,11 @@ class TrialData:
     def __init__(self, cfg: TrialConfig, device: torch.device, data_dir: str | None) -> None:
         self.info: DatasetInfo = DATASET_INFO[cfg.dataset]
         self.arrays = load_arrays(cfg.dataset, data_dir)
-        teacher_idx, distill_idx = split_indices(
+        _, distill_idx = split_indices(
             self.arrays.y_train, teacher_split=cfg.teacher_split, distill_split=cfg.distill_split,
             distill_fraction=cfg.distill_fraction, data_seed=cfg.data_seed, seed=cfg.seed,
             teacher_fraction=cfg.teacher_fraction,
         )
-        self.teacher_idx = torch.as_tensor(teacher_idx)
         self.distill_idx = torch.as_tensor(distill_idx, device=device)
         x_train = torch.as_tensor(self.arrays.x_train, device=device)
         y_train = torch.as_tensor(self.arrays.y_train, device=device)
@@ -108,7 +106,7 @@ class TrialData:
             self.y = torch.cat([self.y, torch.as_tensor(y_extra, device=device)])
         self.x_test = torch.as_tensor(self.arrays.x_test, device=device)
         self.y_test = torch.as_tensor(self.arrays.y_test, device=device)
-        self.spec = AugmentSpec(self.info.kind, self.info.crop_pad, self.info.hflip)
+        self.augment_spec = AugmentSpec(self.info.kind, self.info.crop_pad, self.info.hflip)
 
     def teacher_log_probs(self, ensemble: Ensemble) -> tuple[torch.Tensor, torch.Tensor]:
         """Teacher log-probabilities on (test set, clean distillation set), from the cached logits."""
@@ -130,8 +128,8 @@ def aug_agreement(
     teacher_preds, student_preds = [], []
     for i in range(0, data.x.shape[0], 1024):
         batch = augment(
-            cfg.augmentation, data.x[i : i + 1024], generator, kind=data.spec.kind,
-            crop_pad=data.spec.crop_pad, hflip=data.spec.hflip, mixup_alpha=cfg.mixup_alpha,
+            cfg.augmentation, data.x[i : i + 1024], generator, kind=data.augment_spec.kind,
+            crop_pad=data.augment_spec.crop_pad, hflip=data.augment_spec.hflip, mixup_alpha=cfg.mixup_alpha,
         )
         teacher_preds.append(ensemble.log_probs(batch.x))
         student_preds.append(predict(student, batch.x))
@@ -140,7 +138,7 @@ def aug_agreement(
 
 def run_trial(
     config: TrialConfig | dict[str, Any],
-    report: Report | None = None,
+    on_eval: EvalCallback | None = None,
     resume: dict[str, Any] | None = None,
     *,
     store: TeacherStore | str | None = None,
@@ -150,7 +148,7 @@ def run_trial(
 ) -> dict[str, Any]:
     """Train (or load) the teacher ensemble, distil a student, return the final metrics.
 
-    ``report(metrics, checkpoint)`` is called at every evaluation epoch; ``checkpoint`` is a dict of
+    ``on_eval(metrics, checkpoint)`` is called at every evaluation epoch; ``checkpoint`` is a dict of
     tensors that, passed back as ``resume``, continues the trial from that epoch.
     """
     cfg = config if isinstance(config, TrialConfig) else TrialConfig.from_dict(config)
@@ -161,65 +159,67 @@ def run_trial(
     elapsed_before = float(resume["train_time_s"]) if resume else 0.0
 
     data = TrialData(cfg, device, data_dir)
-    ensure_members(cfg, store, data.arrays, data.teacher_idx, data.info, device, progress=progress,
-                   retrain=retrain_teachers)
-    ensemble = load_ensemble(cfg, store, data.info, device)
+    ensure_members(cfg, store, data.arrays, device, progress=progress, retrain=retrain_teachers)
+    ensemble = load_ensemble(cfg, store, device)
     path = fast_path(cfg, data.info, device)
     recipe = student_recipe(cfg, path)
     teacher_for_training = training_teacher(ensemble, path)
     teacher_test, teacher_distill = data.teacher_log_probs(ensemble)
     teacher_summary = teacher_metrics(teacher_test, data.y_test)
 
-    result: dict[str, Any] = {"status": "TERMINATED", "error": None, "teacher_key": ensemble.key}
+    result: dict[str, Any] = {"status": TERMINATED, "error": None, "teacher_key": ensemble.key}
     result.update(teacher_summary)
     last_metrics: dict[str, Any] = {}
     state = build_student_state(cfg, recipe, ensemble, data, device, resume["train_state"] if resume else None)
 
-    def evaluate_student() -> dict[str, float]:
+    def measure_student() -> dict[str, float]:
         model = state.model
-        metrics = evaluate(predict(model, data.x_test), teacher_test, data.y_test, predict(model, data.x), teacher_distill)
+        metrics = student_metrics(
+            predict(model, data.x_test), teacher_test, data.y_test, predict(model, data.x), teacher_distill
+        )
         metrics["aug_train_agreement"] = aug_agreement(model, ensemble, data, cfg, seed=cfg.seed + 7919)
         return metrics
 
     def on_epoch(epoch: int, loss: float, lr: float) -> None:
         if epoch % cfg.eval_every and epoch != cfg.epochs:
             return
-        metrics = {"epoch": epoch, "lr": lr, "train_loss": loss, **evaluate_student(), **teacher_summary}
+        metrics = {"epoch": epoch, "lr": lr, "train_loss": loss, **measure_student(), **teacher_summary}
         metrics["train_time_s"] = elapsed_before + time.perf_counter() - started
         last_metrics.clear()
         last_metrics.update(metrics)
         if progress:
             progress(
                 f"student epoch {epoch}/{cfg.epochs}: loss {loss:.4f} test acc {metrics['test_acc']:.3f} "
-                f"test agreement {metrics['test_agreement']:.3f} train agreement {metrics['train_agreement']:.3f}"
+                f"test agreement {metrics['test_agreement']:.3f} "
+                f"train agreement {metrics['train_agreement']:.3f}"
             )
-        if report is not None:
+        if on_eval is not None:
             checkpoint = {"train_state": state.state_dict(), "train_time_s": metrics["train_time_s"]}
-            report(metrics, checkpoint)
+            on_eval(metrics, checkpoint)
 
     try:
-        fit(state, data.x, data.y, recipe, data.spec, teacher=teacher_for_training.log_probs, on_epoch=on_epoch)
+        fit(state, data.x, data.y, recipe, data.augment_spec, teacher=teacher_for_training.log_probs, on_epoch=on_epoch)
     except Diverged as exc:
-        result.update(status="DIVERGED", error=str(exc))
-    if state.epoch > 0 and not last_metrics and result["status"] == "TERMINATED":
+        result.update(status=DIVERGED, error=str(exc))
+    if state.epoch > 0 and not last_metrics and result["status"] == TERMINATED:
         # Resumed from the checkpoint of the last epoch (the process died after it, before the final
         # report): nothing is left to train, so the final metrics are those of the restored student.
-        last_metrics.update(evaluate_student())
+        last_metrics.update(measure_student())
     result.update({k: last_metrics.get(k, float("nan")) for k in FINAL_METRICS if k not in teacher_summary})
     result["epochs_completed"] = state.epoch
 
-    if cfg.control and result["status"] == "TERMINATED":
+    if cfg.control and result["status"] == TERMINATED:
         if progress:
             progress("control: distilling from an independent teacher ensemble")
-        ensure_members(cfg, store, data.arrays, data.teacher_idx, data.info, device,
-                       seed_offset=CONTROL_SEED_OFFSET, progress=progress)
-        independent = load_ensemble(cfg, store, data.info, device, seed_offset=CONTROL_SEED_OFFSET)
+        ensure_members(cfg, store, data.arrays, device, seed_offset=CONTROL_SEED_OFFSET, progress=progress)
+        independent = load_ensemble(cfg, store, device, seed_offset=CONTROL_SEED_OFFSET)
         control = build_student_state(cfg, recipe, independent, data, device, None)
         try:
-            fit(control, data.x, data.y, recipe, data.spec, teacher=training_teacher(independent, path).log_probs)
+            independent_teacher = training_teacher(independent, path).log_probs
+            fit(control, data.x, data.y, recipe, data.augment_spec, teacher=independent_teacher)
             result["control_test_agreement"] = agreement(teacher_test, predict(control.model, data.x_test))
         except Diverged as exc:
-            result.update(status="DIVERGED", error=f"control student: {exc}")
+            result.update(status=DIVERGED, error=f"control student: {exc}")
 
     result["train_time_s"] = elapsed_before + time.perf_counter() - started
     result["precision_used"] = "bf16" if path.bf16 else "fp32"

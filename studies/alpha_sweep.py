@@ -8,18 +8,11 @@ the gap to `test_agreement` is the knowledge transferred (finding 15).
 
 import sys
 
-from kd_ray.study_cli import LOCAL_BASE, PAPER_BASE, Preset, study_main
-
-ALPHAS = [0.0, 0.1, 0.3, 0.5, 0.7]
-RECIPE = {"teacher_members": 3, "temperature": 1.0, "control": True}
-PRESETS = {
-    "local": Preset(base={**LOCAL_BASE, **RECIPE}, axes={"alpha": ALPHAS}, seeds=2),
-    "paper": Preset(base={**PAPER_BASE, **RECIPE}, axes={"alpha": ALPHAS}, seeds=3, gpus_per_trial=1.0),
-}
+from kd_ray.study_cli import study_main
 
 
-def main(argv=None) -> int:
-    return study_main("alpha_sweep", __doc__, PRESETS, argv)
+def main(argv: list[str] | None = None) -> int:
+    return study_main("alpha_sweep", __doc__, argv)
 
 
 if __name__ == "__main__":

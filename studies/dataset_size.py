@@ -9,19 +9,11 @@ but lower agreement than D1, and D0 u D1 is best on both (finding 9).
 
 import sys
 
-from kd_ray.study_cli import LOCAL_BASE, PAPER_BASE, Preset, drop_extra_data_if_not_generative, study_main
-
-AXES = {"distill_split": ["train", "holdout", "both"], "distill_fraction": [0.25, 1.0], "extra_data": [0, 8000]}
-PRESETS = {
-    "local": Preset(base={**LOCAL_BASE, "teacher_split": "half"}, axes=AXES, seeds=2),
-    "paper": Preset(base={**PAPER_BASE, "teacher_split": "half", "teacher_members": 3, "temperature": 4.0},
-                    axes={"distill_split": ["train", "holdout", "both"], "distill_fraction": [0.25, 0.5, 1.0]},
-                    seeds=3, gpus_per_trial=1.0),
-}
+from kd_ray.study_cli import study_main
 
 
-def main(argv=None) -> int:
-    return study_main("dataset_size", __doc__, PRESETS, argv, adapt=drop_extra_data_if_not_generative)
+def main(argv: list[str] | None = None) -> int:
+    return study_main("dataset_size", __doc__, argv)
 
 
 if __name__ == "__main__":

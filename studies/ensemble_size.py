@@ -6,16 +6,11 @@ Larger ensembles: teacher accuracy up, test agreement up, student accuracy up bu
 
 import sys
 
-from kd_ray.study_cli import LOCAL_BASE, PAPER_BASE, Preset, study_main
-
-PRESETS = {
-    "local": Preset(base={**LOCAL_BASE, "temperature": 1.0}, axes={"teacher_members": [1, 2, 3, 5, 8]}, seeds=2),
-    "paper": Preset(base={**PAPER_BASE, "temperature": 1.0}, axes={"teacher_members": [1, 2, 3, 5, 8, 12]}, seeds=3, gpus_per_trial=1.0),
-}
+from kd_ray.study_cli import study_main
 
 
-def main(argv=None) -> int:
-    return study_main("ensemble_size", __doc__, PRESETS, argv)
+def main(argv: list[str] | None = None) -> int:
+    return study_main("ensemble_size", __doc__, argv)
 
 
 if __name__ == "__main__":

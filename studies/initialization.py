@@ -8,20 +8,11 @@ Layer-normalised networks (norm=group), so a network's function is fixed by its 
 
 import sys
 
-from kd_ray.study_cli import LOCAL_BASE, PAPER_BASE, Preset, study_main
-
-LAMBDAS = [0.0, 0.25, 0.375, 0.5, 0.75, 0.875, 1.0]
-ARMS = [{"init": "interpolate", "init_lambda": lam} for lam in LAMBDAS] + [{"init": "random"}, {"init": "teacher_init"}]
-RECIPE = {"norm": "group", "temperature": 1.0, "teacher_members": 1}
-PRESETS = {
-    "local": Preset(base={**LOCAL_BASE, **RECIPE}, arms=ARMS, seeds=2),
-    "paper": Preset(base={**PAPER_BASE, **RECIPE, "teacher_arch": "preresnet20", "student_arch": "preresnet20", "weight_decay": 0.0},
-                    arms=ARMS, seeds=3, gpus_per_trial=1.0),
-}
+from kd_ray.study_cli import study_main
 
 
-def main(argv=None) -> int:
-    return study_main("initialization", __doc__, PRESETS, argv)
+def main(argv: list[str] | None = None) -> int:
+    return study_main("initialization", __doc__, argv)
 
 
 if __name__ == "__main__":

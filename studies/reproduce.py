@@ -12,47 +12,46 @@ studies are not run again.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import sys
 import time
 from pathlib import Path
 
-STUDIES = ["augmentation_ablation", "temperature_sweep", "dataset_size", "training_duration", "initialization",
-           "ensemble_size", "alpha_sweep", "small_teacher"]
+from kd_ray.presets import REPRODUCTION
+from kd_ray.tables import TRIALS_FILE
+
 HERE = Path(__file__).resolve().parent
 
 
-def load_study_module(name: str):
-    spec = importlib.util.spec_from_file_location(f"kd_ray_study_{name}", HERE / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def run_studies(storage: Path, seeds: int, extra: list[str]) -> dict[str, dict]:
-    """Run each study (resuming any that are already there); returns wall time and exit code per study."""
+    """Run each study of the reproduction (resuming any that are already there); returns wall time
+    and exit code per study. Ray starts only once a study has something left to run."""
     import ray
 
+    from kd_ray.study_cli import study_main
+
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    runs = {}
-    ray.init(address="local", include_dashboard=False, log_to_driver=False)  # never a stray running cluster
+    runs, started_ray = {}, False
     try:
-        for name in STUDIES:
-            if (storage / name / "trials.parquet").exists():
+        for name in REPRODUCTION:
+            if (storage / name / TRIALS_FILE).exists():
                 print(f"reproduce: {name} already complete in {storage / name}")
                 runs[name] = {"wall_s": None, "exit": 0}
                 continue
+            if not started_ray:
+                ray.init(address="local", include_dashboard=False, log_to_driver=False)  # never a stray cluster
+                started_ray = True
             argv = ["--storage", str(storage), "--seeds", str(seeds), "--quiet"] + extra
             if (storage / name).exists():
                 argv.append("--resume")
             print(f"reproduce: running {name} {' '.join(argv)}", flush=True)
             started = time.perf_counter()
-            code = load_study_module(name).main(argv)
+            code = study_main(name, argv=argv)
             runs[name] = {"wall_s": time.perf_counter() - started, "exit": code}
             print(f"reproduce: {name} finished with exit code {code} in {runs[name]['wall_s']:.0f} s", flush=True)
     finally:
-        ray.shutdown()
+        if started_ray:
+            ray.shutdown()
     return runs
 
 
@@ -62,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--storage", default="results/reproduction", help="where the study tables go")
     parser.add_argument("--out", default=str(HERE.parent / "docs" / "reproduction.md"), help="the document to write")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="passed to every study")
-    parser.add_argument("--report-only", action="store_true", help="skip running; write the document from existing tables")
+    parser.add_argument("--report-only", action="store_true",
+                        help="skip running; write the document from existing tables")
     args = parser.parse_args(argv)
     if args.seeds < 3:
         print("reproduce: error: --seeds must be at least 3 (confidence intervals need replicates)", file=sys.stderr)

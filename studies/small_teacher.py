@@ -8,18 +8,11 @@ perfectly (finding 2: test agreement >= 99%).
 
 import sys
 
-from kd_ray.study_cli import LOCAL_BASE, PAPER_BASE, Preset, drop_extra_data_if_not_generative, study_main
-
-# 600 epochs of 200 examples are as many optimizer steps as the full teacher's 30 epochs of 4000.
-RECIPE = {"teacher_fraction": 0.05, "teacher_members": 1, "teacher_epochs": 600}
-PRESETS = {
-    "local": Preset(base={**LOCAL_BASE, **RECIPE}, axes={"distill_split": ["train", "both"], "extra_data": [0, 8000]}, seeds=2),
-    "paper": Preset(base={**PAPER_BASE, **RECIPE, "teacher_epochs": 4000}, axes={"distill_split": ["train", "both"]}, seeds=3, gpus_per_trial=1.0),
-}
+from kd_ray.study_cli import study_main
 
 
-def main(argv=None) -> int:
-    return study_main("small_teacher", __doc__, PRESETS, argv, adapt=drop_extra_data_if_not_generative)
+def main(argv: list[str] | None = None) -> int:
+    return study_main("small_teacher", __doc__, argv)
 
 
 if __name__ == "__main__":

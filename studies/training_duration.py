@@ -6,20 +6,11 @@ training raises train agreement only slightly and Adam is not better than SGD (f
 
 import sys
 
-from kd_ray.study_cli import LOCAL_BASE, PAPER_BASE, Preset, study_main
-
-RECIPE = {"norm": "group", "weight_decay": 0.0, "temperature": 1.0, "teacher_members": 1}
-PRESETS = {
-    "local": Preset(base={**LOCAL_BASE, **RECIPE}, axes={"epochs": [20, 60, 180]},
-                    arms=[{"optimizer": "sgd", "lr": 0.05}, {"optimizer": "adam", "lr": 1e-3}], seeds=2),
-    "paper": Preset(base={**PAPER_BASE, **RECIPE, "teacher_arch": "preresnet20", "student_arch": "preresnet20"},
-                    axes={"epochs": [300, 1000, 5000]},
-                    arms=[{"optimizer": "sgd", "lr": 0.05}, {"optimizer": "adam", "lr": 1e-3}], seeds=3, gpus_per_trial=1.0),
-}
+from kd_ray.study_cli import study_main
 
 
-def main(argv=None) -> int:
-    return study_main("training_duration", __doc__, PRESETS, argv)
+def main(argv: list[str] | None = None) -> int:
+    return study_main("training_duration", __doc__, argv)
 
 
 if __name__ == "__main__":

@@ -73,17 +73,9 @@ def shared_teacher(base_cfg, session_store, mnist1d_arrays) -> list[str]:
     """Train the shared ensemble into the session store (once); returns its member keys."""
     import torch
 
-    from kd_ray.data import DATASET_INFO, split_indices
     from kd_ray.teachers import ensure_members
 
-    teacher_idx, _ = split_indices(
-        mnist1d_arrays.y_train, teacher_split=base_cfg.teacher_split, distill_split=base_cfg.distill_split,
-        distill_fraction=base_cfg.distill_fraction, data_seed=base_cfg.data_seed, seed=base_cfg.seed,
-    )
-    return ensure_members(
-        base_cfg, session_store, mnist1d_arrays, torch.as_tensor(teacher_idx), DATASET_INFO["mnist1d"],
-        torch.device("cpu"),
-    )
+    return ensure_members(base_cfg, session_store, mnist1d_arrays, torch.device("cpu"))
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,15 @@ import torch
 
 from kd_ray.data import DATASET_INFO
 from kd_ray.distill import (
-    AugmentSpec, Diverged, Recipe, TrainState, fit, initialize_student, lr_at, make_optimizer, predict,
+    AugmentSpec,
+    Diverged,
+    Recipe,
+    TrainState,
+    fit,
+    initialize_student,
+    lr_at,
+    make_optimizer,
+    predict,
 )
 from kd_ray.metrics import accuracy, agreement, predictive_kl
 from kd_ray.models import build_model
@@ -168,7 +176,7 @@ def test_resume_is_bit_identical(small, augmentation: str) -> None:
         resumed = _state(recipe, seed=123)  # different weights and generator until loaded
         resumed.load_state_dict(checkpoint)
         epochs_run: list[int] = []
-        fit(resumed, x, y, recipe, SIGNAL, on_epoch=lambda e, loss, lr: epochs_run.append(e))
+        fit(resumed, x, y, recipe, SIGNAL, on_epoch=lambda e, loss, lr, run=epochs_run: run.append(e))
         assert epochs_run == [3, 4]
         final, got = full.model.state_dict(), resumed.model.state_dict()
         for k in final:

@@ -66,7 +66,9 @@ def _per_sample_baseline(x: torch.Tensor, offsets: torch.Tensor, flips: torch.Te
     return torch.stack(out)
 
 
-@pytest.mark.parametrize("shape, kind, hflip", [((3, 8, 8), "rgb", True), ((1, 8, 8), "gray", False), ((1, 40), "signal", False)])
+@pytest.mark.parametrize(
+    "shape, kind, hflip", [((3, 8, 8), "rgb", True), ((1, 8, 8), "gray", False), ((1, 40), "signal", False)]
+)
 def test_batched_baseline_equals_per_sample(shape, kind, hflip):
     pad = 2
     x = torch.rand(12, *shape)
@@ -140,4 +142,6 @@ def test_cuda_trial_uses_the_measured_fast_path(base_cfg):
 def test_cuda_vectorized_ensemble_equals_loop():
     members = [m.cuda() for m in _members("preresnet8", (3, 16, 16))]
     x = torch.rand(9, 3, 16, 16, device="cuda")
-    torch.testing.assert_close(StackedEnsemble(members).logits(x), LoopEnsemble(members).logits(x), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(
+        StackedEnsemble(members).logits(x), LoopEnsemble(members).logits(x), rtol=1e-4, atol=1e-4
+    )

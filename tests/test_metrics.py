@@ -12,13 +12,12 @@ from kd_ray.metrics import (
     accuracy,
     agreement,
     ece,
-    evaluate_predictions,
     nll,
+    prediction_metrics,
     predictive_kl,
     teacher_metrics,
 )
 from kd_ray.models import ensemble_log_probs
-
 
 # --- numpy references ---------------------------------------------------------------------------
 
@@ -294,20 +293,20 @@ def test_bfloat16_result_differs_from_bfloat16_arithmetic() -> None:
 
 # --- metric sets --------------------------------------------------------------------------------
 
-def test_evaluate_predictions_without_labels() -> None:
+def test_prediction_metrics_without_labels() -> None:
     student = random_logits(20, 5, seed=15)
     teacher = torch.log_softmax(random_logits(20, 5, seed=16), -1)
-    out = evaluate_predictions(student, teacher)
+    out = prediction_metrics(student, teacher)
     assert set(out) == {"agreement", "kl"}
     assert out["agreement"] == pytest.approx(agreement(teacher, student))
     assert out["kl"] == pytest.approx(predictive_kl(teacher, student))
 
 
-def test_evaluate_predictions_with_labels() -> None:
+def test_prediction_metrics_with_labels() -> None:
     student = random_logits(20, 5, seed=17)
     teacher = torch.log_softmax(random_logits(20, 5, seed=18), -1)
     labels = torch.arange(20) % 5
-    out = evaluate_predictions(student, teacher, labels)
+    out = prediction_metrics(student, teacher, labels)
     assert set(out) == {"agreement", "kl", "acc", "nll", "ece"}
     assert out["acc"] == pytest.approx(accuracy(student, labels))
     assert out["nll"] == pytest.approx(nll(student, labels))
@@ -328,14 +327,16 @@ def test_teacher_metrics_keys_and_values() -> None:
     assert out["teacher_test_ece"] == pytest.approx(ece(teacher, labels))
 
 
-def test_evaluate_names_the_table_columns_and_matches_the_parts():
-    from kd_ray.metrics import agreement, evaluate, predictive_kl
+def test_student_metrics_name_the_table_columns_and_match_the_parts():
+    from kd_ray.metrics import agreement, predictive_kl, student_metrics
+    from kd_ray.tables import METRICS
 
     torch.manual_seed(0)
     student_test, teacher_test = torch.randn(50, 5), torch.randn(50, 5).log_softmax(-1)
     student_train, teacher_train = torch.randn(30, 5), torch.randn(30, 5).log_softmax(-1)
     labels = torch.randint(0, 5, (50,))
-    out = evaluate(student_test, teacher_test, labels, student_train, teacher_train)
-    assert set(out) == {"test_acc", "test_nll", "test_ece", "test_agreement", "test_kl", "train_agreement", "train_kl"}
+    out = student_metrics(student_test, teacher_test, labels, student_train, teacher_train)
+    assert list(out) == ["test_acc", "test_nll", "test_ece", "test_agreement", "test_kl", "train_agreement", "train_kl"]
+    assert set(out) <= set(METRICS)
     assert out["test_agreement"] == agreement(teacher_test, student_test)
     assert out["train_kl"] == predictive_kl(teacher_train, student_train)

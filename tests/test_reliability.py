@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from ray_results import epoch_reports, reports
 import torch
+from ray_results import epoch_reports, reports
 
 from kd_ray import analysis
 from kd_ray.config import TrialConfig
@@ -56,18 +56,20 @@ def load_script(name: str):
 # --- no Ray: the resume path a retried trial takes -------------------------------------------------
 
 
-def test_a_trial_resumed_from_its_last_epoch_checkpoint_keeps_its_final_metrics(base_cfg, session_store, shared_teacher):
+def test_a_trial_resumed_from_its_last_epoch_checkpoint_keeps_its_final_metrics(
+    base_cfg, session_store, shared_teacher
+):
     """A process that dies after the last epoch's checkpoint but before the final report is retried
     from that checkpoint: nothing is left to train, and the final metrics must still be the student's."""
     cfg = base_cfg.replace(epochs=2, eval_every=1)
     saved: list[tuple[dict, bytes]] = []
 
-    def report(metrics, state):
+    def on_eval(metrics, state):
         buffer = io.BytesIO()
         torch.save(state, buffer)  # what the trainable writes into its Ray Tune checkpoint
         saved.append((metrics, buffer.getvalue()))
 
-    first = run_trial(cfg, report, store=session_store)
+    first = run_trial(cfg, on_eval, store=session_store)
     assert [m["epoch"] for m, _ in saved] == [1, 2]
     last = torch.load(io.BytesIO(saved[-1][1]), map_location="cpu", weights_only=True)
 
@@ -222,14 +224,10 @@ def test_a_diverging_trial_is_diverged_and_the_analysis_leaves_it_out(ray_local,
 
 def train_member(cfg: TrialConfig, store: TeacherStore) -> str:
     """Train member 0 of ``cfg``'s teacher into ``store`` in this process (no Ray)."""
-    from kd_ray.data import DATASET_INFO, load_arrays, split_indices
+    from kd_ray.data import load_arrays
     from kd_ray.teachers import ensure_members
 
-    arrays = load_arrays(cfg.dataset)
-    idx, _ = split_indices(arrays.y_train, teacher_split=cfg.teacher_split, distill_split="train",
-                           distill_fraction=1.0, data_seed=cfg.data_seed, seed=0)
-    [key] = ensure_members(cfg, store, arrays, torch.as_tensor(idx), DATASET_INFO[cfg.dataset], torch.device("cpu"),
-                           members=[0])
+    [key] = ensure_members(cfg, store, load_arrays(cfg.dataset), torch.device("cpu"), members=[0])
     return key
 
 

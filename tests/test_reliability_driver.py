@@ -119,7 +119,9 @@ def wait_for(condition, timeout: float, driver: Driver | None = None, what: str 
         if value:
             return value
         if driver is not None and driver.proc.poll() is not None:
-            pytest.fail(f"the driver exited ({driver.proc.returncode}) while waiting for {what}:\n{driver.output()[-3000:]}")
+            pytest.fail(
+                f"the driver exited ({driver.proc.returncode}) while waiting for {what}:\n{driver.output()[-3000:]}"
+            )
         time.sleep(0.1)
     pytest.fail(f"timed out after {timeout} s waiting for {what}" + (f":\n{driver.output()[-3000:]}" if driver else ""))
 
@@ -242,7 +244,7 @@ def test_killed_then_interrupted_driver_resumes_to_complete_tables(tmp_path, dri
         assert rows["test_agreement"].iloc[-1] == pytest.approx(row.test_agreement)
     # Each trial finished before an interrupt keeps the row of its own final report.
     by_id = trials.set_index("trial_id")
-    for name, (_, result) in done_second.items():
+    for _, result in done_second.values():
         final = json.loads(result.splitlines()[-1])
         assert by_id.loc[final["trial_id"], "test_agreement"] == pytest.approx(final["test_agreement"])
 

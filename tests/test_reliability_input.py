@@ -55,10 +55,12 @@ SPEC_CASES = [
     ("epochs-0", {"epochs": "0"}, ["epochs=0", "[1, inf)"]),
     ("batch-size-0", {"batch_size": "0"}, ["batch_size=0", "[1, inf)"]),
     ("epochs-not-a-number", {"epochs": "ten"}, ["epochs='ten'", "an integer"]),
-    ("unknown-dataset", {"dataset": "mnist"}, ["dataset='mnist'", "did you mean 'mnist1d'", "mnist1d, digits, cifar10, cifar100"]),
+    ("unknown-dataset", {"dataset": "mnist"},
+     ["dataset='mnist'", "did you mean 'mnist1d'", "mnist1d, digits, cifar10, cifar100"]),
     ("unknown-student-arch", {"student_arch": "resnet9000"}, ["student_arch='resnet9000'", "known archs: mlp"]),
     ("unknown-teacher-arch", {"teacher_arch": "mlpp"}, ["teacher_arch='mlpp'", "did you mean 'mlp'", "known archs"]),
-    ("unknown-augmentation", {"augmentation": "colorjiter"}, ["augmentation='colorjiter'", "did you mean 'colorjitter'", "choose one of"]),
+    ("unknown-augmentation", {"augmentation": "colorjiter"},
+     ["augmentation='colorjiter'", "did you mean 'colorjitter'", "choose one of"]),
     ("unknown-optimizer", {"optimizer": "adamw"}, ["optimizer='adamw'", "choose one of: sgd, adam"]),
     ("colorjitter-on-1d-data", {"dataset": "mnist1d", "augmentation": "colorjitter"},
      ["augmentation='colorjitter'", "dataset='mnist1d'", "signal data", "supports: rgb"]),
@@ -167,7 +169,8 @@ def _kd_ray() -> list[str]:
 # One case per command line, each run as its own process: the console script and the script files
 # themselves refuse before any Ray work.
 SUBPROCESS_CASES = [
-    ("augmentation_ablation", ["--dataset", "mnist1d", "--set", "augmentation=colorjitter"], ["colorjitter", "signal data"]),
+    ("augmentation_ablation", ["--dataset", "mnist1d", "--set", "augmentation=colorjitter"],
+     ["colorjitter", "signal data"]),
     ("dataset_size", ["--set", "teacher_split=full"], ["distill_split='holdout'", "teacher_split='half'"]),
     ("ensemble_size", ["--set", "teacher_members=0"], ["teacher_members=0", "[1, inf)"]),
     ("initialization", ["--set", "teacher_arch=mlpp"], ["teacher_arch='mlpp'", "did you mean 'mlp'"]),
@@ -195,7 +198,8 @@ def test_every_cli_refuses_as_its_own_process(tmp_path):
     for i, (name, argv, needles) in enumerate(cases):
         where = tmp_path / str(i)
         if name == "kd-ray trial":
-            command = [*_kd_ray(), "trial", *argv, "--store", str(where / "teachers"), "--data-dir", str(where / "data")]
+            command = [*_kd_ray(), "trial", *argv, "--store", str(where / "teachers"),
+                       "--data-dir", str(where / "data")]
         else:
             command = [sys.executable, str(REPO / "studies" / f"{name}.py"), *argv, "--storage", str(where / "storage"),
                        "--data-dir", str(where / "data")]
@@ -224,14 +228,10 @@ SWEEP_ARGS = ["--set", "teacher_members=1", "--set", "teacher_epochs=2", "--set"
 def train_member(cfg: TrialConfig, store: TeacherStore, member: int = 0) -> str:
     import torch
 
-    from kd_ray.data import DATASET_INFO, load_arrays, split_indices
+    from kd_ray.data import load_arrays
     from kd_ray.teachers import ensure_members
 
-    arrays = load_arrays(cfg.dataset)
-    idx, _ = split_indices(arrays.y_train, teacher_split=cfg.teacher_split, distill_split="train",
-                           distill_fraction=1.0, data_seed=cfg.data_seed, seed=0)
-    [key] = ensure_members(cfg, store, arrays, torch.as_tensor(idx), DATASET_INFO[cfg.dataset], torch.device("cpu"),
-                           members=[member])
+    [key] = ensure_members(cfg, store, load_arrays(cfg.dataset), torch.device("cpu"), members=[member])
     return key
 
 
@@ -323,19 +323,16 @@ import sys, time
 from pathlib import Path
 import torch
 from kd_ray.config import TrialConfig
-from kd_ray.data import DATASET_INFO, load_arrays, split_indices
+from kd_ray.data import load_arrays
 from kd_ray.teachers import TeacherStore, ensure_members
 
 store, go = TeacherStore(sys.argv[1]), Path(sys.argv[2])
 cfg = TrialConfig(dataset="mnist1d", teacher_arch="mlp", teacher_members=1, teacher_epochs=30)
 arrays = load_arrays("mnist1d")
-idx, _ = split_indices(arrays.y_train, teacher_split="full", distill_split="train", distill_fraction=1.0,
-                       data_seed=0, seed=0)
 Path(sys.argv[3]).touch()  # ready
 while not go.exists():
     time.sleep(0.01)
-keys = ensure_members(cfg, store, arrays, torch.as_tensor(idx), DATASET_INFO["mnist1d"], torch.device("cpu"),
-                      progress=lambda message: print(message, flush=True))
+keys = ensure_members(cfg, store, arrays, torch.device("cpu"), progress=lambda message: print(message, flush=True))
 print("KEYS", *keys, flush=True)
 """
 
@@ -345,8 +342,8 @@ def test_two_processes_training_the_same_teacher_leave_one_sound_member(tmp_path
     script = tmp_path / "ensure.py"
     script.write_text(CONCURRENT)
     ready = [tmp_path / f"ready{i}" for i in range(2)]
-    procs = [subprocess.Popen([sys.executable, str(script), str(store_root), str(go), str(flag)], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for flag in ready]
+    procs = [subprocess.Popen([sys.executable, str(script), str(store_root), str(go), str(flag)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for flag in ready]
     deadline = time.monotonic() + 120
     while not all(flag.exists() for flag in ready):
         assert time.monotonic() < deadline and all(p.poll() is None for p in procs), [p.communicate() for p in procs]

@@ -3,7 +3,6 @@ trial the preset defines, and a report; bad input exits 2 with one line naming t
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import math
 import os
@@ -15,11 +14,12 @@ import pandas as pd
 import pytest
 
 from kd_ray.config import TrialConfig
+from kd_ray.presets import STUDIES, Preset
 
 REPO = Path(__file__).resolve().parent.parent
-STUDIES = REPO / "studies"
+STUDIES_DIR = REPO / "studies"
 # reproduce.py runs all the others; tests/test_findings.py covers the document it writes.
-SCRIPTS = sorted(p.stem for p in STUDIES.glob("*.py") if not p.name.startswith("_") and p.stem != "reproduce")
+SCRIPTS = sorted(p.stem for p in STUDIES_DIR.glob("*.py") if not p.name.startswith("_") and p.stem != "reproduce")
 
 # Flags every run gets: one student epoch, one teacher epoch, one seed, large batches, less output.
 TINY = ["--set", "epochs=1", "--set", "teacher_epochs=1", "--set", "batch_size=256", "--seeds", "1", "--quiet"]
@@ -36,19 +36,18 @@ EXTRA = {
     "temperature_sweep": ["--set", "teacher_members=1"],
     "training_duration": [],
 }
-# The scripts that adapt their preset to the dataset, and the function that does it.
-ADAPT = {
-    "augmentation_ablation": "keep_applicable_policies",
-    "dataset_size": "drop_extra_data_if_not_generative",
-    "small_teacher": "drop_extra_data_if_not_generative",
-}
-
-
 def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(f"kd_ray_studies_{name}", STUDIES / f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"kd_ray_studies_{name}", STUDIES_DIR / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def local_preset(name: str) -> Preset:
+    """The local preset the script runs without --dataset: the registry's, adapted as the script adapts it."""
+    study = STUDIES[name]
+    preset = study.presets["local"]
+    return study.adapt(preset, None) if study.adapt else preset
 
 
 def overrides_of(argv: list[str]) -> dict[str, str]:
@@ -57,12 +56,9 @@ def overrides_of(argv: list[str]) -> dict[str, str]:
 
 def expected_rows(name: str, argv: list[str]) -> int:
     """Trials the local preset defines under these flags: arms x axes x seeds (Optuna: num_samples)."""
-    module = load_script(name)
     if name == "optuna_search":
         return int(argv[argv.index("--num-samples") + 1])
-    preset = module.PRESETS["local"]
-    if name in ADAPT:
-        preset = getattr(module, ADAPT[name])(preset, argparse.Namespace(dataset=None, preset="local"))
+    preset = local_preset(name)
     sets = overrides_of(argv)
     axes = [values for axis, values in preset.axes.items() if axis not in sets]
     arms = []
@@ -100,12 +96,12 @@ def storage(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("scripts_storage")
 
 
-def test_every_script_has_a_tiny_override_set():
-    assert set(SCRIPTS) == set(EXTRA)
+def test_every_script_has_a_tiny_override_set_and_a_registry_entry():
+    assert set(SCRIPTS) == set(EXTRA) == set(STUDIES)
     for name in SCRIPTS:
         module = load_script(name)
         assert callable(module.main)
-        assert {"local", "paper"} <= set(module.PRESETS)
+        assert module.__doc__ and f'study_main("{name}", __doc__, argv)' in (STUDIES_DIR / f"{name}.py").read_text()
 
 
 # --- bad input: exit 2, one line naming the field, nothing run ------------------------------------
@@ -160,10 +156,7 @@ def test_script_runs_end_to_end(name, ray_local, storage, capsys):
     trials = check_study_dir(study_dir, rows, argv)
     assert f"report: {study_dir / 'report.md'}" in out
 
-    module = load_script(name)
-    preset = module.PRESETS["local"]
-    if name in ADAPT:
-        preset = getattr(module, ADAPT[name])(preset, argparse.Namespace(dataset=None, preset="local"))
+    preset = local_preset(name)
     sets = overrides_of(argv)
     for axis, values in preset.axes.items():  # each remaining axis value got its trials
         if axis not in sets:
@@ -190,7 +183,7 @@ def test_ensemble_size_script_as_a_subprocess(ray_local, storage):
             "--address", ray_local.get_runtime_context().gcs_address]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["RAY_AUTH_MODE"] = "disabled"
-    proc = subprocess.run([sys.executable, str(STUDIES / "ensemble_size.py"), *argv], cwd=REPO, env=env,
+    proc = subprocess.run([sys.executable, str(STUDIES_DIR / "ensemble_size.py"), *argv], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert ray_local.is_initialized()

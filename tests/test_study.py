@@ -14,9 +14,10 @@ import pytest
 
 import kd_ray
 from kd_ray.config import ConfigError, TrialConfig
-from kd_ray.study import OPTUNA_JOURNAL, OptunaSpec, Study, needed_members
+from kd_ray.study import OptunaSpec, Study
+from kd_ray.study_runner import OPTUNA_JOURNAL, RunPlan
 from kd_ray.tables import EPOCHS_SCHEMA, PROVENANCE, TRIALS_SCHEMA
-from kd_ray.teachers import TeacherStore
+from kd_ray.teachers import TeacherStore, needed_members
 
 # A tiny trial: mnist1d with small MLPs, a 2-epoch teacher, a 2-epoch student evaluated every epoch.
 TINY = dict(dataset="mnist1d", teacher_arch="mlp", student_arch="mlp", teacher_epochs=2, teacher_members=1,
@@ -137,11 +138,38 @@ def test_configs_cross_arms_axes_and_seeds():
     assert all(c.epochs == 2 and c.teacher_epochs == 2 for c in configs)
 
 
-def test_needed_members_are_shared_between_ensemble_sizes():
-    configs = [tiny(teacher_members=1), tiny(teacher_members=3), tiny(teacher_members=3, seed=5)]
-    assert len(needed_members(configs)) == 3  # the ensemble of 3 holds the ensemble of 1
-    assert len(needed_members([tiny(teacher_members=2, control=True)])) == 4  # independent members too
-    assert len(needed_members([tiny(teacher_members=2), tiny(teacher_members=2, teacher_epochs=3)])) == 4
+def test_the_plan_hands_the_runner_plain_values(tmp_path):
+    grid = Study(name="g", base=tiny(), axes={"temperature": [1.0, 4.0]}, arms=[{"optimizer": "adam"}],
+                 seeds=[0, 3], storage=str(tmp_path), scheduler="asha", cpus_per_trial=0.5, retrain_teachers=True)
+    plan = grid.plan()
+    assert isinstance(plan, RunPlan)
+    assert (plan.name, plan.study_dir, plan.teacher_store) == ("g", f"{tmp_path}/g", f"{tmp_path}/teachers")
+    assert (plan.axes, plan.arms, plan.seeds) == ({"temperature": [1.0, 4.0]}, [{"optimizer": "adam"}], [0, 3])
+    assert plan.search_space is None and plan.num_samples == 1
+    assert (plan.metrics, plan.modes) == (("test_agreement",), ("max",))  # what ASHA stops a grid on
+    assert (plan.scheduler, plan.cpus_per_trial, plan.retrain_teachers) == ("asha", 0.5, True)
+    search = OptunaSpec(space={"temperature": ("logfloat", 1, 8)}, metrics=("test_acc",), modes=("min",),
+                        num_samples=5, seed=9)
+    plan = Study(name="s", base=tiny(), search=search, storage=str(tmp_path)).plan()
+    assert plan.search_space == search.space and plan.num_samples == 5 and plan.search_seed == 9
+    assert (plan.metrics, plan.modes) == (("test_acc",), ("min",))
+
+
+def test_the_study_module_needs_no_ray_and_the_runner_never_imports_it():
+    import ast
+    import subprocess
+    import sys
+
+    code = "import sys, kd_ray.study; assert 'ray' not in sys.modules, 'kd_ray.study imported Ray'"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).returncode == 0
+    runner = Path(kd_ray.__file__).parent / "study_runner.py"
+    imported = set()
+    for node in ast.walk(ast.parse(runner.read_text())):  # deferred and TYPE_CHECKING imports included
+        if isinstance(node, ast.ImportFrom):
+            imported.add(node.module)
+        elif isinstance(node, ast.Import):
+            imported.update(alias.name for alias in node.names)
+    assert "kd_ray.study" not in imported and "kd_ray.study_cli" not in imported
 
 
 # --- on a real local Ray --------------------------------------------------------------------------

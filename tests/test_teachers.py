@@ -9,15 +9,29 @@ import os
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from kd_ray import teachers
-from kd_ray.data import DATASET_INFO, split_indices
+from kd_ray.config import TrialConfig
 from kd_ray.metrics import accuracy
 from kd_ray.models import ensemble_log_probs
+from kd_ray.splits import split_indices
 from kd_ray.teachers import (
-    LOGITS, MANIFEST, WEIGHTS, TeacherStore, TeacherStoreError, ensure_members, load_ensemble, member_key,
+    CONTROL_SEED_OFFSET,
+    LOGITS,
+    MANIFEST,
+    WEIGHTS,
+    TeacherStore,
+    TeacherStoreError,
+    check_stored_members,
+    delete_members,
+    ensure_members,
+    load_ensemble,
+    member_key,
+    needed_members,
+    teacher_indices,
 )
 
 
@@ -52,14 +66,6 @@ def _visible(path: Path) -> list[str]:
 
 def _first_weight(state: dict[str, torch.Tensor]) -> str:
     return next(k for k, v in state.items() if v.is_floating_point() and v.dim() > 1)
-
-
-def _teacher_idx(cfg, arrays) -> torch.Tensor:
-    idx, _ = split_indices(
-        arrays.y_train, teacher_split=cfg.teacher_split, distill_split=cfg.distill_split,
-        distill_fraction=cfg.distill_fraction, data_seed=cfg.data_seed, seed=cfg.seed,
-    )
-    return torch.as_tensor(idx)
 
 
 # --- the store ---------------------------------------------------------------------------------
@@ -248,10 +254,7 @@ def test_members_are_shared_across_ensemble_sizes(
 
     monkeypatch.setattr(teachers, "train_member", no_training)
     one = base_cfg.replace(teacher_members=1)
-    keys = ensure_members(
-        one, session_store, mnist1d_arrays, _teacher_idx(one, mnist1d_arrays), DATASET_INFO["mnist1d"],
-        torch.device("cpu"),
-    )
+    keys = ensure_members(one, session_store, mnist1d_arrays, torch.device("cpu"))
     assert keys == shared_teacher[:1]
     assert one.teacher_key() != base_cfg.teacher_key()  # the ensembles differ, their members do not
 
@@ -268,16 +271,15 @@ def test_larger_ensemble_trains_only_missing_members(
         return _member(member)
 
     monkeypatch.setattr(teachers, "train_member", fake_train)
-    info, cpu = DATASET_INFO["mnist1d"], torch.device("cpu")
-    idx = _teacher_idx(base_cfg, mnist1d_arrays)
+    cpu = torch.device("cpu")
     three = base_cfg.replace(teacher_members=3)
-    keys = ensure_members(three, store, mnist1d_arrays, idx, info, cpu)
+    keys = ensure_members(three, store, mnist1d_arrays, cpu)
     assert trained == [(2, base_cfg.teacher_lr)]
     assert keys[:2] == shared_teacher and store.has(keys[2])
     assert store.manifest(keys[2])["spec"] == three.teacher_spec(2)
     # A field that decides the weights makes new members.
     other = base_cfg.replace(teacher_members=1, teacher_lr=0.01)
-    ensure_members(other, store, mnist1d_arrays, idx, info, cpu)
+    ensure_members(other, store, mnist1d_arrays, cpu)
     assert trained[-1] == (0, 0.01)
     assert member_key(other, 0) not in shared_teacher
 
@@ -303,7 +305,7 @@ def test_trained_member_is_accurate_and_consistent(
     w0, w1 = (session_store.load(k, WEIGHTS)["initial"][name] for k in shared_teacher)
     assert not torch.equal(w0, w1)
 
-    ensemble = load_ensemble(base_cfg, session_store, DATASET_INFO["mnist1d"], torch.device("cpu"))
+    ensemble = load_ensemble(base_cfg, session_store, torch.device("cpu"))
     assert ensemble.key == base_cfg.teacher_key()
     assert ensemble.test_logits.shape == (base_cfg.teacher_members, len(y_test), 10)
     # The cached logits are what the stored weights compute.
@@ -312,3 +314,89 @@ def test_trained_member_is_accurate_and_consistent(
         ensemble.log_probs(x_test), ensemble_log_probs(ensemble.test_logits), atol=1e-4, rtol=1e-4
     )
     assert accuracy(ensemble_log_probs(ensemble.test_logits), y_test) > 0.5
+
+
+# --- which members, on which data ---------------------------------------------------------------
+
+
+def _labels(n: int = 400) -> np.ndarray:
+    return np.random.default_rng(0).permutation(np.arange(n) % 10).astype(np.int64)
+
+
+def test_teacher_indices_follow_the_teacher_fields_alone() -> None:
+    y = _labels()
+    full = teacher_indices(TrialConfig(), y)
+    assert np.array_equal(full, np.arange(len(y)))
+    half = TrialConfig(teacher_split="half", data_seed=3)
+    d0 = teacher_indices(half, y)
+    assert len(d0) == len(y) // 2 and d0.dtype == np.int64 and np.all(np.diff(d0) > 0)
+    # The student's distillation split, fraction and seed never move the teacher's data.
+    for student in ({"distill_split": "holdout"}, {"distill_split": "both", "distill_fraction": 0.25, "seed": 7}):
+        assert np.array_equal(teacher_indices(half.replace(**student), y), d0)
+        split_teacher, _ = split_indices(
+            y, teacher_split="half", distill_split=student["distill_split"],
+            distill_fraction=student.get("distill_fraction", 1.0), data_seed=3, seed=student.get("seed", 0),
+        )
+        assert np.array_equal(split_teacher, d0)
+    assert not np.array_equal(teacher_indices(half.replace(data_seed=4), y), d0)
+    small = teacher_indices(TrialConfig(teacher_fraction=0.05), y)
+    assert len(small) == 20 and np.array_equal(np.bincount(y[small]), np.full(10, 2))
+
+
+def test_needed_members_share_members_and_add_the_control() -> None:
+    base = TrialConfig(teacher_members=3)
+    members = needed_members([base, base.replace(teacher_members=1), base.replace(temperature=1.0)])
+    assert list(members) == [member_key(base, m) for m in range(3)]  # one ensemble of 3 holds the one of 1
+    assert [(n.member, n.seed_offset) for n in members.values()] == [(0, 0), (1, 0), (2, 0)]
+    control = needed_members([base.replace(teacher_members=2, control=True)])
+    assert [(n.member, n.seed_offset) for n in control.values()] == [(0, 0), (1, 0), (0, CONTROL_SEED_OFFSET),
+                                                                      (1, CONTROL_SEED_OFFSET)]
+    other_teacher = needed_members([base.replace(teacher_members=2), base.replace(teacher_members=2, teacher_epochs=3)])
+    assert len(other_teacher) == 4
+
+
+def test_retrain_deletes_and_the_check_names_the_bad_file(tmp_path: Path) -> None:
+    store = TeacherStore(tmp_path)
+    _save(store, "good")
+    _save(store, "bad", seed=1)
+    weights = tmp_path / "members" / "bad" / WEIGHTS
+    weights.write_bytes(weights.read_bytes()[:-8])
+    check_stored_members(store, ["good", "absent"])  # absent members are left to be trained
+    with pytest.raises(TeacherStoreError, match=str(weights)):
+        check_stored_members(store, ["good", "bad"])
+    delete_members(store, ["bad", "absent"])
+    assert store.keys() == ["good"]
+    check_stored_members(store, ["good", "bad"])
+
+
+def test_ensure_members_with_retrain_trains_the_stored_members_again(
+    base_cfg, session_store, mnist1d_arrays, shared_teacher, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    shutil.copytree(session_store.root, tmp_path / "store")
+    store = TeacherStore(tmp_path / "store")
+    trained: list[int] = []
+
+    def fake_train(cfg, member, *args, **kwargs):
+        trained.append(member)
+        return _member(member + 10)
+
+    monkeypatch.setattr(teachers, "train_member", fake_train)
+    assert ensure_members(base_cfg, store, mnist1d_arrays, torch.device("cpu"), members=[1], retrain=True) == [
+        shared_teacher[1]
+    ]
+    assert trained == [1]
+    assert store.manifest(shared_teacher[1])["metrics"] == _member(11)[2]  # the new member replaced the old
+    assert store.manifest(shared_teacher[0]) == session_store.manifest(shared_teacher[0])  # the other is kept
+
+
+def test_an_object_store_uri_writes_each_file_atomically(tmp_path: Path) -> None:
+    """A ``scheme://`` store (here file://, the path object stores take) writes every file through a
+    temporary name, the manifest last, and leaves no temporary file behind."""
+    store = TeacherStore((tmp_path / "remote").as_uri())
+    assert not store.local
+    weights, logits, _ = _save(store, "abc")
+    member = tmp_path / "remote" / "members" / "abc"
+    assert sorted(os.listdir(member)) == sorted([WEIGHTS, LOGITS, MANIFEST])
+    _assert_nested_equal(store.load("abc", WEIGHTS), weights)
+    _assert_nested_equal(store.load("abc", LOGITS), logits)
+    assert store.keys() == ["abc"] and store.verify("abc") == []

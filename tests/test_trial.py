@@ -13,11 +13,17 @@ import torch
 import kd_ray
 from kd_ray import trial as trial_module
 from kd_ray.config import ConfigError, TrialConfig
-from kd_ray.teachers import CONTROL_SEED_OFFSET, member_key
+from kd_ray.tables import EPOCHS_SCHEMA, METRICS
+from kd_ray.teachers import CONTROL_SEED_OFFSET, member_key, teacher_indices
 from kd_ray.trial import FINAL_METRICS, TrialData, check_runnable, run_trial
 
 PROVENANCE = ("teacher_key", "kd_ray_version", "git_sha", "torch_version", "ray_version", "config_json")
 STUDENT_METRICS = tuple(k for k in FINAL_METRICS if not k.startswith("teacher_"))
+
+
+def test_final_metrics_are_the_tables_epoch_metrics() -> None:
+    assert FINAL_METRICS == tuple(m for m in METRICS if m in EPOCHS_SCHEMA.names)
+    assert "test_agreement" in FINAL_METRICS and "control_test_agreement" not in FINAL_METRICS
 
 
 def assert_metrics_in_range(m: dict) -> None:
@@ -37,7 +43,7 @@ def full_run(base_cfg, shared_teacher):
     temperature 4, cosine SGD), small: 6 student epochs, evaluated every 2."""
     cfg = base_cfg.replace(epochs=6, eval_every=2)
     reports: list[tuple[dict, dict | None]] = []
-    result = run_trial(cfg, report=lambda metrics, checkpoint: reports.append((metrics, checkpoint)))
+    result = run_trial(cfg, on_eval=lambda metrics, checkpoint: reports.append((metrics, checkpoint)))
     return cfg, result, reports
 
 
@@ -65,7 +71,7 @@ def test_provenance(full_run) -> None:
     assert result["device_name"] == "cpu"
 
 
-def test_report_at_each_eval_epoch(full_run) -> None:
+def test_on_eval_at_each_eval_epoch(full_run) -> None:
     cfg, result, reports = full_run
     assert [m["epoch"] for m, _ in reports] == [2, 4, 6]
     for metrics, checkpoint in reports:
@@ -93,7 +99,7 @@ def test_resume_from_a_mid_run_checkpoint(full_run) -> None:
     checkpoint = reports[0][1]
     assert checkpoint["train_state"]["epoch"] == 2
     resumed_reports: list[dict] = []
-    resumed = run_trial(cfg, report=lambda m, c: resumed_reports.append(m), resume=checkpoint)
+    resumed = run_trial(cfg, on_eval=lambda m, c: resumed_reports.append(m), resume=checkpoint)
     assert [m["epoch"] for m in resumed_reports] == [4, 6]
     assert resumed["status"] == "TERMINATED"
     assert resumed["epochs_completed"] == cfg.epochs
@@ -128,7 +134,7 @@ def test_control(base_cfg, session_store, shared_teacher) -> None:
 def test_diverging_trial_reports_instead_of_raising(base_cfg, shared_teacher) -> None:
     cfg = base_cfg.replace(lr=1e6, lr_schedule="constant", epochs=2)
     reports: list[dict] = []
-    result = run_trial(cfg, report=lambda m, c: reports.append(m))
+    result = run_trial(cfg, on_eval=lambda m, c: reports.append(m))
     assert result["status"] == "DIVERGED"
     assert "non-finite" in result["error"]
     assert result["epochs_completed"] == 0 and reports == []
@@ -181,8 +187,9 @@ def test_holdout_distillation_with_extra_data(base_cfg, kd_dirs: dict[str, Path]
     )
     data = TrialData(cfg, torch.device("cpu"), None)
     n_train = len(data.arrays.y_train)
-    assert len(data.teacher_idx) == n_train // 2
-    assert set(data.teacher_idx.tolist()).isdisjoint(data.distill_idx.tolist())
+    teacher_idx = teacher_indices(cfg, data.arrays.y_train)
+    assert len(teacher_idx) == n_train // 2
+    assert set(teacher_idx.tolist()).isdisjoint(data.distill_idx.tolist())
     assert data.x.shape[0] == data.y.shape[0] == n_train - n_train // 2 + 200
 
     result = run_trial(cfg)

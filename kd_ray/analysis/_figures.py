@@ -1,45 +1,33 @@
-"""Figures of trial and epoch tables, written as PNGs by ``figures`` (also ``analysis.figures``).
+"""Figures of trial and epoch tables, written as PNGs by ``figures``.
 
-Built on kd_ray.analysis, which loads the tables, forms the arms and computes the statistics
-plotted here. Like it, this module imports neither torch nor Ray.
+Figures are drawn on matplotlib.figure.Figure objects saved through the Agg canvas, never through
+pyplot, so no global backend is switched (a notebook keeps its own) and no display is needed.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import matplotlib
 import numpy as np
 import pandas as pd
-
-# Figures are drawn on matplotlib.figure.Figure objects saved through the Agg canvas, never through
-# pyplot, so no global backend is switched (a notebook keeps its own) and no display is needed.
-import matplotlib
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from kd_ray.analysis import (
-    BAR_METRICS,
-    FRACTION_METRICS,
-    PathLike,
-    _arm_label,
-    _arms,
-    _as_float,
-    _check_objectives,
-    _default_objectives,
-    _ensure_flags,
-    _fmt_level,
-    _has_values,
-    _levels,
-    _resolve_by,
-    _usable_rows,
-    correlate,
-    mean_ci,
-    pareto_front,
-)
+from kd_ray.analysis._arms import arm_label, factor_levels, fmt_level, resolve_by, split_arms
+from kd_ray.analysis._columns import FRACTION_METRICS
+from kd_ray.analysis._correlate import correlate
+from kd_ray.analysis._load import PathLike, as_float, ensure_flags, has_values, usable_rows
+from kd_ray.analysis._stats import check_objectives, default_objectives, mean_ci, pareto_front
+from kd_ray.atomic import write_atomic
 
-__all__ = ["figures"]
+# Above this many points in one scatter, markers shrink and fade (see _cloud_style).
+DENSE_POINTS = 1000
+# The per-arm bars, in this order, when present.
+BAR_METRICS: tuple[str, ...] = ("test_acc", "test_agreement", "train_agreement", "aug_train_agreement")
 
 
 def _new_figure(width: float, height: float) -> Figure:
@@ -49,7 +37,7 @@ def _new_figure(width: float, height: float) -> Figure:
 
 
 def _save(figure: Figure, path: Path) -> Path:
-    figure.savefig(path, format="png")
+    write_atomic(path, lambda stream: figure.savefig(stream, format="png"))
     return path
 
 
@@ -71,24 +59,51 @@ def _axis_label(metric: str) -> str:
 
 
 def _scale(metric: str, values: np.ndarray | pd.Series) -> np.ndarray:
-    array = _as_float(pd.Series(values))
+    array = as_float(pd.Series(values))
     return 100 * array if metric in FRACTION_METRICS else array
 
 
+def _cloud_style(n_points: int) -> dict[str, Any]:
+    """Marker size and opacity of a scatter of n points: matplotlib's size up to DENSE_POINTS, then
+    shrinking and fading as 1/sqrt(n), so that where the points crowd still shows."""
+    if n_points <= DENSE_POINTS:
+        return {"alpha": 0.8}
+    shrink = math.sqrt(DENSE_POINTS / n_points)
+    return {"s": max(1.0, 36 * shrink), "alpha": max(0.05, 0.8 * shrink), "linewidths": 0}
+
+
+def _legend(axes: Any, n_points: int, **options: Any) -> None:
+    # matplotlib's "best" place tests every point against the legend: seconds for a large study.
+    if n_points > DENSE_POINTS:
+        options |= {"loc": "upper left", "bbox_to_anchor": (1.01, 1.0), "borderaxespad": 0.0}
+    axes.legend(**options)
+
+
 def _scatter_figure(df: pd.DataFrame, by: Sequence[str], x: str, y: str, path: Path) -> Path:
-    figure = _new_figure(6.4, 4.8)
+    dense = len(df) > DENSE_POINTS
+    figure = _new_figure(9.6 if dense else 6.4, 4.8)  # a dense figure's legend stands beside the axes
     axes = figure.add_subplot()
-    arms = _arms(df, by)
+    arms = split_arms(df, by)
     for color, (key, arm) in zip(_colors(len(arms)), arms):
         r = correlate(arm, x, y, methods=("pearson",), n_boot=0, verbose=False)["r"].iloc[0]
-        label = _arm_label(by, key) + (f" (r = {r:.2f})" if np.isfinite(r) else f" (n = {len(arm)})")
-        axes.scatter(_scale(x, arm[x]), _scale(y, arm[y]), color=color, label=label, alpha=0.8)
+        label = arm_label(by, key) + (f" (r = {r:.2f})" if np.isfinite(r) else f" (n = {len(arm)})")
+        xs, ys = _scale(x, arm[x]), _scale(y, arm[y])
+        if not dense:
+            axes.scatter(xs, ys, color=color, label=label, alpha=0.8)
+            continue
+        # Thousands of points per arm: a faint cloud per arm, and its mean marked so the arm shows.
+        axes.scatter(xs, ys, color=color, **_cloud_style(len(df)))
+        complete = np.isfinite(xs) & np.isfinite(ys)
+        if complete.any():
+            axes.scatter(xs[complete].mean(), ys[complete].mean(), color=color, marker="X", s=90,
+                         edgecolors="black", linewidths=0.8, zorder=3, label=label)
     overall = correlate(df, x, y, methods=("pearson", "spearman"), n_boot=0, verbose=False)
     pearson, spearman = overall["r"].iloc[0], overall["r"].iloc[1]
-    axes.set_title(f"{y} vs {x}: overall Pearson r = {pearson:.2f}, Spearman ρ = {spearman:.2f}", fontsize=9)
+    title = f"{y} vs {x}: overall Pearson r = {pearson:.2f}, Spearman ρ = {spearman:.2f}"
+    axes.set_title(title + ("\n× marks each arm's mean" if dense else ""), fontsize=9)
     axes.set_xlabel(_axis_label(x))
     axes.set_ylabel(_axis_label(y))
-    axes.legend(title=", ".join(by) if by else None, fontsize=7, title_fontsize=7)
+    _legend(axes, len(df), title=", ".join(by) if by else None, fontsize=7, title_fontsize=7)
     axes.grid(alpha=0.3)
     return _save(figure, path)
 
@@ -96,8 +111,8 @@ def _scatter_figure(df: pd.DataFrame, by: Sequence[str], x: str, y: str, path: P
 def _bars_figure(df: pd.DataFrame, by: Sequence[str], metrics: Sequence[str], path: Path) -> Path:
     # The first factor runs along the x axis; combinations of the others are side-by-side bars.
     outer, inner = by[0], list(by[1:])
-    outer_levels = _levels(df[outer]) + ([None] if df[outer].isna().any() else [])
-    inner_arms = _arms(df, inner)
+    outer_levels = factor_levels(df[outer]) + ([None] if df[outer].isna().any() else [])
+    inner_arms = split_arms(df, inner)
     width = max(5.0, 1.0 + 0.9 * len(outer_levels) * max(1, len(inner_arms) / 2))
     figure = _new_figure(width, 3.2 * len(metrics))
     colors = _colors(len(inner_arms))
@@ -112,9 +127,9 @@ def _bars_figure(df: pd.DataFrame, by: Sequence[str], metrics: Sequence[str], pa
                 means.append(mean)
                 sds.append(0.0 if not np.isfinite(sd) else sd)
             positions = np.arange(len(outer_levels)) - 0.4 + bar_width * (j + 0.5)
-            label = _arm_label(inner, key) if inner else None
+            label = arm_label(inner, key) if inner else None
             axes.bar(positions, means, width=bar_width, yerr=sds, capsize=3, color=colors[j], label=label)
-        axes.set_xticks(np.arange(len(outer_levels)), [_fmt_level(v) for v in outer_levels])
+        axes.set_xticks(np.arange(len(outer_levels)), [fmt_level(v) for v in outer_levels])
         axes.set_ylabel(_axis_label(metric))
         axes.grid(axis="y", alpha=0.3)
         finite_means = _scale(metric, df[metric])
@@ -137,11 +152,11 @@ def _epochs_figure(
     arms_of = trials[keys + [c for c in by if c not in keys]]
     merged = epochs.drop(columns=[c for c in by if c in epochs.columns and c not in keys])
     merged = merged.merge(arms_of, on=keys, how="inner")
-    panels = [m for m in ("test_agreement", "train_agreement") if _has_values(merged, m)]
+    panels = [m for m in ("test_agreement", "train_agreement") if has_values(merged, m)]
     if not panels or merged["epoch"].nunique() < 2:
         return None  # no usable trial has a curve to draw
     figure = _new_figure(5.2 * len(panels), 4.2)
-    arms = _arms(merged, by)
+    arms = split_arms(merged, by)
     colors = _colors(len(arms))
     shared = None
     for col, metric in enumerate(panels):
@@ -152,7 +167,7 @@ def _epochs_figure(
             curve = arm.assign(value=_scale(metric, arm[metric])).groupby("epoch")["value"]
             mean, sd = curve.mean(), curve.std(ddof=1).fillna(0.0)
             epochs_axis = mean.index.to_numpy(dtype=float)
-            axes.plot(epochs_axis, mean.to_numpy(), color=color, label=_arm_label(by, key))
+            axes.plot(epochs_axis, mean.to_numpy(), color=color, label=arm_label(by, key))
             low, high = (mean - sd).to_numpy(), (mean + sd).to_numpy()
             axes.fill_between(epochs_axis, low, high, color=color, alpha=0.15)
         axes.set_title("test" if metric.startswith("test") else "train (distillation data)", fontsize=10)
@@ -165,9 +180,9 @@ def _epochs_figure(
 
 
 def _heatmap_figure(df: pd.DataFrame, by: Sequence[str], path: Path) -> Path:
-    metrics = [m for m in ("test_agreement", "test_acc") if _has_values(df, m)]
-    members = _levels(df["teacher_members"])
-    temperatures = _levels(df["temperature"])
+    metrics = [m for m in ("test_agreement", "test_acc") if has_values(df, m)]
+    members = factor_levels(df["teacher_members"])
+    temperatures = factor_levels(df["temperature"])
     others = [c for c in by if c not in ("teacher_members", "temperature")]
     figure = _new_figure(4.6 * len(metrics), 0.6 * len(members) + 2.6)
     for col, metric in enumerate(metrics):
@@ -187,8 +202,8 @@ def _heatmap_figure(df: pd.DataFrame, by: Sequence[str], path: Path) -> Path:
                     # viridis is bright at the top: dark text there, light text on the dark end.
                     color = "black" if image.norm(grid[i, j]) > 0.6 else "white"
                     axes.text(j, i, f"{grid[i, j]:.1f}", ha="center", va="center", fontsize=8, color=color)
-        axes.set_xticks(range(len(temperatures)), [_fmt_level(t) for t in temperatures])
-        axes.set_yticks(range(len(members)), [_fmt_level(m) for m in members])
+        axes.set_xticks(range(len(temperatures)), [fmt_level(t) for t in temperatures])
+        axes.set_yticks(range(len(members)), [fmt_level(m) for m in members])
         axes.set_xlabel("temperature τ")
         axes.set_ylabel("teacher members m")
         axes.set_title(_axis_label(metric), fontsize=10)
@@ -199,11 +214,11 @@ def _heatmap_figure(df: pd.DataFrame, by: Sequence[str], path: Path) -> Path:
 
 
 def _init_lambda_figure(df: pd.DataFrame, epochs: pd.DataFrame | None, path: Path) -> Path:
-    lambdas = _levels(df["init_lambda"])
+    lambdas = factor_levels(df["init_lambda"])
     figure = _new_figure(6.4, 4.4)
     axes = figure.add_subplot()
     for metric, style in (("train_agreement", "o-"), ("test_agreement", "s--")):
-        if not _has_values(df, metric):
+        if not has_values(df, metric):
             continue
         stats_by_lambda = [mean_ci(_scale(metric, df.loc[df["init_lambda"] == v, metric])) for v in lambdas]
         means = np.array([s[1] for s in stats_by_lambda])
@@ -214,13 +229,13 @@ def _init_lambda_figure(df: pd.DataFrame, epochs: pd.DataFrame | None, path: Pat
     axes.grid(alpha=0.3)
     # The paper plots the final training loss; without an epochs table the test NLL stands in.
     loss_name, loss = "test_nll", df[["init_lambda", "test_nll"]].rename(columns={"test_nll": "loss"})
-    if epochs is not None and _has_values(epochs, "train_loss"):
+    if epochs is not None and has_values(epochs, "train_loss"):
         last = epochs.sort_values("epoch").groupby(["study", "trial_id"], as_index=False).last()
         keys = ["study", "trial_id"]
         joined = df[[*keys, "init_lambda"]].merge(last[[*keys, "train_loss"]], on=keys)
-        if _has_values(joined, "train_loss"):
+        if has_values(joined, "train_loss"):
             loss_name, loss = "final train_loss", joined.rename(columns={"train_loss": "loss"})
-    if _has_values(loss, "loss"):
+    if has_values(loss, "loss"):
         twin = axes.twinx()
         means = [mean_ci(loss.loc[loss["init_lambda"] == v, "loss"])[1] for v in lambdas]
         twin.plot(lambdas, means, "^:", color="tab:red", label=loss_name)
@@ -240,15 +255,15 @@ def _pareto_figure(df: pd.DataFrame, objectives: dict[str, str], path: Path) -> 
     minimize = [n for n in objectives if objectives[n] == "min"]
     front = pareto_front(df, maximize=maximize, minimize=minimize, include_failed=True, verbose=False)
     x, y = names
-    figure = _new_figure(6.4, 4.8)
+    figure = _new_figure(8.0 if len(df) > DENSE_POINTS else 6.4, 4.8)
     axes = figure.add_subplot()
-    axes.scatter(_scale(x, df[x]), _scale(y, df[y]), color="0.7", label="trials")
+    axes.scatter(_scale(x, df[x]), _scale(y, df[y]), color="0.7", label="trials", **_cloud_style(len(df)))
     ordered = front.sort_values(x)
     label = f"Pareto front ({len(front)})"
     axes.plot(_scale(x, ordered[x]), _scale(y, ordered[y]), "o-", color="tab:red", label=label)
     axes.set_xlabel(f"{_axis_label(x)} ({objectives[x]})")
     axes.set_ylabel(f"{_axis_label(y)} ({objectives[y]})")
-    axes.legend(fontsize=8)
+    _legend(axes, len(df), fontsize=8)
     axes.grid(alpha=0.3)
     extra = f"; the front also weighs {', '.join(list(objectives)[2:])}" if len(objectives) > 2 else ""
     axes.set_title(f"non-dominated trials{extra}", fontsize=10)
@@ -274,22 +289,22 @@ def figures(
     - ``pareto_front.png``: when ``objectives`` ({column: "max" | "min"}) is given, or by default
       for a searched (Optuna) study on test_agreement and test_acc.
     """
-    df = _ensure_flags(df)
-    by = _resolve_by(df, by)
-    _check_objectives(df, objectives)
+    df = ensure_flags(df)
+    by = resolve_by(df, by)
+    check_objectives(df, objectives)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    kept = _usable_rows(df, include_failed, verbose=False)
+    kept = usable_rows(df, include_failed, verbose=False)
     written: list[Path] = []
     if kept.empty:
         return written
     for x, y in (("test_agreement", "test_acc"), ("test_kl", "test_nll"), ("test_agreement", "test_ece")):
-        if _has_values(kept, x, y):
+        if has_values(kept, x, y):
             written.append(_scatter_figure(kept, by, x, y, out / f"{y}_vs_{x}.png"))
-    bar_metrics = [m for m in BAR_METRICS if _has_values(kept, m)]
+    bar_metrics = [m for m in BAR_METRICS if has_values(kept, m)]
     if by and bar_metrics:
         written.append(_bars_figure(kept, by, bar_metrics, out / "arms.png"))
-    if epochs is not None and not epochs.empty and _has_values(epochs, "test_agreement"):
+    if epochs is not None and not epochs.empty and has_values(epochs, "test_agreement"):
         keep_all = include_failed or "usable" not in epochs.columns
         usable_epochs = epochs if keep_all else epochs[epochs["usable"]]
         curves = _epochs_figure(kept, usable_epochs, by, out / "agreement_over_epochs.png")
@@ -299,8 +314,8 @@ def figures(
         written.append(_heatmap_figure(kept, by, out / "members_x_temperature.png"))
     if _varies(kept, "init_lambda"):
         written.append(_init_lambda_figure(kept, epochs, out / "init_lambda.png"))
-    objectives = objectives if objectives is not None else _default_objectives(kept)
-    if objectives and _has_values(kept, *objectives):
+    objectives = objectives if objectives is not None else default_objectives(kept)
+    if objectives and has_values(kept, *objectives):
         written.append(_pareto_figure(kept, objectives, out / "pareto_front.png"))
     return written
 

@@ -1,64 +1,45 @@
-"""The Markdown report of one or several studies, written by ``report`` (also ``analysis.report``)
-with summary.csv, correlations.csv and the figures; ``kd-ray analyze`` (analysis.main) writes it too.
-
-Built on kd_ray.analysis for the statistics and kd_ray.figures for the PNGs. Like them, this module
-imports neither torch nor Ray.
-"""
+"""The Markdown report of one or several studies, written by ``report`` with summary.csv,
+correlations.csv and the figures."""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from kd_ray.analysis import (
-    CORRELATION_METHODS,
-    CORRELATION_PAIRS,
-    FIGURES_DIR,
-    FRACTION_METRICS,
-    PROVENANCE_COLUMNS,
-    REPORT_FILE,
-    SUMMARY_METRICS,
+from kd_ray.analysis._arms import arm_label, fmt_level, resolve_by, search_dims
+from kd_ray.analysis._columns import CONTROL_GAP, FRACTION_METRICS, PROVENANCE_COLUMNS
+from kd_ray.analysis._correlate import BOOTSTRAP_MAX_N, CORRELATION_METHODS, correlate
+from kd_ray.analysis._figures import figures
+from kd_ray.analysis._load import (
     PathLike,
-    _arm_label,
-    _check_objectives,
-    _default_objectives,
-    _exclusion_counts,
-    _exclusion_message,
-    _finite,
-    _fmt_level,
-    _fmt_metric,
-    _has_values,
-    _metric_header,
-    _resolve_by,
-    _search_dims,
-    _summary_rows,
-    control_gap,
-    correlate,
-    format_summary,
+    exclusion_counts,
+    exclusion_message,
+    finite_values,
+    has_values,
     load_epochs,
     load_trials,
-    pareto_front,
     study_dirs,
-    summarize,
 )
-from kd_ray.figures import figures
+from kd_ray.analysis._stats import check_objectives, control_gap, default_objectives, pareto_front, summarize
+from kd_ray.analysis._text import SUMMARY_METRICS, fmt_metric, markdown_table, metric_header, summary_rows
+from kd_ray.atomic import write_text
 
-__all__ = ["report"]
+REPORT_FILE = "report.md"
+FIGURES_DIR = "figures"
 
-
-def _markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    def escape(cell: Any) -> str:
-        return str(cell).replace("|", "\\|").replace("\n", " ")
-
-    lines = ["| " + " | ".join(escape(h) for h in header) + " |"]
-    lines.append("|" + "|".join("---" for _ in header) + "|")
-    lines += ["| " + " | ".join(escape(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
+# Fidelity x generalization pairs the report correlates, when the table holds both.
+CORRELATION_PAIRS: tuple[tuple[str, str], ...] = (
+    ("test_agreement", "test_acc"),
+    ("test_agreement", "test_nll"),
+    ("test_agreement", "test_ece"),
+    ("test_kl", "test_acc"),
+    ("test_kl", "test_nll"),
+    ("test_kl", "test_ece"),
+)
 
 
 def _default_out_dir(directories: Sequence[Path]) -> Path:
@@ -71,7 +52,7 @@ def _default_out_dir(directories: Sequence[Path]) -> Path:
 def _correlation_section(
     kept: pd.DataFrame, by: Sequence[str], n_boot: int, seed: int
 ) -> tuple[str, pd.DataFrame]:
-    pairs = [(x, y) for x, y in CORRELATION_PAIRS if _has_values(kept, x, y)]
+    pairs = [(x, y) for x, y in CORRELATION_PAIRS if has_values(kept, x, y)]
     if not pairs:
         return "No fidelity–generalization pair has values.", pd.DataFrame()
     results = [
@@ -85,7 +66,7 @@ def _correlation_section(
     group_columns = [*by, "scope", "x", "y"]
     for _, group in table.groupby(group_columns, dropna=False, sort=False):
         first = group.iloc[0]
-        label = "overall" if first["scope"] == "overall" else _arm_label(by, [first[c] for c in by])
+        label = "overall" if first["scope"] == "overall" else arm_label(by, [first[c] for c in by])
         cells = [first["x"], first["y"], label, str(int(first["n"]))]
         for method in CORRELATION_METHODS:
             row = group[group["method"] == method].iloc[0]
@@ -98,9 +79,16 @@ def _correlation_section(
     note = (
         "Overall rows pool every trial; within rows hold the arm fixed, so a factor that moves both "
         "metrics cannot pass for a correlation between them. CIs: bootstrap percentile intervals "
-        f"({n_boot} resamples, seed {seed})."
+        f"({n_boot} resamples, seed {seed})"
     )
-    return note + "\n\n" + _markdown_table(header, rows), table
+    if n_boot > 0 and (table["n"] > BOOTSTRAP_MAX_N).any():
+        note += (
+            f" for groups of up to {BOOTSTRAP_MAX_N} trials; larger groups: Fisher z intervals (standard "
+            "error 1/√(n − 3) for Pearson, √((1 + r²/2)/(n − 3)) for Spearman after Bonett & Wright 2000, "
+            "√(0.437/(n − 4)) for Kendall after Fieller, Hartley & Pearson 1957)"
+        )
+    note += "."
+    return note + "\n\n" + markdown_table(header, rows), table
 
 
 def _detail_rows(summary: pd.DataFrame, by: Sequence[str]) -> list[list[str]]:
@@ -111,11 +99,11 @@ def _detail_rows(summary: pd.DataFrame, by: Sequence[str]) -> list[list[str]]:
         metric = row["metric"]
         ci = "–"
         if np.isfinite(row["ci_low"]):
-            ci = f"[{_fmt_metric(metric, row['ci_low'])}, {_fmt_metric(metric, row['ci_high'])}]"
+            ci = f"[{fmt_metric(metric, row['ci_low'])}, {fmt_metric(metric, row['ci_high'])}]"
         digits = 3 if metric in FRACTION_METRICS else 4
-        mean, sd = _fmt_metric(metric, row["mean"], digits), _fmt_metric(metric, row["sd"], digits)
-        cells = [_metric_header(metric), str(int(row["n"])), mean, sd, ci]
-        rows.append([_fmt_level(row[c]) for c in by] + cells)
+        mean, sd = fmt_metric(metric, row["mean"], digits), fmt_metric(metric, row["sd"], digits)
+        cells = [metric_header(metric), str(int(row["n"])), mean, sd, ci]
+        rows.append([fmt_level(row[c]) for c in by] + cells)
     return rows
 
 
@@ -130,11 +118,11 @@ def _provenance_section(df: pd.DataFrame) -> str:
     if columns:
         counts = df[columns].astype("string").fillna("–").value_counts(sort=False).reset_index()
         rows = [[str(v) for v in row.iloc[:-1]] + [str(row.iloc[-1])] for _, row in counts.iterrows()]
-        lines.append(_markdown_table([*columns, "trials"], rows))
+        lines.append(markdown_table([*columns, "trials"], rows))
     if "teacher_key" in df.columns:
         lines.append(f"Teacher ensembles: {df['teacher_key'].nunique()} distinct (`teacher_key`).")
-    if _has_values(df, "train_time_s"):
-        total = float(_finite(df["train_time_s"]).sum())
+    if has_values(df, "train_time_s"):
+        total = float(finite_values(df["train_time_s"]).sum())
         lines.append(f"Student training time: {total / 3600:.2f} h over {len(df)} trials.")
     return "\n\n".join(lines) if lines else "The tables carry no provenance columns."
 
@@ -150,106 +138,7 @@ def _excluded_section(df: pd.DataFrame) -> str:
         # A traceback ends with the exception itself; its first line says nothing.
         last_line = text.splitlines()[-1][:160] if text else ""
         rows.append([str(row.get("study", "")), str(row["trial_id"]), str(row["excluded_reason"]), last_line])
-    return _markdown_table(["study", "trial_id", "reason", "error"], rows)
-
-
-def _build_report(
-    paths: PathLike | Iterable[PathLike],
-    by: str | Sequence[str] | None,
-    out_dir: PathLike | None,
-    objectives: dict[str, str] | None,
-    n_boot: int,
-    seed: int,
-) -> tuple[Path, str]:
-    directories = study_dirs(paths)
-    trials = load_trials(directories)
-    epochs = load_epochs(directories)
-    by = _resolve_by(trials, by)
-    _check_objectives(trials, objectives)
-    out = Path(out_dir) if out_dir is not None else _default_out_dir(directories)
-    out.mkdir(parents=True, exist_ok=True)
-    message = _exclusion_message(trials)
-    if message:
-        print(message)
-    kept = trials[trials["usable"]]
-
-    summary = summarize(trials, by=by, verbose=False)
-    summary_text = format_summary(trials, by=by, verbose=False)
-    main_metrics = [m for m in SUMMARY_METRICS if _has_values(kept, m)]
-    header, rows = _summary_rows(summary[summary["metric"].isin(main_metrics)], by, main_metrics)
-    correlation_text, correlation_table = _correlation_section(kept, by, n_boot, seed)
-    figure_paths = figures(trials, epochs, out / FIGURES_DIR, by=by, objectives=objectives)
-
-    names = ", ".join(f"`{s}`" for s in trials["study"].drop_duplicates())
-    replicates = [c for c in ("seed",) if c in trials.columns and trials[c].nunique() > 1]
-    searched = _search_dims(trials)
-    detail_rows = _detail_rows(summary, by)
-    parts = [
-        f"# kd_ray report: {names}",
-        f"{len(trials)} trials loaded from {', '.join(f'`{d}`' for d in directories)}; "
-        f"{len(kept)} usable, {len(trials) - len(kept)} excluded from the statistics"
-        + (f" ({_exclusion_counts(trials)})." if message else "."),
-        "Arms vary " + (", ".join(f"`{c}`" for c in by) if by else "nothing (one arm)")
-        + (f"; replicates over {', '.join(f'`{c}`' for c in replicates)}" if replicates else "")
-        + (f"; searched (not arms): {', '.join(f'`{c}`' for c in searched)}" if searched else "")
-        + ".",
-        "## Summary",
-        "Mean ± sd per arm; fractions in percent, KL and NLL in nats; n = usable trials.",
-        _markdown_table(header, rows) if rows else "No usable trials.",
-        "### All metrics with 95% confidence intervals",
-        "t-distribution intervals for the mean; n counts the finite values behind each mean.",
-        _markdown_table([*by, "metric", "n", "mean", "sd", "95% CI"], detail_rows)
-        if detail_rows
-        else "No usable trials.",
-        "## Fidelity vs generalization",
-        correlation_text,
-    ]
-    gap = control_gap(kept, verbose=False)
-    if not gap.empty:
-        gap_metrics = ["test_agreement", "control_test_agreement", "control_gap"]
-        gap_summary = summarize(gap, by=by, metrics=gap_metrics, verbose=False)
-        gap_header, gap_rows = _summary_rows(gap_summary, by, gap_metrics)
-        parts += [
-            "## Independent-student control",
-            "control_gap = test_agreement − control_test_agreement: the agreement a student owes to its "
-            "own teacher beyond what a student distilled from an independent teacher shares with it "
-            "(paper §3.2).",
-            _markdown_table(gap_header, gap_rows),
-        ]
-    objectives = objectives if objectives is not None else _default_objectives(kept)
-    if objectives and _has_values(kept, *objectives):
-        maximize = [c for c, d in objectives.items() if d == "max"]
-        minimize = [c for c, d in objectives.items() if d == "min"]
-        front = pareto_front(kept, maximize=maximize, minimize=minimize, verbose=False)
-        dims = _search_dims(kept)
-        columns = [c for c in ("study", "trial_id", *by, *dims) if c in front.columns] + list(objectives)
-        front_rows = [
-            [_fmt_metric(c, row[c]) if c in objectives else _fmt_level(row[c]) for c in columns]
-            for _, row in front.iterrows()
-        ]
-        parts += [
-            "## Pareto front",
-            "Non-dominated trials on " + ", ".join(f"{c} ({d})" for c, d in objectives.items()) + ".",
-            _markdown_table([_metric_header(c) if c in objectives else c for c in columns], front_rows),
-        ]
-    if figure_paths:
-        parts.append("## Figures")
-        for path in figure_paths:
-            parts.append(f"![{path.stem}]({path.relative_to(out).as_posix()})")
-    parts += ["## Excluded trials", _excluded_section(trials), "## Provenance", _provenance_section(trials)]
-
-    report_path = out / REPORT_FILE
-    _write_atomic(report_path, "\n\n".join(parts) + "\n")
-    summary.to_csv(out / "summary.csv", index=False)
-    if not correlation_table.empty:
-        correlation_table.to_csv(out / "correlations.csv", index=False)
-    return report_path, summary_text
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(text, encoding="utf-8")
-    os.replace(temporary, path)
+    return markdown_table(["study", "trial_id", "reason", "error"], rows)
 
 
 def report(
@@ -267,7 +156,87 @@ def report(
     common parent of several). The report holds the per-arm summary, correlations overall and within
     arms, the independent-student control where it ran, the Pareto front for a searched study (or the
     given ``objectives``), the figures, the excluded trials and the provenance of the trials.
+    Prints how many trials the statistics leave out, if any.
     """
-    path, _ = _build_report(paths, by, out_dir, objectives, n_boot, seed)
-    return path
+    directories = study_dirs(paths)
+    trials = load_trials(directories)
+    epochs = load_epochs(directories)
+    by = resolve_by(trials, by)
+    check_objectives(trials, objectives)
+    out = Path(out_dir) if out_dir is not None else _default_out_dir(directories)
+    out.mkdir(parents=True, exist_ok=True)
+    message = exclusion_message(trials)
+    if message:
+        print(message)
+    kept = trials[trials["usable"]]
 
+    summary = summarize(trials, by=by, verbose=False)
+    main_metrics = [m for m in SUMMARY_METRICS if has_values(kept, m)]
+    header, rows = summary_rows(summary[summary["metric"].isin(main_metrics)], by, main_metrics)
+    correlation_text, correlation_table = _correlation_section(kept, by, n_boot, seed)
+    figure_paths = figures(trials, epochs, out / FIGURES_DIR, by=by, objectives=objectives)
+
+    names = ", ".join(f"`{s}`" for s in trials["study"].drop_duplicates())
+    replicates = [c for c in ("seed",) if c in trials.columns and trials[c].nunique() > 1]
+    searched = search_dims(trials)
+    detail_rows = _detail_rows(summary, by)
+    parts = [
+        f"# kd_ray report: {names}",
+        f"{len(trials)} trials loaded from {', '.join(f'`{d}`' for d in directories)}; "
+        f"{len(kept)} usable, {len(trials) - len(kept)} excluded from the statistics"
+        + (f" ({exclusion_counts(trials)})." if message else "."),
+        "Arms vary " + (", ".join(f"`{c}`" for c in by) if by else "nothing (one arm)")
+        + (f"; replicates over {', '.join(f'`{c}`' for c in replicates)}" if replicates else "")
+        + (f"; searched (not arms): {', '.join(f'`{c}`' for c in searched)}" if searched else "")
+        + ".",
+        "## Summary",
+        "Mean ± sd per arm; fractions in percent, KL and NLL in nats; n = usable trials.",
+        markdown_table(header, rows) if rows else "No usable trials.",
+        "### All metrics with 95% confidence intervals",
+        "t-distribution intervals for the mean; n counts the finite values behind each mean.",
+        markdown_table([*by, "metric", "n", "mean", "sd", "95% CI"], detail_rows)
+        if detail_rows
+        else "No usable trials.",
+        "## Fidelity vs generalization",
+        correlation_text,
+    ]
+    gap = control_gap(kept, verbose=False)
+    if not gap.empty:
+        gap_metrics = ["test_agreement", "control_test_agreement", CONTROL_GAP]
+        gap_summary = summarize(gap, by=by, metrics=gap_metrics, verbose=False)
+        gap_header, gap_rows = summary_rows(gap_summary, by, gap_metrics)
+        parts += [
+            "## Independent-student control",
+            "control_gap = test_agreement − control_test_agreement: the agreement a student owes to its "
+            "own teacher beyond what a student distilled from an independent teacher shares with it "
+            "(paper §3.2).",
+            markdown_table(gap_header, gap_rows),
+        ]
+    objectives = objectives if objectives is not None else default_objectives(kept)
+    if objectives and has_values(kept, *objectives):
+        maximize = [c for c, d in objectives.items() if d == "max"]
+        minimize = [c for c, d in objectives.items() if d == "min"]
+        front = pareto_front(kept, maximize=maximize, minimize=minimize, verbose=False)
+        dims = search_dims(kept)
+        columns = [c for c in ("study", "trial_id", *by, *dims) if c in front.columns] + list(objectives)
+        front_rows = [
+            [fmt_metric(c, row[c]) if c in objectives else fmt_level(row[c]) for c in columns]
+            for _, row in front.iterrows()
+        ]
+        parts += [
+            "## Pareto front",
+            "Non-dominated trials on " + ", ".join(f"{c} ({d})" for c, d in objectives.items()) + ".",
+            markdown_table([metric_header(c) if c in objectives else c for c in columns], front_rows),
+        ]
+    if figure_paths:
+        parts.append("## Figures")
+        for path in figure_paths:
+            parts.append(f"![{path.stem}]({path.relative_to(out).as_posix()})")
+    parts += ["## Excluded trials", _excluded_section(trials), "## Provenance", _provenance_section(trials)]
+
+    report_path = out / REPORT_FILE
+    write_text(report_path, "\n\n".join(parts) + "\n")
+    write_text(out / "summary.csv", summary.to_csv(index=False))
+    if not correlation_table.empty:
+        write_text(out / "correlations.csv", correlation_table.to_csv(index=False))
+    return report_path

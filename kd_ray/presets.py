@@ -1,0 +1,240 @@
+"""Every study's presets, by study name: what ``studies/<name>.py`` runs and the reproduction plans.
+
+A study has a ``local`` preset (the default: embedded data, small nets, minutes on a laptop CPU)
+and a ``paper`` preset (CIFAR-100 and the paper's recipes, for a GPU cluster). A preset is a base of
+TrialConfig fields plus the axes (crossed) and explicit arms it varies. Some studies adapt their
+preset to the dataset a user picks (``--dataset``), and the Optuna study builds a search space.
+``STUDIES`` holds them all, in the order the reproduction runs them; ``REPRODUCTION`` names those
+it runs (every study whose findings are judged from a grid).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable
+
+from kd_ray.data import DATASET_INFO
+from kd_ray.study import OptunaSpec
+
+
+@dataclass
+class Preset:
+    base: dict[str, Any]
+    axes: dict[str, list[Any]] = field(default_factory=dict)
+    arms: list[dict[str, Any]] = field(default_factory=list)
+    seeds: int = 2
+    gpus_per_trial: float = 0.0
+
+
+@dataclass(frozen=True)
+class StudyPresets:
+    """One study: its ``local`` and ``paper`` presets, and what it does with the chosen dataset.
+
+    ``adapt(preset, dataset)`` fits a preset to ``--dataset`` (``None``: the preset's own);
+    ``search(preset_name, dataset, num_samples)`` gives the Optuna search of a search study."""
+
+    presets: dict[str, Preset]
+    adapt: Callable[[Preset, str | None], Preset] | None = None
+    search: Callable[[str, str | None, int | None], OptunaSpec] | None = None
+    in_reproduction: bool = True
+
+
+# The paper's CIFAR-100 recipes (PAPER.md): PreResNet-56 ensembles, 200 teacher / 300 student epochs.
+PAPER_BASE: dict[str, Any] = dict(
+    dataset="cifar100", teacher_arch="preresnet56", student_arch="preresnet56", teacher_members=5,
+    teacher_epochs=200, teacher_lr=0.1, teacher_batch_size=256, epochs=300, batch_size=128, lr=0.05,
+    weight_decay=1e-4, eval_every=25, device="auto",
+)
+# Laptop scale: mnist1d with small MLPs, a teacher around 77% test accuracy (far from 100%, as
+# CIFAR-100 teachers are), seconds per trial on one CPU core.
+LOCAL_BASE: dict[str, Any] = dict(dataset="mnist1d", teacher_arch="mlp", student_arch="mlp")
+
+
+# --- adapting a preset to the chosen dataset ------------------------------------------------------
+
+
+def applicable_policies(policies: list[str], dataset: str) -> list[str]:
+    """The policies of ``policies`` that ``dataset``'s kind of data can take, in order."""
+    # Deferred: the augmentation registry imports torch, which building a preset does not need.
+    from kd_ray.augment import check_policy
+
+    kind = DATASET_INFO[dataset].kind
+    applicable = []
+    for policy in policies:
+        try:
+            check_policy(policy, kind)
+            applicable.append(policy)
+        except ValueError:
+            pass
+    return applicable
+
+
+def keep_applicable_policies(preset: Preset, dataset: str | None) -> Preset:
+    """Drop the policies the chosen dataset cannot take, so one script serves every dataset."""
+    dataset = dataset or preset.base["dataset"]
+    if dataset not in DATASET_INFO:
+        return preset  # the config validation names the bad dataset
+    policies = preset.axes["augmentation"]
+    applicable = applicable_policies(policies, dataset)
+    for policy in policies:
+        if policy not in applicable:
+            print(f"augmentation_ablation: leaving out '{policy}' ({dataset} is {DATASET_INFO[dataset].kind} data)")
+    return replace(preset, axes={**preset.axes, "augmentation": applicable})
+
+
+def drop_extra_data_if_not_generative(preset: Preset, dataset: str | None) -> Preset:
+    """Leave out an ``extra_data`` axis when the chosen dataset cannot generate samples (CIFAR)."""
+    dataset = dataset or preset.base["dataset"]
+    axes = dict(preset.axes)
+    if dataset in DATASET_INFO and not DATASET_INFO[dataset].can_generate and "extra_data" in axes:
+        print(f"{dataset} cannot generate extra in-domain samples; the extra_data axis is left out")
+        axes.pop("extra_data")
+    return replace(preset, axes=axes)
+
+
+# --- the studies, in the order of the reproduction ------------------------------------------------
+
+# E3 (paper Fig. 3, 5 right, 11): augmentation policy x temperature.
+PAPER_POLICIES = ["baseline", "rotation", "vflip", "colorjitter", "combaug", "mixup", "noise"]
+AUGMENTATION_ABLATION = StudyPresets(
+    presets={
+        # digits: 8x8 images, so the image policies apply; MLPs keep a trial to seconds.
+        "local": Preset(base={**LOCAL_BASE, "dataset": "digits", "epochs": 30},
+                        axes={"augmentation": PAPER_POLICIES, "temperature": [1.0, 4.0]}, seeds=2),
+        "paper": Preset(base=PAPER_BASE, axes={"augmentation": PAPER_POLICIES, "temperature": [1.0, 4.0]},
+                        seeds=3, gpus_per_trial=1.0),
+    },
+    adapt=keep_applicable_policies,
+)
+
+# E5 (paper Fig. 9): ensemble size m x temperature tau.
+TEMPERATURE_SWEEP = StudyPresets(
+    presets={
+        "local": Preset(base=LOCAL_BASE, axes={"teacher_members": [1, 3, 5], "temperature": [1.0, 4.0, 8.0, 16.0]},
+                        seeds=2),
+        # The paper runs this grid with ResNet-20 on a subsampled CIFAR-100.
+        "paper": Preset(base={**PAPER_BASE, "teacher_arch": "preresnet20", "student_arch": "preresnet20",
+                              "distill_fraction": 0.5},
+                        axes={"teacher_members": [1, 3, 5], "temperature": [1.0, 4.0, 8.0, 16.0]}, seeds=3,
+                        gpus_per_trial=1.0),
+    },
+)
+
+# E1 / E2 / E4 (paper Fig. 1, 2, 4, 5): how much and which data the student is distilled on.
+DATASET_SIZE = StudyPresets(
+    presets={
+        "local": Preset(base={**LOCAL_BASE, "teacher_split": "half"},
+                        axes={"distill_split": ["train", "holdout", "both"], "distill_fraction": [0.25, 1.0],
+                              "extra_data": [0, 8000]}, seeds=2),
+        "paper": Preset(base={**PAPER_BASE, "teacher_split": "half", "teacher_members": 3, "temperature": 4.0},
+                        axes={"distill_split": ["train", "holdout", "both"], "distill_fraction": [0.25, 0.5, 1.0]},
+                        seeds=3, gpus_per_trial=1.0),
+    },
+    adapt=drop_extra_data_if_not_generative,
+)
+
+# E7 (paper Fig. 6a): optimizer x training duration, self-distillation, layer-normalised networks.
+DURATION_RECIPE = {"norm": "group", "weight_decay": 0.0, "temperature": 1.0, "teacher_members": 1}
+OPTIMIZER_ARMS = [{"optimizer": "sgd", "lr": 0.05}, {"optimizer": "adam", "lr": 1e-3}]
+TRAINING_DURATION = StudyPresets(
+    presets={
+        "local": Preset(base={**LOCAL_BASE, **DURATION_RECIPE}, axes={"epochs": [20, 60, 180]}, arms=OPTIMIZER_ARMS,
+                        seeds=2),
+        "paper": Preset(base={**PAPER_BASE, **DURATION_RECIPE, "teacher_arch": "preresnet20",
+                              "student_arch": "preresnet20"},
+                        axes={"epochs": [300, 1000, 5000]}, arms=OPTIMIZER_ARMS, seeds=3, gpus_per_trial=1.0),
+    },
+)
+
+# E8 / E10 (paper Fig. 6b, Table 1): interpolated, teacher-initialised and random students.
+LAMBDAS = [0.0, 0.25, 0.375, 0.5, 0.75, 0.875, 1.0]
+INIT_ARMS = [{"init": "interpolate", "init_lambda": lam} for lam in LAMBDAS] + [{"init": "random"},
+                                                                                {"init": "teacher_init"}]
+INIT_RECIPE = {"norm": "group", "temperature": 1.0, "teacher_members": 1}
+INITIALIZATION = StudyPresets(
+    presets={
+        "local": Preset(base={**LOCAL_BASE, **INIT_RECIPE}, arms=INIT_ARMS, seeds=2),
+        "paper": Preset(base={**PAPER_BASE, **INIT_RECIPE, "teacher_arch": "preresnet20",
+                              "student_arch": "preresnet20", "weight_decay": 0.0},
+                        arms=INIT_ARMS, seeds=3, gpus_per_trial=1.0),
+    },
+)
+
+# E6 (paper Fig. 10): ensemble size m at temperature 1.
+ENSEMBLE_SIZE = StudyPresets(
+    presets={
+        "local": Preset(base={**LOCAL_BASE, "temperature": 1.0}, axes={"teacher_members": [1, 2, 3, 5, 8]}, seeds=2),
+        "paper": Preset(base={**PAPER_BASE, "temperature": 1.0}, axes={"teacher_members": [1, 2, 3, 5, 8, 12]},
+                        seeds=3, gpus_per_trial=1.0),
+    },
+)
+
+# E15 (paper Fig. 14) with the independent-student control (paper section 3.2).
+ALPHAS = [0.0, 0.1, 0.3, 0.5, 0.7]
+ALPHA_RECIPE = {"teacher_members": 3, "temperature": 1.0, "control": True}
+ALPHA_SWEEP = StudyPresets(
+    presets={
+        "local": Preset(base={**LOCAL_BASE, **ALPHA_RECIPE}, axes={"alpha": ALPHAS}, seeds=2),
+        "paper": Preset(base={**PAPER_BASE, **ALPHA_RECIPE}, axes={"alpha": ALPHAS}, seeds=3, gpus_per_trial=1.0),
+    },
+)
+
+# E2 (paper Fig. 2): a teacher trained on very few examples, distilled on much more in-domain data.
+# 600 epochs of 200 examples are as many optimizer steps as the full teacher's 30 epochs of 4000.
+SMALL_TEACHER_RECIPE = {"teacher_fraction": 0.05, "teacher_members": 1, "teacher_epochs": 600}
+SMALL_TEACHER = StudyPresets(
+    presets={
+        "local": Preset(base={**LOCAL_BASE, **SMALL_TEACHER_RECIPE},
+                        axes={"distill_split": ["train", "both"], "extra_data": [0, 8000]}, seeds=2),
+        "paper": Preset(base={**PAPER_BASE, **SMALL_TEACHER_RECIPE, "teacher_epochs": 4000},
+                        axes={"distill_split": ["train", "both"]}, seeds=3, gpus_per_trial=1.0),
+    },
+    adapt=drop_extra_data_if_not_generative,
+)
+
+
+# --- the Optuna search (not part of the reproduction: no finding is judged from it) ---------------
+
+OPTUNA_PRESETS = {
+    "local": Preset(base=LOCAL_BASE, seeds=1),
+    "paper": Preset(base=PAPER_BASE, seeds=1, gpus_per_trial=1.0),
+}
+OPTUNA_SAMPLES = {"local": 16, "paper": 64}
+
+
+def optuna_search_space(preset: str, dataset: str | None, num_samples: int | None) -> OptunaSpec:
+    """Temperature, alpha, augmentation, mixup alpha, learning rate and distillation fraction, searched
+    with NSGA-II for test agreement and test accuracy together."""
+    dataset = dataset or OPTUNA_PRESETS[preset].base["dataset"]
+    candidates = ["none", "baseline", "mixup", "cutmix", "rotation", "combaug"]
+    # An unknown dataset is named by the config validation; the space is built for signals meanwhile.
+    policies = applicable_policies(candidates, dataset if dataset in DATASET_INFO else "mnist1d")
+    return OptunaSpec(
+        space={
+            "temperature": ("logfloat", 1.0, 16.0),
+            "alpha": ("float", 0.0, 0.7),
+            "augmentation": ("choice", policies),
+            "mixup_alpha": ("float", 0.2, 2.0),
+            "lr": ("logfloat", 0.01, 0.2),
+            "distill_fraction": ("float", 0.25, 1.0),
+        },
+        metrics=("test_agreement", "test_acc"), modes=("max", "max"),
+        num_samples=OPTUNA_SAMPLES[preset] if num_samples is None else num_samples,
+    )
+
+
+OPTUNA_SEARCH = StudyPresets(presets=OPTUNA_PRESETS, search=optuna_search_space, in_reproduction=False)
+
+
+STUDIES: dict[str, StudyPresets] = {
+    "augmentation_ablation": AUGMENTATION_ABLATION,
+    "temperature_sweep": TEMPERATURE_SWEEP,
+    "dataset_size": DATASET_SIZE,
+    "training_duration": TRAINING_DURATION,
+    "initialization": INITIALIZATION,
+    "ensemble_size": ENSEMBLE_SIZE,
+    "alpha_sweep": ALPHA_SWEEP,
+    "small_teacher": SMALL_TEACHER,
+    "optuna_search": OPTUNA_SEARCH,
+}
+REPRODUCTION: tuple[str, ...] = tuple(name for name, study in STUDIES.items() if study.in_reproduction)

@@ -1,0 +1,111 @@
+"""Which train indices the teacher and the student see: the D0/D1 halves, fractions, seeded strata.
+
+Pure numpy on the label array; the same arguments always give the same sorted int64 indices.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from kd_ray.config import DISTILL_SPLITS, TEACHER_SPLITS, ConfigError
+
+# The salts keep the D0 draw, the teacher-subset draw and the distillation-subset draw on different
+# streams even when data_seed == seed (both default to 0).
+_HALF_SALT = 0x0D0
+_TEACHER_SALT = 0x7EA
+_SUBSET_SALT = 0x5B5
+
+
+def split_indices(
+    y_train: np.ndarray,
+    *,
+    teacher_split: str,
+    distill_split: str,
+    distill_fraction: float,
+    data_seed: int,
+    seed: int,
+    teacher_fraction: float = 1.0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(teacher_idx, distill_idx)``: sorted int64 indices into the train arrays.
+
+    teacher_split ``full``: the teacher uses every train index and the distillation base set is
+    also every index (``train`` or ``both``; ``holdout`` has nothing to hold out and is refused).
+    teacher_split ``half``: a stratified half D0 drawn with ``data_seed`` (D1 is the rest); the
+    teacher uses D0 and the base set is D0 (``train``), D1 (``holdout``) or D0 and D1 (``both``).
+    ``teacher_fraction`` < 1 trains the teacher on a stratified subset of its split (drawn with
+    ``data_seed``); ``train`` then means exactly that subset, the teacher's own training data.
+    The distillation set is then a stratified subset of the base set of size
+    ``round(distill_fraction * len(base))`` drawn with ``seed`` (at least one per class when the
+    size allows; fraction 1 keeps the whole base set).
+    """
+    y = np.asarray(y_train)
+    if y.ndim != 1:
+        raise ConfigError(f"y_train must be one-dimensional, got shape {y.shape}")
+    if teacher_split not in TEACHER_SPLITS:
+        raise ConfigError(f"teacher_split={teacher_split!r} is not allowed; choose one of: {', '.join(TEACHER_SPLITS)}")
+    if distill_split not in DISTILL_SPLITS:
+        raise ConfigError(f"distill_split={distill_split!r} is not allowed; choose one of: {', '.join(DISTILL_SPLITS)}")
+    if not 0.0 < float(distill_fraction) <= 1.0:
+        raise ConfigError(f"distill_fraction={distill_fraction!r} is out of range; allowed: (0, 1]")
+    if not 0.0 < float(teacher_fraction) <= 1.0:
+        raise ConfigError(f"teacher_fraction={teacher_fraction!r} is out of range; allowed: (0, 1]")
+    for label, value in (("data_seed", data_seed), ("seed", seed)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+            raise ConfigError(f"{label}={value!r} must be a non-negative integer")
+
+    everything = np.arange(len(y), dtype=np.int64)
+    if teacher_split == "full":
+        if distill_split == "holdout":
+            raise ConfigError(
+                "distill_split='holdout' needs teacher_split='half' (the holdout half D1 exists only "
+                "when the teacher is trained on D0); got teacher_split='full'"
+            )
+        teacher_idx = everything
+        base = everything
+    else:
+        # The salts keep the D0 draw and the subset draw on different streams even when
+        # data_seed == seed (both default to 0).
+        d0 = _stratified_subset(everything, y, len(y) // 2, np.random.default_rng([int(data_seed), _HALF_SALT]))
+        d1 = np.setdiff1d(everything, d0)
+        teacher_idx = d0
+        base = {"train": d0, "holdout": d1, "both": everything}[distill_split]
+    if float(teacher_fraction) < 1.0:
+        size = max(1, int(round(float(teacher_fraction) * len(teacher_idx))))
+        teacher_idx = _stratified_subset(teacher_idx, y, size, np.random.default_rng([int(data_seed), _TEACHER_SALT]))
+        if distill_split == "train":
+            base = teacher_idx
+
+    if float(distill_fraction) == 1.0:
+        distill_idx = base
+    else:
+        size = max(1, int(round(float(distill_fraction) * len(base))))
+        rng = np.random.default_rng([int(seed), _SUBSET_SALT])
+        distill_idx = _stratified_subset(base, y, size, rng)
+    return np.sort(teacher_idx).astype(np.int64), np.sort(distill_idx).astype(np.int64)
+
+
+def _stratified_subset(candidates: np.ndarray, y: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
+    """``size`` of ``candidates`` drawn per class in proportion to the class counts.
+
+    Allocation is by largest remainder with random tie-breaks, so each class gets the floor or the
+    ceiling of its exact share; then every present class gets at least one when ``size`` allows.
+    """
+    labels = y[candidates]
+    classes, counts = np.unique(labels, return_counts=True)
+    size = min(size, len(candidates))
+    quota = size * counts / len(candidates)
+    alloc = np.floor(quota).astype(np.int64)
+    left = size - int(alloc.sum())
+    if left > 0:
+        order = np.lexsort((rng.random(len(classes)), -(quota - alloc)))
+        alloc[order[:left]] += 1
+    if size >= len(classes):
+        for c in np.flatnonzero(alloc == 0):
+            alloc[int(np.argmax(alloc))] -= 1
+            alloc[c] = 1
+    chosen = [
+        rng.permutation(candidates[labels == cls])[:k] for cls, k in zip(classes, alloc) if k > 0
+    ]
+    if not chosen:
+        return np.zeros((0,), np.int64)
+    return np.sort(np.concatenate(chosen)).astype(np.int64)
