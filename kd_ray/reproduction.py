@@ -1,6 +1,6 @@
 """docs/reproduction.md: the verdict on each of the paper's findings, and the paper-preset plan.
 
-The verdicts come from ``findings.evaluate`` over the local-preset tables; nothing is decided by
+The verdicts come from ``findings.judge_findings`` over the local-preset tables; nothing is decided by
 hand. The plan counts each study's paper-preset trials and estimates GPU-hours from the FLOPs of
 the models (counted by torch's FlopCounterMode), the data sizes and epochs, at a stated sustained
 GPU throughput; replace it with the per-epoch times of a first real run (``epochs.parquet``).
@@ -56,8 +56,9 @@ def paper_plan() -> list[dict]:
             preset = study.adapt(preset, None)
         grid = [dict(zip(preset.axes, values)) for values in itertools.product(*preset.axes.values())] or [{}]
         arms = preset.arms or [{}]
-        configs = [TrialConfig.from_dict({**preset.base, **arm, **point}) for arm in arms for point in grid]
-        trials = len(configs) * preset.seeds
+        configs = [TrialConfig.from_dict({**preset.base, **arm, **point, "seed": seed})
+                   for arm in arms for point in grid for seed in range(preset.seeds)]
+        trials = len(configs)
         gpu_seconds = 0.0
         for cfg in configs:
             fraction = cfg.distill_fraction * (0.5 if cfg.teacher_split == "half" else 1.0)
@@ -66,8 +67,8 @@ def paper_plan() -> list[dict]:
                 cfg.teacher_arch, False
             )
             factor = 2 if cfg.control else 1
-            gpu_seconds += preset.seeds * factor * images * per_image / SUSTAINED_GPU_FLOPS
-        # Every member once, control members included: the store shares them between trials and seeds.
+            gpu_seconds += factor * images * per_image / SUSTAINED_GPU_FLOPS
+        # Every member once, control members included: the store shares them between the trials of a seed.
         members = needed_members(configs)
         for member in members.values():
             teacher = member.cfg
@@ -108,56 +109,123 @@ def _provenance(storage: Path) -> str:
             f"ray {trials['ray_version'].dropna().iloc[0]}")
 
 
+# The verdicts of the previous reproduction (5 seeds, one teacher for every replicate, overlapping
+# 95% intervals as the rule), kept to say what changed and why.
+PREVIOUS_VERDICTS = {
+    1: "holds", 2: "does not hold", 3: "holds", 4: "does not hold", 5: "holds", 6: "does not hold",
+    7: "inconclusive", 8: "holds", 9: "inconclusive", 10: "holds", 11: "holds", 12: "does not hold", 13: "holds",
+    14: "holds", 15: "holds", 16: "not covered", 17: "holds",
+}
+RULE_CHANGES = {
+    3: "data-size arms now get the same optimizer-step budget, so more data no longer means more steps",
+    4: "the augmentation half of the claim (combaug vs baseline) is judged beside the extra-data half",
+    5: "the heavy policies are the 1-D ones of mnist1d (combaug1d, mixup), not digits' image policies",
+    6: "self-distillation (m = 1) and the claim's second half (the accuracy gap to the teacher narrows) are tested",
+    7: "teacher accuracy is counted over distinct teachers: one per seed now, one in all before",
+    8: "'similar' is an equivalence test at the stated margin, not overlapping intervals",
+    9: "one step budget for every split; 'best on both' is a non-inferiority test",
+    10: "'does not help' is a non-superiority test at the stated margin",
+    11: "'Adam is not better' is a non-superiority test",
+    12: "train agreement (paper Fig. 6b) instead of test agreement; lambda 0 is no longer compared with random init "
+        "(the same start since seeds have their own streams); the threshold is judged per seed",
+    13: "'does not change' is an equivalence test (TOST) on agreement and KL, not overlapping intervals",
+    14: "'does not raise' is a non-superiority test at the stated margin",
+    15: "the real student must agree more than the control, and the control must reach more than half of the real "
+        "student's agreement above chance (the old ratio >= 0.9 passed almost anything)",
+    17: "a rank correlation within seeds across all arms, not a comparison of the winning arms",
+}
+
+
+def _rules_section() -> list[str]:
+    margins = ", ".join(
+        f"{metric} {value * 100:g} pp" if metric in findings.PERCENT_METRICS else f"{metric} {value:g}"
+        for metric, value in findings.MIN_EFFECT.items()
+    )
+    return [
+        "## How a verdict is reached",
+        "",
+        "A seed names a replicate: its own teacher ensemble (members drawn from the seed's own streams), its own",
+        "student initialisation and its own batch and augmentation order, each from an independent random",
+        "stream. Arms of a study share their seeds, so every comparison is *paired*: the differences between two",
+        "arms over shared seeds, their mean and 95% t-interval. Claims about teacher metrics count distinct",
+        "teachers, not seeds.",
+        "",
+        f"- **Minimum effects** (the smallest difference counted as an effect): {margins}. A claim may state a",
+        "  smaller one where the paper's wording is \"slightly\".",
+        f"- **A difference** (\"raises\", \"lower\") holds when the two-sided paired t-test is significant at "
+        f"{findings.ALPHA:g} after Holm's",
+        "  correction across every difference test of this document, in the claimed direction; it does not hold",
+        "  when it is significant the other way, or when an equivalence test shows the difference within the",
+        "  minimum effect. Otherwise it is inconclusive, and the line gives the effect the data could have",
+        f"  detected with {findings.POWER:.0%} power.",
+        "- **No difference** (\"does not change\", \"similar\") holds only when two one-sided tests (TOST, alpha",
+        "  0.05) put the mean difference within plus or minus the minimum effect; **no gain** (\"does not help\")",
+        "  and **no loss** (\"stays flat\") use the one-sided half. Overlapping intervals prove nothing.",
+        "- **Thresholds** (\"below 100%\", \">= 99%\") hold when the 95% interval of the arm's mean lies on the",
+        "  claimed side, fail when it lies wholly on the other; a fraction's interval is cut to [0, 1].",
+        "- **Convergence**: a claim never *fails* on students that had not converged (their train agreement still",
+        "  moving over the last quarter of training); it is inconclusive instead, and says so.",
+        "- A finding holds when every claim holds, does not hold when any claim does not, else inconclusive.",
+        "",
+    ]
+
+
+def _changes_section(results) -> list[str]:
+    lines = ["## What changed since the previous reproduction", "",
+             "The previous run used 5 seeds, one teacher for every replicate, seeds that collided (the seed-0",
+             "student started at teacher member 0's weights) and overlapping 95% intervals as the rule.", "",
+             "| # | before | now | what changed in the rule or the setting |", "|---|---|---|---|"]
+    for finding, verdict in results:
+        before = PREVIOUS_VERDICTS.get(finding.number, "—")
+        lines.append(f"| {finding.number} | {before} | {verdict.verdict} | "
+                     f"{RULE_CHANGES.get(finding.number, 'same rule; new seeds, teachers and budgets')} |")
+    return lines + [""]
+
+
 def write_document(storage: Path, out: Path, runs: dict, seeds: int, figures_dir: Path) -> None:
     results = findings.judge_findings(storage)
     rel = Path("figures") / figures_dir.name
     lines = [
         "# Reproduction at laptop scale",
         "",
-        "Every study of `studies/` run at its `local` preset (mnist1d with MLPs; digits 8×8 images for the",
-        f"augmentation policies), {seeds} seeds per arm, by `python studies/reproduce.py`. The verdicts below are",
-        "computed by `kd_ray/findings.py` from the trial tables; none is set by hand.",
+        "Every study of the reproduction (`kd_ray.presets.REPRODUCTION`) run at its `local` preset (mnist1d",
+        f"with MLPs), {seeds} seeds per arm, by `python studies/reproduce.py`. This document is written by",
+        "`kd_ray/reproduction.py` from the trial tables; the verdicts come from the claims in",
+        "`kd_ray/findings/`, and none is set by hand.",
         "",
-        "## The rule",
-        "",
-        "Each arm's metric is summarised by its mean over seeds and the 95% t-interval of that mean. A",
-        "finding that claims a difference **holds** when the intervals of the two arms do not overlap and the",
-        "difference points the claimed way, **does not hold** when they do not overlap and it points the other",
-        "way, and is **inconclusive** when they overlap. A finding that claims *no* difference (\"does not help\",",
-        "\"does not change\") holds unless the claimed-absent gain is clearly there. A finding with several parts",
-        "holds only if every part holds. Findings 1, 12 and 15 add stated thresholds (99% agreement; the",
-        "largest adjacent jump in λ at least half of the whole rise; control agreement at least 90% of the real",
-        "student's).",
-        "",
+        *_rules_section(),
         "## Scale and difficulty",
         "",
         "The paper's CIFAR-100 teachers reach about 70–77% accuracy, so fidelity is far from perfect. The local",
-        "preset is chosen to sit in the same regime, not to make verdicts agree with the paper: an MLP on",
-        "mnist1d (1-D signals, 4,000 training examples) reaches about 77% test accuracy, against about 99% for",
-        "a 1-D convnet, on which agreement is near 100% everywhere and the effects vanish. The augmentation",
-        "ablation needs images and uses digits (8×8, 1,437 training images), where even an MLP teacher is above",
-        "95%: its agreement effects are compressed near 100% and its verdicts are weaker evidence.",
+        "preset sits in the same regime: an MLP on mnist1d (1-D signals, 4,000 training examples, a 10,000-signal",
+        "test set) reaches about 80% test accuracy, against about 99% for a 1-D convnet, on which agreement is near",
+        "100% everywhere and the effects vanish. Students get at least the teacher's optimizer-step budget, and",
+        "arms that compare data get one step budget.",
         "",
         "## Verdicts",
         "",
-        "| # | finding | study | verdict |",
+        "| # | finding | studies | verdict |",
         "|---|---|---|---|",
     ]
     for finding, verdict in results:
-        lines.append(f"| {finding.number} | {finding.claim} | {finding.study or '—'} | **{verdict.verdict}** |")
+        studies = ", ".join(finding.studies) or "—"
+        lines.append(f"| {finding.number} | {finding.claim} | {studies} | **{verdict.verdict}** |")
     counts = pd.Series([v.verdict for _, v in results]).value_counts()
     lines += ["", "Totals: " + ", ".join(f"{k}: {v}" for k, v in counts.items()) + ".", ""]
+    lines += _changes_section(results)
     for finding, verdict in results:
         lines += [f"### Finding {finding.number}: {verdict.verdict}", "", finding.claim, ""]
-        if finding.study is None or verdict.verdict == findings.NOT_COVERED:
+        if not finding.studies or verdict.verdict == findings.NOT_COVERED:
             lines += [f"Not covered: {verdict.evidence[0] if verdict.evidence else finding.why_not_covered}.", ""]
             continue
-        lines += [f"- Study: `{finding.study}`; setting: {finding.setting}.", f"- Rule: {finding.rule}.",
-                  "- Measured (mean ± sd over seeds):"]
-        lines += [f"  - {item}" for item in verdict.evidence]
-        figure = _copy_figure(storage, finding.study, finding.figure, figures_dir)
+        studies = ", ".join(f"`{s}`" for s in finding.studies)
+        lines += [f"- Studies: {studies}; setting: {finding.setting}.", f"- Rule: {finding.rule_text}.",
+                  "- Arms (mean ± sd):"]
+        lines += [f"  - {item}" for item in verdict.arms]
+        lines += ["- Claims:"] + [f"  - {item}" for item in verdict.evidence]
+        figure = _copy_figure(storage, finding.studies[0], finding.figure, figures_dir)
         if figure:
-            lines += ["", f"![{finding.study}]({rel / figure})"]
+            lines += ["", f"![{finding.studies[0]}]({rel / figure})"]
         lines.append("")
     lines += ["## Runs", "", "| study | wall time | exit code |", "|---|---|---|"]
     for name, run in runs.items():

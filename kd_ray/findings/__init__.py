@@ -24,6 +24,7 @@ from kd_ray.findings._claims import (
     INCONCLUSIVE,
     MIN_EFFECT,
     NOT_COVERED,
+    PERCENT_METRICS,
     POWER,
     Claim,
     Sample,
@@ -47,7 +48,7 @@ from kd_ray.findings._claims import (
 from kd_ray.findings._rules import FINDINGS, Finding
 
 __all__ = [
-    "ALPHA", "FAILS", "FINDINGS", "HOLDS", "INCONCLUSIVE", "MIN_EFFECT", "NOT_COVERED", "POWER",
+    "ALPHA", "FAILS", "FINDINGS", "HOLDS", "INCONCLUSIVE", "MIN_EFFECT", "NOT_COVERED", "PERCENT_METRICS", "POWER",
     "Claim", "Finding", "Sample", "Verdict",
     "above", "below", "describe_claim", "describe_sample", "higher", "holm", "judge_claims", "judge_findings",
     "lower", "no_gain", "no_loss", "paired_differences", "same", "sample",
