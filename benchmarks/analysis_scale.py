@@ -18,6 +18,7 @@ import argparse
 import json
 import math
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -99,15 +100,22 @@ def _jitter(frame: pd.DataFrame, trial: np.ndarray, shift: dict, scale: dict) ->
             frame[metric] = frame[metric].to_numpy() * draws[trial]
 
 
-def time_analyze(study_dir: Path) -> float:
-    """Wall seconds of `kd-ray analyze study_dir` in a fresh process."""
+def time_analyze(study_dir: Path) -> tuple[float, float]:
+    """Wall and CPU seconds of `kd-ray analyze study_dir` in a fresh process. On a machine shared with
+    other work the wall time grows with the load; the CPU time much less."""
+    cpu_before = _children_cpu()
     started = time.perf_counter()
     done = subprocess.run([sys.executable, "-m", "kd_ray.cli", "analyze", str(study_dir)], capture_output=True,
                           text=True, cwd=ROOT)
     seconds = time.perf_counter() - started
     if done.returncode != 0:
         raise SystemExit(f"kd-ray analyze failed on {study_dir} (exit {done.returncode}):\n{done.stderr[-3000:]}")
-    return seconds
+    return seconds, _children_cpu() - cpu_before
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def growth_exponent(sizes: list[int], seconds: list[float]) -> float:
@@ -125,15 +133,20 @@ def main(argv: list[str] | None = None) -> int:
         base_trials = tables.read_table(str(base_dir / tables.TRIALS_FILE)).to_pandas()
         base_epochs = tables.read_table(str(base_dir / tables.EPOCHS_FILE)).to_pandas()
         print(f"versions: {versions()}")
-        print(f"base study: {len(base_trials)} trials, {len(base_epochs)} epoch rows")
+        # The fixed part of every analysis (interpreter, imports, drawing the figures), for reference.
+        wall, cpu = time_analyze(base_dir)
+        print(f"base study: {len(base_trials)} trials, {len(base_epochs)} epoch rows: kd-ray analyze {wall:.1f} s "
+              f"(cpu {cpu:.1f} s)")
         seconds = []
         for size in sizes:
             study_dir = Path(scratch) / f"scale_{size}"
             trials, epochs = replicate(base_trials, base_epochs, size)
             tables.write_table(trials, str(study_dir / tables.TRIALS_FILE))
             tables.write_table(epochs, str(study_dir / tables.EPOCHS_FILE))
-            seconds.append(time_analyze(study_dir))
-            print(f"{size:>7} trials, {epochs.num_rows:>7} epoch rows: kd-ray analyze {seconds[-1]:.1f} s")
+            wall, cpu = time_analyze(study_dir)
+            seconds.append(wall)
+            print(f"{size:>7} trials, {epochs.num_rows:>7} epoch rows: kd-ray analyze {wall:.1f} s (cpu {cpu:.1f} s)")
+    print(f"load average: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     print(f"growth exponent: {growth_exponent(sizes, seconds):.2f}")
     print(f"seconds_10k: {seconds[sizes.index(10_000)]:.1f}")
     return 0

@@ -16,8 +16,10 @@ from kd_ray.config import EXIT_BAD_INPUT, ConfigError, TrialConfig, parse_set
 from kd_ray.progress import printer
 
 
-def _fail(message: str) -> int:
-    print(f"kd-ray: error: {message}", file=sys.stderr)
+def _fail(message: str, command: str = "") -> int:
+    # One line, whatever the error: a YAML parser's message, say, spans several.
+    line = " ".join(part.strip() for part in str(message).splitlines() if part.strip())
+    print(f"kd-ray{' ' + command if command else ''}: error: {line}", file=sys.stderr)
     return EXIT_BAD_INPUT
 
 
@@ -60,6 +62,17 @@ def cmd_trial(args: argparse.Namespace) -> int:
         check_runnable(cfg)
     except ConfigError as exc:
         return _fail(str(exc))
+    if args.data_dir and Path(args.data_dir).exists() and not Path(args.data_dir).is_dir():
+        return _fail(f"--data-dir {args.data_dir}: a file, not a directory")
+    if args.store:
+        from kd_ray.teachers import TeacherStore
+
+        try:
+            TeacherStore(args.store)  # an unknown URI scheme fails here, before any compute
+        except (OSError, ValueError) as exc:
+            return _fail(f"--store {args.store}: {exc}")
+        if "://" not in args.store and Path(args.store).exists() and not Path(args.store).is_dir():
+            return _fail(f"--store {args.store}: a file, not a directory")
     progress = None if args.quiet else printer(stderr=True)
     if progress:
         progress(f"trial: {cfg.to_json()}")
@@ -82,8 +95,16 @@ def cmd_trial(args: argparse.Namespace) -> int:
 def cmd_teachers(args: argparse.Namespace) -> int:
     from kd_ray.teachers import TeacherStore, TeacherStoreError, default_store
 
-    store = TeacherStore(args.store or default_store())
-    keys = store.keys()
+    try:
+        store = TeacherStore(args.store or default_store())
+        # A store named on the command line must be there: a typo would otherwise list 0 members.
+        if args.store and store.local and not Path(store.root).is_dir():
+            found = "a file, not a directory" if Path(store.root).exists() else "no such directory"
+            return _fail(f"--store {args.store}: {found}; the store is the directory that holds members/ "
+                         f"(the default: {default_store()})", "teachers")
+        keys = store.keys()
+    except (OSError, ValueError) as exc:  # an unknown URI scheme, a bucket that cannot be reached
+        return _fail(f"--store {args.store}: {exc}", "teachers")
     if args.action == "list":
         print(f"teacher store {store.uri}: {len(keys)} members")
         for key in keys:
@@ -121,6 +142,10 @@ def cmd_validate_cluster(args: argparse.Namespace) -> int:
         notes = validate_cluster_config(load_cluster_config(args.path), args.path)
     except ClusterConfigError as exc:
         return _fail(str(exc))
+    except OSError as exc:  # a directory, an unreadable file
+        return _fail(f"{args.path}: cannot read it: {exc.strerror or exc}")
+    except UnicodeDecodeError:
+        return _fail(f"{args.path}: not a text file (a cluster config is YAML)")
     for note in notes:
         print(note)
     print(f"{args.path}: valid")
@@ -132,12 +157,15 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     from kd_ray import analysis
 
     by = None if args.by is None else [c.strip() for c in args.by.split(",") if c.strip()]
+    if args.n_boot < 0:
+        return _fail(f"--n-boot={args.n_boot} must be >= 0 (0: no bootstrap intervals)", "analyze")
+    if args.out is not None and args.out.exists() and not args.out.is_dir():
+        return _fail(f"--out {args.out}: a file, not a directory (report.md and figures/ go into it)", "analyze")
     try:
         directories = analysis.study_dirs(args.paths)
         path = analysis.report(directories, by=by, out_dir=args.out, n_boot=args.n_boot, seed=args.seed)
-    except (FileNotFoundError, ValueError) as error:
-        print(f"kd-ray analyze: error: {error}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+    except (OSError, ValueError) as error:  # no tables there, a file that is not Parquet, --out unwritable
+        return _fail(str(error), "analyze")
     print(analysis.format_summary(analysis.load_trials(directories), by=by, verbose=False))
     print(f"report: {path}")
     return 0

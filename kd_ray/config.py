@@ -12,8 +12,11 @@ import difflib
 import hashlib
 import json
 import math
+import zlib
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
+
+import numpy as np
 
 # Names known without importing torch; data.py, models.py and augment.py hold the real registries
 # and a test keeps these in step with them.
@@ -25,7 +28,12 @@ TEACHER_SPLITS = ("full", "half")
 DISTILL_SPLITS = ("train", "holdout", "both")
 NORMS = ("batch", "group", "none")
 PRECISIONS = ("auto", "fp32", "bf16")
+TEACHER_SHARINGS = ("per_seed", "shared")
+TEACHER_ROLES = ("reference", "control")  # the trial's own teacher ensemble | the control's independent one
 DEFAULT_LR = {"sgd": 0.05, "adam": 1e-3}
+# The version of each dataset's arrays (data.py's cache version): part of a teacher member's identity,
+# because a member stores its logits on the test set.
+DATASET_VERSIONS = {"mnist1d": 2, "digits": 1, "cifar10": 1, "cifar100": 1}
 
 
 class ConfigError(ValueError):
@@ -33,6 +41,54 @@ class ConfigError(ValueError):
 
 
 EXIT_BAD_INPUT = 2  # the exit code of every command that refuses its input (argparse's own code, too)
+
+
+# --- random streams ----------------------------------------------------------------------------
+
+# Every random draw of a trial has its own kind of stream. A teacher member or student takes three:
+# its initial weights, its batch order and its augmentation draws.
+STREAM_KINDS = (
+    "data_half", "teacher_subset", "distill_subset",  # the D0/D1 split and the fractions (splits.py)
+    "member_init", "member_batches", "member_augment",  # a member of the reference teacher ensemble
+    "control_member_init", "control_member_batches", "control_member_augment",  # of the control's ensemble
+    "student_init", "student_batches", "student_augment",
+    "control_student_init", "control_student_batches", "control_student_augment",
+    "eval_augment",  # the augmented pass over the distillation set (aug_train_agreement)
+)
+# The version of the derivation in seed_stream: part of every teacher member's identity, so members
+# drawn under another derivation are trained again rather than reused.
+STREAM_VERSION = 1
+_KEY_LIMIT = 2**32  # a key word is one uint32 of the SeedSequence entropy
+
+
+def seed_stream(kind: str, *key: int) -> int:
+    """An independent seed (a non-negative int below 2**63) for one purpose ``kind`` and its ``key``.
+
+    The entropy is ``[crc32(kind), len(key), *key]`` hashed by ``numpy.random.SeedSequence``: stable
+    across processes and versions of Python, different for every kind, and the length keeps keys
+    of different lengths apart (SeedSequence alone maps ``[a]`` and ``[a, 0]`` to the same state).
+    Each key word must be an integer in [0, 2**32)."""
+    if kind not in STREAM_KINDS:
+        raise ValueError(f"unknown stream kind {kind!r}; known kinds: {', '.join(STREAM_KINDS)}")
+    for word in key:
+        if isinstance(word, bool) or not isinstance(word, (int, np.integer)) or not 0 <= word < _KEY_LIMIT:
+            raise ValueError(f"stream {kind!r}: key {key!r} must hold integers in [0, 2**32)")
+    entropy = [zlib.crc32(kind.encode()), len(key), *(int(word) for word in key)]
+    state = np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint64)[0]
+    return int(state) >> 1  # 63 bits: every torch and numpy seed argument takes it
+
+
+class Streams(NamedTuple):
+    """The seeds of one trained network: its initial weights, its batch order, its augmentation draws."""
+
+    init: int
+    batches: int
+    augment: int
+
+
+def network_streams(network: str, *key: int) -> Streams:
+    """The streams of ``network`` (member, control_member, student or control_student) for ``key``."""
+    return Streams(*(seed_stream(f"{network}_{draw}", *key) for draw in Streams._fields))
 
 
 @dataclass(frozen=True)
@@ -51,7 +107,8 @@ class TrialConfig:
     teacher_epochs: int = 30
     teacher_lr: float = 0.05
     teacher_batch_size: int = 128
-    teacher_seed: int = 0  # member i of the ensemble is trained from seed (teacher_seed, i)
+    teacher_seed: int = 0  # keys the members' streams, with the replicate under per_seed (teacher_replicate)
+    teacher_sharing: str = "per_seed"  # per_seed: replicate `seed` has its own ensemble | shared: one for all
     norm: str = "batch"  # normalisation layers of teacher and student: batch | group | none
     # student and distillation
     student_arch: str = "mlp"
@@ -60,6 +117,7 @@ class TrialConfig:
     augmentation: str = "baseline"
     mixup_alpha: float = 1.0
     epochs: int = 20
+    steps: int = 0  # > 0: exactly this many optimizer steps, whatever the data size (epochs is then unused)
     batch_size: int = 128
     optimizer: str = "sgd"
     lr: float | None = None  # None: the optimizer's default (sgd 0.05, adam 1e-3)
@@ -68,7 +126,7 @@ class TrialConfig:
     init: str = "random"
     init_lambda: float = 0.0
     control: bool = False  # also distil from an independent teacher (paper section 3.2)
-    seed: int = 0
+    seed: int = 0  # the replicate: keys the student's streams (and its teacher's under per_seed)
     eval_every: int = 5
     device: str = "auto"
     precision: str = "auto"  # student forward passes: auto (by measurement per device) | fp32 | bf16
@@ -107,10 +165,25 @@ class TrialConfig:
         return json.dumps(self.to_dict(), sort_keys=True)
 
     # identity -----------------------------------------------------------------------------------
-    def teacher_spec(self, member: int | None = None, seed_offset: int = 0) -> dict[str, Any]:
-        """The fields that decide a teacher member's weights; ``member=None`` for the ensemble."""
+    @property
+    def teacher_replicate(self) -> int | None:
+        """The replicate whose ensemble this trial distils from: its own ``seed`` under
+        ``teacher_sharing='per_seed'``, None under ``shared`` (one ensemble for every seed).
+
+        Member i of the ensemble draws its streams from ``(teacher_seed, replicate, i)`` (per_seed) or
+        ``(teacher_seed, i)`` (shared), so ensembles of any size within one replicate share members."""
+        return self.seed if self.teacher_sharing == "per_seed" else None
+
+    def teacher_spec(self, member: int | None = None, role: str = "reference") -> dict[str, Any]:
+        """The fields that decide a teacher member's weights; ``member=None`` for the ensemble.
+
+        ``role='control'`` names the independent ensemble of the control (paper section 3.2): its
+        members draw from streams of their own kind, never from the reference's."""
+        if role not in TEACHER_ROLES:
+            raise ValueError(f"teacher role {role!r} is not one of {', '.join(TEACHER_ROLES)}")
         spec = {
             "dataset": self.dataset,
+            "data_version": DATASET_VERSIONS[self.dataset],
             "teacher_split": self.teacher_split,
             "teacher_fraction": self.teacher_fraction,
             "data_seed": self.data_seed,
@@ -118,7 +191,10 @@ class TrialConfig:
             "teacher_epochs": self.teacher_epochs,
             "teacher_lr": self.teacher_lr,
             "teacher_batch_size": self.teacher_batch_size,
-            "teacher_seed": self.teacher_seed + seed_offset,
+            "teacher_seed": self.teacher_seed,
+            "replicate": self.teacher_replicate,
+            "role": role,
+            "streams": STREAM_VERSION,
             "norm": self.norm,
         }
         if member is None:
@@ -127,9 +203,9 @@ class TrialConfig:
             spec["member"] = member
         return spec
 
-    def teacher_key(self, seed_offset: int = 0) -> str:
-        """Stable content hash of the teacher ensemble this trial distils from."""
-        return content_hash(self.teacher_spec(None, seed_offset))
+    def teacher_key(self, role: str = "reference") -> str:
+        """Stable content hash of the teacher ensemble this trial distils from (or the control's)."""
+        return content_hash(self.teacher_spec(None, role))
 
 
 def content_hash(spec: dict[str, Any]) -> str:
@@ -196,12 +272,17 @@ def _check_choice(cfg: TrialConfig, name: str, allowed: tuple[str, ...]) -> None
         raise ConfigError(f"{name}={value!r} is not allowed{hint}; choose one of: {', '.join(allowed)}")
 
 
+def _bound(value: float) -> str:
+    if value == math.inf:
+        return "inf"
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
+
+
 def _check_range(cfg: TrialConfig, name: str, low: float, high: float, low_open: bool, high_open: bool) -> None:
     value = getattr(cfg, name)
     left = "(" if low_open else "["
     right = ")" if high_open else "]"
-    hi = "inf" if high == math.inf else f"{high:g}"
-    allowed = f"{left}{low:g}, {hi}{right}"
+    allowed = f"{left}{_bound(low)}, {_bound(high)}{right}"
     if not math.isfinite(value):
         raise ConfigError(f"{name}={value!r} must be a finite number; allowed: {allowed}")
     too_low = value <= low if low_open else value < low
@@ -211,21 +292,22 @@ def _check_range(cfg: TrialConfig, name: str, low: float, high: float, low_open:
 
 
 def _validate(cfg: TrialConfig) -> None:
-    strings = ("dataset", "teacher_split", "distill_split", "teacher_arch", "norm", "student_arch",
-               "augmentation", "optimizer", "lr_schedule", "init", "device", "precision")
+    strings = ("dataset", "teacher_split", "distill_split", "teacher_arch", "teacher_sharing", "norm",
+               "student_arch", "augmentation", "optimizer", "lr_schedule", "init", "device", "precision")
     for name in strings:
         _check_type(cfg, name, (str,), "a string")
 
     _check_choice(cfg, "dataset", DATASETS)
     _check_choice(cfg, "teacher_split", TEACHER_SPLITS)
     _check_choice(cfg, "distill_split", DISTILL_SPLITS)
+    _check_choice(cfg, "teacher_sharing", TEACHER_SHARINGS)
     _check_choice(cfg, "norm", NORMS)
     _check_choice(cfg, "optimizer", OPTIMIZERS)
     _check_choice(cfg, "lr_schedule", LR_SCHEDULES)
     _check_choice(cfg, "init", INITS)
     _check_choice(cfg, "precision", PRECISIONS)
     ints = ("extra_data", "data_seed", "teacher_members", "teacher_epochs", "teacher_batch_size", "teacher_seed",
-            "epochs", "batch_size", "seed", "eval_every")
+            "epochs", "steps", "batch_size", "seed", "eval_every")
     for name in ints:
         _check_type(cfg, name, (int,), "an integer")
     floats = ("distill_fraction", "teacher_fraction", "teacher_lr", "temperature", "alpha", "mixup_alpha", "lr",
@@ -248,6 +330,9 @@ def _validate(cfg: TrialConfig) -> None:
     for name in ("teacher_members", "teacher_epochs", "teacher_batch_size", "epochs", "batch_size", "eval_every"):
         _check_range(cfg, name, 1, inf, False, True)
     _check_range(cfg, "extra_data", 0, inf, False, True)
+    _check_range(cfg, "steps", 0, inf, False, True)
+    for name in ("seed", "data_seed", "teacher_seed"):  # key words of seed_stream
+        _check_range(cfg, name, 0, _KEY_LIMIT - 1, False, False)
 
     if not (cfg.device in ("auto", "cpu", "cuda", "mps") or cfg.device.startswith("cuda:")):
         raise ConfigError(f"device={cfg.device!r} is not allowed; choose auto, cpu, cuda, cuda:N or mps")

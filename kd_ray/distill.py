@@ -1,7 +1,9 @@
 """One readable training loop, used for teacher members (labels) and students (a teacher).
 
 Data is one tensor on the device; a batch is an index slice of a per-epoch permutation; the batch is
-augmented on the device and, when distilling, the teacher labels that very augmented batch.
+augmented on the device and, when distilling, the teacher labels that very augmented batch. The
+permutations and the augmentation draws come from two generators, each seeded from its own stream.
+A recipe trains for a number of epochs, or for an exact number of optimizer steps (``steps``).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch.nn.functional as F
 
 from kd_ray.augment import augment
 from kd_ray.losses import kd_loss
+from kd_ray.models import build_model
 
 TeacherFn = Callable[[torch.Tensor], torch.Tensor]  # inputs -> ensemble log-probabilities
 EpochCallback = Callable[[int, float, float], None]  # (epoch, mean train loss, last lr)
@@ -23,7 +26,7 @@ EpochCallback = Callable[[int, float, float], None]  # (epoch, mean train loss, 
 
 @dataclass(frozen=True)
 class Recipe:
-    epochs: int
+    epochs: int  # unused when steps > 0
     batch_size: int
     optimizer: str  # sgd (momentum 0.9, Nesterov for students) | adam
     lr: float
@@ -37,6 +40,27 @@ class Recipe:
     final_lr: float = 0.0
     bf16: bool = False  # bf16 autocast for the forward passes; losses and metrics stay float32
     channels_last: bool = False  # image batches in channels_last layout
+    steps: int = 0  # > 0: exactly this many optimizer steps, the last epoch cut short
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """How long a recipe trains on ``n`` samples: epochs of ``steps_per_epoch`` steps, ``total_steps``
+    in all (the last epoch may be shorter); the learning-rate schedule runs over ``total_steps``."""
+
+    steps_per_epoch: int
+    total_steps: int
+    epochs: int
+
+    def steps_in(self, epoch: int) -> int:
+        """Optimizer steps of epoch ``epoch`` (0-based)."""
+        return min(self.steps_per_epoch, self.total_steps - epoch * self.steps_per_epoch)
+
+
+def schedule(recipe: Recipe, n: int) -> Schedule:
+    steps_per_epoch = math.ceil(n / recipe.batch_size)
+    total = recipe.steps if recipe.steps > 0 else steps_per_epoch * recipe.epochs
+    return Schedule(steps_per_epoch, total, math.ceil(total / steps_per_epoch))
 
 
 @dataclass(frozen=True)
@@ -72,30 +96,44 @@ def make_optimizer(model: torch.nn.Module, recipe: Recipe) -> torch.optim.Optimi
     )
 
 
+def build_seeded(arch: str, input_shape: tuple[int, ...], num_classes: int, norm: str, seed: int) -> torch.nn.Module:
+    """``build_model`` with initial weights drawn from ``seed`` alone; torch's global generator is
+    left as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build_model(arch, input_shape, num_classes, norm)
+
+
 @dataclass
 class TrainState:
     """Everything needed to resume the loop at an epoch boundary (all tensors: weights_only safe)."""
 
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
-    generator: torch.Generator
+    generator: torch.Generator  # batch order
     epoch: int = 0  # epochs completed
     forward: Callable[[torch.Tensor], torch.Tensor] | None = None  # e.g. torch.compile(model)
+    augment_generator: torch.Generator | None = None  # augmentation draws; None: ``generator`` draws them
 
     def state_dict(self) -> dict:
         # A snapshot: model and optimizer state dicts hold the live tensors, which later steps
         # update in place, so a checkpoint kept in memory would silently move on with training.
-        return copy.deepcopy({
+        state = {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "generator": self.generator.get_state(),
             "epoch": self.epoch,
-        })
+        }
+        if self.augment_generator is not None:
+            state["augment_generator"] = self.augment_generator.get_state()
+        return copy.deepcopy(state)
 
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.generator.set_state(state["generator"])
+        if self.augment_generator is not None:
+            self.augment_generator.set_state(state["augment_generator"])
         self.epoch = int(state["epoch"])
 
 
@@ -108,30 +146,31 @@ def fit(
     teacher: TeacherFn | None = None,
     on_epoch: EpochCallback | None = None,
 ) -> None:
-    """Train ``state.model`` from ``state.epoch`` to ``recipe.epochs``.
+    """Train ``state.model`` from ``state.epoch`` to the end of ``schedule(recipe, len(x))``.
 
     With ``teacher=None`` the loss is cross-entropy on the labels (teacher training); otherwise the
     distillation loss against the teacher's log-probabilities on the same augmented batch.
     """
     model, optimizer, generator = state.model, state.optimizer, state.generator
+    augment_generator = state.augment_generator or generator
     n = x.shape[0]
-    steps_per_epoch = math.ceil(n / recipe.batch_size)
-    total_steps = steps_per_epoch * recipe.epochs
+    plan = schedule(recipe, n)
     autocast = torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=recipe.bf16)
     channels_last = recipe.channels_last and x.dim() == 4
-    for epoch in range(state.epoch, recipe.epochs):
+    for epoch in range(state.epoch, plan.epochs):
         model.train()
         loss_sum = torch.zeros((), device=x.device)
         order = torch.randperm(n, device=x.device, generator=generator)
         lr = recipe.lr
-        for i in range(steps_per_epoch):
-            step = epoch * steps_per_epoch + i
-            lr = lr_at(recipe, step, total_steps)
+        steps = plan.steps_in(epoch)
+        for i in range(steps):
+            step = epoch * plan.steps_per_epoch + i
+            lr = lr_at(recipe, step, plan.total_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             idx = order[i * recipe.batch_size : (i + 1) * recipe.batch_size]
             batch = augment(
-                recipe.augmentation, x[idx], generator, kind=augment_spec.kind, crop_pad=augment_spec.crop_pad,
+                recipe.augmentation, x[idx], augment_generator, kind=augment_spec.kind, crop_pad=augment_spec.crop_pad,
                 hflip=augment_spec.hflip, mixup_alpha=recipe.mixup_alpha,
             )
             inputs = batch.x.contiguous(memory_format=torch.channels_last) if channels_last else batch.x
@@ -152,7 +191,7 @@ def fit(
             optimizer.step()
             loss_sum += loss.detach()
         # One host sync per epoch, not per step: the loss check waits for the epoch's end.
-        mean_loss = (loss_sum / steps_per_epoch).item()
+        mean_loss = (loss_sum / steps).item()
         if not math.isfinite(mean_loss):
             raise Diverged(epoch + 1, mean_loss)
         state.epoch = epoch + 1

@@ -3,6 +3,8 @@
 Names:
 
 - ``mlp``: flatten, two hidden layers of 256 with norm + ReLU; any input shape.
+- ``mlp<D>`` / ``mlp<D>-w<K>``: the same with D hidden layers of 256K units (K may be a fraction such
+  as 0.5 when 256K is whole); ``mlp`` is ``mlp2`` and builds exactly as it.
 - ``conv1d``: a small 1-D convnet for ``(C, L)`` signals such as mnist1d ``(1, 40)``.
 - ``smallcnn``: a small 2-D convnet for tiny images (8x8 digits and up).
 - ``lenet5``: LeNet-5 for images of at least 28x28 (28x28 is padded by 2 to the native 32x32).
@@ -44,9 +46,10 @@ _IMAGE_ARCHS = ("smallcnn", "lenet5", "vgg16", "preresnet")
 # Smallest spatial size (L for signals, H and W for images) each arch is built for.
 _MIN_SIZE = {"conv1d": 8, "smallcnn": 8, "lenet5": 28, "vgg16": 32, "preresnet": 8}
 _PRERESNET_RE = re.compile(r"^preresnet(\d+)(?:-w(\d+))?$")
-_ARCH_HELP = (
-    "mlp, conv1d, smallcnn, lenet5, vgg16, preresnet<D>[-w<K>] (e.g. preresnet20, preresnet56-w2)"
-)
+_MLP_RE = re.compile(r"^mlp(\d+)(?:-w(\d+(?:\.\d+)?))?$")
+MLP_DEPTH, MLP_HIDDEN = 2, 256  # ``mlp``: hidden layers, and units per hidden layer at width 1
+_ARCH_HELP = ("mlp, conv1d, smallcnn, lenet5, vgg16, preresnet<D>[-w<K>] (e.g. preresnet20, preresnet56-w2), "
+              "mlp<D>[-w<K>] (e.g. mlp4, mlp2-w0.5)")
 _VGG16_CFG: tuple[int | str, ...] = (
     64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M",
 )
@@ -70,10 +73,25 @@ def _preresnet_depth_help() -> str:
     )
 
 
-def _parse(name: str, input_shape: tuple[int, ...]) -> tuple[str, int, int]:
-    """Split a name into (base, depth, width); depth and width are 0 for non-ResNet archs."""
+def _parse_mlp(name: str, input_shape: tuple[int, ...], depth: int, width_text: str | None) -> tuple[str, int, float]:
+    width = float(width_text) if width_text is not None else 1.0
+    hidden = MLP_HIDDEN * width
+    if depth < 1 or hidden < 1 or not hidden.is_integer():
+        raise ValueError(f"arch {name!r} for input shape {input_shape}: mlp<D>[-w<K>] needs D >= 1 hidden layers "
+                         f"and a width K with {MLP_HIDDEN}*K a whole number >= 1 (e.g. mlp4, mlp2-w0.5); "
+                         f"got D={depth}, K={width_text or 1}")
+    return "mlp", depth, width
+
+
+def _parse(name: str, input_shape: tuple[int, ...]) -> tuple[str, int, float]:
+    """Split a name into (base, depth, width); depth and width are 0 for archs without them."""
+    if name == "mlp":
+        return "mlp", MLP_DEPTH, 1.0
     if name in ARCHS and name != "preresnet":
         return name, 0, 0
+    mlp = _MLP_RE.match(name)
+    if mlp is not None:
+        return _parse_mlp(name, input_shape, int(mlp.group(1)), mlp.group(2))
     if name == "preresnet":
         raise ValueError(
             f"arch 'preresnet' for input shape {input_shape} needs a depth, preresnet<D>[-w<K>] "
@@ -81,7 +99,7 @@ def _parse(name: str, input_shape: tuple[int, ...]) -> tuple[str, int, int]:
         )
     match = _PRERESNET_RE.match(name)
     if match is None:
-        candidates = [a for a in ARCHS if a != "preresnet"] + ["preresnet20", "preresnet56"]
+        candidates = [a for a in ARCHS if a != "preresnet"] + ["preresnet20", "preresnet56", "mlp4", "mlp2-w2"]
         close = difflib.get_close_matches(name, candidates, n=1)
         hint = f"did you mean {close[0]!r}? " if close else ""
         raise ValueError(
@@ -164,18 +182,14 @@ def _conv_bias(norm: str) -> bool:
     return norm == "none"
 
 
-def _mlp(input_shape: tuple[int, ...], num_classes: int, norm: str, hidden: int = 256) -> nn.Module:
+def _mlp(input_shape: tuple[int, ...], num_classes: int, norm: str, depth: int, hidden: int) -> nn.Module:
     layers: list[nn.Module] = [_ImageScale()] if len(input_shape) == 3 else []
-    layers += [
-        nn.Flatten(),
-        nn.Linear(math.prod(input_shape), hidden, bias=_conv_bias(norm)),
-        _norm(norm, hidden, 1),
-        nn.ReLU(inplace=True),
-        nn.Linear(hidden, hidden, bias=_conv_bias(norm)),
-        _norm(norm, hidden, 1),
-        nn.ReLU(inplace=True),
-        nn.Linear(hidden, num_classes),
-    ]
+    layers.append(nn.Flatten())
+    features = math.prod(input_shape)
+    for _ in range(depth):  # in this order, so ``mlp`` keeps the layer names and draws of stored teachers
+        layers += [nn.Linear(features, hidden, bias=_conv_bias(norm)), _norm(norm, hidden, 1), nn.ReLU(inplace=True)]
+        features = hidden
+    layers.append(nn.Linear(features, num_classes))
     return nn.Sequential(*layers)
 
 
@@ -389,7 +403,7 @@ def build_model(
         raise ValueError(f"arch {name!r}: num_classes must be a positive int; got {num_classes!r}")
     base, depth, width = _parse(name, input_shape)
     if base == "mlp":
-        return _mlp(input_shape, num_classes, norm)
+        return _mlp(input_shape, num_classes, norm, depth, int(MLP_HIDDEN * width))
     if base == "conv1d":
         return _conv1d(input_shape, num_classes, norm)
     if base == "smallcnn":
@@ -398,7 +412,7 @@ def build_model(
         return _lenet5(input_shape, num_classes)
     if base == "vgg16":
         return _VGG16(input_shape[0], num_classes)
-    return PreResNet(depth, width, input_shape[0], num_classes, norm)
+    return PreResNet(depth, int(width), input_shape[0], num_classes, norm)
 
 
 def ensemble_log_probs(member_logits: torch.Tensor) -> torch.Tensor:

@@ -45,9 +45,17 @@ PAPER_BASE: dict[str, Any] = dict(
     teacher_epochs=200, teacher_lr=0.1, teacher_batch_size=256, epochs=300, batch_size=128, lr=0.05,
     weight_decay=1e-4, eval_every=25, device="auto",
 )
-# Laptop scale: mnist1d with small MLPs, a teacher around 77% test accuracy (far from 100%, as
-# CIFAR-100 teachers are), seconds per trial on one CPU core.
-LOCAL_BASE: dict[str, Any] = dict(dataset="mnist1d", teacher_arch="mlp", student_arch="mlp")
+# Laptop scale: mnist1d with small MLPs, a teacher ensemble around 80% test accuracy (far from 100%,
+# as CIFAR-100 teachers are), seconds per trial on one CPU core. Students train 90 epochs against
+# the teacher's 30 on the same data and batch size: 3x the teacher's optimizer steps, the paper's
+# ratio (300 epochs of batch 128 against 200 of batch 256). fp32 throughout, so every replicate of an
+# arm runs the same arithmetic (the automatic choice is made by timing, trial by trial).
+LOCAL_STUDENT_EPOCHS = 90
+LOCAL_BASE: dict[str, Any] = dict(
+    dataset="mnist1d", teacher_arch="mlp", student_arch="mlp", epochs=LOCAL_STUDENT_EPOCHS, precision="fp32"
+)
+# Arms that compare data share one optimizer-step budget: 3x a full-data teacher's 30 epochs of 32 steps.
+LOCAL_STEP_BUDGET = 3 * 30 * 32
 
 
 # --- adapting a preset to the chosen dataset ------------------------------------------------------
@@ -71,7 +79,7 @@ def keep_applicable_policies(preset: Preset, dataset: str | None) -> Preset:
     applicable = applicable_policies(policies, dataset)
     for policy in policies:
         if policy not in applicable:
-            print(f"augmentation_ablation: leaving out '{policy}' ({dataset} is {DATASET_INFO[dataset].kind} data)")
+            print(f"leaving out augmentation '{policy}' ({dataset} is {DATASET_INFO[dataset].kind} data)")
     return replace(preset, axes={**preset.axes, "augmentation": applicable})
 
 
@@ -117,7 +125,8 @@ TEMPERATURE_SWEEP = StudyPresets(
 # E1 / E2 / E4 (paper Fig. 1, 2, 4, 5): how much and which data the student is distilled on.
 DATASET_SIZE = StudyPresets(
     presets={
-        "local": Preset(base={**LOCAL_BASE, "teacher_split": "half"},
+        # Self-distillation (m = 1), as findings 6 and 9 state; every arm gets the same step budget.
+        "local": Preset(base={**LOCAL_BASE, "teacher_split": "half", "teacher_members": 1, "steps": LOCAL_STEP_BUDGET},
                         axes={"distill_split": ["train", "holdout", "both"], "distill_fraction": [0.25, 1.0],
                               "extra_data": [0, 8000]}, seeds=2),
         "paper": Preset(base={**PAPER_BASE, "teacher_split": "half", "teacher_members": 3, "temperature": 4.0},
@@ -132,7 +141,8 @@ DURATION_RECIPE = {"norm": "group", "weight_decay": 0.0, "temperature": 1.0, "te
 OPTIMIZER_ARMS = [{"optimizer": "sgd", "lr": 0.05}, {"optimizer": "adam", "lr": 1e-3}]
 TRAINING_DURATION = StudyPresets(
     presets={
-        "local": Preset(base={**LOCAL_BASE, **DURATION_RECIPE}, axes={"epochs": [20, 60, 180]}, arms=OPTIMIZER_ARMS,
+        # 1x, 3x and 9x the teacher's optimizer steps.
+        "local": Preset(base={**LOCAL_BASE, **DURATION_RECIPE}, axes={"epochs": [30, 90, 270]}, arms=OPTIMIZER_ARMS,
                         seeds=2),
         "paper": Preset(base={**PAPER_BASE, **DURATION_RECIPE, "teacher_arch": "preresnet20",
                               "student_arch": "preresnet20"},
@@ -178,12 +188,52 @@ ALPHA_SWEEP = StudyPresets(
 SMALL_TEACHER_RECIPE = {"teacher_fraction": 0.05, "teacher_members": 1, "teacher_epochs": 600}
 SMALL_TEACHER = StudyPresets(
     presets={
-        "local": Preset(base={**LOCAL_BASE, **SMALL_TEACHER_RECIPE},
+        "local": Preset(base={**LOCAL_BASE, **SMALL_TEACHER_RECIPE, "steps": LOCAL_STEP_BUDGET},
                         axes={"distill_split": ["train", "both"], "extra_data": [0, 8000]}, seeds=2),
         "paper": Preset(base={**PAPER_BASE, **SMALL_TEACHER_RECIPE, "teacher_epochs": 4000},
                         axes={"distill_split": ["train", "both"]}, seeds=3, gpus_per_trial=1.0),
     },
     adapt=drop_extra_data_if_not_generative,
+)
+
+# E11 (paper Fig. 12): student depth and width around the teacher's (2 hidden layers of 256): 1, 2 and 4
+# layers at half, the same and double width. One teacher (m = 1), so the teacher-sized student is
+# self-distillation, whose architecture could match the teacher exactly; tau = 4, the temperature of
+# the paper's headline fidelity numbers, where students agree most and a capacity limit would show.
+CAPACITY_RECIPE = {"teacher_members": 1, "temperature": 4.0}
+CAPACITY_STUDENTS = ["mlp" if (depth, width) == (2, 1) else f"mlp{depth}" if width == 1 else f"mlp{depth}-w{width:g}"
+                     for depth in (1, 2, 4) for width in (0.5, 1, 2)]
+# The paper's pairs: R20 -> R20 / R56 and R56 -> R56 / R110, each teacher with its larger student.
+CAPACITY_PAPER_ARMS = [{"teacher_arch": teacher, "student_arch": student}
+                       for teacher, students in (("preresnet20", ("preresnet20", "preresnet56")),
+                                                 ("preresnet56", ("preresnet56", "preresnet110")))
+                       for student in students]
+STUDENT_CAPACITY = StudyPresets(
+    presets={
+        "local": Preset(base={**{k: v for k, v in LOCAL_BASE.items() if k != "student_arch"}, **CAPACITY_RECIPE},
+                        axes={"student_arch": CAPACITY_STUDENTS}, seeds=2),
+        "paper": Preset(base={**{k: v for k, v in PAPER_BASE.items() if k not in ("teacher_arch", "student_arch")},
+                              **CAPACITY_RECIPE},
+                        arms=CAPACITY_PAPER_ARMS, seeds=3, gpus_per_trial=1.0),
+    },
+)
+
+# E12 (paper Fig. 13): the augmentation study of E3 on a convnet without normalisation layers (VGG-16
+# without BN in the paper), m = 5. Locally a small convnet on digits' 8x8 images with the paper's
+# policies that grayscale images take (colorjitter needs colour).
+CONVNET_LOCAL_POLICIES = [policy for policy in PAPER_POLICIES if policy != "colorjitter"]
+AUGMENTATION_CONVNET = StudyPresets(
+    presets={
+        "local": Preset(base={"dataset": "digits", "teacher_arch": "smallcnn", "student_arch": "smallcnn",
+                              "norm": "none", "teacher_members": 5},
+                        axes={"augmentation": CONVNET_LOCAL_POLICIES, "temperature": [1.0, 4.0]}, seeds=2),
+        "paper": Preset(base={**PAPER_BASE, "teacher_arch": "vgg16", "student_arch": "vgg16", "norm": "none"},
+                        axes={"augmentation": PAPER_POLICIES, "temperature": [1.0, 4.0]}, seeds=3,
+                        gpus_per_trial=1.0),
+    },
+    adapt=keep_applicable_policies,
+    # No finding's rule reads it yet: it runs on its own (E12), not in the reproduction.
+    in_reproduction=False,
 )
 
 
@@ -229,6 +279,8 @@ STUDIES: dict[str, StudyPresets] = {
     "ensemble_size": ENSEMBLE_SIZE,
     "alpha_sweep": ALPHA_SWEEP,
     "small_teacher": SMALL_TEACHER,
+    "student_capacity": STUDENT_CAPACITY,
+    "augmentation_convnet": AUGMENTATION_CONVNET,
     "optuna_search": OPTUNA_SEARCH,
 }
 REPRODUCTION: tuple[str, ...] = tuple(name for name, study in STUDIES.items() if study.in_reproduction)

@@ -164,7 +164,7 @@ def _rules_section() -> list[str]:
         "- **Thresholds** (\"below 100%\", \">= 99%\") hold when the 95% interval of the arm's mean lies on the",
         "  claimed side, fail when it lies wholly on the other; a fraction's interval is cut to [0, 1].",
         "- **Convergence**: a claim never *fails* on students that had not converged (their train agreement still",
-        "  moving over the last quarter of training); it is inconclusive instead, and says so.",
+        "  moving over the second half of training); it is inconclusive instead, and says so.",
         "- A finding holds when every claim holds, does not hold when any claim does not, else inconclusive.",
         "",
     ]

@@ -7,13 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from kd_ray.config import DISTILL_SPLITS, TEACHER_SPLITS, ConfigError
-
-# The salts keep the D0 draw, the teacher-subset draw and the distillation-subset draw on different
-# streams even when data_seed == seed (both default to 0).
-_HALF_SALT = 0x0D0
-_TEACHER_SALT = 0x7EA
-_SUBSET_SALT = 0x5B5
+from kd_ray.config import DISTILL_SPLITS, TEACHER_SPLITS, ConfigError, seed_stream
 
 
 def split_indices(
@@ -36,7 +30,9 @@ def split_indices(
     ``data_seed``); ``train`` then means exactly that subset, the teacher's own training data.
     The distillation set is then a stratified subset of the base set of size
     ``round(distill_fraction * len(base))`` drawn with ``seed`` (at least one per class when the
-    size allows; fraction 1 keeps the whole base set).
+    size allows; fraction 1 keeps the whole base set). Each of the three draws has its own stream
+    (``seed_stream`` kinds data_half, teacher_subset, distill_subset), so none repeats another even
+    when data_seed == seed.
     """
     y = np.asarray(y_train)
     if y.ndim != 1:
@@ -50,8 +46,8 @@ def split_indices(
     if not 0.0 < float(teacher_fraction) <= 1.0:
         raise ConfigError(f"teacher_fraction={teacher_fraction!r} is out of range; allowed: (0, 1]")
     for label, value in (("data_seed", data_seed), ("seed", seed)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
-            raise ConfigError(f"{label}={value!r} must be a non-negative integer")
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 0 <= value < 2**32:
+            raise ConfigError(f"{label}={value!r} must be an integer in [0, 4294967295]")
 
     everything = np.arange(len(y), dtype=np.int64)
     if teacher_split == "full":
@@ -63,15 +59,13 @@ def split_indices(
         teacher_idx = everything
         base = everything
     else:
-        # The salts keep the D0 draw and the subset draw on different streams even when
-        # data_seed == seed (both default to 0).
-        d0 = _stratified_subset(everything, y, len(y) // 2, np.random.default_rng([int(data_seed), _HALF_SALT]))
+        d0 = _stratified_subset(everything, y, len(y) // 2, _rng("data_half", data_seed))
         d1 = np.setdiff1d(everything, d0)
         teacher_idx = d0
         base = {"train": d0, "holdout": d1, "both": everything}[distill_split]
     if float(teacher_fraction) < 1.0:
         size = max(1, int(round(float(teacher_fraction) * len(teacher_idx))))
-        teacher_idx = _stratified_subset(teacher_idx, y, size, np.random.default_rng([int(data_seed), _TEACHER_SALT]))
+        teacher_idx = _stratified_subset(teacher_idx, y, size, _rng("teacher_subset", data_seed))
         if distill_split == "train":
             base = teacher_idx
 
@@ -79,9 +73,12 @@ def split_indices(
         distill_idx = base
     else:
         size = max(1, int(round(float(distill_fraction) * len(base))))
-        rng = np.random.default_rng([int(seed), _SUBSET_SALT])
-        distill_idx = _stratified_subset(base, y, size, rng)
+        distill_idx = _stratified_subset(base, y, size, _rng("distill_subset", seed))
     return np.sort(teacher_idx).astype(np.int64), np.sort(distill_idx).astype(np.int64)
+
+
+def _rng(kind: str, seed: int) -> np.random.Generator:
+    return np.random.default_rng(seed_stream(kind, int(seed)))
 
 
 def _stratified_subset(candidates: np.ndarray, y: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:

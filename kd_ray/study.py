@@ -10,7 +10,9 @@ scheduler, resources per trial and a storage location: the specification, and it
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
+import json
 import os
 import sys
 from dataclasses import dataclass, field
@@ -20,6 +22,14 @@ from kd_ray.config import ConfigError, TrialConfig
 
 if TYPE_CHECKING:
     from kd_ray.study_runner import RunPlan, StudyResult
+
+# The experiment trackers a study can log to besides its tables, each through Ray Tune's own logger
+# callback: the package each needs and how to install it. TensorBoard event files are written always.
+TRACKERS: dict[str, tuple[str, str]] = {
+    "tensorboard": ("tensorboardX", "tensorboardX"),
+    "mlflow": ("mlflow", "kd-ray[mlflow]"),
+    "wandb": ("wandb", "kd-ray[wandb]"),
+}
 
 
 @dataclass(frozen=True)
@@ -54,6 +64,7 @@ class Study:
     data_dir: str | None = None
     max_failures: int = 2  # Ray Tune retries a failed trial (lost worker or node) this often
     retrain_teachers: bool = False  # delete the needed teacher members first and train them again
+    trackers: list[str] = field(default_factory=list)  # names of TRACKERS to log every trial to
     verbose: int = 1
 
     # --- specification ------------------------------------------------------------------------
@@ -102,6 +113,12 @@ class Study:
             raise ConfigError("seeds must name at least one seed")
         if self.scheduler not in ("fifo", "asha"):
             raise ConfigError(f"scheduler={self.scheduler!r} is not allowed; choose fifo or asha")
+        steps_set = self.base.steps or "steps" in self.axes or any("steps" in arm for arm in self.arms)
+        if self.scheduler == "asha" and steps_set:
+            raise ConfigError(
+                "scheduler='asha' stops trials by epoch, but steps is set (a fixed optimizer-step budget whose epochs "
+                "depend on the data size); use scheduler=fifo with steps, or epochs with asha"
+            )
         if self.cpus_per_trial <= 0:
             raise ConfigError(f"cpus_per_trial={self.cpus_per_trial} must be > 0")
         if self.gpus_per_trial < 0:
@@ -113,6 +130,7 @@ class Study:
         if self.max_failures < 0:
             raise ConfigError(f"max_failures={self.max_failures} must be >= 0")
         self._validate_local_gpus()
+        self._validate_trackers()
         if self.search is not None:
             self._validate_search()
         # When no axis, arm or search dimension touches what check_runnable judges, every config shares
@@ -143,6 +161,16 @@ class Study:
                 f"gpus_per_trial={self.gpus_per_trial:g} but this machine has {local} GPUs; allowed: at most "
                 f"{local} here, or pass --address of a Ray cluster that has GPUs"
             )
+
+    def _validate_trackers(self) -> None:
+        for tracker in self.trackers:
+            if tracker not in TRACKERS:
+                raise ConfigError(f"tracker {tracker!r} is not allowed; choose from {', '.join(TRACKERS)}")
+            package, install = TRACKERS[tracker]
+            # find_spec, not import: the package loads in the runner, and only if the study runs.
+            if importlib.util.find_spec(package) is None:
+                raise ConfigError(f"--log {tracker} needs the {package} package, which is not installed: "
+                                  f"pip install '{install}'")
 
     def _validate_search(self) -> None:
         search = self.search
@@ -193,13 +221,80 @@ class Study:
             scheduler=self.scheduler, asha_grace_epochs=self.asha_grace_epochs, cpus_per_trial=self.cpus_per_trial,
             gpus_per_trial=self.gpus_per_trial, max_concurrent_trials=self.max_concurrent_trials,
             max_failures=self.max_failures, resume=self.resume, address=self.address, data_dir=self.data_dir,
-            retrain_teachers=self.retrain_teachers, verbose=self.verbose,
+            retrain_teachers=self.retrain_teachers, trackers=tuple(dict.fromkeys(self.trackers)),
+            verbose=self.verbose, spec=self.spec(),
         )
+
+    def spec(self) -> dict[str, Any]:
+        """What decides this study's trials, as JSON values: stored beside the tables by its first run
+        and held against every ``--resume``. Resources, storage, retries and trackers are not in it: a
+        resumed study may run with others."""
+        search = self.search
+        spec = {
+            "base": self.base.to_dict(),
+            "axes": {axis: list(values) for axis, values in self.axes.items()},
+            "arms": [dict(arm) for arm in self.arms],
+            "seeds": list(self.seeds),
+            "search": None if search is None else {
+                "space": {name: list(dim) for name, dim in search.space.items()}, "metrics": list(search.metrics),
+                "modes": list(search.modes), "num_samples": search.num_samples, "seed": search.seed,
+            },
+            "scheduler": self.scheduler,
+            "asha_grace_epochs": self.asha_grace_epochs,
+        }
+        return json.loads(json.dumps(spec))  # as it reads back from the file: tuples become lists
+
+    def check_resume(self) -> None:
+        """A resume must ask for the study that was stored: Ray Tune resumes the trials it saved, so a
+        changed setting would be silently ignored. Raises ConfigError naming every difference."""
+        # Deferred and downward, as in plan(); only a --resume reads the stored spec.
+        from kd_ray.study_guards import SPEC_FILE, read_spec
+
+        stored = read_spec(self.study_dir)
+        if stored is None:
+            return  # nothing stored yet, or a study stored before specs were
+        differences = spec_differences(stored, self.spec())
+        if differences:
+            raise ConfigError(
+                f"--resume asks for another study than the one stored in {self.study_dir}/{SPEC_FILE}: "
+                + "; ".join(differences) + ". Drop the change to resume the stored study, or pass another "
+                "--name to run the changed study beside it"
+            )
 
     def run(self) -> StudyResult:
         configs = self.validate()
+        if self.resume:
+            self.check_resume()
         # Deferred and downward, as in plan(): only a study that passed validation starts Ray.
         from kd_ray.study_runner import run_study
 
         # A search samples its trials as it goes: the teachers are prepared for the base config.
         return run_study(self.plan(), configs if self.search is None else [self.base])
+
+
+def _flat_spec(spec: dict[str, Any]) -> dict[str, Any]:
+    """A spec as one level of named values: TrialConfig fields by their own names, then ``axis X``,
+    ``search space X``, ``search X``, ``arms``, ``seeds``, ``scheduler``, ``asha_grace_epochs``."""
+    flat = dict(spec.get("base") or {})
+    flat.update({f"axis {axis}": values for axis, values in (spec.get("axes") or {}).items()})
+    search = spec.get("search") or {}
+    flat.update({f"search space {name}": dim for name, dim in (search.get("space") or {}).items()})
+    flat.update({f"search {key}": value for key, value in search.items() if key != "space"})
+    flat.update({key: spec[key] for key in ("arms", "seeds", "scheduler", "asha_grace_epochs") if key in spec})
+    return flat
+
+
+def spec_differences(stored: dict[str, Any], requested: dict[str, Any]) -> list[str]:
+    """``name: stored X, requested Y`` for every value that differs between two specs."""
+    # A TrialConfig field added since the study was stored ran at its default there.
+    defaults = json.loads(json.dumps(TrialConfig().to_dict()))
+    old, new = {**defaults, **_flat_spec(stored)}, _flat_spec(requested)
+    absent = object()
+
+    def show(value: Any) -> str:
+        return "(none)" if value is absent else json.dumps(value)
+
+    return [
+        f"{name}: stored {show(old.get(name, absent))}, requested {show(new.get(name, absent))}"
+        for name in dict.fromkeys([*old, *new]) if old.get(name, absent) != new.get(name, absent)
+    ]

@@ -2,7 +2,8 @@
 
 A study script names its study; ``study_main`` takes that study's presets from ``kd_ray.presets``
 and holds the flags, validation, exit codes and the closing summary.
-Exit codes: 0 done, 1 some trials failed, 2 bad input (nothing ran), 3 interrupted (partial).
+Exit codes: 0 done, 1 some trials failed, 2 bad input (nothing ran), 3 interrupted (partial),
+4 the storage failed (out of space, read-only, gone): the study stopped; fix it and rerun with --resume.
 """
 
 from __future__ import annotations
@@ -12,9 +13,11 @@ import sys
 
 from kd_ray.config import EXIT_BAD_INPUT, ConfigError, TrialConfig, parse_set
 from kd_ray.presets import STUDIES, Preset
+from kd_ray.study import TRACKERS
 from kd_ray.tables import TERMINATED
 
 EXIT_PARTIAL = 3
+EXIT_STORAGE = 4
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -57,6 +60,10 @@ def study_parser(description: str | None) -> argparse.ArgumentParser:
     parser.add_argument("--retrain-teachers", action="store_true",
                         help="delete the study's teacher members from the store and train them again "
                         "(the fix for a corrupted store)")
+    parser.add_argument("--log", action="append", default=[], choices=tuple(TRACKERS), metavar="TRACKER",
+                        help=f"also log every trial to an experiment tracker ({', '.join(TRACKERS)}); repeatable. "
+                        "TensorBoard events are written always; mlflow and wandb need their extra "
+                        "(pip install 'kd-ray[mlflow]')")
     parser.add_argument("--quiet", action="store_true", help="less Ray Tune output")
     return parser
 
@@ -79,7 +86,7 @@ def build_study(name: str, preset: Preset, args: argparse.Namespace, search=None
         scheduler=args.scheduler, cpus_per_trial=args.cpus_per_trial, gpus_per_trial=gpus,
         max_concurrent_trials=args.max_concurrent, storage=args.storage, resume=args.resume,
         address=args.address, data_dir=args.data_dir, retrain_teachers=args.retrain_teachers,
-        verbose=0 if args.quiet else 1,
+        trackers=list(dict.fromkeys(args.log)), verbose=0 if args.quiet else 1,
     )
 
 
@@ -105,9 +112,22 @@ def study_main(name: str, description: str | None = None, argv: list[str] | None
         result = study.run()
     except (ConfigError, DataError, TeacherStoreError) as exc:
         # Problems found once the study looks at its storage, data and cluster: an existing study,
-        # a corrupted teacher store, missing data, too few cluster resources. No trial ran.
+        # a resume that asks for another study, a corrupted teacher store, missing data, too few
+        # cluster resources. No trial ran.
         print(f"{name}: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        # Ctrl-C (or SIGTERM, SIGHUP) outside Ray Tune's run, or a second one inside it.
+        print(f"{name}: interrupted; rerun the same command with --resume to finish the study", file=sys.stderr)
+        return EXIT_PARTIAL
+    except Exception as exc:
+        from kd_ray.study_guards import storage_error
+
+        problem = storage_error(exc, study.study_dir)
+        if problem is None:
+            raise
+        print(f"{name}: error: {problem}", file=sys.stderr)
+        return EXIT_STORAGE
     if result.partial:
         return EXIT_PARTIAL
     from kd_ray import analysis
@@ -115,7 +135,17 @@ def study_main(name: str, description: str | None = None, argv: list[str] | None
     by = list(study.axes) + sorted({k for arm in study.arms for k in arm}) or None
     print(analysis.format_summary(result.trials, by=by))
     if "://" not in result.study_dir:
-        report_path = analysis.report(result.study_dir, by=by)
+        try:
+            report_path = analysis.report(result.study_dir, by=by)
+        except OSError as exc:
+            from kd_ray.study_guards import storage_error
+
+            problem = storage_error(exc, result.study_dir)
+            if problem is None:
+                raise
+            # The tables are written; only the report is missing: --resume writes it again.
+            print(f"{name}: error: the tables are written, the report is not: {problem}", file=sys.stderr)
+            return EXIT_STORAGE
         print(f"report: {report_path}")
     failed = int((result.trials["status"] != TERMINATED).sum())
     return 1 if failed else 0

@@ -1,14 +1,17 @@
 """Runs a validated study on Ray: teacher members as Ray tasks, trials through a Ray Tune Tuner.
 
-Only this module imports Ray. It takes the study as a ``RunPlan`` of plain values, owns the files
-it writes beside the tables (``state.pt`` checkpoints, ``optuna.journal``) and its ``StudyResult``,
-and never imports ``kd_ray.study``. The trainable is a plain function around ``trial.run_trial``.
+Only this module and ``study_tables`` (the tables from Ray Tune's trials) import Ray. It takes the
+study as a ``RunPlan`` of plain values, owns the files it writes beside the tables (``state.pt``
+checkpoints, ``optuna.journal``) and its ``StudyResult``, and never imports ``kd_ray.study``. The
+trainable is a plain function around ``trial.run_trial``.
 """
 
 from __future__ import annotations
 
-import math
+import contextlib
+import logging
 import os
+import statistics
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -16,11 +19,23 @@ from typing import Any
 
 import ray
 from ray import tune
+from ray.tune.experiment import Trial
 
+from kd_ray.atomic import atomic_local_filesystem
 from kd_ray.config import ConfigError, TrialConfig
 from kd_ray.data import DataError
-from kd_ray.progress import printer
-from kd_ray.tables import ERROR, STOPPED
+from kd_ray.progress import printer, time_left_s, trial_done_line
+from kd_ray.study_guards import (
+    StorageWatch,
+    check_saved_state,
+    local_ray_settings,
+    restore_tuner,
+    signals_as_interrupt,
+    storage_error,
+    write_spec,
+)
+from kd_ray.study_tables import ARM_KEY, LiveTables, flatten_arm, record_finished_trials
+from kd_ray.tables import FIDELITY_METRICS, GENERALIZATION_METRICS
 from kd_ray.teachers import TeacherStoreError
 
 STATE_FILE = "state.pt"  # the trial's checkpoint inside each Ray Tune checkpoint directory
@@ -60,7 +75,9 @@ class RunPlan:
     address: str | None = None
     data_dir: str | None = None
     retrain_teachers: bool = False
+    trackers: tuple[str, ...] = ()  # tensorboard | mlflow | wandb, through Ray Tune's logger callbacks
     verbose: int = 1
+    spec: dict[str, Any] | None = None  # what decides the trials, stored beside the tables (study_guards)
 
 
 @dataclass
@@ -85,7 +102,7 @@ def _set_threads() -> None:
 
 
 @ray.remote
-def _train_member(cfg_dict: dict, member: int, seed_offset: int, store_uri: str, data_dir: str | None) -> str:
+def _train_member(cfg_dict: dict, member: int, role: str, store_uri: str, data_dir: str | None) -> str:
     from kd_ray.data import load_arrays
     from kd_ray.teachers import TeacherStore, ensure_members
     from kd_ray.trial import resolve_device
@@ -94,7 +111,7 @@ def _train_member(cfg_dict: dict, member: int, seed_offset: int, store_uri: str,
     cfg = TrialConfig.from_dict(cfg_dict)
     keys = ensure_members(
         cfg, TeacherStore(store_uri), load_arrays(cfg.dataset, data_dir), resolve_device(cfg.device),
-        seed_offset=seed_offset, members=[member],
+        role=role, members=[member],
     )
     return keys[0]
 
@@ -126,7 +143,7 @@ def prepare_teachers(plan: RunPlan, configs: list[TrialConfig]) -> None:
         return
     task = _train_member.options(num_cpus=plan.cpus_per_trial, num_gpus=plan.gpus_per_trial)
     pending = [
-        task.remote(needed.cfg.to_dict(), needed.member, needed.seed_offset, plan.teacher_store, plan.data_dir)
+        task.remote(needed.cfg.to_dict(), needed.member, needed.role, plan.teacher_store, plan.data_dir)
         for needed in missing
     ]
     done = 0
@@ -139,20 +156,15 @@ def prepare_teachers(plan: RunPlan, configs: list[TrialConfig]) -> None:
             # message says how, rather than a remote traceback.
             if isinstance(exc.cause, (DataError, TeacherStoreError, ConfigError)):
                 raise exc.cause from None
+            problem = storage_error(exc, plan.teacher_store)  # the store full, read-only or gone
+            if problem is not None:
+                raise problem from None
             raise
         done += 1
         log(f"teachers: member {key} ready ({done}/{len(missing)})")
 
 
 # --- the trainable ------------------------------------------------------------------------------
-
-ARM_KEY = "arm"  # an explicit arm travels through Tune's grid as one dict-valued parameter
-
-
-def flatten_arm(config: dict[str, Any]) -> dict[str, Any]:
-    config = dict(config)
-    arm = config.pop(ARM_KEY, None) or {}  # pop first: {**config, **config.pop(...)} keeps the key
-    return {**config, **arm}
 
 
 def _trainable(config: dict[str, Any], store_uri: str, data_dir: str | None) -> None:
@@ -161,6 +173,8 @@ def _trainable(config: dict[str, Any], store_uri: str, data_dir: str | None) -> 
     from kd_ray.trial import run_trial
 
     _set_threads()
+    # Ray logs every persisted checkpoint at INFO from the worker, a line per evaluation on the console.
+    logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)
     cfg = TrialConfig.from_dict(flatten_arm(config))
     resume = None
     checkpoint = tune.get_checkpoint()
@@ -248,6 +262,110 @@ def _param_space(plan: RunPlan) -> dict[str, Any]:
     return base
 
 
+# --- the console and the trackers ---------------------------------------------------------------
+
+# What a person watches a study for: the student's test agreement and test accuracy.
+CONSOLE_METRICS = (FIDELITY_METRICS[0], GENERALIZATION_METRICS[0])
+TABLE_EVERY_S = 60  # Ray Tune's progress table at most this often; a line per finished trial between
+# Ray Tune snapshots the experiment state whenever a trial has written num_to_keep checkpoints since the
+# last snapshot, so that the saved state never names a deleted checkpoint. A trial checkpoints at each
+# evaluation, every second or so at laptop scale: keeping 2, the snapshots came seconds apart and Ray
+# warned of each. Keeping 10, a trial of up to 10 evaluations forces none (Ray snapshots every 10 s or
+# more by itself) and a longer one one per 10 checkpoints; a trial's directory holds at most 10 states.
+CHECKPOINTS_KEPT = 10
+
+
+def arm_columns(plan: RunPlan) -> dict[str, str]:
+    """What tells a study's trials apart, as Tune config keys and their labels: the axes, the arms'
+    fields and the seed, or a search's dimensions."""
+    if plan.search_space is not None:
+        return {name: name for name in plan.search_space}
+    columns = {axis: axis for axis in plan.axes}
+    for name in dict.fromkeys(name for arm in plan.arms for name in arm):
+        columns[f"{ARM_KEY}/{name}"] = name
+    if len(plan.seeds) > 1:
+        columns["seed"] = "seed"
+    return columns
+
+
+class TrialsDone(tune.Callback):
+    """One line per finished trial: done/total, its arm and metrics, time elapsed and about how long is left."""
+
+    def __init__(self, arm_labels: list[str]) -> None:
+        self.arm_labels = arm_labels
+        self.setup()
+
+    def setup(self, stop=None, num_samples=None, total_num_samples=None, **info) -> None:
+        self.total = total_num_samples or 0
+        self.started = time.monotonic()
+        self.durations: list[float] = []  # of the trials that finished cleanly in this run
+
+    def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
+        # A trial ASHA stopped completes without its final report.
+        self._print(trials, trial, "done" if (trial.last_result or {}).get("final") else "stopped early")
+
+    def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
+        self._print(trials, trial, "ERROR")
+
+    def _print(self, trials: list, trial, outcome: str) -> None:
+        result = trial.last_result or {}
+        if outcome != "ERROR" and isinstance(result.get("time_total_s"), (int, float)):
+            self.durations.append(float(result["time_total_s"]))
+        # The trial itself is still RUNNING (or already ERROR) when Tune calls back.
+        others = [t for t in trials if t is not trial]
+        done = 1 + sum(t.status in (Trial.TERMINATED, Trial.ERROR) for t in others)
+        running = sum(t.status == Trial.RUNNING for t in others)
+        total = max(self.total, len(trials))
+        left = time_left_s(statistics.mean(self.durations), total - done, running + 1) if self.durations else None
+        config = flatten_arm(trial.config)
+        arm = {label: config[label] for label in self.arm_labels if label in config}
+        metrics = {m: result[m] for m in CONSOLE_METRICS if isinstance(result.get(m), (int, float))}
+        log(trial_done_line(done, total, outcome, arm, metrics, time.monotonic() - self.started, left))
+
+
+def _progress_table(columns: dict[str, str]):
+    """Ray Tune's own table, with the trial's arm and the student's metrics rather than the first
+    metrics Tune finds in a report (the teacher's, the same for every trial of a seed)."""
+    return tune.CLIReporter(
+        metric_columns={"epoch": "epoch", **{m: m for m in CONSOLE_METRICS}},
+        parameter_columns=columns, max_report_frequency=TABLE_EVERY_S,
+    )
+
+
+def _tracker_callbacks(plan: RunPlan) -> list:
+    """Ray Tune's logger callback of each tracker the study logs to (the packages were checked present)."""
+    callbacks = []
+    for tracker in plan.trackers:
+        if tracker == "tensorboard":
+            from ray.tune.logger import TBXLoggerCallback
+
+            callbacks.append(TBXLoggerCallback())
+            log(f"tensorboard: tensorboard --logdir {plan.study_dir}")
+        elif tracker == "mlflow":
+            import mlflow
+            from ray.air.integrations.mlflow import MLflowLoggerCallback
+
+            # Where the runs go is MLflow's own setting (MLFLOW_TRACKING_URI, else MLflow's default).
+            callbacks.append(MLflowLoggerCallback(experiment_name=plan.name, tags={"kd_ray_study": plan.name}))
+            log(f"mlflow: experiment '{plan.name}', a run per trial, at {mlflow.get_tracking_uri()}")
+        elif tracker == "wandb":
+            from ray.air.integrations.wandb import WandbLoggerCallback
+
+            project = os.environ.get("WANDB_PROJECT", "kd_ray")
+            # Run files go to WANDB_DIR, else beside the tables: not into the trial directories, whose
+            # last sync to storage comes before W&B's logging actors have finished writing.
+            run_dir = os.environ.get("WANDB_DIR") or (plan.study_dir if "://" not in plan.study_dir else None)
+            if run_dir:
+                os.makedirs(run_dir, exist_ok=True)
+            # The logging actors run in the raylet's environment, not the driver's: pass the mode on.
+            callbacks.append(WandbLoggerCallback(project=project, group=plan.name, mode=os.environ.get("WANDB_MODE"),
+                                                 dir=run_dir))
+            log(f"wandb: project '{project}', group '{plan.name}', a run per trial, files in {run_dir or '.'}/wandb")
+        else:
+            raise ConfigError(f"tracker {tracker!r} is not allowed; choose from tensorboard, mlflow, wandb")
+    return callbacks
+
+
 def _check_cluster(plan: RunPlan) -> None:
     resources = ray.cluster_resources()
     cpus, gpus = resources.get("CPU", 0.0), resources.get("GPU", 0.0)
@@ -260,14 +378,18 @@ def _check_cluster(plan: RunPlan) -> None:
         log(f"cluster has {cpus:g} CPUs / {gpus:g} GPUs now; waiting for the autoscaler to add nodes")
 
 
-def _build_tuner(plan: RunPlan):
+def _build_tuner(plan: RunPlan, live_tables: LiveTables):
+    # Ray Tune's newer console ignores a progress reporter; the classic one prints CLIReporter's table.
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     trainable = tune.with_resources(
         tune.with_parameters(_trainable, store_uri=plan.teacher_store, data_dir=plan.data_dir),
         {"cpu": plan.cpus_per_trial, "gpu": plan.gpus_per_trial},
     )
-    if plan.resume and tune.Tuner.can_restore(plan.study_dir):
+    # A local study's files are written through a filesystem whose failed writes leave the old file.
+    storage = atomic_local_filesystem(plan.study_dir) if "://" not in plan.study_dir else None
+    if plan.resume and tune.Tuner.can_restore(plan.study_dir, storage_filesystem=storage):
         log(f"resuming {plan.study_dir}")
-        return tune.Tuner.restore(plan.study_dir, trainable=trainable, resume_unfinished=True, resume_errored=True)
+        return restore_tuner(plan.study_dir, trainable, storage)
     cpus = ray.cluster_resources().get("CPU", 1)
     max_concurrent = plan.max_concurrent_trials or max(1, int(cpus // plan.cpus_per_trial))
     tune_config = tune.TuneConfig(
@@ -280,53 +402,15 @@ def _build_tuner(plan: RunPlan):
     run_config = tune.RunConfig(
         name=plan.name,
         storage_path=plan.storage_path,
+        storage_filesystem=storage,
         failure_config=tune.FailureConfig(max_failures=plan.max_failures),
-        checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=CHECKPOINTS_KEPT),
+        callbacks=[StorageWatch(local=storage is not None), live_tables, *_tracker_callbacks(plan),
+                   TrialsDone(list(arm_columns(plan).values()))],
+        progress_reporter=_progress_table(arm_columns(plan)),
         verbose=plan.verbose,
     )
     return tune.Tuner(trainable, param_space=_param_space(plan), tune_config=tune_config, run_config=run_config)
-
-
-# --- results to tables --------------------------------------------------------------------------
-
-
-def _nan_to_none(value: Any) -> Any:
-    return None if isinstance(value, float) and math.isnan(value) else value
-
-
-def collect_rows(study_name: str, results) -> tuple[list[dict], list[dict]]:
-    """Trial rows and epoch rows from a ResultGrid."""
-    trials, epochs = [], []
-    for result in results:
-        metrics = result.metrics or {}
-        trial_id = str(metrics.get("trial_id") or os.path.basename(result.path))
-        config = {k: v for k, v in flatten_arm(result.config or {}).items() if k in TrialConfig.field_names()}
-        row = {"study": study_name, "trial_id": trial_id, **config}
-        if result.error is not None:
-            row.update(status=ERROR, error=f"{type(result.error).__name__}: {result.error}"[:2000])
-        elif metrics.get("final"):
-            row.update({k: _nan_to_none(v) for k, v in metrics.items() if k not in config})
-        else:
-            row.update(status=STOPPED, error="stopped early by the scheduler")
-        history = result.metrics_dataframe
-        if history is not None and len(history):
-            reports = history[history["final"] != True] if "final" in history else history  # noqa: E712
-            if "epoch" in reports:
-                # A retried trial reports again the epochs after its last checkpoint: one row per
-                # epoch, the last report of it (the one the trial's state continued from).
-                reports = reports.drop_duplicates(subset="epoch", keep="last").sort_values("epoch", kind="stable")
-            for record in reports.to_dict("records"):
-                values = {k: _nan_to_none(v) for k, v in record.items()}
-                epochs.append({"study": study_name, "trial_id": trial_id, **values})
-            if row["status"] == STOPPED and len(reports):
-                last = reports.iloc[-1].to_dict()
-                row.update({
-                    k: _nan_to_none(v) for k, v in last.items()
-                    if k in row or k.startswith(("test_", "train_", "aug_", "teacher_"))
-                })
-                row["epochs_completed"] = int(last.get("epoch", 0))
-        trials.append(row)
-    return trials, epochs
 
 
 def run_study(plan: RunPlan, configs: list[TrialConfig]) -> StudyResult:
@@ -335,42 +419,70 @@ def run_study(plan: RunPlan, configs: list[TrialConfig]) -> StudyResult:
 
     from kd_ray import tables
 
-    if plan.address is None:
-        # A local instance of our own; a cluster (--address) keeps whatever authentication it uses.
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     if os.path.exists(plan.study_dir) and not plan.resume and "://" not in plan.study_dir:
         raise ConfigError(
             f"study directory {plan.study_dir} already exists: pass --resume to continue or rewrite "
             f"it, or choose another --name or --storage"
         )
     check_teacher_store(plan, configs)
-    started_ray = not ray.is_initialized()
-    if started_ray:
-        ray.init(address=plan.address or "local", include_dashboard=False, log_to_driver=True)
+    if plan.resume:
+        check_saved_state(plan.study_dir)  # Ray Tune's saved state must be whole, before any compute
+    expected = plan.num_samples if plan.search_space is not None else len(configs)
     try:
-        _check_cluster(plan)
-        expected = plan.num_samples if plan.search_space is not None else len(configs)
-        log(f"study {plan.name}: {expected} trials, {plan.cpus_per_trial:g} CPU / {plan.gpus_per_trial:g} GPU "
-            f"each, storage {plan.study_dir}")
-        prepare_teachers(plan, configs)
-        tuner_started = time.perf_counter()
-        results = _build_tuner(plan).fit()
-        log(f"Ray Tune finished in {time.perf_counter() - tuner_started:.1f} s")
-    finally:
-        if started_ray:
-            ray.shutdown()
-    trials, epochs = collect_rows(plan.name, results)
-    # After an interrupt Tuner.fit() returns normally; unfinished trials are neither terminated
-    # nor errored, and an interrupted search may not have created all its trials yet.
-    finished = results.num_terminated + results.num_errors
-    partial = finished < expected or len(trials) < expected
-    if partial:
-        log(f"study {plan.name} is PARTIAL: {finished} of {expected} trials finished; tables not written. "
-            f"Rerun the same command with --resume to finish it.")
-        return StudyResult(plan.study_dir, pd.DataFrame(trials), pd.DataFrame(epochs), True, finished, expected)
-    trials_path, epochs_path = tables.write_study_tables(plan.study_dir, trials, epochs)
+        with signals_as_interrupt():
+            _run_on_ray(plan, configs, expected)
+    except (ConfigError, DataError, TeacherStoreError):
+        raise
+    except Exception as exc:
+        # A storage that filled up, turned read-only or went away: one line, not Ray's traceback.
+        problem = storage_error(exc, plan.study_dir)
+        if problem is None:
+            raise
+        raise problem from None
+    completeness = tables.read_completeness(plan.study_dir)
+    finished = completeness.finished if completeness else 0
+    trials_path, epochs_path = f"{plan.study_dir}/{tables.TRIALS_FILE}", f"{plan.study_dir}/{tables.EPOCHS_FILE}"
+    if completeness is None:
+        trials, epochs = pd.DataFrame(), pd.DataFrame()
+    else:
+        trials, epochs = tables.read_table(trials_path).to_pandas(), tables.read_table(epochs_path).to_pandas()
+    if finished < expected:
+        log(f"study {plan.name} is PARTIAL: {finished} of {expected} trials finished"
+            + (f", their rows in {trials_path} and {epochs_path}" if finished else "")
+            + ". Rerun the same command with --resume to finish it.")
+        return StudyResult(plan.study_dir, trials, epochs, True, finished, expected)
     log(f"wrote {trials_path} ({len(trials)} trials) and {epochs_path} ({len(epochs)} rows)")
-    return StudyResult(
-        plan.study_dir, tables.read_table(trials_path).to_pandas(), tables.read_table(epochs_path).to_pandas(),
-        False, finished, expected,
-    )
+    return StudyResult(plan.study_dir, trials, epochs, False, finished, expected)
+
+
+def _run_on_ray(plan: RunPlan, configs: list[TrialConfig], expected: int) -> None:
+    """Teachers, then the Tuner, then the tables, on a Ray this starts (and stops) unless one runs."""
+    from kd_ray import tables
+
+    started_ray = not ray.is_initialized()
+    # A Ray of our own on this machine is closed to others; a cluster (--address), or a Ray the caller
+    # started, keeps its own settings.
+    settings = local_ray_settings() if started_ray and plan.address is None else contextlib.nullcontext()
+    with settings:
+        if started_ray:
+            ray.init(address=plan.address or "local", include_dashboard=False, log_to_driver=True)
+        try:
+            _check_cluster(plan)
+            log(f"study {plan.name}: {expected} trials, {plan.cpus_per_trial:g} CPU / {plan.gpus_per_trial:g} GPU "
+                f"each, storage {plan.study_dir}")
+            prepare_teachers(plan, configs)
+            if plan.spec is not None:
+                # The study directory begins here: a study refused before (bad data, say) leaves none.
+                write_spec(plan.study_dir, plan.spec)
+            # Trials that a killed driver left as parts go into the tables before the study goes on.
+            tables.compact_trial_parts(plan.study_dir, expected)
+            tuner_started = time.perf_counter()
+            # Tuner.fit() returns normally after an interrupt too; the tables then hold the trials that
+            # finished, and the ResultGrid it returns counts the interrupted ones as terminated.
+            _build_tuner(plan, LiveTables(plan.name, plan.study_dir, expected)).fit()
+            log(f"Ray Tune finished in {time.perf_counter() - tuner_started:.1f} s")
+            record_finished_trials(plan.name, plan.study_dir, expected)
+            tables.compact_trial_parts(plan.study_dir, expected)
+        finally:
+            if started_ray:
+                ray.shutdown()

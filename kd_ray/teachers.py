@@ -2,6 +2,9 @@
 
 Each ensemble member is stored on its own, keyed by a hash of the fields that decide its weights
 (``TrialConfig.teacher_spec(member)``), so an ensemble of 5 reuses the members of an ensemble of 3.
+Those fields include what names the member's random streams (``member_streams``): teacher seed,
+replicate (per-seed teachers), role (the reference ensemble or the control's) and the version of the
+stream derivation, so a member is never reused under a draw it was not trained with.
 A member directory holds ``weights.pt`` (initial and final state dicts), ``logits.pt`` (the member's
 float32 logits on the test set and on the whole clean train set, so no trial recomputes them) and
 ``manifest.json`` (spec, sha256 of each file, metrics), written last: a member without a manifest
@@ -29,16 +32,15 @@ import torch
 
 from kd_ray import __version__
 from kd_ray.atomic import write_bytes
-from kd_ray.config import TrialConfig, content_hash
+from kd_ray.config import Streams, TrialConfig, content_hash, network_streams
 from kd_ray.data import DATASET_INFO, Arrays
-from kd_ray.distill import AugmentSpec, Recipe, TrainState, fit, make_optimizer, predict
+from kd_ray.distill import AugmentSpec, Recipe, TrainState, build_seeded, fit, make_optimizer, predict, schedule
 from kd_ray.metrics import accuracy
 from kd_ray.models import StackedEnsemble, build_model
 from kd_ray.progress import Progress
 from kd_ray.splits import split_indices
 
 WEIGHTS, LOGITS, MANIFEST = "weights.pt", "logits.pt", "manifest.json"
-CONTROL_SEED_OFFSET = 1000  # the independent-teacher control uses teacher_seed + this
 
 
 class TeacherStoreError(RuntimeError):
@@ -215,19 +217,26 @@ def _to_bytes(obj: dict) -> bytes:
 
 
 class NeededMember(NamedTuple):
-    """One teacher member a trial distils from: the config that decides it, its index, its seed offset."""
+    """One teacher member a trial distils from: the config that decides it, its index, its role
+    (``reference``: the trial's own ensemble; ``control``: the control's independent one)."""
 
     cfg: TrialConfig
     member: int
-    seed_offset: int
+    role: str
 
 
-def member_key(cfg: TrialConfig, member: int, seed_offset: int = 0) -> str:
-    return content_hash(cfg.teacher_spec(member, seed_offset))
+def member_key(cfg: TrialConfig, member: int, role: str = "reference") -> str:
+    return content_hash(cfg.teacher_spec(member, role))
 
 
-def member_seed(cfg: TrialConfig, member: int, seed_offset: int = 0) -> int:
-    return (cfg.teacher_seed + seed_offset) * 1000 + member
+def member_streams(cfg: TrialConfig, member: int, role: str = "reference") -> Streams:
+    """The streams of member ``member``: keyed by ``(teacher_seed, replicate, member)`` for per-seed
+    teachers and ``(teacher_seed, member)`` for shared ones; the control's members draw from streams
+    of their own kind (control_member_*), so they never repeat a reference member."""
+    network = "member" if role == "reference" else "control_member"
+    replicate = cfg.teacher_replicate
+    key = (cfg.teacher_seed, member) if replicate is None else (cfg.teacher_seed, replicate, member)
+    return network_streams(network, *key)
 
 
 def teacher_indices(cfg: TrialConfig, y_train: np.ndarray) -> np.ndarray:
@@ -243,13 +252,16 @@ def teacher_indices(cfg: TrialConfig, y_train: np.ndarray) -> np.ndarray:
 
 
 def needed_members(configs: Iterable[TrialConfig]) -> dict[str, NeededMember]:
-    """Every teacher member the configs distil from, keyed by member key (control members included)."""
+    """Every teacher member the configs distil from, keyed by member key (control members included).
+
+    Per-seed teachers (the default) give each seed its own members; ensembles of different sizes in
+    one replicate, and trials that differ only in student fields, share theirs."""
     members: dict[str, NeededMember] = {}
     for cfg in configs:
-        offsets = (0, CONTROL_SEED_OFFSET) if cfg.control else (0,)
-        for offset in offsets:
+        roles = ("reference", "control") if cfg.control else ("reference",)
+        for role in roles:
             for member in range(cfg.teacher_members):
-                members.setdefault(member_key(cfg, member, offset), NeededMember(cfg, member, offset))
+                members.setdefault(member_key(cfg, member, role), NeededMember(cfg, member, role))
     return members
 
 
@@ -287,23 +299,29 @@ def teacher_recipe(cfg: TrialConfig) -> Recipe:
     )
 
 
+def member_steps(cfg: TrialConfig, y_train: np.ndarray) -> int:
+    """The optimizer steps a teacher member of ``cfg`` trains for."""
+    return schedule(teacher_recipe(cfg), len(teacher_indices(cfg, y_train))).total_steps
+
+
 def train_member(
     cfg: TrialConfig,
     member: int,
     arrays: Arrays,
     device: torch.device,
-    seed_offset: int = 0,
+    role: str = "reference",
     progress: Progress | None = None,
 ) -> tuple[dict, dict, dict]:
     """Train one member from scratch; returns (weights, logits, metrics) ready for the store."""
     info = DATASET_INFO[cfg.dataset]
-    seed = member_seed(cfg, member, seed_offset)
-    torch.manual_seed(seed)
-    model = build_model(cfg.teacher_arch, info.input_shape, info.num_classes, cfg.norm).to(device)
+    streams = member_streams(cfg, member, role)
+    model = build_seeded(cfg.teacher_arch, info.input_shape, info.num_classes, cfg.norm, streams.init).to(device)
     initial = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     recipe = teacher_recipe(cfg)
-    generator = torch.Generator(device=device).manual_seed(seed)
-    state = TrainState(model, make_optimizer(model, recipe), generator)
+    state = TrainState(
+        model, make_optimizer(model, recipe), torch.Generator(device=device).manual_seed(streams.batches),
+        augment_generator=torch.Generator(device=device).manual_seed(streams.augment),
+    )
     x_train = torch.as_tensor(arrays.x_train, device=device)
     y_train = torch.as_tensor(arrays.y_train, device=device)
     fit_idx = torch.as_tensor(teacher_indices(cfg, arrays.y_train), device=device)
@@ -333,15 +351,15 @@ def ensure_members(
     arrays: Arrays,
     device: torch.device,
     *,
-    seed_offset: int = 0,
+    role: str = "reference",
     members: list[int] | None = None,
     progress: Progress | None = None,
     retrain: bool = False,
 ) -> list[str]:
-    """Make sure every member of the trial's ensemble (or those in ``members``) is in the store;
-    train the missing ones. ``retrain=True`` deletes the stored ones first (``delete_members``)."""
+    """Make sure every member of the trial's ensemble of ``role`` (or those in ``members``) is in the
+    store; train the missing ones. ``retrain=True`` deletes the stored ones first (``delete_members``)."""
     indices = members if members is not None else range(cfg.teacher_members)
-    keys = [member_key(cfg, member, seed_offset) for member in indices]
+    keys = [member_key(cfg, member, role) for member in indices]
     if retrain:
         delete_members(store, keys)
     for member, key in zip(indices, keys):
@@ -350,8 +368,8 @@ def ensure_members(
         with store.lock(key):
             if store.has(key):  # trained by another process while we waited
                 continue
-            weights, logits, metrics = train_member(cfg, member, arrays, device, seed_offset, progress)
-            store.save(key, cfg.teacher_spec(member, seed_offset), weights, logits, metrics)
+            weights, logits, metrics = train_member(cfg, member, arrays, device, role, progress)
+            store.save(key, cfg.teacher_spec(member, role), weights, logits, metrics)
             if progress:
                 progress(f"teacher member {member} stored as {key} (test acc {metrics['test_acc']:.3f})")
     return keys
@@ -376,12 +394,12 @@ class Ensemble:
         return self.stacked.log_probs(x)
 
 
-def load_ensemble(cfg: TrialConfig, store: TeacherStore, device: torch.device, seed_offset: int = 0) -> Ensemble:
-    """The ensemble of ``cfg`` (the control's with ``seed_offset``) from the store, verified, on ``device``."""
+def load_ensemble(cfg: TrialConfig, store: TeacherStore, device: torch.device, role: str = "reference") -> Ensemble:
+    """The ensemble of ``cfg`` (the control's with ``role='control'``) from the store, verified, on ``device``."""
     info = DATASET_INFO[cfg.dataset]
     models, initial, final, test, train = [], [], [], [], []
     for member in range(cfg.teacher_members):
-        key = member_key(cfg, member, seed_offset)
+        key = member_key(cfg, member, role)
         weights = store.load(key, WEIGHTS)
         logits = store.load(key, LOGITS)
         model = build_model(cfg.teacher_arch, info.input_shape, info.num_classes, cfg.norm)
@@ -395,6 +413,6 @@ def load_ensemble(cfg: TrialConfig, store: TeacherStore, device: torch.device, s
         test.append(logits["test"])
         train.append(logits["train"])
     return Ensemble(
-        key=cfg.teacher_key(seed_offset), models=models, initial_states=initial, final_states=final,
+        key=cfg.teacher_key(role), models=models, initial_states=initial, final_states=final,
         test_logits=torch.stack(test).to(device), train_logits=torch.stack(train).to(device),
     )

@@ -1,10 +1,26 @@
 """One distillation trial end to end: teacher -> student -> metrics. No Ray in here.
 
 ``run_trial`` is what ``kd-ray trial`` calls directly and what the Ray Tune trainable wraps.
+
+Every random draw has its own stream (``config.seed_stream``): the student's initial weights, batch
+order and augmentation draws are keyed by the replicate ``seed`` (so the arms of one replicate share
+them, and no student starts where a teacher member started), the control student's by kinds of
+its own, and the augmented evaluation pass by another.
+
+Convergence: ``convergence_delta`` is the student's train agreement at the end minus its train
+agreement at the last epoch boundary at or before the start of the second half of its optimizer
+steps (``CONVERGENCE_WINDOW``; the untrained student when that boundary is step 0); ``converged``
+is ``|convergence_delta| < CONVERGED_WITHIN`` (2 percentage points), null when the trial did not
+finish. The window is half the schedule because a cosine schedule's last quarter runs at under 15%
+of the peak learning rate and is flat by construction: measured on the local mnist1d MLP, a student
+of 20 epochs (0.67x the teacher's steps) still gains 3 pp over its second half and reads as not
+converged; one of 90 epochs (3x) gains about 1.5 pp and one of 180 about 0.5 pp. ``student_steps`` and
+``teacher_steps`` are the optimizer steps of the student's schedule and of one teacher member's.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any, Callable
 
@@ -12,22 +28,52 @@ import torch
 
 from kd_ray import fastpath
 from kd_ray.augment import augment, check_policy
-from kd_ray.config import ConfigError, TrialConfig
+from kd_ray.config import ConfigError, TrialConfig, network_streams, seed_stream
 from kd_ray.data import DATASET_INFO, DatasetInfo, generate_extra, load_arrays
-from kd_ray.distill import AugmentSpec, Diverged, Recipe, TrainState, fit, initialize_student, make_optimizer, predict
+from kd_ray.distill import (
+    AugmentSpec,
+    Diverged,
+    Recipe,
+    Schedule,
+    TrainState,
+    build_seeded,
+    fit,
+    initialize_student,
+    make_optimizer,
+    predict,
+    schedule,
+)
 from kd_ray.fastpath import FastPath
 from kd_ray.metrics import agreement, student_metrics, teacher_metrics
-from kd_ray.models import LoopEnsemble, StackedEnsemble, build_model, check_arch, ensemble_log_probs
+from kd_ray.models import LoopEnsemble, StackedEnsemble, check_arch, ensemble_log_probs
 from kd_ray.progress import Progress
 from kd_ray.provenance import versions
 from kd_ray.splits import split_indices
 from kd_ray.tables import CONTROL_METRICS, DIVERGED, METRICS, TERMINATED
-from kd_ray.teachers import CONTROL_SEED_OFFSET, Ensemble, TeacherStore, default_store, ensure_members, load_ensemble
+from kd_ray.teachers import Ensemble, TeacherStore, default_store, ensure_members, load_ensemble, member_steps
 
 EvalCallback = Callable[[dict[str, Any], dict[str, Any] | None], None]  # (metrics, checkpoint) per evaluation
 
 # The metrics every evaluation measures (the control's agreement is measured once, after training).
 FINAL_METRICS = tuple(m for m in METRICS if m not in CONTROL_METRICS)
+CONVERGED_WITHIN = 0.02  # a converged student's train agreement moved less than this over the window
+CONVERGENCE_WINDOW = 0.5  # the last fraction of the optimizer steps that convergence_delta spans
+
+
+def convergence_epoch(plan: Schedule) -> int:
+    """The last epoch boundary at or before the start of the convergence window (0: before training)."""
+    start = math.floor((1.0 - CONVERGENCE_WINDOW) * plan.total_steps)
+    return start // plan.steps_per_epoch
+
+
+def convergence(final: float | None, reference: float | None) -> tuple[float, bool | None]:
+    """``(convergence_delta, converged)`` from the final and the three-quarter train agreement."""
+    if final is None or reference is None or not (math.isfinite(final) and math.isfinite(reference)):
+        return float("nan"), None
+    # Agreements are float32 fractions of a count: rounding puts a delta of exactly the threshold
+    # (say 10 of 1000 samples) on the side the counts say, whatever the float32 error.
+    delta = round(final - reference, 6)
+    return delta, abs(delta) < CONVERGED_WITHIN
 
 
 def check_runnable(cfg: TrialConfig, check_device: bool = True) -> None:
@@ -69,7 +115,7 @@ def student_recipe(cfg: TrialConfig, path: FastPath | None = None) -> Recipe:
         weight_decay=cfg.weight_decay, lr_schedule=cfg.lr_schedule, augmentation=cfg.augmentation,
         mixup_alpha=cfg.mixup_alpha, temperature=cfg.temperature, alpha=cfg.alpha, nesterov=True,
         final_lr=1e-6 if cfg.lr_schedule == "cosine" else float(cfg.lr),
-        bf16=path.bf16, channels_last=path.channels_last,
+        bf16=path.bf16, channels_last=path.channels_last, steps=cfg.steps,
     )
 
 
@@ -120,11 +166,10 @@ class TrialData:
         return test, distill
 
 
-def aug_agreement(
-    student: torch.nn.Module, ensemble: Ensemble, data: TrialData, cfg: TrialConfig, seed: int
-) -> float:
-    """Agreement on one augmented pass over the distillation set with the trial's policy."""
-    generator = torch.Generator(device=data.x.device).manual_seed(seed)
+def aug_agreement(student: torch.nn.Module, ensemble: Ensemble, data: TrialData, cfg: TrialConfig) -> float:
+    """Agreement on one augmented pass over the distillation set with the trial's policy; the same
+    pass (the eval_augment stream of the replicate) at every evaluation."""
+    generator = torch.Generator(device=data.x.device).manual_seed(seed_stream("eval_augment", cfg.seed))
     teacher_preds, student_preds = [], []
     for i in range(0, data.x.shape[0], 1024):
         batch = augment(
@@ -171,30 +216,47 @@ def run_trial(
     result.update(teacher_summary)
     last_metrics: dict[str, Any] = {}
     state = build_student_state(cfg, recipe, ensemble, data, device, resume["train_state"] if resume else None)
+    plan = schedule(recipe, data.x.shape[0])
+    reference_epoch = convergence_epoch(plan)
+    # The train agreement at the three-quarter point; a checkpoint carries it past a restart.
+    reference: dict[str, float | None] = {"train_agreement": resume.get("convergence_reference") if resume else None}
 
     def measure_student() -> dict[str, float]:
         model = state.model
         metrics = student_metrics(
             predict(model, data.x_test), teacher_test, data.y_test, predict(model, data.x), teacher_distill
         )
-        metrics["aug_train_agreement"] = aug_agreement(model, ensemble, data, cfg, seed=cfg.seed + 7919)
+        metrics["aug_train_agreement"] = aug_agreement(model, ensemble, data, cfg)
         return metrics
 
+    if state.epoch == 0 and reference_epoch == 0:
+        reference["train_agreement"] = agreement(teacher_distill, predict(state.model, data.x))
+
     def on_epoch(epoch: int, loss: float, lr: float) -> None:
-        if epoch % cfg.eval_every and epoch != cfg.epochs:
+        evaluate = epoch % cfg.eval_every == 0 or epoch == plan.epochs
+        student = measure_student() if evaluate else None
+        if epoch == reference_epoch:
+            reference["train_agreement"] = (
+                student["train_agreement"] if student is not None
+                else agreement(teacher_distill, predict(state.model, data.x))
+            )
+        if student is None:
             return
-        metrics = {"epoch": epoch, "lr": lr, "train_loss": loss, **measure_student(), **teacher_summary}
+        metrics = {"epoch": epoch, "lr": lr, "train_loss": loss, **student, **teacher_summary}
         metrics["train_time_s"] = elapsed_before + time.perf_counter() - started
         last_metrics.clear()
         last_metrics.update(metrics)
         if progress:
             progress(
-                f"student epoch {epoch}/{cfg.epochs}: loss {loss:.4f} test acc {metrics['test_acc']:.3f} "
+                f"student epoch {epoch}/{plan.epochs}: loss {loss:.4f} test acc {metrics['test_acc']:.3f} "
                 f"test agreement {metrics['test_agreement']:.3f} "
                 f"train agreement {metrics['train_agreement']:.3f}"
             )
         if on_eval is not None:
-            checkpoint = {"train_state": state.state_dict(), "train_time_s": metrics["train_time_s"]}
+            checkpoint = {
+                "train_state": state.state_dict(), "train_time_s": metrics["train_time_s"],
+                "convergence_reference": reference["train_agreement"],
+            }
             on_eval(metrics, checkpoint)
 
     try:
@@ -207,13 +269,19 @@ def run_trial(
         last_metrics.update(measure_student())
     result.update({k: last_metrics.get(k, float("nan")) for k in FINAL_METRICS if k not in teacher_summary})
     result["epochs_completed"] = state.epoch
+    result["student_steps"] = plan.total_steps
+    result["teacher_steps"] = member_steps(cfg, data.arrays.y_train)
+    finished = result["status"] == TERMINATED
+    result["convergence_delta"], result["converged"] = convergence(
+        last_metrics.get("train_agreement") if finished else None, reference["train_agreement"]
+    )
 
     if cfg.control and result["status"] == TERMINATED:
         if progress:
             progress("control: distilling from an independent teacher ensemble")
-        ensure_members(cfg, store, data.arrays, device, seed_offset=CONTROL_SEED_OFFSET, progress=progress)
-        independent = load_ensemble(cfg, store, device, seed_offset=CONTROL_SEED_OFFSET)
-        control = build_student_state(cfg, recipe, independent, data, device, None)
+        ensure_members(cfg, store, data.arrays, device, role="control", progress=progress)
+        independent = load_ensemble(cfg, store, device, role="control")
+        control = build_student_state(cfg, recipe, independent, data, device, None, network="control_student")
         try:
             independent_teacher = training_teacher(independent, path).log_probs
             fit(control, data.x, data.y, recipe, data.augment_spec, teacher=independent_teacher)
@@ -232,15 +300,20 @@ def run_trial(
 
 def build_student_state(
     cfg: TrialConfig, recipe: Recipe, ensemble: Ensemble, data: TrialData, device: torch.device,
-    resume_state: dict | None,
+    resume_state: dict | None, network: str = "student",
 ) -> TrainState:
-    """The student (seeded, initialised per ``cfg.init``), its optimizer and its data generator."""
-    torch.manual_seed(cfg.seed)
-    student = build_model(cfg.student_arch, data.info.input_shape, data.info.num_classes, cfg.norm).to(device)
+    """The student (initialised per ``cfg.init``), its optimizer and its generators, each seeded from
+    the replicate's own stream of ``network`` (student, or control_student for the control)."""
+    streams = network_streams(network, cfg.seed)
+    info = data.info
+    student = build_seeded(cfg.student_arch, info.input_shape, info.num_classes, cfg.norm, streams.init).to(device)
     initialize_student(student, cfg.init, cfg.init_lambda, ensemble.initial_states[0], ensemble.final_states[0])
     if recipe.channels_last:
         student = student.to(memory_format=torch.channels_last)
-    state = TrainState(student, make_optimizer(student, recipe), torch.Generator(device=device).manual_seed(cfg.seed))
+    state = TrainState(
+        student, make_optimizer(student, recipe), torch.Generator(device=device).manual_seed(streams.batches),
+        augment_generator=torch.Generator(device=device).manual_seed(streams.augment),
+    )
     if resume_state is not None:
         state.load_state_dict(resume_state)
     if cfg.compile:

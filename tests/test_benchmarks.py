@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import os
 import re
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -34,3 +37,49 @@ def test_throughput_tiny():
 def test_study_overhead_tiny():
     lines = _run("study_overhead.py", 600)
     assert re.fullmatch(r"overhead: -?\d+\.\d{3}", lines[-1]), lines[-1]
+
+
+def _benchmark(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_analysis_scale_replicates_a_study_into_tables_of_the_schema(tmp_path):
+    from kd_ray import analysis, tables
+    from kd_ray.config import TrialConfig
+
+    scale = _benchmark("analysis_scale")
+    trials, epochs = [], []
+    for i, (augmentation, acc) in enumerate((("baseline", 0.8), ("mixup", 0.7))):
+        cfg = TrialConfig(augmentation=augmentation, seed=i)
+        trials.append({"study": "base", "trial_id": f"t{i}", "status": "TERMINATED", **cfg.to_dict(),
+                       "test_acc": acc, "test_agreement": acc + 0.1, "test_kl": 0.3, "epochs_completed": 2,
+                       "config_json": cfg.to_json()})
+        epochs += [{"study": "base", "trial_id": f"t{i}", "epoch": e, "test_acc": acc - 0.1 * (2 - e),
+                    "test_agreement": acc + 0.1, "test_kl": 0.3} for e in (1, 2)]
+    base_trials = tables.to_table(trials, tables.TRIALS_SCHEMA).to_pandas()
+    base_epochs = tables.to_table(epochs, tables.EPOCHS_SCHEMA).to_pandas()
+    out_trials, out_epochs = scale.replicate(base_trials, base_epochs, 7)
+    assert out_trials.schema.equals(tables.TRIALS_SCHEMA) and out_epochs.schema.equals(tables.EPOCHS_SCHEMA)
+    assert (out_trials.num_rows, out_epochs.num_rows) == (7, 14)
+    frame, epoch_frame = out_trials.to_pandas(), out_epochs.to_pandas()
+    assert frame["trial_id"].is_unique and set(epoch_frame["trial_id"]) == set(frame["trial_id"])
+    assert frame.groupby("augmentation")["seed"].nunique().to_dict() == {"baseline": 4, "mixup": 3}
+    assert [json.loads(c)["seed"] for c in frame["config_json"]] == frame["seed"].tolist()
+    moved = frame["test_acc"].to_numpy() - np.where(frame["augmentation"] == "baseline", 0.8, 0.7)
+    assert 0 < np.abs(moved).max() < 0.1  # a jitter, not a copy and not noise
+    # A trial's epoch rows move with it: its last epoch still equals its row.
+    last = epoch_frame[epoch_frame["epoch"] == 2].set_index("trial_id")["test_acc"]
+    np.testing.assert_allclose(last.loc[frame["trial_id"]].to_numpy(), frame["test_acc"].to_numpy())
+    tables.write_table(out_trials, str(tmp_path / "scaled" / tables.TRIALS_FILE))
+    assert analysis.arm_columns(analysis.load_trials(tmp_path / "scaled")) == ["augmentation"]
+    assert scale.growth_exponent([10, 100, 1000], [1.0, 10.0, 100.0]) == pytest.approx(1.0)
+
+
+@pytest.mark.slow
+def test_analysis_scale_tiny():
+    lines = _run("analysis_scale.py", 900)
+    assert re.fullmatch(r"seconds_10k: \d+\.\d", lines[-1]), lines[-1]
+    assert re.fullmatch(r"growth exponent: -?\d+\.\d\d", lines[-2]), lines[-2]

@@ -136,6 +136,7 @@ def test_unknown_optimizer_suggests_adam() -> None:
         ("init", "zeros", config.INITS),
         ("lr_schedule", "step", config.LR_SCHEDULES),
         ("norm", "layer", config.NORMS),
+        ("teacher_sharing", "per_replicate", config.TEACHER_SHARINGS),
     ],
 )
 def test_other_choices_list_allowed_values(key: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -173,6 +174,10 @@ def test_device_choices() -> None:
         ("weight_decay", -1e-4, "[0, inf)"),
         ("mixup_alpha", 0.0, "(0, inf)"),
         ("extra_data", -5, "[0, inf)"),
+        ("steps", -1, "[0, inf)"),
+        ("seed", -1, "[0, 4294967295]"),
+        ("data_seed", 2**32, "[0, 4294967295]"),
+        ("teacher_seed", -3, "[0, 4294967295]"),
     ],
 )
 def test_out_of_range_names_field_value_and_range(key: str, value: float, allowed: str) -> None:
@@ -209,7 +214,7 @@ def test_non_finite_strings_raise() -> None:
     ("key", "value"),
     [("temperature", 1e-3), ("alpha", 0.0), ("alpha", 1.0), ("distill_fraction", 1.0),
      ("distill_fraction", 0.01), ("init_lambda", 0.0), ("init_lambda", 1.0), ("teacher_members", 1),
-     ("epochs", 1), ("eval_every", 1), ("weight_decay", 0.0)],
+     ("epochs", 1), ("eval_every", 1), ("weight_decay", 0.0), ("steps", 0), ("steps", 1), ("seed", 2**32 - 1)],
 )
 def test_range_edges_that_are_allowed(key: str, value: float) -> None:
     assert getattr(TrialConfig.from_dict({key: value}), key) == value
@@ -285,7 +290,7 @@ STUDENT_CHANGES: list[tuple[str, Any]] = [
     ("mixup_alpha", 0.2),
     ("epochs", 3),
     ("lr", 0.2),
-    ("seed", 9),
+    ("steps", 500),
     ("student_arch", "conv1d"),
     ("optimizer", "adam"),
     ("batch_size", 32),
@@ -324,10 +329,23 @@ def test_teacher_key_ignores_student_fields(key: str, value: Any) -> None:
     assert changed.teacher_key() == base.teacher_key()
 
 
-def test_teacher_key_seed_offset_names_an_independent_ensemble() -> None:
+def test_teacher_key_control_role_names_an_independent_ensemble() -> None:
     cfg = TrialConfig()
-    assert cfg.teacher_key(seed_offset=1) != cfg.teacher_key()
-    assert cfg.teacher_key(seed_offset=1) == cfg.replace(teacher_seed=cfg.teacher_seed + 1).teacher_key()
+    assert cfg.teacher_key("control") != cfg.teacher_key()
+    assert cfg.teacher_spec(0, "control") != cfg.teacher_spec(0)
+    with pytest.raises(ValueError, match="role"):
+        cfg.teacher_key("reference ")
+
+
+def test_per_seed_teachers_vary_with_the_seed_and_shared_ones_do_not() -> None:
+    per_seed = [TrialConfig(seed=seed) for seed in range(5)]
+    assert len({cfg.teacher_key() for cfg in per_seed}) == 5
+    assert [cfg.teacher_spec(0)["replicate"] for cfg in per_seed] == [0, 1, 2, 3, 4]
+    shared = [TrialConfig(seed=seed, teacher_sharing="shared") for seed in range(5)]
+    assert len({cfg.teacher_key() for cfg in shared}) == 1
+    assert shared[0].teacher_spec(0)["replicate"] is None
+    # The shared ensemble is none of the per-seed ones, replicate 0's included.
+    assert shared[0].teacher_key() not in {cfg.teacher_key() for cfg in per_seed}
 
 
 def test_teacher_key_stable_across_processes() -> None:
@@ -335,9 +353,9 @@ def test_teacher_key_stable_across_processes() -> None:
     code = (
         "from kd_ray.config import TrialConfig\n"
         "cfg = TrialConfig(teacher_arch='mlp', teacher_members=4, norm='group', data_seed=3, temperature=2.0)\n"
-        "print(cfg.teacher_key(), cfg.teacher_key(seed_offset=2))\n"
+        "print(cfg.teacher_key(), cfg.teacher_key('control'))\n"
     )
-    expected = f"{cfg.teacher_key()} {cfg.teacher_key(seed_offset=2)}"
+    expected = f"{cfg.teacher_key()} {cfg.teacher_key('control')}"
     for hash_seed in ("1", "12345"):
         env = {**os.environ, "PYTHONHASHSEED": hash_seed}
         out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
@@ -363,7 +381,11 @@ def test_member_spec_is_shared_between_ensemble_sizes() -> None:
 def test_member_spec_changes_with_teacher_fields_only() -> None:
     base = TrialConfig()
     assert base.replace(teacher_seed=7).teacher_spec(0) != base.teacher_spec(0)
-    assert base.replace(temperature=1.5, seed=3).teacher_spec(0) == base.teacher_spec(0)
+    assert base.replace(temperature=1.5, steps=100).teacher_spec(0) == base.teacher_spec(0)
+    # The seed names the replicate, whose own ensemble a per-seed teacher is; shared ignores it.
+    assert base.replace(seed=3).teacher_spec(0) != base.teacher_spec(0)
+    shared = base.replace(teacher_sharing="shared")
+    assert shared.replace(seed=3).teacher_spec(0) == shared.teacher_spec(0)
 
 
 # --- frozen, hashable, replace, JSON ------------------------------------------------------------

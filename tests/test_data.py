@@ -53,14 +53,16 @@ def test_default_cache_dir_follows_env(monkeypatch: pytest.MonkeyPatch, tmp_path
 
 def test_mnist1d_shapes_dtypes_labels(mnist1d_cache: Path) -> None:
     arrays = load_arrays("mnist1d", cache_dir=mnist1d_cache)
-    assert arrays.x_train.shape == (4000, 1, 40) and arrays.x_test.shape == (1000, 1, 40)
+    assert arrays.x_train.shape == (4000, 1, 40) and arrays.x_test.shape == (10_000, 1, 40)
     assert arrays.x_train.dtype == np.float32 and arrays.y_train.dtype == np.int64
     assert arrays.y_test.dtype == np.int64
     assert set(np.unique(arrays.y_train)) == set(range(10))
-    assert arrays.y_test.min() >= 0 and arrays.y_test.max() <= 9
-    # make_dataset standardises train and test together to mean 0, std 1.
-    both = np.concatenate([arrays.x_train, arrays.x_test])
-    assert abs(float(both.mean())) < 1e-4 and abs(float(both.std()) - 1.0) < 1e-4
+    assert np.array_equal(np.bincount(arrays.y_test), np.full(10, 1000))  # 1000 test samples per class
+    # The test set is on the train scale: standardised with the same raw statistics.
+    assert abs(float(arrays.x_test.mean()) - float(arrays.x_train.mean())) < 0.02
+    assert abs(float(arrays.x_test.std()) / float(arrays.x_train.std()) - 1.0) < 0.02
+    train_rows = {row.tobytes() for row in arrays.x_train}
+    assert not any(row.tobytes() in train_rows for row in arrays.x_test)
 
 
 def test_mnist1d_matches_package_and_leaves_global_rng_alone(tmp_path: Path, mnist1d_cache: Path) -> None:
@@ -88,8 +90,19 @@ def test_mnist1d_matches_package_and_leaves_global_rng_alone(tmp_path: Path, mni
     state = np.random.get_state()
     official = make_dataset(get_dataset_args())
     np.random.set_state(state)
+    # The train set is the package's default one, sample for sample.
     np.testing.assert_allclose(fresh.x_train[:, 0], official["x"], atol=1e-6)
-    assert np.array_equal(fresh.y_test, official["y_test"])
+    assert np.array_equal(fresh.y_train, official["y"])
+    # The test set is the generator's own draw with TEST_SEED, on the default set's scale.
+    args = get_dataset_args()
+    args.num_samples, args.seed = data.MNIST1D_TEST_SIZE, data.TEST_SEED
+    state = np.random.get_state()
+    test_set = make_dataset(args)
+    np.random.set_state(state)
+    # make_dataset standardises what it generated with its own statistics; undo the difference.
+    assert np.array_equal(np.concatenate([test_set["y"], test_set["y_test"]]), fresh.y_test)
+    own_scale = (fresh.x_test[:, 0] - fresh.x_test.mean()) / fresh.x_test.std()
+    np.testing.assert_allclose(own_scale, np.concatenate([test_set["x"], test_set["x_test"]]), atol=1e-4)
 
 
 def test_mnist1d_cache_written_and_reused(mnist1d_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:

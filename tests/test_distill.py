@@ -14,11 +14,13 @@ from kd_ray.distill import (
     Diverged,
     Recipe,
     TrainState,
+    build_seeded,
     fit,
     initialize_student,
     lr_at,
     make_optimizer,
     predict,
+    schedule,
 )
 from kd_ray.metrics import accuracy, agreement, predictive_kl
 from kd_ray.models import build_model
@@ -37,9 +39,11 @@ def _recipe(**changes) -> Recipe:
 
 
 def _state(recipe: Recipe, seed: int = 0, norm: str = "batch") -> TrainState:
-    torch.manual_seed(seed)
-    model = build_model("conv1d", SHAPE, 10, norm)
-    return TrainState(model, make_optimizer(model, recipe), torch.Generator().manual_seed(seed))
+    model = build_seeded("conv1d", SHAPE, 10, norm, seed)
+    return TrainState(
+        model, make_optimizer(model, recipe), torch.Generator().manual_seed(seed),
+        augment_generator=torch.Generator().manual_seed(seed + 1),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +71,30 @@ def test_constant_schedule_is_constant() -> None:
     assert {lr_at(recipe, step, 50) for step in range(51)} == {0.03}
 
 
+@pytest.mark.parametrize(("n", "batch_size", "epochs", "steps", "expected"), [
+    (512, 64, 3, 0, (8, 24, 3)),  # epochs decide
+    (500, 64, 3, 0, (8, 24, 3)),  # a last short batch is a step
+    (512, 64, 3, 20, (8, 20, 3)),  # steps decide: the third epoch is cut to 4 steps
+    (100, 64, 3, 20, (2, 20, 10)),
+    (512, 64, 3, 8, (8, 8, 1)),
+])
+def test_schedule(n: int, batch_size: int, epochs: int, steps: int, expected: tuple[int, int, int]) -> None:
+    plan = schedule(_recipe(epochs=epochs, batch_size=batch_size, steps=steps), n)
+    assert (plan.steps_per_epoch, plan.total_steps, plan.epochs) == expected
+    assert sum(plan.steps_in(e) for e in range(plan.epochs)) == plan.total_steps
+    assert all(plan.steps_in(e) >= 1 for e in range(plan.epochs))
+
+
 # --- initialisation ----------------------------------------------------------------------------
+
+
+def test_build_seeded_weights_follow_the_seed_alone() -> None:
+    torch.manual_seed(99)
+    before = torch.random.get_rng_state()
+    a, b, c = (build_seeded("mlp", SHAPE, 10, "batch", seed) for seed in (5, 5, 6))
+    assert torch.equal(torch.random.get_rng_state(), before)  # the global generator did not move
+    assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
+    assert not torch.equal(a.state_dict()["1.weight"], c.state_dict()["1.weight"])
 
 
 def _model(seed: int, norm: str = "group") -> torch.nn.Module:
@@ -183,6 +210,38 @@ def test_resume_is_bit_identical(small, augmentation: str) -> None:
             assert torch.equal(final[k], got[k]), k
     # The snapshot kept the weights of epoch 2, not the live ones.
     assert not torch.equal(snapshot["model"]["0.weight"], full.model.state_dict()["0.weight"])
+
+
+@pytest.mark.parametrize("n", [512, 100])
+def test_steps_gives_exactly_that_many_optimizer_steps(small, n: int) -> None:
+    x, y = small
+    recipe = _recipe(epochs=2, steps=30, final_lr=1e-3)
+    state = _state(recipe)
+    lrs: list[float] = []
+    state.optimizer.register_step_post_hook(lambda opt, args, kwargs: lrs.append(opt.param_groups[0]["lr"]))
+    epochs: list[int] = []
+    fit(state, x[:n], y[:n], recipe, SIGNAL, on_epoch=lambda e, loss, lr: epochs.append(e))
+    plan = schedule(recipe, n)
+    assert len(lrs) == 30 == plan.total_steps
+    assert epochs == list(range(1, plan.epochs + 1)) and state.epoch == plan.epochs
+    # The cosine schedule spans the 30 steps, whatever the data size.
+    assert lrs[0] == pytest.approx(recipe.lr) and lrs[-1] == pytest.approx(lr_at(recipe, 29, 30))
+    assert lrs[-1] < 0.05 * recipe.lr  # near final_lr: the schedule ended with the last step
+
+
+def test_batch_order_and_augmentation_draw_from_their_own_generators(small) -> None:
+    x, y = small
+    recipe = _recipe(epochs=1, augmentation="mixup")
+    runs = []
+    for augment_seed in (1, 1, 2):
+        model = build_seeded("conv1d", SHAPE, 10, "batch", 0)
+        state = TrainState(model, make_optimizer(model, recipe), torch.Generator().manual_seed(0),
+                           augment_generator=torch.Generator().manual_seed(augment_seed))
+        fit(state, x, y, recipe, SIGNAL)
+        runs.append((state.generator.get_state(), state.model.state_dict()["0.weight"]))
+    # The augmentation stream moves the weights, never the batch generator's position.
+    assert torch.equal(runs[0][0], runs[2][0])
+    assert torch.equal(runs[0][1], runs[1][1]) and not torch.equal(runs[0][1], runs[2][1])
 
 
 def test_absurd_learning_rate_diverges(small) -> None:

@@ -84,6 +84,67 @@ def test_width_multiplies_parameters_by_about_four() -> None:
     assert 3.8 < w2 / w1 < 4.1
 
 
+def _reference_mlp(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """``mlp`` as it was first written (two hidden layers of 256, BatchNorm): stored teachers hold its weights."""
+    features = int(np.prod(input_shape))
+    return nn.Sequential(
+        nn.Flatten(), nn.Linear(features, 256, bias=False), nn.BatchNorm1d(256), nn.ReLU(inplace=True),
+        nn.Linear(256, 256, bias=False), nn.BatchNorm1d(256), nn.ReLU(inplace=True), nn.Linear(256, num_classes),
+    )
+
+
+@pytest.mark.parametrize("name", ["mlp", "mlp2", "mlp2-w1"])
+def test_mlp_builds_exactly_as_before(name: str) -> None:
+    torch.manual_seed(3)
+    reference = _reference_mlp(SIGNAL, 10).state_dict()
+    torch.manual_seed(3)
+    built = build_model(name, SIGNAL, 10).state_dict()
+    assert list(built) == list(reference)  # same layer names: stored teachers load into it
+    assert all(torch.equal(built[k], reference[k]) for k in reference)  # and the same seeded draws
+
+
+def _mlp_count(depth: int, hidden: int, features: int = 40, classes: int = 10) -> int:
+    # Bias-free hidden linears (BatchNorm shifts), each followed by BatchNorm's weight and bias.
+    hidden_layers = features * hidden + (depth - 1) * hidden * hidden + depth * 2 * hidden
+    return hidden_layers + hidden * classes + classes
+
+
+@pytest.mark.parametrize(("name", "depth", "hidden"),
+                         [("mlp1", 1, 256), ("mlp4", 4, 256), ("mlp2-w0.5", 2, 128), ("mlp2-w2", 2, 512),
+                          ("mlp4-w2", 4, 512), ("mlp1-w0.25", 1, 64)])
+def test_mlp_depth_and_width(name: str, depth: int, hidden: int) -> None:
+    model = build_model(name, SIGNAL, 10)
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    assert len(linears) == depth + 1  # D hidden layers and the classifier
+    assert all(m.out_features == hidden for m in linears[:-1])
+    assert count_parameters(model) == _mlp_count(depth, hidden)
+    assert model(torch.rand(3, *SIGNAL)).shape == (3, 10)
+    group = build_model(name, DIGITS, 10, norm="group")
+    assert [m.num_channels for m in group.modules() if isinstance(m, nn.GroupNorm)] == [hidden] * depth
+
+
+def test_mlp_parameters_scale_with_depth_and_width() -> None:
+    count = {name: count_parameters(build_model(name, SIGNAL, 10)) for name in ("mlp", "mlp4", "mlp2-w2", "mlp8")}
+    # Each added hidden layer adds one hidden x hidden matrix and its norm.
+    assert count["mlp8"] - count["mlp4"] == 4 * (256 * 256 + 2 * 256) == 2 * (count["mlp4"] - count["mlp"])
+    # Doubling the width doubles the input and output layers and quadruples the hidden-to-hidden one.
+    assert count["mlp2-w2"] == _mlp_count(2, 512) and 3.5 < count["mlp2-w2"] / count["mlp"] < 4
+
+
+@pytest.mark.parametrize(("name", "message"), [
+    ("mlp0", r"'mlp0' .*needs D >= 1 hidden layers.*got D=0, K=1"),
+    ("mlp2-w0", r"'mlp2-w0' .*256\*K a whole number >= 1.*got D=2, K=0"),
+    ("mlp2-w0.001", r"'mlp2-w0.001' .*a whole number.*K=0.001"),
+    ("mlp2-w0.3", r"'mlp2-w0.3' .*a whole number"),  # 76.8 units
+    ("mlp-w2", r"unknown arch 'mlp-w2'.*did you mean 'mlp2-w2'.*mlp<D>\[-w<K>\]"),
+])
+def test_bad_mlp_names(name: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        check_arch(name, SIGNAL)
+    with pytest.raises(ValueError, match=message):
+        build_model(name, SIGNAL, 10)
+
+
 def test_lenet5_pads_28_to_native_32() -> None:
     # Padding 2 turns 28x28 into 32x32, so the classifier sees the same 16x5x5 features.
     assert count_parameters(build_model("lenet5", MNIST, 10)) == 61_706

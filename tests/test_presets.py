@@ -16,7 +16,6 @@ from kd_ray import presets
 from kd_ray.config import TrialConfig
 from kd_ray.presets import REPRODUCTION, STUDIES, Preset, drop_extra_data_if_not_generative, keep_applicable_policies
 from kd_ray.study import OptunaSpec
-from kd_ray.teachers import CONTROL_SEED_OFFSET
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -56,22 +55,57 @@ def test_every_study_has_a_local_and_a_paper_preset_of_valid_configs(name):
 
 def test_the_registry_is_in_the_order_of_the_reproduction():
     assert REPRODUCTION == ("augmentation_ablation", "temperature_sweep", "dataset_size", "training_duration",
-                            "initialization", "ensemble_size", "alpha_sweep", "small_teacher")
+                            "initialization", "ensemble_size", "alpha_sweep", "small_teacher", "student_capacity")
     assert list(STUDIES)[: len(REPRODUCTION)] == list(REPRODUCTION)
-    assert [name for name in STUDIES if name not in REPRODUCTION] == ["optuna_search"]  # a search: no finding
-    scripts = sorted(p.stem for p in (REPO / "studies").glob("*.py") if p.stem != "reproduce")
+    # A search and a study no finding reads yet.
+    assert [name for name in STUDIES if name not in REPRODUCTION] == ["augmentation_convnet", "optuna_search"]
+    # loss_surface.py evaluates one trial's loss plane, not a grid of trials: it has its own presets.
+    scripts = sorted(p.stem for p in (REPO / "studies").glob("*.py") if p.stem not in ("reproduce", "loss_surface"))
     assert scripts == sorted(STUDIES)
+
+
+def test_the_capacity_study_varies_depth_and_width_around_the_teacher():
+    from kd_ray.data import DATASET_INFO
+    from kd_ray.models import check_arch
+
+    capacity = STUDIES["student_capacity"]
+    local, paper = capacity.presets["local"], capacity.presets["paper"]
+    assert local.base["teacher_arch"] == "mlp" and local.base["teacher_members"] == 1
+    assert "student_arch" not in local.base  # the axis decides it
+    students = local.axes["student_arch"]
+    assert len(students) == len(set(students)) == 9 and "mlp" in students  # the teacher-sized student
+    assert {"mlp1", "mlp4", "mlp2-w0.5", "mlp2-w2", "mlp4-w2", "mlp1-w0.5"} <= set(students)
+    for arch in students:
+        check_arch(arch, DATASET_INFO[local.base["dataset"]].input_shape)
+    assert [(arm["teacher_arch"], arm["student_arch"]) for arm in paper.arms] == [
+        ("preresnet20", "preresnet20"), ("preresnet20", "preresnet56"),
+        ("preresnet56", "preresnet56"), ("preresnet56", "preresnet110")]
+    assert TrialConfig.from_dict(paper.base).teacher_members == local.base["teacher_members"]
+    assert "student_capacity" in REPRODUCTION and "augmentation_convnet" in STUDIES
+
+
+def test_the_convnet_augmentation_study_has_no_normalisation_layers(capsys):
+    convnet = STUDIES["augmentation_convnet"]
+    local, paper = convnet.presets["local"], convnet.presets["paper"]
+    assert (local.base["dataset"], local.base["student_arch"], local.base["norm"]) == ("digits", "smallcnn", "none")
+    assert (paper.base["teacher_arch"], paper.base["student_arch"], paper.base["norm"]) == ("vgg16", "vgg16", "none")
+    assert TrialConfig.from_dict(paper.base).teacher_members == 5
+    assert convnet.adapt is keep_applicable_policies
+    assert keep_applicable_policies(local, None).axes == local.axes  # digits takes every local policy
+    assert capsys.readouterr().out == ""
+    assert "colorjitter" in paper.axes["augmentation"] and "colorjitter" not in local.axes["augmentation"]
+    assert "rotation" not in keep_applicable_policies(local, "mnist1d").axes["augmentation"]
 
 
 def test_adapters_fit_a_preset_to_the_chosen_dataset(capsys):
     ablation = STUDIES["augmentation_ablation"].presets["local"]
-    on_gray = keep_applicable_policies(ablation, None)  # the local preset's digits: no colour
-    assert on_gray.axes["augmentation"] == [p for p in ablation.axes["augmentation"] if p != "colorjitter"]
-    assert "augmentation_ablation: leaving out 'colorjitter' (digits is gray data)" in capsys.readouterr().out
-    on_signals = keep_applicable_policies(ablation, "mnist1d")
-    assert "rotation" not in on_signals.axes["augmentation"] and "baseline" in on_signals.axes["augmentation"]
+    on_signals = keep_applicable_policies(ablation, None)  # the local preset's mnist1d: 1-D signals
+    assert on_signals.axes["augmentation"] == ["baseline", "reversal", "amplitude", "combaug1d", "mixup", "noise"]
     assert on_signals.axes["temperature"] == ablation.axes["temperature"] and on_signals.base is ablation.base
-    assert "leaving out 'rotation' (mnist1d is signal data)" in capsys.readouterr().out
+    assert "leaving out augmentation 'rotation' (mnist1d is signal data)" in capsys.readouterr().out
+    on_gray = keep_applicable_policies(ablation, "digits")
+    assert "reversal" not in on_gray.axes["augmentation"] and "rotation" in on_gray.axes["augmentation"]
+    assert "leaving out augmentation 'reversal' (digits is gray data)" in capsys.readouterr().out
     assert keep_applicable_policies(STUDIES["augmentation_ablation"].presets["paper"], None).axes == (
         STUDIES["augmentation_ablation"].presets["paper"].axes  # CIFAR-100 takes every policy
     )
@@ -99,10 +133,12 @@ def test_the_paper_plan_reads_the_registry_and_counts_control_members():
     plan = {row["study"]: row for row in paper_plan()}
     assert list(plan) == list(REPRODUCTION)
     alpha = STUDIES["alpha_sweep"].presets["paper"]
-    assert alpha.base["control"] and CONTROL_SEED_OFFSET > alpha.base["teacher_members"]
-    assert plan["alpha_sweep"]["teacher members"] == 2 * alpha.base["teacher_members"]  # reference + control
+    assert alpha.base["control"]
+    # Reference and control members, for each seed's own teacher.
+    assert plan["alpha_sweep"]["teacher members"] == 2 * alpha.base["teacher_members"] * alpha.seeds
     assert plan["alpha_sweep"]["trials"] == len(alpha.axes["alpha"]) * alpha.seeds
-    assert plan["ensemble_size"]["teacher members"] == 12  # the ensemble of 12 holds every smaller one
+    sizes = STUDIES["ensemble_size"].presets["paper"]
+    assert plan["ensemble_size"]["teacher members"] == 12 * sizes.seeds  # a seed's 12 hold its smaller ensembles
     assert all(row["GPU-hours (est.)"] > 0 and f"studies/{name}.py" in row["command"] for name, row in plan.items())
 
 

@@ -93,7 +93,7 @@ def test_a_trial_resumed_from_its_last_epoch_checkpoint_keeps_its_final_metrics(
 def test_epochs_reported_twice_after_a_lost_process_are_one_row(ray_local, tmp_path):
     from ray import tune
 
-    from kd_ray.study_runner import collect_rows
+    from kd_ray.study_tables import collect_rows
 
     def flaky(config):  # defined here so that Ray ships it by value to its workers
         """Reports epoch 1 with a checkpoint, epoch 2 without one, then its process dies; the retry

@@ -17,8 +17,11 @@ import time
 from pathlib import Path
 
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 from ray_results import epoch_reports, parse_epoch_reports
+
+from kd_ray.tables import PARTS_DIR, TRIAL_PART, Completeness, read_completeness
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds processes through /proc")
 
@@ -150,6 +153,19 @@ def finished(study_dir: Path) -> dict[str, tuple[str, str]]:
     return out
 
 
+def final_trial_ids(done: dict[str, tuple[str, str]]) -> set[str]:
+    """The trial_ids of finished trials (as ``finished`` gives them), from their final reports."""
+    return {json.loads(result.splitlines()[-1])["trial_id"] for _, result in done.values()}
+
+
+def trials_on_disk(study_dir: Path) -> set[str]:
+    """The trial_ids in the trials table or waiting as parts to be compacted into it."""
+    table = study_dir / "trials.parquet"
+    ids = set(pq.read_table(table, columns=["trial_id"])["trial_id"].to_pylist()) if table.is_file() else set()
+    parts = study_dir / PARTS_DIR
+    return ids | ({p.name[: -len(TRIAL_PART)] for p in parts.glob(f"*{TRIAL_PART}")} if parts.is_dir() else set())
+
+
 def recorded_terminated(study_dir: Path) -> set[str]:
     """Trial dirs that Ray Tune's saved experiment state records as TERMINATED: a resumed run does
     not run these again."""
@@ -182,13 +198,14 @@ def test_killed_then_interrupted_driver_resumes_to_complete_tables(tmp_path, dri
     recorded = recorded_terminated(study_dir)
     done_first = {name: files for name, files in finished(study_dir).items() if name in recorded}
     assert 1 <= len(done_first) < len(TEMPERATURES), "the study ended before the driver was killed"
-    assert not (study_dir / "trials.parquet").exists()
+    # Every finished trial is on disk: in the tables, or as a part the next run compacts into them.
+    assert final_trial_ids(done_first) <= trials_on_disk(study_dir)
     # Ray's core processes (GCS, raylet, trial workers) die with the driver that started them.
     wait_for(lambda: not [p for p in session_processes(first.sid) if is_ray_core(p)], 30, None,
              "the killed driver's Ray core processes to exit")
 
     # 2. --resume, then Ctrl-C (SIGINT to the driver) once a further trial has finished: the study is
-    # reported as partial (exit 3) and no table is written.
+    # reported as partial (exit 3) and its tables hold the finished trials, marked partial.
     second = drivers([*argv, "--resume"], tmp_path / "run2.log")
 
     def new_finish_and_one_mid_run() -> bool:
@@ -203,8 +220,9 @@ def test_killed_then_interrupted_driver_resumes_to_complete_tables(tmp_path, dri
     second.proc.send_signal(signal.SIGINT)
     assert second.wait(120) == 3, second.output()[-3000:]
     assert "is PARTIAL" in second.output() and "--resume" in second.output()
-    assert not (study_dir / "trials.parquet").exists() and not (study_dir / "epochs.parquet").exists()
     done_second = finished(study_dir)
+    assert set(pd.read_parquet(study_dir / "trials.parquet")["trial_id"]) == final_trial_ids(done_second)
+    assert read_completeness(str(study_dir)) == Completeness(len(done_second), len(TEMPERATURES))
     assert set(done_first) < set(done_second) <= recorded_terminated(study_dir)  # the interrupt saved the state
     assert len(done_second) < len(TEMPERATURES), "the study ended before the driver was interrupted"
     for name, files in done_first.items():

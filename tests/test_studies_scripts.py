@@ -18,8 +18,10 @@ from kd_ray.presets import STUDIES, Preset
 
 REPO = Path(__file__).resolve().parent.parent
 STUDIES_DIR = REPO / "studies"
-# reproduce.py runs all the others; tests/test_findings.py covers the document it writes.
-SCRIPTS = sorted(p.stem for p in STUDIES_DIR.glob("*.py") if not p.name.startswith("_") and p.stem != "reproduce")
+# reproduce.py runs all the others; tests/test_findings.py covers the document it writes. loss_surface.py
+# evaluates one trial's loss plane, no grid of trials; tests/test_loss_surface.py runs it.
+SCRIPTS = sorted(p.stem for p in STUDIES_DIR.glob("*.py")
+                 if not p.name.startswith("_") and p.stem not in ("reproduce", "loss_surface"))
 
 # Flags every run gets: one student epoch, one teacher epoch, one seed, large batches, less output.
 TINY = ["--set", "epochs=1", "--set", "teacher_epochs=1", "--set", "batch_size=256", "--seeds", "1", "--quiet"]
@@ -28,11 +30,13 @@ TINY = ["--set", "epochs=1", "--set", "teacher_epochs=1", "--set", "batch_size=2
 EXTRA = {
     "alpha_sweep": ["--set", "teacher_members=1"],
     "augmentation_ablation": ["--set", "temperature=4", "--set", "teacher_members=1"],
+    "augmentation_convnet": ["--set", "temperature=4", "--set", "teacher_members=1"],
     "dataset_size": ["--set", "distill_fraction=0.25", "--set", "extra_data=0", "--set", "teacher_members=1"],
     "ensemble_size": [],
     "initialization": ["--set", "init_lambda=0.5"],
     "optuna_search": ["--num-samples", "2", "--set", "teacher_members=1"],
     "small_teacher": ["--set", "extra_data=0"],
+    "student_capacity": [],
     "temperature_sweep": ["--set", "teacher_members=1"],
     "training_duration": [],
 }

@@ -225,13 +225,14 @@ def test_grid_study_writes_trial_and_epoch_tables(grid, storage):
     assert (trials["teacher_members"] == 2).all() and (trials["batch_size"] == 256).all()
     assert trials["control_test_agreement"].isna().all()  # the control did not run
     check_metrics(trials)
-    # One teacher for all four trials: its test metrics are the same in every row.
-    assert trials["teacher_test_acc"].nunique() == 1
+    # One teacher per replicate (per-seed teachers): its test metrics are the same in every row of a seed.
+    assert (trials.groupby("seed")["teacher_test_nll"].nunique() == 1).all()
+    assert trials.groupby("seed")["teacher_test_nll"].first().nunique() == 2
 
     # provenance
     for column in PROVENANCE:
         assert trials[column].notna().all() and (trials[column] != "").all(), column
-    assert (trials["teacher_key"] == base.teacher_key()).all()
+    assert (trials["teacher_key"] == [base.replace(seed=seed).teacher_key() for seed in trials["seed"]]).all()
     assert (trials["kd_ray_version"] == kd_ray.__version__).all()
     assert (trials["ray_version"] == ray.__version__).all()
     assert (trials["torch_version"] == torch.__version__).all()
@@ -255,17 +256,17 @@ def test_grid_study_writes_trial_and_epoch_tables(grid, storage):
     assert sorted(result.trials["trial_id"]) == sorted(trials["trial_id"])
     assert len(result.epochs) == 8
 
-    # The teacher store under the storage holds exactly the two members of this ensemble.
+    # The teacher store under the storage holds exactly the two members of each replicate's ensemble.
     store = TeacherStore(Path(storage) / "teachers")
-    assert set(store.keys()) == set(needed_members([base]))
-    assert len(store.keys()) == 2
+    assert set(store.keys()) == set(needed_members([base.replace(seed=seed) for seed in (0, 1)]))
+    assert len(store.keys()) == 4
 
 
 def test_second_study_reuses_teachers_and_arms_are_flat_columns(grid, storage, capsys):
     store = TeacherStore(Path(storage) / "teachers")
     base = GRID_BASE
     keys = store.keys()
-    assert len(keys) == 2
+    assert len(keys) == 4
     manifests = {k: os.stat(os.path.join(store.member_path(k), "manifest.json")).st_mtime_ns for k in keys}
     capsys.readouterr()
 
@@ -407,3 +408,12 @@ def test_more_gpus_than_the_cluster_has_is_refused(ray_local, storage):
     import ray
 
     assert ray.is_initialized()
+
+
+def test_asha_with_a_step_budget_is_refused_before_ray():
+    from kd_ray.config import ConfigError, TrialConfig
+    from kd_ray.study import Study
+
+    study = Study(name="asha_steps", base=TrialConfig(steps=100), scheduler="asha", storage="/tmp/never-written")
+    with pytest.raises(ConfigError, match="scheduler='asha' stops trials by epoch, but steps is set"):
+        study.validate()

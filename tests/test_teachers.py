@@ -19,7 +19,6 @@ from kd_ray.metrics import accuracy
 from kd_ray.models import ensemble_log_probs
 from kd_ray.splits import split_indices
 from kd_ray.teachers import (
-    CONTROL_SEED_OFFSET,
     LOGITS,
     MANIFEST,
     WEIGHTS,
@@ -30,6 +29,7 @@ from kd_ray.teachers import (
     ensure_members,
     load_ensemble,
     member_key,
+    member_steps,
     needed_members,
     teacher_indices,
 )
@@ -347,12 +347,35 @@ def test_needed_members_share_members_and_add_the_control() -> None:
     base = TrialConfig(teacher_members=3)
     members = needed_members([base, base.replace(teacher_members=1), base.replace(temperature=1.0)])
     assert list(members) == [member_key(base, m) for m in range(3)]  # one ensemble of 3 holds the one of 1
-    assert [(n.member, n.seed_offset) for n in members.values()] == [(0, 0), (1, 0), (2, 0)]
+    assert [(n.member, n.role) for n in members.values()] == [(0, "reference"), (1, "reference"), (2, "reference")]
     control = needed_members([base.replace(teacher_members=2, control=True)])
-    assert [(n.member, n.seed_offset) for n in control.values()] == [(0, 0), (1, 0), (0, CONTROL_SEED_OFFSET),
-                                                                      (1, CONTROL_SEED_OFFSET)]
+    assert [(n.member, n.role) for n in control.values()] == [(0, "reference"), (1, "reference"), (0, "control"),
+                                                               (1, "control")]
     other_teacher = needed_members([base.replace(teacher_members=2), base.replace(teacher_members=2, teacher_epochs=3)])
     assert len(other_teacher) == 4
+
+
+def test_needed_members_follow_the_teacher_sharing() -> None:
+    # A study's grid: two ensemble sizes and two temperatures (arms), three seeds.
+    grid = [TrialConfig(teacher_members=m, temperature=t, seed=s) for m in (1, 3) for t in (1.0, 4.0) for s in range(3)]
+    per_seed = needed_members(grid)
+    # Each replicate has its own members 0..2 (the ensemble of 1 is member 0 of the ensemble of 3).
+    assert len(per_seed) == 3 * 3
+    assert sorted((n.cfg.seed, n.member) for n in per_seed.values()) == [(s, m) for s in range(3) for m in range(3)]
+    for needed in per_seed.values():
+        assert member_key(needed.cfg, needed.member) in per_seed
+    shared = needed_members([cfg.replace(teacher_sharing="shared") for cfg in grid])
+    assert len(shared) == 3 and not set(shared) & set(per_seed)
+    with_control = needed_members([cfg.replace(control=True) for cfg in grid])
+    assert len(with_control) == 2 * 3 * 3
+    assert sum(n.role == "control" for n in with_control.values()) == 3 * 3
+
+
+def test_member_steps_count_the_teachers_schedule() -> None:
+    y = _labels(1000)
+    cfg = TrialConfig(teacher_epochs=7, teacher_batch_size=128)
+    assert member_steps(cfg, y) == 7 * 8  # ceil(1000 / 128) = 8 steps per epoch
+    assert member_steps(cfg.replace(teacher_split="half"), y) == 7 * 4
 
 
 def test_retrain_deletes_and_the_check_names_the_bad_file(tmp_path: Path) -> None:

@@ -14,7 +14,7 @@ import kd_ray
 from kd_ray import trial as trial_module
 from kd_ray.config import ConfigError, TrialConfig
 from kd_ray.tables import EPOCHS_SCHEMA, METRICS
-from kd_ray.teachers import CONTROL_SEED_OFFSET, member_key, teacher_indices
+from kd_ray.teachers import member_key, member_steps, teacher_indices
 from kd_ray.trial import FINAL_METRICS, TrialData, check_runnable, run_trial
 
 PROVENANCE = ("teacher_key", "kd_ray_version", "git_sha", "torch_version", "ray_version", "config_json")
@@ -60,6 +60,29 @@ def test_full_trial_metrics(full_run, kd_dirs) -> None:
     assert (kd_dirs["teachers"] / "members" / member_key(cfg, 0)).is_dir()
 
 
+def test_step_counts_and_convergence_are_recorded(full_run, mnist1d_arrays) -> None:
+    cfg, result, reports = full_run
+    n = len(mnist1d_arrays.y_train)
+    assert result["student_steps"] == cfg.epochs * math.ceil(n / cfg.batch_size)
+    assert result["teacher_steps"] == cfg.teacher_epochs * math.ceil(n / cfg.teacher_batch_size)
+    assert result["teacher_steps"] == member_steps(cfg, mnist1d_arrays.y_train)
+    # 6 epochs: the three-quarter point is the end of epoch 4, an evaluation epoch here.
+    at_three_quarters = next(m["train_agreement"] for m, _ in reports if m["epoch"] == 4)
+    assert result["convergence_delta"] == pytest.approx(result["train_agreement"] - at_three_quarters, abs=1e-6)
+    assert result["converged"] == (abs(result["convergence_delta"]) < trial_module.CONVERGED_WITHIN)
+    assert all(c["convergence_reference"] == pytest.approx(at_three_quarters) for m, c in reports if m["epoch"] >= 4)
+
+
+def test_convergence_rule() -> None:
+    # A delta of exactly the threshold (10 of 1000 samples, in float32) is not converged; within it is.
+    assert trial_module.convergence(0.8809999823570251, 0.8709999918937683) == (0.01, False)
+    assert trial_module.convergence(0.871, 0.8809999823570251) == (-0.01, False)
+    assert trial_module.convergence(0.9, 0.895) == (0.005, True)
+    for final, reference in ((float("nan"), 0.5), (None, 0.5), (0.5, None)):
+        delta, converged = trial_module.convergence(final, reference)
+        assert math.isnan(delta) and converged is None
+
+
 def test_provenance(full_run) -> None:
     cfg, result, _ = full_run
     for key in PROVENANCE:
@@ -103,9 +126,18 @@ def test_resume_from_a_mid_run_checkpoint(full_run) -> None:
     assert [m["epoch"] for m in resumed_reports] == [4, 6]
     assert resumed["status"] == "TERMINATED"
     assert resumed["epochs_completed"] == cfg.epochs
-    for key in FINAL_METRICS:
+    for key in (*FINAL_METRICS, "convergence_delta", "converged"):
         assert resumed[key] == result[key], key
     assert resumed["train_time_s"] >= checkpoint["train_time_s"]
+
+
+def test_resume_past_the_three_quarter_point_keeps_the_convergence_reference(full_run) -> None:
+    cfg, result, reports = full_run
+    checkpoint = reports[1][1]  # epoch 4: the three-quarter point of 6 epochs
+    assert checkpoint["train_state"]["epoch"] == 4 and checkpoint["convergence_reference"] is not None
+    resumed = run_trial(cfg, resume=checkpoint)
+    assert resumed["convergence_delta"] == result["convergence_delta"]
+    assert resumed["converged"] == result["converged"]
 
 
 def test_digits_mixup_with_label_loss() -> None:
@@ -126,9 +158,10 @@ def test_control(base_cfg, session_store, shared_teacher) -> None:
     result = run_trial(cfg, store=session_store)
     assert result["status"] == "TERMINATED"
     assert 0.0 <= result["control_test_agreement"] <= 1.0
-    control_key = member_key(cfg, 0, CONTROL_SEED_OFFSET)
+    control_key = member_key(cfg, 0, "control")
     assert session_store.has(control_key) and control_key not in shared_teacher
-    assert session_store.manifest(control_key)["spec"]["teacher_seed"] == cfg.teacher_seed + CONTROL_SEED_OFFSET
+    spec = session_store.manifest(control_key)["spec"]
+    assert spec["role"] == "control" and spec["teacher_seed"] == cfg.teacher_seed and spec["member"] == 0
 
 
 def test_diverging_trial_reports_instead_of_raising(base_cfg, shared_teacher) -> None:
@@ -139,6 +172,7 @@ def test_diverging_trial_reports_instead_of_raising(base_cfg, shared_teacher) ->
     assert "non-finite" in result["error"]
     assert result["epochs_completed"] == 0 and reports == []
     assert all(math.isnan(result[k]) for k in STUDENT_METRICS)
+    assert math.isnan(result["convergence_delta"]) and result["converged"] is None
     assert result["teacher_test_acc"] > 0.5
     assert TrialConfig.from_dict(json.loads(result["config_json"])) == cfg
 

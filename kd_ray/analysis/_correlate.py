@@ -6,7 +6,8 @@ The estimates and p-values are scipy's. The intervals are percentile bootstrap i
 z interval, which at that size agrees with the bootstrap and costs nothing: for Pearson scipy's own
 (standard error 1/sqrt(n − 3)), for Spearman with the standard error of Bonett & Wright (2000),
 sqrt((1 + r²/2) / (n − 3)), for Kendall with that of Fieller, Hartley & Pearson (1957),
-sqrt(0.437 / (n − 4)). Every step costs O(n log n) per group, or O(n_boot · n²) with n bounded.
+sqrt(0.437 / (n − 4)). A group costs O(n log n), and a bootstrapped one O(n_boot · n²) more, with n
+at most BOOTSTRAP_MAX_N.
 """
 
 from __future__ import annotations

@@ -214,6 +214,9 @@ def _heatmap_figure(df: pd.DataFrame, by: Sequence[str], path: Path) -> Path:
 
 
 def _init_lambda_figure(df: pd.DataFrame, epochs: pd.DataFrame | None, path: Path) -> Path:
+    # Only interpolated students have a lambda; random and teacher_init arms carry a default 0.
+    if "init" in df.columns and (df["init"] == "interpolate").any():
+        df = df[df["init"] == "interpolate"]
     lambdas = factor_levels(df["init_lambda"])
     figure = _new_figure(6.4, 4.4)
     axes = figure.add_subplot()

@@ -16,7 +16,17 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from kd_ray.analysis._columns import BOOL_COLUMNS, FLOAT_COLUMNS, INT_COLUMNS, STRING_COLUMNS
-from kd_ray.tables import EPOCHS_FILE, EPOCHS_SCHEMA, METRICS, STATUSES, TERMINATED, TRIALS_FILE
+from kd_ray.tables import (
+    EPOCHS_FILE,
+    EPOCHS_SCHEMA,
+    METRICS,
+    PARTIAL,
+    STATUSES,
+    TERMINATED,
+    TRIALS_FILE,
+    Completeness,
+    read_completeness,
+)
 
 PathLike = str | os.PathLike[str]
 
@@ -54,6 +64,13 @@ def study_dirs(paths: PathLike | Iterable[PathLike]) -> list[Path]:
         if path.resolve() not in {p.resolve() for p in unique}:
             unique.append(path)
     return unique
+
+
+def partial_studies(directories: Iterable[Path]) -> list[tuple[Path, Completeness]]:
+    """The study directories whose tables hold fewer trials than their study expects (it is still
+    running, or was interrupted), each with its completeness; tables that record none are complete."""
+    found = [(directory, read_completeness(str(directory))) for directory in directories]
+    return [(directory, c) for directory, c in found if c is not None and c.state == PARTIAL]
 
 
 def _as_study_dir(path: Path) -> Path:

@@ -4,6 +4,7 @@ correlations.csv and the figures."""
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from kd_ray.analysis._load import (
     has_values,
     load_epochs,
     load_trials,
+    partial_studies,
     study_dirs,
 )
 from kd_ray.analysis._stats import check_objectives, control_gap, default_objectives, pareto_front, summarize
@@ -168,6 +170,10 @@ def report(
     message = exclusion_message(trials)
     if message:
         print(message)
+    partial = partial_studies(directories)
+    for directory, completeness in partial:
+        print(f"partial study {directory}: {completeness.finished} of {completeness.expected} trials in "
+              "(still running, or interrupted)", file=sys.stderr)
     kept = trials[trials["usable"]]
 
     summary = summarize(trials, by=by, verbose=False)
@@ -185,6 +191,11 @@ def report(
         f"{len(trials)} trials loaded from {', '.join(f'`{d}`' for d in directories)}; "
         f"{len(kept)} usable, {len(trials) - len(kept)} excluded from the statistics"
         + (f" ({exclusion_counts(trials)})." if message else "."),
+        *[
+            f"**Partial study** `{directory.name}`: {c.finished} of {c.expected} trials are in (it is still "
+            "running, or was interrupted: rerun it with `--resume`); the statistics are of those trials."
+            for directory, c in partial
+        ],
         "Arms vary " + (", ".join(f"`{c}`" for c in by) if by else "nothing (one arm)")
         + (f"; replicates over {', '.join(f'`{c}`' for c in replicates)}" if replicates else "")
         + (f"; searched (not arms): {', '.join(f'`{c}`' for c in searched)}" if searched else "")

@@ -13,16 +13,19 @@ from scipy import stats
 from kd_ray.analysis._arms import resolve_by, restore_key_dtypes, search_dims, split_arms
 from kd_ray.analysis._columns import CONTROL_GAP
 from kd_ray.analysis._load import as_float, ensure_flags, finite_values, has_values, usable_rows
-from kd_ray.tables import METRICS
+from kd_ray.tables import FRACTION_METRICS, METRICS
 
 
 # --------------------------------------------------------------------------------------------------
 # Summaries
 # --------------------------------------------------------------------------------------------------
-def mean_ci(values: pd.Series | np.ndarray, level: float = 0.95) -> tuple[int, float, float, float, float]:
+def mean_ci(
+    values: pd.Series | np.ndarray, level: float = 0.95, bounds: tuple[float, float] | None = None
+) -> tuple[int, float, float, float, float]:
     """n, mean, sd (ddof 1), and the t-distribution confidence interval of the mean.
 
-    Non-finite values are left out. sd and the interval are NaN for fewer than two values.
+    Non-finite values are left out. sd and the interval are NaN for fewer than two values. With
+    ``bounds`` (a fraction's are (0, 1)) the interval is cut to them: the mean cannot lie outside.
     """
     array = finite_values(values)
     n = int(array.size)
@@ -33,7 +36,10 @@ def mean_ci(values: pd.Series | np.ndarray, level: float = 0.95) -> tuple[int, f
         return 1, mean, math.nan, math.nan, math.nan
     sd = float(array.std(ddof=1))
     half = float(stats.t.ppf(0.5 + level / 2, df=n - 1)) * sd / math.sqrt(n)
-    return n, mean, sd, mean - half, mean + half
+    low, high = mean - half, mean + half
+    if bounds is not None:
+        low, high = max(low, bounds[0]), min(high, bounds[1])
+    return n, mean, sd, low, high
 
 
 def present_metrics(df: pd.DataFrame) -> list[str]:
@@ -69,7 +75,7 @@ def summarize(
     for key, arm in split_arms(df, by):
         kept = arm if include_failed else arm[arm["usable"]]
         for metric in metrics:
-            n, mean, sd, low, high = mean_ci(kept[metric])
+            n, mean, sd, low, high = mean_ci(kept[metric], bounds=(0.0, 1.0) if metric in FRACTION_METRICS else None)
             rows.append(
                 dict(zip(by, key))
                 | {

@@ -80,7 +80,8 @@ def sample(trials: pd.DataFrame, metric: str, label: str, **where) -> Sample:
     rows = rows[np.isfinite(rows[metric].astype(float))]
     values = rows.groupby("seed")[metric].mean().astype(float)
     teachers = rows.groupby("seed")["teacher_key"].first() if "teacher_key" in rows else pd.Series(dtype=object)
-    unconverged = int((~rows["converged"].astype(bool)).sum()) if "converged" in rows else 0
+    # A missing convergence verdict (older tables) counts as converged: only a recorded False refuses.
+    unconverged = int(rows["converged"].eq(False).sum()) if "converged" in rows else 0
     return Sample(label, metric, values, teachers, unconverged, len(rows))
 
 

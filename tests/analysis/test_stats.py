@@ -110,3 +110,19 @@ def test_pareto_front_equals_the_pairwise_definition_on_many_ties() -> None:
     }
     assert set(front["trial_id"]) == expected and len(front) == len(expected)
     assert front["test_agreement"].is_monotonic_decreasing
+
+
+def test_fraction_intervals_stay_within_zero_and_one():
+    from kd_ray import analysis
+
+    n, mean, sd, low, high = analysis.mean_ci(pd.Series([0.999, 0.97, 1.0]), bounds=(0.0, 1.0))
+    assert n == 3 and high == 1.0 and low < mean
+    unbounded = analysis.mean_ci(pd.Series([0.999, 0.97, 1.0]))
+    assert unbounded[4] > 1.0  # the plain t-interval runs past 100%
+    rows = pd.DataFrame({"study": "s", "trial_id": ["a", "b", "c"], "status": "TERMINATED", "seed": [0, 1, 2],
+                         "test_agreement": [0.999, 0.97, 1.0], "test_nll": [0.1, 0.2, 0.9]})
+    summary = analysis.summarize(rows, by=[], verbose=False)
+    agreement = summary[summary["metric"] == "test_agreement"].iloc[0]
+    assert agreement["ci_high"] <= 1.0
+    nll = summary[summary["metric"] == "test_nll"].iloc[0]
+    assert nll["ci_low"] < 0  # a loss is not a fraction: its interval is not cut

@@ -78,6 +78,55 @@ def test_calibration_rule_uses_rank_correlation_within_seeds(tmp_path):
     assert "rank correlation" in verdict.evidence[0]
 
 
+def capacity_rows(largest_gain: float, seeds: int = 6) -> list[dict]:
+    """A planted capacity study: per seed a teacher-sized student near 80% agreement and students around it;
+    ``mlp4`` (deeper, not wider) gains 10 pp so that picking it instead of ``mlp4-w2`` changes the verdict."""
+    rng = np.random.default_rng(3)
+    gains = {"mlp1-w0.5": -0.05, "mlp1": -0.02, "mlp": 0.0, "mlp2-w2": 0.005, "mlp4": 0.10, "mlp4-w2": largest_gain}
+    rows = []
+    for seed in range(seeds):
+        base = 0.80 + rng.normal(0, 0.02)
+        for arch, gain in gains.items():
+            rows.append(row("student_capacity", seed, teacher_arch="mlp", student_arch=arch, teacher_members=1,
+                            temperature=4.0, test_agreement=base + gain + rng.normal(0, 0.003)))
+    return rows
+
+
+def test_capacity_rule_holds_when_the_largest_student_gains_a_little(tmp_path):
+    write_study(tmp_path, "student_capacity", capacity_rows(largest_gain=0.01))
+    verdict = dict((f.number, v) for f, v in findings.judge_findings(tmp_path))[16]
+    assert verdict.verdict == findings.HOLDS
+    no_loss, no_gain = verdict.claims
+    assert (no_loss.kind, no_gain.kind) == ("no_loss", "no_gain") and no_gain.margin == 0.03
+    assert no_loss.a.label == "mlp4-w2 from mlp" and no_loss.b.label == "mlp from mlp"
+    assert no_loss.n == 6 and abs(no_loss.mean - 0.01) < 0.005
+    assert "no gain beyond ±3.00%" in verdict.evidence[1]
+
+
+def test_capacity_rule_fails_when_the_largest_student_gains_a_lot(tmp_path):
+    write_study(tmp_path, "student_capacity", capacity_rows(largest_gain=0.08))
+    verdict = dict((f.number, v) for f, v in findings.judge_findings(tmp_path))[16]
+    assert verdict.verdict == findings.FAILS
+    assert [c.verdict for c in verdict.claims] == [findings.HOLDS, findings.FAILS]  # not lower, but +8 pp
+
+
+def test_capacity_rule_pairs_each_teacher_with_its_largest_student(tmp_path):
+    rows = []
+    for seed in range(4):
+        for teacher, students in (("preresnet20", ("preresnet20", "preresnet56")),
+                                  ("preresnet56", ("preresnet56", "preresnet110"))):
+            for student in students:
+                rows.append(row("student_capacity", seed, teacher_arch=teacher, student_arch=student,
+                                test_agreement=0.8 + 0.001 * seed + 0.005 * (student != teacher)))
+    write_study(tmp_path, "student_capacity", rows)
+    verdict = dict((f.number, v) for f, v in findings.judge_findings(tmp_path))[16]
+    assert [(c.a.label, c.b.label) for c in verdict.claims[::2]] == [
+        ("preresnet56 from preresnet20", "preresnet20 from preresnet20"),
+        ("preresnet110 from preresnet56", "preresnet56 from preresnet56"),
+    ]
+    assert all(c.n == 4 for c in verdict.claims)
+
+
 def test_every_finding_is_numbered_once_and_names_its_rule():
     numbers = [f.number for f in findings.FINDINGS]
     assert numbers == list(range(1, 18))

@@ -1,0 +1,184 @@
+"""A study's tables from its Ray Tune trials: each trial's rows, written while the study runs.
+
+``LiveTables`` is a Ray Tune callback: a trial that finishes (completes, is stopped by the scheduler,
+or fails for good) is written at once as its own part, and the parts are compacted into
+``trials.parquet`` and ``epochs.parquet`` every few seconds and when the experiment ends, so the
+tables grow as the study runs and an interrupted study keeps every finished trial. After the Tuner,
+``record_finished_trials`` adds any finished trial Ray Tune's saved state knows and the tables lack.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from typing import Any
+
+from ray import tune
+from ray.tune.experiment import Trial
+
+from kd_ray import tables
+from kd_ray.config import TrialConfig
+from kd_ray.tables import ERROR, STOPPED
+
+ARM_KEY = "arm"  # an explicit arm travels through Tune's grid as one dict-valued parameter
+RESULT_FILE = "result.json"  # Ray Tune's log of a trial's reports, one JSON object a line
+
+
+def flatten_arm(config: dict[str, Any]) -> dict[str, Any]:
+    config = dict(config)
+    arm = config.pop(ARM_KEY, None) or {}  # pop first: {**config, **config.pop(...)} keeps the key
+    return {**config, **arm}
+
+
+def _nan_to_none(value: Any) -> Any:
+    return None if isinstance(value, float) and math.isnan(value) else value
+
+
+def trial_rows(
+    study_name: str, trial_id: str, config: dict[str, Any], metrics: dict[str, Any], error: BaseException | None,
+    history,
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """A trial's row and its epoch rows, from what Ray Tune holds of it: its config, its last report
+    (``metrics``), the error it failed with (None if it did not) and every report it made
+    (``history``: a DataFrame, flattened as Ray Tune's ``Result.metrics_dataframe``, or None)."""
+    config = {k: v for k, v in flatten_arm(config).items() if k in TrialConfig.field_names()}
+    row = {"study": study_name, "trial_id": trial_id, **config}
+    epochs = []
+    if error is not None:
+        row.update(status=ERROR, error=f"{type(error).__name__}: {error}"[:2000])
+    elif metrics.get("final"):
+        row.update({k: _nan_to_none(v) for k, v in metrics.items() if k not in config})
+    else:
+        row.update(status=STOPPED, error="stopped early by the scheduler")
+    if history is not None and len(history):
+        reports = history[history["final"] != True] if "final" in history else history  # noqa: E712
+        if "epoch" in reports:
+            # A retried trial reports again the epochs after its last checkpoint: one row per
+            # epoch, the last report of it (the one the trial's state continued from).
+            reports = reports.drop_duplicates(subset="epoch", keep="last").sort_values("epoch", kind="stable")
+        for record in reports.to_dict("records"):
+            values = {k: _nan_to_none(v) for k, v in record.items()}
+            epochs.append({"study": study_name, "trial_id": trial_id, **values})
+        if row["status"] == STOPPED and len(reports):
+            last = reports.iloc[-1].to_dict()
+            row.update({
+                k: _nan_to_none(v) for k, v in last.items()
+                if k in row or k.startswith(("test_", "train_", "aug_", "teacher_"))
+            })
+            row["epochs_completed"] = int(last.get("epoch", 0))
+    return row, epochs
+
+
+def collect_rows(study_name: str, results) -> tuple[list[dict], list[dict]]:
+    """Trial rows and epoch rows from a ResultGrid."""
+    trials, epochs = [], []
+    for result in results:
+        metrics = result.metrics or {}
+        trial_id = str(metrics.get("trial_id") or os.path.basename(result.path))
+        row, rows = trial_rows(study_name, trial_id, result.config or {}, metrics, result.error,
+                               result.metrics_dataframe)
+        trials.append(row)
+        epochs += rows
+    return trials, epochs
+
+
+def _history(trial_dir: str):
+    """A trial's reports from its result.json in ``trial_dir``, flattened as Ray Tune flattens them."""
+    import pandas as pd
+
+    path = os.path.join(trial_dir, RESULT_FILE)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as handle:
+        reports = [json.loads(line) for line in handle if line.strip()]
+    return pd.json_normalize(reports, sep="/") if reports else None
+
+
+def _live_error(trial) -> BaseException | None:
+    """The error a trial just failed with, from the driver's own copy of its trial directory (the
+    copy in storage is synchronised later)."""
+    import ray.cloudpickle
+
+    path = trial.pickled_error_file
+    if path and os.path.isfile(path):
+        with open(path, "rb") as handle:
+            return ray.cloudpickle.load(handle)
+    return trial.get_error()
+
+
+class LiveTables(tune.Callback):
+    """Each trial that finishes is written as its own part at once; the parts are compacted into the
+    tables every ``every_s`` seconds (less often as compacting grows slower), as soon as
+    ``every_parts`` are pending, and when the experiment ends, an interrupted one included.
+
+    A driver killed between two compactions leaves its newest trials as parts: the next run of the
+    study folds them in before it starts. Ray Tune pickles its callbacks with the Tuner and a resumed
+    study runs that copy, so this holds only plain values the resumed run shares (same storage and
+    name), and its counters start again in ``setup``."""
+
+    def __init__(self, study_name: str, study_dir: str, expected: int, every_s: float = 2.0,
+                 every_parts: int = 64) -> None:
+        self.study_name = study_name
+        self.study_dir = study_dir
+        self.expected = expected
+        self.every_s = every_s
+        self.every_parts = every_parts
+        self.setup()
+
+    def setup(self, **info) -> None:
+        self.pending = 0
+        self.due = time.monotonic() + self.every_s
+
+    def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
+        self._write(trial, error=None)
+
+    def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
+        self._write(trial, error=_live_error(trial))
+
+    def on_step_end(self, iteration: int, trials: list, **info) -> None:
+        if self.pending and (self.pending >= self.every_parts or time.monotonic() >= self.due):
+            self._compact()
+
+    def on_experiment_end(self, trials: list, **info) -> None:
+        self._compact()
+
+    def _write(self, trial, error: BaseException | None) -> None:
+        # The driver's copy of the trial directory holds every report: Ray Tune logs each there as it
+        # arrives (a resumed trial's earlier reports included).
+        row, epochs = trial_rows(self.study_name, trial.trial_id, trial.config, trial.last_result or {}, error,
+                                 _history(trial.local_path))
+        tables.write_trial_part(self.study_dir, row, epochs)
+        self.pending += 1
+
+    def _compact(self) -> None:
+        started = time.monotonic()
+        tables.compact_trial_parts(self.study_dir, self.expected)
+        self.pending = 0
+        # Compacting rewrites both tables: as they grow, it runs less often, a tenth of the time at most.
+        self.due = time.monotonic() + max(self.every_s, 10 * (time.monotonic() - started))
+
+
+def record_finished_trials(study_name: str, study_dir: str, expected: int) -> int:
+    """Unless the trials table holds ``expected`` trials already, write a part for each trial that
+    Ray Tune's saved experiment state records as finished and the table lacks; returns how many.
+    The state read is the one saved before an interrupt stopped the running trials, so a trial cut
+    short is not taken for finished (the Tuner's own ResultGrid marks those terminated).
+
+    Such trials come from a study begun without live tables (its saved Tuner has no LiveTables) or
+    a part lost with its driver."""
+    recorded = tables.table_trial_ids(study_dir)
+    if len(recorded) >= expected:
+        return 0
+    analysis = tune.ExperimentAnalysis(study_dir)
+    added = 0
+    for trial in analysis.trials:
+        if trial.status not in (Trial.TERMINATED, Trial.ERROR) or trial.trial_id in recorded:
+            continue
+        error = (trial.get_pickled_error() or trial.get_error()) if trial.status == Trial.ERROR else None
+        row, epochs = trial_rows(study_name, trial.trial_id, trial.config, trial.last_result or {}, error,
+                                 analysis.trial_dataframes.get(trial.trial_id))
+        tables.write_trial_part(study_dir, row, epochs)
+        added += 1
+    return added
