@@ -46,16 +46,18 @@ PAPER_BASE: dict[str, Any] = dict(
     weight_decay=1e-4, eval_every=25, device="auto",
 )
 # Laptop scale: mnist1d with small MLPs, a teacher ensemble around 80% test accuracy (far from 100%,
-# as CIFAR-100 teachers are), seconds per trial on one CPU core. Students train 90 epochs against
-# the teacher's 30 on the same data and batch size: 3x the teacher's optimizer steps, the paper's
-# ratio (300 epochs of batch 128 against 200 of batch 256). fp32 throughout, so every replicate of an
-# arm runs the same arithmetic (the automatic choice is made by timing, trial by trial).
-LOCAL_STUDENT_EPOCHS = 90
+# as CIFAR-100 teachers are), seconds per trial on one CPU core. Students train 60 epochs against
+# the teacher's 30 on the same data and batch size: 2x the teacher's optimizer steps (the paper
+# gives 3x; measured here, 90 epochs add about 1 pp of agreement over 60 at 1.5x the time, and a
+# 60-epoch student's train agreement moves under 2 pp over its second half: converged by the rule of
+# kd_ray.trial). fp32 throughout, so every replicate of an arm runs the same arithmetic (the automatic
+# choice is made by timing, trial by trial).
+LOCAL_STUDENT_EPOCHS = 60
 LOCAL_BASE: dict[str, Any] = dict(
     dataset="mnist1d", teacher_arch="mlp", student_arch="mlp", epochs=LOCAL_STUDENT_EPOCHS, precision="fp32"
 )
-# Arms that compare data share one optimizer-step budget: 3x a full-data teacher's 30 epochs of 32 steps.
-LOCAL_STEP_BUDGET = 3 * 30 * 32
+# Arms that compare data share one optimizer-step budget: 2x a full-data teacher's 30 epochs of 32 steps.
+LOCAL_STEP_BUDGET = 2 * 30 * 32
 
 
 # --- adapting a preset to the chosen dataset ------------------------------------------------------
@@ -102,7 +104,8 @@ PAPER_POLICIES = ["baseline", "rotation", "vflip", "colorjitter", "combaug", "mi
 LOCAL_POLICIES = ["baseline", "reversal", "amplitude", "combaug1d", "rotation", "vflip", "combaug", "mixup", "noise"]
 AUGMENTATION_ABLATION = StudyPresets(
     presets={
-        "local": Preset(base=LOCAL_BASE, axes={"augmentation": LOCAL_POLICIES, "temperature": [1.0, 4.0]}, seeds=2),
+        # tau = 4 only: the findings on augmentation are judged there (tau 1 vs 4 is the temperature sweep's).
+        "local": Preset(base=LOCAL_BASE, axes={"augmentation": LOCAL_POLICIES, "temperature": [4.0]}, seeds=3),
         "paper": Preset(base=PAPER_BASE, axes={"augmentation": PAPER_POLICIES, "temperature": [1.0, 4.0]},
                         seeds=3, gpus_per_trial=1.0),
     },
@@ -197,12 +200,12 @@ SMALL_TEACHER = StudyPresets(
 )
 
 # E11 (paper Fig. 12): student depth and width around the teacher's (2 hidden layers of 256): 1, 2 and 4
-# layers at half, the same and double width. One teacher (m = 1), so the teacher-sized student is
+# layers at the same and double width. One teacher (m = 1), so the teacher-sized student is
 # self-distillation, whose architecture could match the teacher exactly; tau = 4, the temperature of
 # the paper's headline fidelity numbers, where students agree most and a capacity limit would show.
 CAPACITY_RECIPE = {"teacher_members": 1, "temperature": 4.0}
 CAPACITY_STUDENTS = ["mlp" if (depth, width) == (2, 1) else f"mlp{depth}" if width == 1 else f"mlp{depth}-w{width:g}"
-                     for depth in (1, 2, 4) for width in (0.5, 1, 2)]
+                     for depth in (1, 2, 4) for width in (1, 2)]
 # The paper's pairs: R20 -> R20 / R56 and R56 -> R56 / R110, each teacher with its larger student.
 CAPACITY_PAPER_ARMS = [{"teacher_arch": teacher, "student_arch": student}
                        for teacher, students in (("preresnet20", ("preresnet20", "preresnet56")),
