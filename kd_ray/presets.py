@@ -144,8 +144,8 @@ DURATION_RECIPE = {"norm": "group", "weight_decay": 0.0, "temperature": 1.0, "te
 OPTIMIZER_ARMS = [{"optimizer": "sgd", "lr": 0.05}, {"optimizer": "adam", "lr": 1e-3}]
 TRAINING_DURATION = StudyPresets(
     presets={
-        # 1x, 3x and 9x the teacher's optimizer steps.
-        "local": Preset(base={**LOCAL_BASE, **DURATION_RECIPE}, axes={"epochs": [30, 90, 270]}, arms=OPTIMIZER_ARMS,
+        # 1x and 6x the teacher's optimizer steps.
+        "local": Preset(base={**LOCAL_BASE, **DURATION_RECIPE}, axes={"epochs": [30, 180]}, arms=OPTIMIZER_ARMS,
                         seeds=2),
         "paper": Preset(base={**PAPER_BASE, **DURATION_RECIPE, "teacher_arch": "preresnet20",
                               "student_arch": "preresnet20"},
@@ -155,12 +155,19 @@ TRAINING_DURATION = StudyPresets(
 
 # E8 / E10 (paper Fig. 6b, Table 1): interpolated, teacher-initialised and random students.
 LAMBDAS = [0.0, 0.25, 0.375, 0.5, 0.75, 0.875, 1.0]
-INIT_ARMS = [{"init": "interpolate", "init_lambda": lam} for lam in LAMBDAS] + [{"init": "random"},
-                                                                                {"init": "teacher_init"}]
+LOCAL_LAMBDAS = [0.0, 0.25, 0.5, 0.75, 1.0]  # the paper's threshold lies between 0.25 and 0.5
+
+
+def init_arms(lambdas: list[float]) -> list[dict[str, Any]]:
+    return [{"init": "interpolate", "init_lambda": lam} for lam in lambdas] + [{"init": "random"},
+                                                                               {"init": "teacher_init"}]
+
+
+INIT_ARMS = init_arms(LAMBDAS)
 INIT_RECIPE = {"norm": "group", "temperature": 1.0, "teacher_members": 1}
 INITIALIZATION = StudyPresets(
     presets={
-        "local": Preset(base={**LOCAL_BASE, **INIT_RECIPE}, arms=INIT_ARMS, seeds=2),
+        "local": Preset(base={**LOCAL_BASE, **INIT_RECIPE}, arms=init_arms(LOCAL_LAMBDAS), seeds=2),
         "paper": Preset(base={**PAPER_BASE, **INIT_RECIPE, "teacher_arch": "preresnet20",
                               "student_arch": "preresnet20", "weight_decay": 0.0},
                         arms=INIT_ARMS, seeds=3, gpus_per_trial=1.0),
@@ -170,7 +177,7 @@ INITIALIZATION = StudyPresets(
 # E6 (paper Fig. 10): ensemble size m at temperature 1.
 ENSEMBLE_SIZE = StudyPresets(
     presets={
-        "local": Preset(base={**LOCAL_BASE, "temperature": 1.0}, axes={"teacher_members": [1, 2, 3, 5, 8]}, seeds=2),
+        "local": Preset(base={**LOCAL_BASE, "temperature": 1.0}, axes={"teacher_members": [1, 3, 8]}, seeds=2),
         "paper": Preset(base={**PAPER_BASE, "temperature": 1.0}, axes={"teacher_members": [1, 2, 3, 5, 8, 12]},
                         seeds=3, gpus_per_trial=1.0),
     },
@@ -181,7 +188,7 @@ ALPHAS = [0.0, 0.1, 0.3, 0.5, 0.7]
 ALPHA_RECIPE = {"teacher_members": 3, "temperature": 1.0, "control": True}
 ALPHA_SWEEP = StudyPresets(
     presets={
-        "local": Preset(base={**LOCAL_BASE, **ALPHA_RECIPE}, axes={"alpha": ALPHAS}, seeds=2),
+        "local": Preset(base={**LOCAL_BASE, **ALPHA_RECIPE}, axes={"alpha": [0.0, 0.3, 0.7]}, seeds=2),
         "paper": Preset(base={**PAPER_BASE, **ALPHA_RECIPE}, axes={"alpha": ALPHAS}, seeds=3, gpus_per_trial=1.0),
     },
 )

@@ -75,6 +75,11 @@ def build_study(name: str, preset: Preset, args: argparse.Namespace, search=None
     overrides = parse_set(args.set)
     base_values = {**preset.base, **({"dataset": args.dataset} if args.dataset else {}), **overrides}
     base = TrialConfig.from_dict(base_values)
+    if "epochs" in overrides and "steps" not in overrides and base.steps > 0:
+        raise ConfigError(
+            f"epochs={overrides['epochs']} would be ignored: this preset fixes steps={base.steps} (one optimizer-step "
+            "budget for every arm); set --set steps=N instead, or --set steps=0 to train by epochs"
+        )
     # A flag overrides an axis or arm field too: the axis collapses to the one value given.
     axes = {k: v for k, v in preset.axes.items() if k not in overrides and not (k == "dataset" and args.dataset)}
     arms = [{k: v for k, v in arm.items() if k not in overrides} for arm in preset.arms]

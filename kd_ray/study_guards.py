@@ -296,5 +296,6 @@ def restore_tuner(study_dir: str, trainable, storage_filesystem: pafs.FileSystem
         return tune.Tuner.restore(study_dir, trainable=trainable, resume_unfinished=True, resume_errored=True,
                                   storage_filesystem=storage_filesystem)
     except Exception as exc:  # tuner.pkl cut off or not a pickle: EOFError, UnpicklingError, ...
-        raise _unresumable(study_dir, f"Ray Tune cannot restore its saved Tuner ({type(exc).__name__}: {exc})") \
-            from None
+        saved = f"{study_dir.rstrip('/')}/tuner.pkl"
+        problem = f"Ray Tune cannot restore its saved Tuner {saved} ({type(exc).__name__}: {exc})"
+        raise _unresumable(study_dir, problem) from None

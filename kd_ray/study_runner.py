@@ -1,6 +1,7 @@
 """Runs a validated study on Ray: teacher members as Ray tasks, trials through a Ray Tune Tuner.
 
-Only this module and ``study_tables`` (the tables from Ray Tune's trials) import Ray. It takes the
+Only this module, ``study_tables`` (the tables from Ray Tune's trials) and ``study_guards`` (the
+local Ray's settings, signals, storage faults, what a resume is held to) import Ray. It takes the
 study as a ``RunPlan`` of plain values, owns the files it writes beside the tables (``state.pt``
 checkpoints, ``optuna.journal``) and its ``StudyResult``, and never imports ``kd_ray.study``. The
 trainable is a plain function around ``trial.run_trial``.
@@ -11,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import statistics
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -19,12 +19,12 @@ from typing import Any
 
 import ray
 from ray import tune
-from ray.tune.experiment import Trial
 
 from kd_ray.atomic import atomic_local_filesystem
 from kd_ray.config import ConfigError, TrialConfig
 from kd_ray.data import DataError
-from kd_ray.progress import printer, time_left_s, trial_done_line
+from kd_ray.progress import printer
+from kd_ray.study_console import TrialsDone, arm_columns, progress_table, tracker_callbacks
 from kd_ray.study_guards import (
     StorageWatch,
     check_saved_state,
@@ -35,7 +35,6 @@ from kd_ray.study_guards import (
     write_spec,
 )
 from kd_ray.study_tables import ARM_KEY, LiveTables, flatten_arm, record_finished_trials
-from kd_ray.tables import FIDELITY_METRICS, GENERALIZATION_METRICS
 from kd_ray.teachers import TeacherStoreError
 
 STATE_FILE = "state.pt"  # the trial's checkpoint inside each Ray Tune checkpoint directory
@@ -262,108 +261,12 @@ def _param_space(plan: RunPlan) -> dict[str, Any]:
     return base
 
 
-# --- the console and the trackers ---------------------------------------------------------------
-
-# What a person watches a study for: the student's test agreement and test accuracy.
-CONSOLE_METRICS = (FIDELITY_METRICS[0], GENERALIZATION_METRICS[0])
-TABLE_EVERY_S = 60  # Ray Tune's progress table at most this often; a line per finished trial between
 # Ray Tune snapshots the experiment state whenever a trial has written num_to_keep checkpoints since the
 # last snapshot, so that the saved state never names a deleted checkpoint. A trial checkpoints at each
 # evaluation, every second or so at laptop scale: keeping 2, the snapshots came seconds apart and Ray
 # warned of each. Keeping 10, a trial of up to 10 evaluations forces none (Ray snapshots every 10 s or
 # more by itself) and a longer one one per 10 checkpoints; a trial's directory holds at most 10 states.
 CHECKPOINTS_KEPT = 10
-
-
-def arm_columns(plan: RunPlan) -> dict[str, str]:
-    """What tells a study's trials apart, as Tune config keys and their labels: the axes, the arms'
-    fields and the seed, or a search's dimensions."""
-    if plan.search_space is not None:
-        return {name: name for name in plan.search_space}
-    columns = {axis: axis for axis in plan.axes}
-    for name in dict.fromkeys(name for arm in plan.arms for name in arm):
-        columns[f"{ARM_KEY}/{name}"] = name
-    if len(plan.seeds) > 1:
-        columns["seed"] = "seed"
-    return columns
-
-
-class TrialsDone(tune.Callback):
-    """One line per finished trial: done/total, its arm and metrics, time elapsed and about how long is left."""
-
-    def __init__(self, arm_labels: list[str]) -> None:
-        self.arm_labels = arm_labels
-        self.setup()
-
-    def setup(self, stop=None, num_samples=None, total_num_samples=None, **info) -> None:
-        self.total = total_num_samples or 0
-        self.started = time.monotonic()
-        self.durations: list[float] = []  # of the trials that finished cleanly in this run
-
-    def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
-        # A trial ASHA stopped completes without its final report.
-        self._print(trials, trial, "done" if (trial.last_result or {}).get("final") else "stopped early")
-
-    def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
-        self._print(trials, trial, "ERROR")
-
-    def _print(self, trials: list, trial, outcome: str) -> None:
-        result = trial.last_result or {}
-        if outcome != "ERROR" and isinstance(result.get("time_total_s"), (int, float)):
-            self.durations.append(float(result["time_total_s"]))
-        # The trial itself is still RUNNING (or already ERROR) when Tune calls back.
-        others = [t for t in trials if t is not trial]
-        done = 1 + sum(t.status in (Trial.TERMINATED, Trial.ERROR) for t in others)
-        running = sum(t.status == Trial.RUNNING for t in others)
-        total = max(self.total, len(trials))
-        left = time_left_s(statistics.mean(self.durations), total - done, running + 1) if self.durations else None
-        config = flatten_arm(trial.config)
-        arm = {label: config[label] for label in self.arm_labels if label in config}
-        metrics = {m: result[m] for m in CONSOLE_METRICS if isinstance(result.get(m), (int, float))}
-        log(trial_done_line(done, total, outcome, arm, metrics, time.monotonic() - self.started, left))
-
-
-def _progress_table(columns: dict[str, str]):
-    """Ray Tune's own table, with the trial's arm and the student's metrics rather than the first
-    metrics Tune finds in a report (the teacher's, the same for every trial of a seed)."""
-    return tune.CLIReporter(
-        metric_columns={"epoch": "epoch", **{m: m for m in CONSOLE_METRICS}},
-        parameter_columns=columns, max_report_frequency=TABLE_EVERY_S,
-    )
-
-
-def _tracker_callbacks(plan: RunPlan) -> list:
-    """Ray Tune's logger callback of each tracker the study logs to (the packages were checked present)."""
-    callbacks = []
-    for tracker in plan.trackers:
-        if tracker == "tensorboard":
-            from ray.tune.logger import TBXLoggerCallback
-
-            callbacks.append(TBXLoggerCallback())
-            log(f"tensorboard: tensorboard --logdir {plan.study_dir}")
-        elif tracker == "mlflow":
-            import mlflow
-            from ray.air.integrations.mlflow import MLflowLoggerCallback
-
-            # Where the runs go is MLflow's own setting (MLFLOW_TRACKING_URI, else MLflow's default).
-            callbacks.append(MLflowLoggerCallback(experiment_name=plan.name, tags={"kd_ray_study": plan.name}))
-            log(f"mlflow: experiment '{plan.name}', a run per trial, at {mlflow.get_tracking_uri()}")
-        elif tracker == "wandb":
-            from ray.air.integrations.wandb import WandbLoggerCallback
-
-            project = os.environ.get("WANDB_PROJECT", "kd_ray")
-            # Run files go to WANDB_DIR, else beside the tables: not into the trial directories, whose
-            # last sync to storage comes before W&B's logging actors have finished writing.
-            run_dir = os.environ.get("WANDB_DIR") or (plan.study_dir if "://" not in plan.study_dir else None)
-            if run_dir:
-                os.makedirs(run_dir, exist_ok=True)
-            # The logging actors run in the raylet's environment, not the driver's: pass the mode on.
-            callbacks.append(WandbLoggerCallback(project=project, group=plan.name, mode=os.environ.get("WANDB_MODE"),
-                                                 dir=run_dir))
-            log(f"wandb: project '{project}', group '{plan.name}', a run per trial, files in {run_dir or '.'}/wandb")
-        else:
-            raise ConfigError(f"tracker {tracker!r} is not allowed; choose from tensorboard, mlflow, wandb")
-    return callbacks
 
 
 def _check_cluster(plan: RunPlan) -> None:
@@ -390,6 +293,7 @@ def _build_tuner(plan: RunPlan, live_tables: LiveTables):
     if plan.resume and tune.Tuner.can_restore(plan.study_dir, storage_filesystem=storage):
         log(f"resuming {plan.study_dir}")
         return restore_tuner(plan.study_dir, trainable, storage)
+    columns = arm_columns(plan.search_space, plan.axes, plan.arms, plan.seeds)
     cpus = ray.cluster_resources().get("CPU", 1)
     max_concurrent = plan.max_concurrent_trials or max(1, int(cpus // plan.cpus_per_trial))
     tune_config = tune.TuneConfig(
@@ -405,9 +309,9 @@ def _build_tuner(plan: RunPlan, live_tables: LiveTables):
         storage_filesystem=storage,
         failure_config=tune.FailureConfig(max_failures=plan.max_failures),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=CHECKPOINTS_KEPT),
-        callbacks=[StorageWatch(local=storage is not None), live_tables, *_tracker_callbacks(plan),
-                   TrialsDone(list(arm_columns(plan).values()))],
-        progress_reporter=_progress_table(arm_columns(plan)),
+        callbacks=[StorageWatch(local=storage is not None), live_tables,
+                   *tracker_callbacks(plan.trackers, plan.name, plan.study_dir), TrialsDone(list(columns.values()))],
+        progress_reporter=progress_table(columns),
         verbose=plan.verbose,
     )
     return tune.Tuner(trainable, param_space=_param_space(plan), tune_config=tune_config, run_config=run_config)
@@ -429,8 +333,7 @@ def run_study(plan: RunPlan, configs: list[TrialConfig]) -> StudyResult:
         check_saved_state(plan.study_dir)  # Ray Tune's saved state must be whole, before any compute
     expected = plan.num_samples if plan.search_space is not None else len(configs)
     try:
-        with signals_as_interrupt():
-            _run_on_ray(plan, configs, expected)
+        _run_on_ray(plan, configs, expected)
     except (ConfigError, DataError, TeacherStoreError):
         raise
     except Exception as exc:
@@ -456,9 +359,7 @@ def run_study(plan: RunPlan, configs: list[TrialConfig]) -> StudyResult:
 
 
 def _run_on_ray(plan: RunPlan, configs: list[TrialConfig], expected: int) -> None:
-    """Teachers, then the Tuner, then the tables, on a Ray this starts (and stops) unless one runs."""
-    from kd_ray import tables
-
+    """The study on a Ray this starts (and stops), unless one runs in this process already."""
     started_ray = not ray.is_initialized()
     # A Ray of our own on this machine is closed to others; a cluster (--address), or a Ray the caller
     # started, keeps its own settings.
@@ -467,22 +368,30 @@ def _run_on_ray(plan: RunPlan, configs: list[TrialConfig], expected: int) -> Non
         if started_ray:
             ray.init(address=plan.address or "local", include_dashboard=False, log_to_driver=True)
         try:
-            _check_cluster(plan)
-            log(f"study {plan.name}: {expected} trials, {plan.cpus_per_trial:g} CPU / {plan.gpus_per_trial:g} GPU "
-                f"each, storage {plan.study_dir}")
-            prepare_teachers(plan, configs)
-            if plan.spec is not None:
-                # The study directory begins here: a study refused before (bad data, say) leaves none.
-                write_spec(plan.study_dir, plan.spec)
-            # Trials that a killed driver left as parts go into the tables before the study goes on.
-            tables.compact_trial_parts(plan.study_dir, expected)
-            tuner_started = time.perf_counter()
-            # Tuner.fit() returns normally after an interrupt too; the tables then hold the trials that
-            # finished, and the ResultGrid it returns counts the interrupted ones as terminated.
-            _build_tuner(plan, LiveTables(plan.name, plan.study_dir, expected)).fit()
-            log(f"Ray Tune finished in {time.perf_counter() - tuner_started:.1f} s")
-            record_finished_trials(plan.name, plan.study_dir, expected)
-            tables.compact_trial_parts(plan.study_dir, expected)
+            # After ray.init: Ray's core worker sets a SIGTERM handler of its own that ends the process.
+            with signals_as_interrupt():
+                _teachers_trials_tables(plan, configs, expected)
         finally:
             if started_ray:
                 ray.shutdown()
+
+
+def _teachers_trials_tables(plan: RunPlan, configs: list[TrialConfig], expected: int) -> None:
+    from kd_ray import tables
+
+    _check_cluster(plan)
+    log(f"study {plan.name}: {expected} trials, {plan.cpus_per_trial:g} CPU / {plan.gpus_per_trial:g} GPU "
+        f"each, storage {plan.study_dir}")
+    prepare_teachers(plan, configs)
+    if plan.spec is not None:
+        # The study directory begins here: a study refused before (bad data, say) leaves none.
+        write_spec(plan.study_dir, plan.spec)
+    # Trials that a killed driver left as parts go into the tables before the study goes on.
+    tables.compact_trial_parts(plan.study_dir, expected)
+    tuner_started = time.perf_counter()
+    # Tuner.fit() returns normally after an interrupt too; the tables then hold the trials that
+    # finished, and the ResultGrid it returns counts the interrupted ones as terminated.
+    _build_tuner(plan, LiveTables(plan.name, plan.study_dir, expected)).fit()
+    log(f"Ray Tune finished in {time.perf_counter() - tuner_started:.1f} s")
+    record_finished_trials(plan.name, plan.study_dir, expected)
+    tables.compact_trial_parts(plan.study_dir, expected)

@@ -37,8 +37,8 @@ def _nan_to_none(value: Any) -> Any:
 
 
 def trial_rows(
-    study_name: str, trial_id: str, config: dict[str, Any], metrics: dict[str, Any], error: BaseException | None,
-    history,
+    study_name: str, trial_id: str, config: dict[str, Any], metrics: dict[str, Any],
+    error: BaseException | str | None, history,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """A trial's row and its epoch rows, from what Ray Tune holds of it: its config, its last report
     (``metrics``), the error it failed with (None if it did not) and every report it made
@@ -96,16 +96,25 @@ def _history(trial_dir: str):
     return pd.json_normalize(reports, sep="/") if reports else None
 
 
-def _live_error(trial) -> BaseException | None:
-    """The error a trial just failed with, from the driver's own copy of its trial directory (the
-    copy in storage is synchronised later)."""
+def _live_error(trial) -> BaseException | str:
+    """The error a trial just failed with, as Ray Tune's results give it (the exception, else the text
+    of its error file), from the driver's own copy of the trial directory: the copy in storage is
+    synchronised later."""
     import ray.cloudpickle
 
-    path = trial.pickled_error_file
-    if path and os.path.isfile(path):
-        with open(path, "rb") as handle:
+    pickled, text = trial.pickled_error_file, trial.error_file
+    if pickled and os.path.isfile(pickled):
+        with open(pickled, "rb") as handle:
             return ray.cloudpickle.load(handle)
-    return trial.get_error()
+    if text and os.path.isfile(text):
+        with open(text) as handle:
+            return handle.read()
+    return _saved_error(trial)
+
+
+def _saved_error(trial) -> BaseException | str:
+    """The error of a failed trial from the study's storage, as Ray Tune's ResultGrid gives it."""
+    return trial.get_pickled_error() or trial.get_error() or "the trial failed; Ray Tune recorded no error"
 
 
 class LiveTables(tune.Callback):
@@ -144,7 +153,7 @@ class LiveTables(tune.Callback):
     def on_experiment_end(self, trials: list, **info) -> None:
         self._compact()
 
-    def _write(self, trial, error: BaseException | None) -> None:
+    def _write(self, trial, error: BaseException | str | None) -> None:
         # The driver's copy of the trial directory holds every report: Ray Tune logs each there as it
         # arrives (a resumed trial's earlier reports included).
         row, epochs = trial_rows(self.study_name, trial.trial_id, trial.config, trial.last_result or {}, error,
@@ -176,7 +185,7 @@ def record_finished_trials(study_name: str, study_dir: str, expected: int) -> in
     for trial in analysis.trials:
         if trial.status not in (Trial.TERMINATED, Trial.ERROR) or trial.trial_id in recorded:
             continue
-        error = (trial.get_pickled_error() or trial.get_error()) if trial.status == Trial.ERROR else None
+        error = _saved_error(trial) if trial.status == Trial.ERROR else None
         row, epochs = trial_rows(study_name, trial.trial_id, trial.config, trial.last_result or {}, error,
                                  analysis.trial_dataframes.get(trial.trial_id))
         tables.write_trial_part(study_dir, row, epochs)

@@ -12,7 +12,7 @@ studies are not run again.
 from __future__ import annotations
 
 import argparse
-import os
+import contextlib
 import sys
 import time
 from pathlib import Path
@@ -29,9 +29,10 @@ def run_studies(storage: Path, seeds: int, extra: list[str]) -> dict[str, dict]:
     import ray
 
     from kd_ray.study_cli import study_main
+    from kd_ray.study_guards import local_ray_settings
 
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     runs, started_ray = {}, False
+    settings = contextlib.ExitStack()  # the local Ray's settings, restored after it stops
     try:
         for name in REPRODUCTION:
             if (storage / name / TRIALS_FILE).exists():
@@ -39,6 +40,8 @@ def run_studies(storage: Path, seeds: int, extra: list[str]) -> dict[str, dict]:
                 runs[name] = {"wall_s": None, "exit": 0}
                 continue
             if not started_ray:
+                # As a study's own: on the loopback only, with a token made for the run.
+                settings.enter_context(local_ray_settings())
                 ray.init(address="local", include_dashboard=False, log_to_driver=False)  # never a stray cluster
                 started_ray = True
             argv = ["--storage", str(storage), "--seeds", str(seeds), "--quiet"] + extra
@@ -52,6 +55,7 @@ def run_studies(storage: Path, seeds: int, extra: list[str]) -> dict[str, dict]:
     finally:
         if started_ray:
             ray.shutdown()
+        settings.close()
     return runs
 
 

@@ -67,3 +67,31 @@ def test_not_yaml_mapping(tmp_path):
     path.write_text("- a\n- b\n")
     with pytest.raises(ClusterConfigError, match="mapping"):
         load_cluster_config(str(path))
+
+
+ONPREM_YAML = CLUSTER_YAML.with_name("cluster-onprem.yaml")
+
+
+def test_shipped_onprem_yaml_is_valid():
+    notes = validate_cluster_config(load_cluster_config(str(ONPREM_YAML)), str(ONPREM_YAML))
+    assert any("local provider" in n for n in notes) and any("token authentication on" in n for n in notes)
+
+
+@pytest.mark.parametrize(
+    "edit, expected",
+    [
+        (lambda c: c.__setitem__("available_node_types", {"head": {"node_config": {}}}), "available_node_types"),
+        (lambda c: c["provider"].pop("head_ip"), "provider/head_ip"),
+        (lambda c: c["provider"].__setitem__("worker_ips", "198.51.100.11"), "provider/worker_ips"),
+        (lambda c: c["provider"].__setitem__("worker_ips", ["198.51.100.10"]), "not the head"),
+        (lambda c: c["auth"].pop("ssh_user"), "auth/ssh_user"),
+        (lambda c: c.__setitem__("worker_start_ray_commands", ["ray stop", "ray start --address=$RAY_HEAD_IP:6379"]),
+         "worker_start_ray_commands.*RAY_AUTH_MODE=token"),
+        (lambda c: c["file_mounts"].pop("~/.ray/auth_token"), "auth_token"),
+        (lambda c: c.__setitem__("setup_commands", ["pip install -e ~/kd-ray"]), "pin Ray's version"),
+    ],
+)
+def test_broken_onprem_copies_fail_with_a_clear_message(edit, expected):
+    config = load_cluster_config(str(ONPREM_YAML))
+    with pytest.raises(ClusterConfigError, match=expected):
+        validate_cluster_config(_broken(config, edit), "broken-onprem.yaml")

@@ -12,9 +12,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from kd_ray.config import TrialConfig
+from kd_ray.presets import STUDIES
 from kd_ray.progress import format_duration, time_left_s, trial_done_line
-from kd_ray.study_runner import ARM_KEY, CHECKPOINTS_KEPT, RunPlan, arm_columns
+from kd_ray.study_console import arm_columns
+from kd_ray.study_runner import CHECKPOINTS_KEPT
+from kd_ray.study_tables import ARM_KEY
 
 REPO = Path(__file__).resolve().parent.parent
 SNAPSHOT_WARNING = "Experiment state snapshotting has been triggered multiple times"
@@ -44,34 +46,35 @@ def test_trial_done_line():
 
 
 def test_arm_columns_name_what_tells_the_trials_apart():
-    plan = RunPlan(name="s", study_dir="/tmp/s", storage_path="/tmp", teacher_store="/tmp/teachers",
-                   base=TrialConfig(), axes={"temperature": [1.0, 4.0]},
-                   arms=[{"optimizer": "sgd", "lr": 0.05}, {"optimizer": "adam", "lr": 1e-3}], seeds=[0, 1])
-    assert arm_columns(plan) == {"temperature": "temperature", f"{ARM_KEY}/optimizer": "optimizer",
-                                 f"{ARM_KEY}/lr": "lr", "seed": "seed"}
-    one_seed = RunPlan(name="s", study_dir="/tmp/s", storage_path="/tmp", teacher_store="/tmp/teachers",
-                       base=TrialConfig(), axes={"teacher_members": [1, 3]}, seeds=[0])
-    assert arm_columns(one_seed) == {"teacher_members": "teacher_members"}
-    search = RunPlan(name="s", study_dir="/tmp/s", storage_path="/tmp", teacher_store="/tmp/teachers",
-                     base=TrialConfig(), search_space={"lr": ("logfloat", 0.01, 0.1), "alpha": ("float", 0, 1)})
-    assert arm_columns(search) == {"lr": "lr", "alpha": "alpha"}
+    arms = [{"optimizer": "sgd", "lr": 0.05}, {"optimizer": "adam", "lr": 1e-3}]
+    assert arm_columns(None, {"temperature": [1.0, 4.0]}, arms, [0, 1]) == {
+        "temperature": "temperature", f"{ARM_KEY}/optimizer": "optimizer", f"{ARM_KEY}/lr": "lr", "seed": "seed"}
+    assert arm_columns(None, {"teacher_members": [1, 3]}, [], [0]) == {"teacher_members": "teacher_members"}
+    search = {"lr": ("logfloat", 0.01, 0.1), "alpha": ("float", 0.0, 1.0)}
+    assert arm_columns(search, {}, [], [0]) == {"lr": "lr", "alpha": "alpha"}
+
+
+# The default study at a tiny scale: one policy, two seeds, the preset's other axes (one value each).
+STUDY = "augmentation_ablation"
+SEEDS = 2
+PARAMETERS = [axis for axis in STUDIES[STUDY].presets["local"].axes if axis != "augmentation"] + ["seed"]
 
 
 @pytest.fixture(scope="module")
 def default_study_console(tmp_path_factory) -> tuple[str, pd.DataFrame]:
-    """The default study (augmentation_ablation) at a tiny scale: one policy, its two temperatures, one
-    seed, a checkpoint at each of 8 epochs, which with Ray Tune's num_to_keep=2 set off the warning."""
+    """The default study's console and trials table: a checkpoint at each of its 8 epochs, which with
+    Ray Tune's num_to_keep=2 set off the snapshot warning several times."""
     storage = tmp_path_factory.mktemp("console")
     epochs = CHECKPOINTS_KEPT - 2
-    argv = [sys.executable, str(REPO / "studies" / "augmentation_ablation.py"), "--storage", str(storage),
-            "--seeds", "1", "--set", "augmentation=baseline", "--set", "teacher_members=1",
+    argv = [sys.executable, str(REPO / "studies" / f"{STUDY}.py"), "--storage", str(storage),
+            "--seeds", str(SEEDS), "--set", "augmentation=baseline", "--set", "teacher_members=1",
             "--set", "teacher_epochs=2", "--set", f"epochs={epochs}", "--set", "eval_every=1"]
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AIR_NEW_OUTPUT")}
     done = subprocess.run(argv, cwd=REPO, env={**env, "RAY_AUTH_MODE": "disabled"}, capture_output=True,
                           text=True, timeout=600)
     output = done.stdout + done.stderr
     assert done.returncode == 0, output[-4000:]
-    return output, pd.read_parquet(storage / "augmentation_ablation" / "trials.parquet")
+    return output, pd.read_parquet(storage / STUDY / "trials.parquet")
 
 
 def test_the_default_study_prints_no_repeated_snapshot_warning(default_study_console):
@@ -85,23 +88,25 @@ def test_the_progress_table_shows_the_arm_and_the_students_metrics(default_study
     final = output[output.rindex("== Status =="):]
     header = next(line for line in final.splitlines() if line.startswith("| Trial name"))
     columns = [c.strip() for c in header.strip("|").split("|")]
-    assert columns[3:] == ["temperature", "epoch", "test_agreement", "test_acc"], header
+    assert columns[3:] == [*PARAMETERS, "epoch", "test_agreement", "test_acc"], header
     rows = [line for line in final.splitlines() if line.startswith("| _trainable")]
-    assert len(rows) == len(trials) == 2
+    assert len(rows) == len(trials) == SEEDS
     assert all("TERMINATED" in row for row in rows)
-    shown = sorted(float(row.strip("|").split("|")[5]) for row in rows)
+    shown = sorted(float(row.strip("|").split("|")[columns.index("test_agreement")]) for row in rows)
     assert shown == pytest.approx(sorted(trials["test_agreement"]), abs=1e-4)
 
 
 def test_one_line_per_finished_trial_with_done_total_and_time_left(default_study_console):
     output, trials = default_study_console
-    pattern = re.compile(r"\] trial (\d+)/(\d+) done \| temperature=(\S+) \| test_agreement (\S+) test_acc (\S+) "
+    pattern = re.compile(r"\] trial (\d+)/(\d+) done \| (.+) \| test_agreement (\S+) test_acc (\S+) "
                          r"\| (\w+) elapsed(, about (\w+) left)?$")
     lines = [pattern.search(line) for line in output.splitlines() if "] trial " in line]
     assert len(lines) == len(trials) and all(lines), output[-4000:]
-    assert [int(m.group(1)) for m in lines] == [1, 2] and {m.group(2) for m in lines} == {"2"}
-    assert lines[0].group(8) is not None and lines[1].group(7) is None  # time left, until the last one
+    assert [int(m.group(1)) for m in lines] == list(range(1, SEEDS + 1)) and {m.group(2) for m in lines} == {str(SEEDS)}
+    assert all(m.group(8) for m in lines[:-1]) and lines[-1].group(7) is None  # time left, until the last one
     for match in lines:
-        row = trials[trials["temperature"] == float(match.group(3))].iloc[0]
+        arm = dict(pair.split("=") for pair in match.group(3).split(" "))
+        assert list(arm) == PARAMETERS
+        row = trials[trials["seed"] == int(arm["seed"])].iloc[0]
         assert float(match.group(4)) == pytest.approx(row["test_agreement"], abs=5e-4)
         assert float(match.group(5)) == pytest.approx(row["test_acc"], abs=5e-4)

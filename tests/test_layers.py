@@ -23,6 +23,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("kd_ray.teachers",),
     ("kd_ray.trial",),
     ("kd_ray.study_tables", "kd_ray.study_guards"),
+    ("kd_ray.study_console",),
     ("kd_ray.study_runner",),
     ("kd_ray.study",),
     ("kd_ray.presets",),

@@ -147,6 +147,44 @@ def test_analysis_says_when_it_reads_a_partial_study(tmp_path, capsys):
     assert "Partial" not in (tmp_path / "both" / analysis.REPORT_FILE).read_text()
 
 
+# --- the callback on a real local Ray ------------------------------------------------------------
+
+
+def test_live_rows_are_the_rows_of_ray_tunes_results_errors_included(ray_local, tmp_path):
+    from ray import tune
+
+    from kd_ray.study_tables import LiveTables, collect_rows
+
+    def trainable(config):  # defined here so that Ray ships it by value to its workers
+        from ray import tune
+
+        tune.report({"epoch": 1, "train_loss": 0.5, "test_agreement": 0.7})
+        if config["outcome"] == "fails":
+            raise ValueError("a trial that fails for good")
+        if config["outcome"] == "done":
+            tune.report({"epoch": 1, "final": True, "status": "TERMINATED", "epochs_completed": 1,
+                         "test_agreement": 0.7})
+
+    study_dir = tmp_path / "live"
+    results = tune.Tuner(
+        trainable, param_space={"outcome": tune.grid_search(["done", "fails", "quits"])},
+        run_config=tune.RunConfig(name="live", storage_path=str(tmp_path), verbose=0,
+                                  failure_config=tune.FailureConfig(max_failures=0),
+                                  callbacks=[LiveTables("live", str(study_dir), expected=3)]),
+    ).fit()
+    assert read_completeness(str(study_dir)) == Completeness(3, 3)
+    trials = pd.read_parquet(study_dir / TRIALS_FILE).sort_values("trial_id", ignore_index=True)
+    assert sorted(trials["status"]) == ["ERROR", "STOPPED", "TERMINATED"]
+    assert trials.loc[trials["status"] == "ERROR", "error"].str.contains("a trial that fails for good").all()
+    rows, epoch_rows = collect_rows("live", results)
+    pd.testing.assert_frame_equal(
+        trials, tables.to_table(rows, TRIALS_SCHEMA).to_pandas().sort_values("trial_id", ignore_index=True))
+    epochs = pd.read_parquet(study_dir / EPOCHS_FILE).sort_values("trial_id", ignore_index=True)
+    assert len(epochs) == 3
+    pd.testing.assert_frame_equal(
+        epochs, tables.to_table(epoch_rows, EPOCHS_SCHEMA).to_pandas().sort_values("trial_id", ignore_index=True))
+
+
 # --- a study of a few hundred tiny trials, as a real driver -----------------------------------------
 
 REPO = Path(__file__).resolve().parent.parent
@@ -257,10 +295,18 @@ def test_a_study_has_live_tables_and_an_interrupted_one_resumes_to_complete_tabl
     assert interrupted["trial_id"].is_unique and (interrupted["status"] == "TERMINATED").all()
     assert set(interrupted["trial_id"]) == finished_in_saved_state(study_dir)
     assert parts_left(study_dir) == []
+    # A finished trial whose row was lost (a driver killed between the two): the resumed run takes
+    # it from Ray Tune's saved state, which records it as finished, so it is not run again.
+    lost = sorted(interrupted["trial_id"])[0]
+    kept_rows = [row for row in pq.read_table(study_dir / TRIALS_FILE).to_pylist() if row["trial_id"] != lost]
+    kept_epochs = [row for row in pq.read_table(study_dir / EPOCHS_FILE).to_pylist() if row["trial_id"] != lost]
+    tables.write_study_tables(str(study_dir), kept_rows, kept_epochs, expected=EXPECTED)
+    assert lost not in set(pd.read_parquet(study_dir / TRIALS_FILE)["trial_id"])
 
     # 3. --resume: the tables grow from there, and analysis reads them mid-study and says so.
     second = drivers([*argv, "--resume"], tmp_path / "run2.log")
     live = wait_for_rows(study_dir, len(interrupted) + 5, second)
+    assert lost not in set(pd.read_parquet(study_dir / TRIALS_FILE)["trial_id"])  # it is not run again
     capsys.readouterr()
     assert cli.main(["analyze", str(study_dir), "--n-boot", "0", "--out", str(tmp_path / "mid")]) == 0
     err = capsys.readouterr().err

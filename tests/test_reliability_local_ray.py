@@ -103,7 +103,10 @@ def test_a_local_study_s_ray_is_closed_to_others_and_sigterm_or_sighup_stop_it_f
     for name, settings in {"wrong token": {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "0" * 64},
                            "auth disabled": {"RAY_AUTH_MODE": "disabled"},
                            "the run's token": {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}}.items():
-        env = {**clean_env(home), **settings, "RAY_NUM_REDIS_GET_RETRIES": "3"}
+        # As a driver on this machine must: take 127.0.0.1 as it is (Ray would map it to the machine's
+        # network address, where nothing of the study listens), and give up after 3 s, not 20.
+        env = {**clean_env(home), **settings, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+               "RAY_NUM_REDIS_GET_RETRIES": "3"}
         intruders[name] = subprocess.Popen([sys.executable, "-c", INTRUDER.format(address=address)], env=env,
                                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     outputs = {name: proc.communicate(timeout=120) for name, proc in intruders.items()}

@@ -24,7 +24,8 @@ SCRIPTS = sorted(p.stem for p in STUDIES_DIR.glob("*.py")
                  if not p.name.startswith("_") and p.stem not in ("reproduce", "loss_surface"))
 
 # Flags every run gets: one student epoch, one teacher epoch, one seed, large batches, less output.
-TINY = ["--set", "epochs=1", "--set", "teacher_epochs=1", "--set", "batch_size=256", "--seeds", "1", "--quiet"]
+TINY = ["--set", "epochs=1", "--set", "steps=0", "--set", "teacher_epochs=1", "--set", "batch_size=256", "--seeds", "1",
+        "--quiet"]
 # Per script, flags that collapse an axis (or merge arms) to keep the run to a handful of trials; the
 # expected row count below follows the same rule the scripts document: a --set field leaves the grid.
 EXTRA = {
@@ -207,3 +208,11 @@ def test_ensemble_size_script_as_a_subprocess(ray_local, storage):
     if in_process.exists():
         assert "8 members needed, 8 in the store" in proc.stdout
         assert sorted(pd.read_parquet(in_process)["teacher_key"]) == sorted(trials["teacher_key"])
+
+
+def test_epochs_on_a_study_with_a_step_budget_is_refused(capsys):
+    from kd_ray.study_cli import study_main
+
+    assert study_main("dataset_size", None, ["--set", "epochs=3", "--storage", "/tmp/kd_ray_never_written"]) == 2
+    err = capsys.readouterr().err
+    assert "epochs=3 would be ignored: this preset fixes steps=" in err and err.count("\n") == 1
