@@ -17,14 +17,13 @@ import os
 import tempfile
 import time
 
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+import ray
 
-import ray  # noqa: E402
-
-from kd_ray.config import TrialConfig  # noqa: E402
-from kd_ray.provenance import versions  # noqa: E402
-from kd_ray.study import Study  # noqa: E402
-from kd_ray.study_runner import prepare_teachers  # noqa: E402
+from kd_ray.config import TrialConfig
+from kd_ray.provenance import versions
+from kd_ray.study import Study
+from kd_ray.study_guards import local_ray_settings
+from kd_ray.study_runner import prepare_teachers
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,14 +39,16 @@ def main(argv: list[str] | None = None) -> int:
         study = Study("overhead", base=base, axes={"temperature": temperatures}, seeds=[0, 1], storage=storage,
                       cpus_per_trial=1, verbose=0)
         configs = study.validate()
-        ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
-        try:
-            prepare_teachers(study.plan(), configs)
-            started = time.perf_counter()
-            result = study.run()
-            wall = time.perf_counter() - started
-        finally:
-            ray.shutdown()
+        # As a study's own Ray: on the loopback only, with a token made for the run.
+        with local_ray_settings():
+            ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
+            try:
+                prepare_teachers(study.plan(), configs)
+                started = time.perf_counter()
+                result = study.run()
+                wall = time.perf_counter() - started
+            finally:
+                ray.shutdown()
     concurrency = min(args.cpus, len(configs))
     trial_time = float(result.trials["train_time_s"].sum())
     ideal = trial_time / concurrency

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from kd_ray.presets import REPRODUCTION
-from kd_ray.tables import TRIALS_FILE
+from kd_ray.tables import COMPLETE, TRIALS_FILE, read_completeness
 
 HERE = Path(__file__).resolve().parent
 
@@ -35,7 +35,9 @@ def run_studies(storage: Path, seeds: int, extra: list[str]) -> dict[str, dict]:
     settings = contextlib.ExitStack()  # the local Ray's settings, restored after it stops
     try:
         for name in REPRODUCTION:
-            if (storage / name / TRIALS_FILE).exists():
+            completeness = read_completeness(str(storage / name))
+            # A partial study's tables exist too (they fill as trials finish): only a complete one is skipped.
+            if (storage / name / TRIALS_FILE).exists() and (completeness is None or completeness.state == COMPLETE):
                 print(f"reproduce: {name} already complete in {storage / name}")
                 runs[name] = {"wall_s": None, "exit": 0}
                 continue

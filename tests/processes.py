@@ -6,8 +6,12 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
+
+import pytest
 
 
 def session_processes(sid: int) -> list[int]:
@@ -103,3 +107,33 @@ def wait_for(condition, timeout: float, what: str, proc=None, log: Path | None =
         time.sleep(0.1)
     tail = log.read_text()[-3000:] if log else ""
     pytest.fail(f"timed out after {timeout} s waiting for {what}:\n{tail}")
+
+
+class Driver:
+    """A study script run as its own process, in its own session (``sid``), so that it and every Ray
+    process it starts can be found and killed; its output goes to ``log``."""
+
+    def __init__(self, script: Path, argv: list[str], log: Path, cwd: Path) -> None:
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        env["RAY_AUTH_MODE"] = "disabled"
+        self.log = log
+        self._out = open(log, "w")
+        self.proc = subprocess.Popen([sys.executable, str(script), *argv], cwd=cwd, env=env, stdout=self._out,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+        self.sid = self.proc.pid  # the session leader
+
+    def output(self) -> str:
+        self._out.flush()
+        return self.log.read_text()
+
+    def wait(self, timeout: float) -> int:
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"the driver did not exit within {timeout} s:\n{self.output()[-3000:]}")
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(30)
+        self._out.close()

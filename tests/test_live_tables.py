@@ -9,8 +9,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -18,6 +16,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from processes import Driver
 
 from kd_ray import analysis, cli, tables
 from kd_ray.tables import (
@@ -197,40 +196,12 @@ ARGS = ["--set", "teacher_members=1", "--set", "teacher_epochs=1", "--set", "tea
         "--set", "epochs=1", "--set", "eval_every=1", "--set", "batch_size=256", "--seeds", str(SEEDS), "--quiet"]
 
 
-class Driver:
-    """A study script as a process of its own (and its own process group, killed at the end if left)."""
-
-    def __init__(self, argv: list[str], log: Path) -> None:
-        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-        env["RAY_AUTH_MODE"] = "disabled"
-        self.log = log
-        self._out = open(log, "w")
-        self.proc = subprocess.Popen([sys.executable, str(SCRIPT), *argv], cwd=REPO, env=env, stdout=self._out,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
-
-    def output(self) -> str:
-        self._out.flush()
-        return self.log.read_text()
-
-    def wait(self, timeout: float) -> int:
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            pytest.fail(f"the driver did not exit within {timeout} s:\n{self.output()[-3000:]}")
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(30)
-        self._out.close()
-
-
 @pytest.fixture
 def drivers():
     started: list[Driver] = []
 
     def start(argv: list[str], log: Path) -> Driver:
-        started.append(Driver(argv, log))
+        started.append(Driver(SCRIPT, argv, log, REPO))
         return started[-1]
 
     yield start

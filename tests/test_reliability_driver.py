@@ -9,16 +9,14 @@ starts, Ray's included, can be found by session id and is killed at the end of t
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
+from processes import Driver, command_line, kill_session, session_processes
 from ray_results import epoch_reports, parse_epoch_reports
 
 from kd_ray.tables import PARTS_DIR, TRIAL_PART, Completeness, read_completeness
@@ -28,66 +26,20 @@ pytestmark = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="fi
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "studies" / "temperature_sweep.py"
 # temperature_sweep with one teacher member: four temperatures, one trial each, run one at a time so
-# that a finished trial is followed by a running one. 80 epochs, evaluated and checkpointed every 10.
-EPOCHS, EVERY = 80, 10
+# that a finished trial is followed by a running one. 120 epochs, evaluated and checkpointed every 10.
+EPOCHS, EVERY = 120, 10
 ARGS = ["--set", "teacher_members=1", "--set", "teacher_epochs=2", "--set", f"epochs={EPOCHS}",
         "--set", f"eval_every={EVERY}", "--set", "batch_size=256", "--seeds", "1", "--max-concurrent", "1", "--quiet"]
 TEMPERATURES = {1.0, 4.0, 8.0, 16.0}
 RAY_CORE = ("gcs_server", "raylet", "ray::ImplicitFunc", "default_worker.py")
 
 
-class Driver:
-    def __init__(self, argv: list[str], log: Path) -> None:
-        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-        env["RAY_AUTH_MODE"] = "disabled"
-        self.log = log
-        self._out = open(log, "w")
-        self.proc = subprocess.Popen([sys.executable, str(SCRIPT), *argv], cwd=REPO, env=env, stdout=self._out,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
-        self.sid = self.proc.pid  # the session leader
-
-    def wait(self, timeout: float) -> int:
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            pytest.fail(f"the driver did not exit within {timeout} s:\n{self.output()[-3000:]}")
-
-    def output(self) -> str:
-        self._out.flush()
-        return self.log.read_text()
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
-    except OSError:
-        return ""
-
-
-def session_processes(sid: int) -> list[int]:
-    """Live (not zombie) processes of session ``sid``, from /proc."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        pid = int(entry.name)
-        try:
-            if os.getsid(pid) != sid:
-                continue
-            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
-        except (OSError, IndexError):
-            continue
-        if state not in ("Z", "X"):
-            found.append(pid)
-    return found
-
-
 def describe(pids: list[int]) -> list[str]:
-    return [f"{pid} {_cmdline(pid)[:120]}" for pid in pids]
+    return [f"{pid} {command_line(pid)[:120]}" for pid in pids]
 
 
 def is_ray_core(pid: int) -> bool:
-    text = _cmdline(pid)
+    text = command_line(pid)
     try:
         text += " " + Path(f"/proc/{pid}/comm").read_text()
     except OSError:
@@ -101,18 +53,14 @@ def drivers():
     started: list[Driver] = []
 
     def start(argv: list[str], log: Path) -> Driver:
-        driver = Driver(argv, log)
+        driver = Driver(SCRIPT, argv, log, REPO)
         started.append(driver)
         return driver
 
     yield start
     for driver in started:
-        for pid in session_processes(driver.sid):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except OSError:
-                pass
-        driver._out.close()
+        kill_session(driver.sid)
+        driver.close()
 
 
 def wait_for(condition, timeout: float, driver: Driver | None = None, what: str = ""):
@@ -212,7 +160,9 @@ def test_killed_then_interrupted_driver_resumes_to_complete_tables(tmp_path, dri
         if not recorded_terminated(study_dir) - set(done_first):
             return False
         done = finished(study_dir)
-        return any(1 <= len(logged) <= 4 for logged in (
+        # Mid-run: evaluated at least once, with room left before its end (Tune records a finished
+        # trial in its saved state only at its next snapshot, which can take a few evaluations).
+        return any(1 <= len(logged) <= EPOCHS // EVERY - 3 for logged in (
             epoch_reports(d) for d in trial_dirs(study_dir)
             if d.name not in done and (d / "result.json").is_file()))
 
