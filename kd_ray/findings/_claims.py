@@ -259,6 +259,11 @@ def _number(metric: str, value: float, signed: bool = False) -> str:
     return f"{value:+.4f}" if signed else f"{value:.4f}"
 
 
+def _size(metric: str, value: float) -> str:
+    """An unsigned difference: a margin or a detectable effect (percentage points for fractions)."""
+    return _number(metric, value, signed=True).lstrip("+")
+
+
 def describe_sample(s: Sample) -> str:
     values = one_sample_values(s)
     n = len(values)
@@ -282,14 +287,14 @@ def describe_claim(claim: Claim) -> str:
     else:
         claimed = KIND_TEXT[claim.kind]
         if claim.kind in (SAME, NO_GAIN, NO_LOSS):
-            claimed += f" ±{_number(m, claim.margin).lstrip('+')}"
+            claimed += f" ±{_size(m, claim.margin)}"
         text = (f"{claim.a.label} − {claim.b.label}, {m}: {_number(m, claim.mean, True)} (95% CI "
                 f"{_number(m, claim.low, True)} to {_number(m, claim.high, True)}, n={claim.n} pairs, "
                 f"p={claim.p_difference:.3g}, Holm p={claim.p_adjusted:.3g}, "
                 f"equivalence p={claim.p_equivalence:.3g}); claim: {claimed}; "
-                f"minimum effect {_number(m, claim.margin).lstrip('+')}")
+                f"minimum effect {_size(m, claim.margin)}")
         if claim.verdict == INCONCLUSIVE and not math.isnan(claim.mde):
-            text += f"; detectable at 80% power: {_number(m, claim.mde).lstrip('+')}"
+            text += f"; detectable at 80% power: {_size(m, claim.mde)}"
     text += f" → **{claim.verdict}**"
     return text + "".join(f" ({note})" for note in claim.notes)
 

@@ -100,7 +100,7 @@ def test_capacity_rule_holds_when_the_largest_student_gains_a_little(tmp_path):
     assert (no_loss.kind, no_gain.kind) == ("no_loss", "no_gain") and no_gain.margin == 0.03
     assert no_loss.a.label == "mlp4-w2 from mlp" and no_loss.b.label == "mlp from mlp"
     assert no_loss.n == 6 and abs(no_loss.mean - 0.01) < 0.005
-    assert "no gain beyond ±3.00%" in verdict.evidence[1]
+    assert "no gain beyond ±3.00 pp" in verdict.evidence[1]
 
 
 def test_capacity_rule_fails_when_the_largest_student_gains_a_lot(tmp_path):
