@@ -145,9 +145,10 @@ def test_the_paper_plan_reads_the_registry_and_counts_control_members():
 def test_reproduce_runs_the_registry_studies_and_skips_finished_ones(tmp_path, capsys):
     import ray
 
+    from kd_ray.tables import write_study_tables
+
     for name in REPRODUCTION:
-        (tmp_path / name).mkdir()
-        (tmp_path / name / "trials.parquet").touch()
+        write_study_tables(str(tmp_path / name), [], [], expected=0)  # complete: every expected trial is in
     runs = _load_reproduce().run_studies(tmp_path, 3, [])
     assert list(runs) == list(REPRODUCTION)
     assert all(run == {"wall_s": None, "exit": 0} for run in runs.values())
