@@ -94,13 +94,13 @@ def tracker_callbacks(trackers: tuple[str, ...], name: str, study_dir: str) -> l
             log(f"tensorboard: tensorboard --logdir {study_dir}")
         elif tracker == "mlflow":
             import mlflow
-            from ray.air.integrations.mlflow import MLflowLoggerCallback
+            from ray.tune.logger.mlflow import MLflowLoggerCallback
 
             # Where the runs go is MLflow's own setting (MLFLOW_TRACKING_URI, else MLflow's default).
             callbacks.append(MLflowLoggerCallback(experiment_name=name, tags={"kd_ray_study": name}))
             log(f"mlflow: experiment '{name}', a run per trial, at {mlflow.get_tracking_uri()}")
         elif tracker == "wandb":
-            from ray.air.integrations.wandb import WandbLoggerCallback
+            from ray.tune.logger.wandb import WandbLoggerCallback
 
             project = os.environ.get("WANDB_PROJECT", "kd_ray")
             # Run files go to WANDB_DIR, else beside the tables: not into the trial directories, whose
