@@ -132,6 +132,7 @@ RULE_CHANGES = {
     14: "'does not raise' is a non-superiority test at the stated margin",
     15: "the real student must agree more than the control, and the control must reach more than half of the real "
         "student's agreement above chance (the old ratio >= 0.9 passed almost anything)",
+    16: "newly covered by the student_capacity study (depth and width around the teacher's)",
     17: "a rank correlation within seeds across all arms, not a comparison of the winning arms",
 }
 
