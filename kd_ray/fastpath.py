@@ -7,6 +7,11 @@ Three choices, each timed on throwaway models of the trial's architecture and ba
 - the teacher members in one vectorized call (torch.func) or one after another.
 The measurement runs once per process and configuration; a Ray worker reused across trials pays it
 once. What was chosen is written to every trial row (`precision_used`, `fast_path`).
+
+Only ``precision="auto"`` measures. A fixed precision (``fp32`` or ``bf16``) also fixes the rest of
+the path (contiguous layout, the vectorized teacher): the layout and the teacher's execution change
+the arithmetic in the last bits, and a timing decision could then give two replicates of one arm
+different arithmetic (measured on LeNet-5: a few pp of agreement apart after 200 steps).
 """
 
 from __future__ import annotations
@@ -19,7 +24,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from kd_ray.models import LoopEnsemble, StackedEnsemble, build_model
+from kd_ray.ensembles import LoopEnsemble, StackedEnsemble
+from kd_ray.models import build_model
 
 BF16_MIN_GAIN = 1.2  # bf16 must beat the best fp32 option by this factor to be chosen under auto
 
@@ -61,6 +67,8 @@ def choose(
     arch: str, teacher_arch: str, input_shape: tuple[int, ...], num_classes: int, norm: str, members: int,
     batch_size: int, device_name: str, precision: str, repeats: int = 3,
 ) -> FastPath:
+    if precision != "auto":
+        return FastPath(bf16=precision == "bf16", channels_last=False, stacked_teacher=True)
     device = torch.device(device_name)
     torch_state = torch.random.get_rng_state()  # throwaway models must not move the trial's RNG
     try:

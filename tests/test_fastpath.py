@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from kd_ray import fastpath
 from kd_ray.augment import augment
 from kd_ray.distill import AugmentSpec, Recipe, TrainState, fit, make_optimizer
-from kd_ray.models import LoopEnsemble, StackedEnsemble, build_model
+from kd_ray.ensembles import LoopEnsemble, StackedEnsemble
+from kd_ray.models import build_model
 
 CASES = [("mlp", (1, 40)), ("conv1d", (1, 40)), ("smallcnn", (1, 8, 8)), ("preresnet8", (3, 16, 16))]
 
@@ -106,6 +107,10 @@ def test_choose_respects_forced_precision_and_leaves_the_rng_alone():
     forced_bf16 = fastpath.choose("mlp", "mlp", (1, 40), 10, "batch", 2, 64, "cpu", "bf16", repeats=1)
     assert forced_fp32.bf16 is False and forced_bf16.bf16 is True
     assert forced_fp32.channels_last is False  # 1-D data has no channels_last layout
+    # A fixed precision fixes the whole path, by no timing: every replicate gets the same arithmetic.
+    for precision in ("fp32", "bf16"):
+        fixed = fastpath.choose("smallcnn", "smallcnn", (1, 8, 8), 10, "batch", 5, 64, "cpu", precision, repeats=1)
+        assert (fixed.channels_last, fixed.stacked_teacher) == (False, True)
     assert torch.equal(torch.random.get_rng_state(), before)
     image = fastpath.choose("smallcnn", "smallcnn", (1, 8, 8), 10, "batch", 2, 64, "cpu", "auto", repeats=1)
     assert isinstance(image.channels_last, bool) and "teacher" in image.describe()
