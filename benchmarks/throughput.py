@@ -32,8 +32,9 @@ from torch.utils.flop_counter import FlopCounterMode
 from kd_ray import fastpath
 from kd_ray.data import DATASET_INFO, load_arrays
 from kd_ray.distill import AugmentSpec, Recipe, TrainState, fit, make_optimizer
+from kd_ray.ensembles import LoopEnsemble, StackedEnsemble, ensemble_log_probs
 from kd_ray.losses import kd_loss
-from kd_ray.models import LoopEnsemble, StackedEnsemble, build_model, ensemble_log_probs
+from kd_ray.models import build_model
 from kd_ray.provenance import versions
 
 

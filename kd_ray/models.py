@@ -1,4 +1,4 @@
-"""Architectures by name, and the ensemble rule that turns member logits into one prediction.
+"""Architectures by name, and the stages of each (``stage_modules``).
 
 Names:
 
@@ -23,17 +23,21 @@ Every model that receives images (3-D input shape, including ``mlp`` on images) 
 x -> (x - 0.5) / 0.5 itself, because image tensors are kept in [0, 1]; 1-D signals (mnist1d) are
 already standardised and pass through unchanged.
 
+Stages (``stage_modules``: the modules whose outputs compare one network's representations with
+another's, e.g. by CKA), input side first: ``mlp``, each hidden layer after its activation;
+``conv1d`` and ``smallcnn``, each conv block (conv, norm, ReLU) after its ReLU; ``lenet5`` and
+``vgg16``, each conv block after its max-pooling (2 and 5 blocks); ``preresnet``, its three stages
+``layer1``..``layer3`` (the residual stream, before the final norm).
+
 Initialisation uses PyTorch's defaults (plus He init for ``vgg16``, see ``_VGG16``) and draws only
 from torch's global generator, so ``torch.manual_seed(s)`` before ``build_model`` fixes the weights.
 """
 
 from __future__ import annotations
 
-import copy
 import difflib
 import math
 import re
-import warnings
 
 import torch
 from torch import nn
@@ -402,96 +406,45 @@ def build_model(
     if not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"arch {name!r}: num_classes must be a positive int; got {num_classes!r}")
     base, depth, width = _parse(name, input_shape)
+    model: nn.Module
     if base == "mlp":
-        return _mlp(input_shape, num_classes, norm, depth, int(MLP_HIDDEN * width))
-    if base == "conv1d":
-        return _conv1d(input_shape, num_classes, norm)
-    if base == "smallcnn":
-        return _smallcnn(input_shape, num_classes, norm)
-    if base == "lenet5":
-        return _lenet5(input_shape, num_classes)
+        model = _mlp(input_shape, num_classes, norm, depth, int(MLP_HIDDEN * width))
+    elif base == "conv1d":
+        model = _conv1d(input_shape, num_classes, norm)
+    elif base == "smallcnn":
+        model = _smallcnn(input_shape, num_classes, norm)
+    elif base == "lenet5":
+        model = _lenet5(input_shape, num_classes)
+    elif base == "vgg16":
+        model = _VGG16(input_shape[0], num_classes)
+    else:
+        model = PreResNet(depth, int(width), input_shape[0], num_classes, norm)
+    # Names, not modules: they survive copies and moves of the model unchanged.
+    model.stage_names = _stage_names(base, model)
+    return model
+
+
+def _stage_names(base: str, model: nn.Module) -> tuple[str, ...]:
+    if base == "preresnet":
+        return ("layer1", "layer2", "layer3")
     if base == "vgg16":
-        return _VGG16(input_shape[0], num_classes)
-    return PreResNet(depth, int(width), input_shape[0], num_classes, norm)
+        assert isinstance(model, _VGG16)
+        return tuple(f"features.{i}" for i, m in enumerate(model.features) if isinstance(m, nn.MaxPool2d))
+    # A lenet5 conv block ends in its pooling (its other ReLUs follow linear layers); the blocks of
+    # mlp, conv1d and smallcnn end in their ReLU.
+    block_end = nn.MaxPool2d if base == "lenet5" else nn.ReLU
+    return tuple(name for name, m in model.named_children() if isinstance(m, block_end))
 
 
-def ensemble_log_probs(member_logits: torch.Tensor) -> torch.Tensor:
-    """``[m, N, C]`` member logits -> ``[N, C]`` float32 log(mean_i softmax(z_i))."""
-    if member_logits.dim() != 3 or member_logits.shape[0] < 1:
-        raise ValueError(
-            f"ensemble_log_probs expects member logits of shape [m, N, C] with m >= 1; "
-            f"got {tuple(member_logits.shape)}"
-        )
-    # logsumexp over log-softmaxes never forms a probability that could underflow to 0.
-    log_probs = torch.log_softmax(member_logits.float(), dim=-1)
-    return torch.logsumexp(log_probs, dim=0) - math.log(member_logits.shape[0])
+def stage_modules(model: nn.Module) -> list[nn.Module]:
+    """The modules whose outputs are ``model``'s stages, input side first (the module docstring
+    says which for each architecture); ``model`` is one ``build_model`` made."""
+    names = getattr(model, "stage_names", None)
+    if names is None:
+        raise ValueError(f"{type(model).__name__} names no stages: only a model from build_model does")
+    return [model.get_submodule(name) for name in names]
 
 
 def count_parameters(model: nn.Module) -> int:
     """Number of scalar parameters (trainable or not; buffers such as BN statistics excluded)."""
     return sum(p.numel() for p in model.parameters())
-
-
-class StackedEnsemble:
-    """Members of one architecture run as a single vectorized call (``torch.func.vmap``).
-
-    The members' parameters and buffers are stacked along a new leading dimension, so one forward
-    pass computes all ``m`` members' logits; members must be in eval mode (running statistics).
-    """
-
-    def __init__(self, members: list[nn.Module]) -> None:
-        if not members:
-            raise ValueError("StackedEnsemble needs at least one member")
-        params, buffers = torch.func.stack_module_state(members)
-        self.params = {k: v.detach() for k, v in params.items()}
-        self.buffers = {k: v.detach() for k, v in buffers.items()}
-        # A parameter-free skeleton: functional_call supplies each member's tensors.
-        skeleton = copy.deepcopy(members[0]).to("meta").eval()
-
-        def member_logits(p: dict, b: dict, x: torch.Tensor) -> torch.Tensor:
-            return torch.func.functional_call(skeleton, (p, b), (x,))
-
-        self._logits = torch.func.vmap(member_logits, in_dims=(0, 0, None))
-        self.size = len(members)
-        self.dtype = torch.float32
-
-    def cast(self, dtype: torch.dtype) -> "StackedEnsemble":
-        """A copy whose members run in ``dtype`` (e.g. bfloat16 on a bf16-capable device)."""
-        other = copy.copy(self)
-        other.params = {k: v.to(dtype) if v.is_floating_point() else v for k, v in self.params.items()}
-        other.buffers = {k: v.to(dtype) if v.is_floating_point() else v for k, v in self.buffers.items()}
-        other.dtype = dtype
-        return other
-
-    def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """``[m, N, C]`` member logits on the batch ``x``, in the ensemble's dtype."""
-        with torch.inference_mode(), torch.autocast(x.device.type, enabled=False), warnings.catch_warnings():
-            # vmap falls back to a loop for a few ops (adaptive pooling); fastpath measures the cost.
-            warnings.filterwarnings("ignore", message="There is a performance drop")
-            return self._logits(self.params, self.buffers, x.to(self.dtype))
-
-    def log_probs(self, x: torch.Tensor) -> torch.Tensor:
-        return ensemble_log_probs(self.logits(x))
-
-
-class LoopEnsemble:
-    """The reference execution: members one after another; same interface as StackedEnsemble."""
-
-    def __init__(self, members: list[nn.Module]) -> None:
-        self.members = members
-        self.dtype = torch.float32
-        self.size = len(members)
-
-    def cast(self, dtype: torch.dtype) -> "LoopEnsemble":
-        other = LoopEnsemble([copy.deepcopy(m).to(dtype) for m in self.members])
-        other.dtype = dtype
-        return other
-
-    def logits(self, x: torch.Tensor) -> torch.Tensor:
-        with torch.inference_mode(), torch.autocast(x.device.type, enabled=False):
-            x = x.to(self.dtype)
-            return torch.stack([member(x) for member in self.members])
-
-    def log_probs(self, x: torch.Tensor) -> torch.Tensor:
-        return ensemble_log_probs(self.logits(x))
-

@@ -44,8 +44,13 @@ FIDELITY_METRICS = ("test_agreement", "test_kl", "train_agreement", "train_kl", 
 TEACHER_METRICS = ("teacher_test_acc", "teacher_test_nll", "teacher_test_ece")
 # Measured only by trials that run the independent-student control; absent from epochs.parquet.
 CONTROL_METRICS = ("control_test_agreement",)
+# How alike the final student's and teacher member 0's representations are: linear CKA at up to three
+# stages, the first, a middle and the last (kd_ray.cka says which); NaN where a network has fewer.
+CKA_METRICS = ("cka_stage1", "cka_stage2", "cka_stage3")
+# Measured once per trial, after training: absent from epochs.parquet.
+AFTER_TRAINING_METRICS = CONTROL_METRICS + CKA_METRICS
 # In the column order of the tables.
-METRICS = GENERALIZATION_METRICS + FIDELITY_METRICS + TEACHER_METRICS + CONTROL_METRICS
+METRICS = GENERALIZATION_METRICS + FIDELITY_METRICS + TEACHER_METRICS + CONTROL_METRICS + CKA_METRICS
 # Fractions in [0, 1]; the other metrics (KL, NLL) are in nats.
 FRACTION_METRICS = frozenset(m for m in METRICS if m.endswith(("_acc", "_agreement", "_ece")))
 # Per trial, once: the optimizer steps of the student's schedule and of one teacher member's.
@@ -81,7 +86,7 @@ TRIALS_SCHEMA = pa.schema(
 EPOCHS_SCHEMA = pa.schema(
     [pa.field("study", pa.string()), pa.field("trial_id", pa.string()), pa.field("epoch", pa.int64()),
      pa.field("lr", pa.float64()), pa.field("train_loss", pa.float64())]
-    + [pa.field(m, pa.float64()) for m in METRICS if m not in CONTROL_METRICS]
+    + [pa.field(m, pa.float64()) for m in METRICS if m not in AFTER_TRAINING_METRICS]
     + [pa.field("train_time_s", pa.float64())]
 )
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from kd_ray.ensembles import ensemble_log_probs
 from kd_ray.metrics import (
     accuracy,
     agreement,
@@ -17,7 +18,6 @@ from kd_ray.metrics import (
     predictive_kl,
     teacher_metrics,
 )
-from kd_ray.models import ensemble_log_probs
 
 # --- numpy references ---------------------------------------------------------------------------
 

@@ -15,8 +15,8 @@ import torch
 
 from kd_ray import teachers
 from kd_ray.config import TrialConfig
+from kd_ray.ensembles import ensemble_log_probs
 from kd_ray.metrics import accuracy
-from kd_ray.models import ensemble_log_probs
 from kd_ray.splits import split_indices
 from kd_ray.teachers import (
     LOGITS,

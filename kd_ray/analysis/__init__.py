@@ -20,6 +20,7 @@ _figures, _report.
 # Layer order, bottom to top, rather than alphabetical: the imports read as the package is built.
 # isort: off
 from kd_ray.tables import (
+    CKA_METRICS,
     CONTROL_METRICS,
     EPOCHS_FILE,
     FIDELITY_METRICS,
@@ -51,6 +52,7 @@ __all__ = [
     "GENERALIZATION_METRICS",
     "TEACHER_METRICS",
     "CONTROL_METRICS",
+    "CKA_METRICS",
     "FRACTION_METRICS",
     "CONFIG_COLUMNS",
     "STATUSES",

@@ -15,6 +15,7 @@ def test_metric_groups_partition_the_metrics() -> None:
         + analysis.GENERALIZATION_METRICS
         + analysis.TEACHER_METRICS
         + analysis.CONTROL_METRICS
+        + analysis.CKA_METRICS
     )
     assert sorted(groups) == sorted(analysis.METRICS) and len(set(groups)) == len(groups)
     assert analysis.METRICS == tables.METRICS and analysis.STATUSES == tables.STATUSES
