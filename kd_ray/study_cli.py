@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from kd_ray.config import EXIT_BAD_INPUT, ConfigError, TrialConfig, parse_set
+from kd_ray.config import DATASETS, EXIT_BAD_INPUT, ConfigError, TrialConfig, parse_set
 from kd_ray.presets import STUDIES, Preset
 from kd_ray.study import TRACKERS
 from kd_ray.tables import TERMINATED
@@ -38,7 +38,7 @@ def study_parser(description: str | None) -> argparse.ArgumentParser:
     parser.add_argument("--preset", choices=("local", "paper"), default="local",
                         help="local: embedded data, small nets, minutes on a laptop CPU (default); "
                         "paper: CIFAR-100 recipes for a GPU cluster")
-    parser.add_argument("--dataset", help="override the preset's dataset (mnist1d, digits, cifar10, cifar100)")
+    parser.add_argument("--dataset", help=f"override the preset's dataset ({', '.join(DATASETS)})")
     parser.add_argument("--seeds", default=None, help="number of seeds (3) or a list (0,1,2); default: the preset's")
     parser.add_argument("--storage", default="results",
                         help="local directory or URI (s3://, gs://) shared by all nodes (default ./results)")
