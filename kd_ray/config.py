@@ -20,7 +20,7 @@ import numpy as np
 
 # Names known without importing torch; data.py, models.py and augment.py hold the real registries
 # and a test keeps these in step with them.
-DATASETS = ("mnist1d", "digits", "cifar10", "cifar100")
+DATASETS = ("mnist1d", "digits", "mnist", "cifar10", "cifar100", "mnist_full", "emnist_digits")
 OPTIMIZERS = ("sgd", "adam")
 LR_SCHEDULES = ("cosine", "constant")
 INITS = ("random", "teacher_init", "interpolate")
@@ -28,12 +28,17 @@ TEACHER_SPLITS = ("full", "half")
 DISTILL_SPLITS = ("train", "holdout", "both")
 NORMS = ("batch", "group", "none")
 PRECISIONS = ("auto", "fp32", "bf16")
+# Where extra distillation inputs come from: the dataset's own generator (mnist1d: perfect in-domain
+# samples), a Gaussian mixture fitted to the teacher's training inputs (synthetic samples, paper E1),
+# out-of-domain inputs (another dataset's, paper E3's OOD policy), or a user's .npz file.
+EXTRA_SOURCES = ("generator", "gmm", "ood", "npz")
 TEACHER_SHARINGS = ("per_seed", "shared")
 TEACHER_ROLES = ("reference", "control")  # the trial's own teacher ensemble | the control's independent one
 DEFAULT_LR = {"sgd": 0.05, "adam": 1e-3}
 # The version of each dataset's arrays (data.py's cache version): part of a teacher member's identity,
 # because a member stores its logits on the test set.
-DATASET_VERSIONS = {"mnist1d": 2, "digits": 1, "cifar10": 1, "cifar100": 1}
+DATASET_VERSIONS = {"mnist1d": 2, "digits": 1, "mnist": 1, "cifar10": 1, "cifar100": 1, "mnist_full": 1,
+                    "emnist_digits": 1}
 
 
 class ConfigError(ValueError):
@@ -54,6 +59,8 @@ STREAM_KINDS = (
     "student_init", "student_batches", "student_augment",
     "control_student_init", "control_student_batches", "control_student_augment",
     "eval_augment",  # the augmented pass over the distillation set (aug_train_agreement)
+    "extra_samples",  # drawing the extra inputs of a replicate (gmm: its fit and its samples; ood: which)
+    "extra_batches",  # which extra inputs join each batch (extra_ratio > 0)
 )
 # The version of the derivation in seed_stream: part of every teacher member's identity, so members
 # drawn under another derivation are trained again rather than reused.
@@ -98,7 +105,11 @@ class TrialConfig:
     teacher_split: str = "full"  # full: teacher sees all train data; half: a seeded half D0
     distill_split: str = "train"  # train: the teacher's data (D0 under half); holdout: D1; both
     distill_fraction: float = 1.0  # stratified, seeded fraction of the distillation split
-    extra_data: int = 0  # in-domain samples added to the distillation data (mnist1d only)
+    distill_dataset: str = ""  # "": the teacher's dataset; else distil on that dataset's train inputs instead
+    extra_data: int = 0  # extra inputs added to the distillation data, from extra_source
+    extra_source: str = "generator"  # generator (mnist1d) | gmm | ood (mnist1d) | npz (extra_path)
+    extra_path: str = ""  # the .npz of extra_source='npz'
+    extra_ratio: float = 0.0  # 0: extras join the distillation set; > 0: this many per distillation input in a batch
     teacher_fraction: float = 1.0  # stratified, seeded fraction of its split the teacher trains on
     data_seed: int = 0  # seeds the D0/D1 split; part of the teacher's identity
     # teacher
@@ -264,6 +275,43 @@ def _check_type(cfg: TrialConfig, name: str, kinds: tuple[type, ...], what: str)
         raise ConfigError(f"{name}={value!r} is not {what}")
 
 
+def _check_extra_inputs(cfg: TrialConfig) -> None:
+    if not isinstance(cfg.extra_path, str):
+        raise ConfigError(f"extra_path={cfg.extra_path!r} must be a path (a string)")
+    if cfg.extra_source == "npz" and not cfg.extra_path:
+        raise ConfigError("extra_source='npz' needs extra_path, the .npz file of extra inputs (x, optional y)")
+    if cfg.extra_path and cfg.extra_source != "npz":
+        raise ConfigError(f"extra_path={cfg.extra_path!r} is read only with extra_source='npz'; "
+                          f"got extra_source={cfg.extra_source!r}")
+    if cfg.extra_data == 0:
+        return
+    if cfg.extra_source in ("generator", "ood") and cfg.dataset != "mnist1d":
+        what = "generate in-domain samples" if cfg.extra_source == "generator" else "take out-of-domain inputs"
+        raise ConfigError(
+            f"extra_data={cfg.extra_data} with extra_source={cfg.extra_source!r} needs a dataset that can "
+            f"{what} (mnist1d); got dataset={cfg.dataset!r} (extra_source 'gmm' or 'npz' work for any dataset)"
+        )
+    if cfg.extra_source == "ood" and cfg.alpha > 0:
+        raise ConfigError(f"alpha={cfg.alpha} needs labels, and out-of-domain inputs (extra_source='ood') have "
+                          "none: use alpha=0")
+
+
+def _check_distill_dataset(cfg: TrialConfig) -> None:
+    """Another dataset's train inputs as the distillation set; its input shape and classes must be the
+    teacher's dataset's (``trial.check_runnable`` judges that from the data registry)."""
+    _check_type(cfg, "distill_dataset", (str,), "a string")
+    if not cfg.distill_dataset:
+        return
+    others = [name for name in DATASETS if name != cfg.dataset]
+    if cfg.distill_dataset not in others:
+        raise ConfigError(f"distill_dataset={cfg.distill_dataset!r} is not allowed with dataset={cfg.dataset!r}; "
+                          f"choose '' (the teacher's dataset) or another dataset: {', '.join(others)}")
+    if cfg.distill_split != "train":
+        raise ConfigError(f"distill_split={cfg.distill_split!r} has no meaning with distill_dataset="
+                          f"{cfg.distill_dataset!r}: the student distils on (distill_fraction of) that dataset's "
+                          "train inputs, not a split of the teacher's; leave distill_split at 'train'")
+
+
 def _check_choice(cfg: TrialConfig, name: str, allowed: tuple[str, ...]) -> None:
     value = getattr(cfg, name)
     if value not in allowed:
@@ -293,7 +341,8 @@ def _check_range(cfg: TrialConfig, name: str, low: float, high: float, low_open:
 
 def _validate(cfg: TrialConfig) -> None:
     strings = ("dataset", "teacher_split", "distill_split", "teacher_arch", "teacher_sharing", "norm",
-               "student_arch", "augmentation", "optimizer", "lr_schedule", "init", "device", "precision")
+               "student_arch", "augmentation", "optimizer", "lr_schedule", "init", "device", "precision",
+               "extra_source")
     for name in strings:
         _check_type(cfg, name, (str,), "a string")
 
@@ -306,12 +355,13 @@ def _validate(cfg: TrialConfig) -> None:
     _check_choice(cfg, "lr_schedule", LR_SCHEDULES)
     _check_choice(cfg, "init", INITS)
     _check_choice(cfg, "precision", PRECISIONS)
+    _check_choice(cfg, "extra_source", EXTRA_SOURCES)
     ints = ("extra_data", "data_seed", "teacher_members", "teacher_epochs", "teacher_batch_size", "teacher_seed",
             "epochs", "steps", "batch_size", "seed", "eval_every")
     for name in ints:
         _check_type(cfg, name, (int,), "an integer")
-    floats = ("distill_fraction", "teacher_fraction", "teacher_lr", "temperature", "alpha", "mixup_alpha", "lr",
-              "weight_decay", "init_lambda")
+    floats = ("distill_fraction", "teacher_fraction", "extra_ratio", "teacher_lr", "temperature", "alpha",
+              "mixup_alpha", "lr", "weight_decay", "init_lambda")
     for name in floats:
         _check_type(cfg, name, (int, float), "a number")
     for name in ("control", "compile"):
@@ -330,6 +380,7 @@ def _validate(cfg: TrialConfig) -> None:
     for name in ("teacher_members", "teacher_epochs", "teacher_batch_size", "epochs", "batch_size", "eval_every"):
         _check_range(cfg, name, 1, inf, False, True)
     _check_range(cfg, "extra_data", 0, inf, False, True)
+    _check_range(cfg, "extra_ratio", 0, 4, False, False)
     _check_range(cfg, "steps", 0, inf, False, True)
     for name in ("seed", "data_seed", "teacher_seed"):  # key words of seed_stream
         _check_range(cfg, name, 0, _KEY_LIMIT - 1, False, False)
@@ -341,11 +392,8 @@ def _validate(cfg: TrialConfig) -> None:
             "distill_split='holdout' needs teacher_split='half' (the holdout half D1 exists only "
             f"when the teacher is trained on D0); got teacher_split={cfg.teacher_split!r}"
         )
-    if cfg.extra_data > 0 and cfg.dataset != "mnist1d":
-        raise ConfigError(
-            f"extra_data={cfg.extra_data} needs a dataset that can generate in-domain samples "
-            f"(mnist1d); got dataset={cfg.dataset!r}"
-        )
+    _check_extra_inputs(cfg)
+    _check_distill_dataset(cfg)
     if cfg.init == "interpolate" and cfg.student_arch != cfg.teacher_arch:
         raise ConfigError(
             f"init='interpolate' needs student_arch == teacher_arch; got student_arch="

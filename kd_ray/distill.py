@@ -72,6 +72,16 @@ class AugmentSpec:
     hflip: bool
 
 
+@dataclass(frozen=True)
+class ExtraBatches:
+    """Extra inputs mixed into every batch: ``per_batch`` of them, drawn uniformly from ``x`` (with
+    ``y``, -1 where unlabelled) by the state's ``extra_generator``, after the batch's own inputs."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    per_batch: int
+
+
 class Diverged(RuntimeError):
     """Training produced a non-finite loss."""
 
@@ -114,6 +124,7 @@ class TrainState:
     epoch: int = 0  # epochs completed
     forward: Callable[[torch.Tensor], torch.Tensor] | None = None  # e.g. torch.compile(model)
     augment_generator: torch.Generator | None = None  # augmentation draws; None: ``generator`` draws them
+    extra_generator: torch.Generator | None = None  # which extra inputs join each batch (ExtraBatches)
 
     def state_dict(self) -> dict:
         # A snapshot: model and optimizer state dicts hold the live tensors, which later steps
@@ -126,6 +137,8 @@ class TrainState:
         }
         if self.augment_generator is not None:
             state["augment_generator"] = self.augment_generator.get_state()
+        if self.extra_generator is not None:
+            state["extra_generator"] = self.extra_generator.get_state()
         return copy.deepcopy(state)
 
     def load_state_dict(self, state: dict) -> None:
@@ -134,6 +147,8 @@ class TrainState:
         self.generator.set_state(state["generator"])
         if self.augment_generator is not None:
             self.augment_generator.set_state(state["augment_generator"])
+        if self.extra_generator is not None:
+            self.extra_generator.set_state(state["extra_generator"])
         self.epoch = int(state["epoch"])
 
 
@@ -145,11 +160,13 @@ def fit(
     augment_spec: AugmentSpec,
     teacher: TeacherFn | None = None,
     on_epoch: EpochCallback | None = None,
+    extra: ExtraBatches | None = None,
 ) -> None:
     """Train ``state.model`` from ``state.epoch`` to the end of ``schedule(recipe, len(x))``.
 
     With ``teacher=None`` the loss is cross-entropy on the labels (teacher training); otherwise the
-    distillation loss against the teacher's log-probabilities on the same augmented batch.
+    distillation loss against the teacher's log-probabilities on the same augmented batch. ``extra``
+    adds inputs to every batch; the schedule (steps per epoch) is set by ``x`` alone.
     """
     model, optimizer, generator = state.model, state.optimizer, state.generator
     augment_generator = state.augment_generator or generator
@@ -169,8 +186,13 @@ def fit(
             for group in optimizer.param_groups:
                 group["lr"] = lr
             idx = order[i * recipe.batch_size : (i + 1) * recipe.batch_size]
+            x_batch, y_batch = x[idx], y[idx]
+            if extra is not None:
+                assert state.extra_generator is not None, "extra batches need the state's extra_generator"
+                pick = torch.randint(len(extra.x), (extra.per_batch,), device=x.device, generator=state.extra_generator)
+                x_batch, y_batch = torch.cat([x_batch, extra.x[pick]]), torch.cat([y_batch, extra.y[pick]])
             batch = augment(
-                recipe.augmentation, x[idx], augment_generator, kind=augment_spec.kind, crop_pad=augment_spec.crop_pad,
+                recipe.augmentation, x_batch, augment_generator, kind=augment_spec.kind, crop_pad=augment_spec.crop_pad,
                 hflip=augment_spec.hflip, mixup_alpha=recipe.mixup_alpha,
             )
             inputs = batch.x.contiguous(memory_format=torch.channels_last) if channels_last else batch.x
@@ -178,12 +200,12 @@ def fit(
                 logits = (state.forward or model)(inputs)
             teacher_log_probs = None if teacher is None else teacher(inputs)
             if teacher is None:
-                loss = F.cross_entropy(logits, y[idx])
+                loss = F.cross_entropy(logits, y_batch)
                 if batch.mix_index is not None:
-                    loss = batch.lam * loss + (1 - batch.lam) * F.cross_entropy(logits, y[idx][batch.mix_index])
+                    loss = batch.lam * loss + (1 - batch.lam) * F.cross_entropy(logits, y_batch[batch.mix_index])
             else:
                 loss = kd_loss(
-                    logits, teacher_log_probs, y[idx], temperature=recipe.temperature,
+                    logits, teacher_log_probs, y_batch, temperature=recipe.temperature,
                     alpha=recipe.alpha, mix_index=batch.mix_index, lam=batch.lam,
                 )
             optimizer.zero_grad(set_to_none=True)

@@ -28,11 +28,13 @@ import torch
 
 from kd_ray import fastpath
 from kd_ray.augment import augment, check_policy
+from kd_ray.cka import CKA_TEST_INPUTS, stage_cka
 from kd_ray.config import ConfigError, TrialConfig, network_streams, seed_stream
-from kd_ray.data import DATASET_INFO, DatasetInfo, generate_extra, load_arrays
+from kd_ray.data import DATASET_INFO, DatasetInfo, check_distill_dataset, load_arrays
 from kd_ray.distill import (
     AugmentSpec,
     Diverged,
+    ExtraBatches,
     Recipe,
     Schedule,
     TrainState,
@@ -43,21 +45,25 @@ from kd_ray.distill import (
     predict,
     schedule,
 )
+from kd_ray.ensembles import LoopEnsemble, StackedEnsemble, ensemble_log_probs
+from kd_ray.extra_inputs import check_extra_inputs, extra_inputs
 from kd_ray.fastpath import FastPath
 from kd_ray.metrics import agreement, student_metrics, teacher_metrics
-from kd_ray.models import LoopEnsemble, StackedEnsemble, check_arch, ensemble_log_probs
+from kd_ray.models import check_arch
 from kd_ray.progress import Progress
 from kd_ray.provenance import versions
 from kd_ray.splits import split_indices
-from kd_ray.tables import CONTROL_METRICS, DIVERGED, METRICS, TERMINATED
+from kd_ray.tables import AFTER_TRAINING_METRICS, CKA_METRICS, DIVERGED, METRICS, TERMINATED
 from kd_ray.teachers import Ensemble, TeacherStore, default_store, ensure_members, load_ensemble, member_steps
 
 EvalCallback = Callable[[dict[str, Any], dict[str, Any] | None], None]  # (metrics, checkpoint) per evaluation
 
-# The metrics every evaluation measures (the control's agreement is measured once, after training).
-FINAL_METRICS = tuple(m for m in METRICS if m not in CONTROL_METRICS)
+# The metrics every evaluation measures (the control's agreement and CKA are measured once, after training).
+FINAL_METRICS = tuple(m for m in METRICS if m not in AFTER_TRAINING_METRICS)
 CONVERGED_WITHIN = 0.02  # a converged student's train agreement moved less than this over the window
 CONVERGENCE_WINDOW = 0.5  # the last fraction of the optimizer steps that convergence_delta spans
+# The networks that draw extra batches, in the order that keys their extra_batches streams.
+NETWORKS_WITH_EXTRA_BATCHES = ("student", "control_student")
 
 
 def convergence_epoch(plan: Schedule) -> int:
@@ -90,6 +96,8 @@ def check_runnable(cfg: TrialConfig, check_device: bool = True) -> None:
         check_policy(cfg.augmentation, info.kind)
     except ValueError as exc:
         raise ConfigError(f"augmentation={cfg.augmentation!r} with dataset={cfg.dataset!r}: {exc}") from None
+    check_extra_inputs(cfg)
+    check_distill_dataset(cfg.dataset, cfg.distill_dataset)
     if check_device and cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"device={cfg.device!r} but no CUDA device is visible; use device=cpu or auto")
 
@@ -135,7 +143,7 @@ class TrialData:
     def __init__(self, cfg: TrialConfig, device: torch.device, data_dir: str | None) -> None:
         self.info: DatasetInfo = DATASET_INFO[cfg.dataset]
         self.arrays = load_arrays(cfg.dataset, data_dir)
-        _, distill_idx = split_indices(
+        teacher_idx, distill_idx = split_indices(
             self.arrays.y_train, teacher_split=cfg.teacher_split, distill_split=cfg.distill_split,
             distill_fraction=cfg.distill_fraction, data_seed=cfg.data_seed, seed=cfg.seed,
             teacher_fraction=cfg.teacher_fraction,
@@ -145,11 +153,27 @@ class TrialData:
         y_train = torch.as_tensor(self.arrays.y_train, device=device)
         self.x = x_train[self.distill_idx]
         self.y = y_train[self.distill_idx]
-        self.n_extra = cfg.extra_data
+        self.distill_elsewhere = bool(cfg.distill_dataset)
+        if self.distill_elsewhere:
+            # Another dataset's train inputs (a stratified distill_fraction of them) replace the teacher's.
+            other = load_arrays(cfg.distill_dataset, data_dir)
+            _, other_idx = split_indices(other.y_train, teacher_split="full", distill_split="train",
+                                         distill_fraction=cfg.distill_fraction, data_seed=cfg.data_seed, seed=cfg.seed)
+            self.x = torch.as_tensor(other.x_train[other_idx], device=device)
+            self.y = torch.as_tensor(other.y_train[other_idx], device=device)
+        # Extra inputs either join the distillation set (its last n_extra rows) or, with extra_ratio,
+        # are mixed into every batch, leaving the distillation set and its step count as they are.
+        self.n_extra = 0
+        self.extra: ExtraBatches | None = None
         if cfg.extra_data > 0:
-            x_extra, y_extra = generate_extra(cfg.dataset, cfg.extra_data, data_dir)
-            self.x = torch.cat([self.x, torch.as_tensor(x_extra, device=device)])
-            self.y = torch.cat([self.y, torch.as_tensor(y_extra, device=device)])
+            x_extra, y_extra = (torch.as_tensor(a, device=device)
+                                for a in extra_inputs(cfg, self.arrays, teacher_idx, data_dir))
+            if cfg.extra_ratio > 0:
+                self.extra = ExtraBatches(x_extra, y_extra, max(1, round(cfg.extra_ratio * cfg.batch_size)))
+            else:
+                self.n_extra = cfg.extra_data
+                self.x = torch.cat([self.x, x_extra])
+                self.y = torch.cat([self.y, y_extra])
         self.x_test = torch.as_tensor(self.arrays.x_test, device=device)
         self.y_test = torch.as_tensor(self.arrays.y_test, device=device)
         self.augment_spec = AugmentSpec(self.info.kind, self.info.crop_pad, self.info.hflip)
@@ -157,6 +181,9 @@ class TrialData:
     def teacher_log_probs(self, ensemble: Ensemble) -> tuple[torch.Tensor, torch.Tensor]:
         """Teacher log-probabilities on (test set, clean distillation set), from the cached logits."""
         test = ensemble_log_probs(ensemble.test_logits)
+        if self.distill_elsewhere:
+            # Another dataset's inputs (and any extras) are not in the store's cache: labelled live.
+            return test, torch.cat([ensemble.log_probs(self.x[i : i + 1024]) for i in range(0, len(self.x), 1024)])
         distill = ensemble_log_probs(ensemble.train_logits[:, self.distill_idx])
         if self.n_extra:
             # Extra in-domain samples are not in the store's cache; they vary with extra_data.
@@ -260,7 +287,8 @@ def run_trial(
             on_eval(metrics, checkpoint)
 
     try:
-        fit(state, data.x, data.y, recipe, data.augment_spec, teacher=teacher_for_training.log_probs, on_epoch=on_epoch)
+        fit(state, data.x, data.y, recipe, data.augment_spec, teacher=teacher_for_training.log_probs, on_epoch=on_epoch,
+            extra=data.extra)
     except Diverged as exc:
         result.update(status=DIVERGED, error=str(exc))
     if state.epoch > 0 and not last_metrics and result["status"] == TERMINATED:
@@ -275,6 +303,10 @@ def run_trial(
     result["convergence_delta"], result["converged"] = convergence(
         last_metrics.get("train_agreement") if finished else None, reference["train_agreement"]
     )
+    # Once, of the final student: how alike its representations and teacher member 0's are (kd_ray.cka).
+    cka_inputs = data.x_test[:CKA_TEST_INPUTS]
+    result.update(stage_cka(state.model, ensemble.models[0], cka_inputs) if finished
+                  else dict.fromkeys(CKA_METRICS, float("nan")))
 
     if cfg.control and result["status"] == TERMINATED:
         if progress:
@@ -284,7 +316,7 @@ def run_trial(
         control = build_student_state(cfg, recipe, independent, data, device, None, network="control_student")
         try:
             independent_teacher = training_teacher(independent, path).log_probs
-            fit(control, data.x, data.y, recipe, data.augment_spec, teacher=independent_teacher)
+            fit(control, data.x, data.y, recipe, data.augment_spec, teacher=independent_teacher, extra=data.extra)
             result["control_test_agreement"] = agreement(teacher_test, predict(control.model, data.x_test))
         except Diverged as exc:
             result.update(status=DIVERGED, error=f"control student: {exc}")
@@ -314,6 +346,10 @@ def build_student_state(
         student, make_optimizer(student, recipe), torch.Generator(device=device).manual_seed(streams.batches),
         augment_generator=torch.Generator(device=device).manual_seed(streams.augment),
     )
+    if data.extra is not None:
+        which = NETWORKS_WITH_EXTRA_BATCHES.index(network)
+        extra_seed = seed_stream("extra_batches", cfg.seed, which)
+        state.extra_generator = torch.Generator(device=device).manual_seed(extra_seed)
     if resume_state is not None:
         state.load_state_dict(resume_state)
     if cfg.compile:

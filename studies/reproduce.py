@@ -21,6 +21,7 @@ from kd_ray.presets import REPRODUCTION
 from kd_ray.tables import COMPLETE, TRIALS_FILE, read_completeness
 
 HERE = Path(__file__).resolve().parent
+LOSS_SURFACE_STUDY = "loss_surface"
 
 
 def run_studies(storage: Path, seeds: int, extra: list[str]) -> dict[str, dict]:
@@ -61,6 +62,22 @@ def run_studies(storage: Path, seeds: int, extra: list[str]) -> dict[str, dict]:
     return runs
 
 
+def run_loss_surface(storage: Path) -> dict:
+    """E9: one trial's loss plane at the local preset (a trial, not a grid: Ray is not needed)."""
+    from kd_ray import loss_surface
+    from kd_ray.tables import LOSS_SURFACE_FILE
+
+    out = storage / LOSS_SURFACE_STUDY
+    if (out / LOSS_SURFACE_FILE).exists():
+        print(f"reproduce: {LOSS_SURFACE_STUDY} already complete in {out}")
+        return {"wall_s": None, "exit": 0}
+    preset = loss_surface.PRESETS["local"]
+    print(f"reproduce: running {LOSS_SURFACE_STUDY}", flush=True)
+    started = time.perf_counter()
+    loss_surface.run(loss_surface.preset_config("local"), out, preset.grid, preset.margin)
+    return {"wall_s": time.perf_counter() - started, "exit": 0}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=3, help="seeds per arm (default 3)")
@@ -76,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     storage = Path(args.storage).resolve()
     extra = [x for pair in (("--set", s) for s in args.set) for x in pair]
     runs = {} if args.report_only else run_studies(storage, args.seeds, extra)
+    if not args.report_only:
+        runs[LOSS_SURFACE_STUDY] = run_loss_surface(storage)
 
     from kd_ray import reproduction
 

@@ -16,10 +16,11 @@ PACKAGE = ROOT / "kd_ray"
 # from the outside (its submodules may import each other downward, checked separately).
 LAYERS: list[tuple[str, ...]] = [
     ("kd_ray", "kd_ray.atomic", "kd_ray.config", "kd_ray.progress"),
-    ("kd_ray.tables", "kd_ray.provenance"),
-    ("kd_ray.data", "kd_ray.splits", "kd_ray.augment", "kd_ray.models", "kd_ray.losses", "kd_ray.metrics",
-     "kd_ray.analysis", "kd_ray.cluster"),
-    ("kd_ray.distill", "kd_ray.fastpath", "kd_ray.findings"),
+    ("kd_ray.tables", "kd_ray.provenance", "kd_ray.archives"),
+    ("kd_ray.mnist_data",),
+    ("kd_ray.data", "kd_ray.splits", "kd_ray.augment", "kd_ray.models", "kd_ray.ensembles", "kd_ray.losses",
+     "kd_ray.metrics", "kd_ray.analysis", "kd_ray.cluster"),
+    ("kd_ray.distill", "kd_ray.fastpath", "kd_ray.cka", "kd_ray.extra_inputs", "kd_ray.findings"),
     ("kd_ray.teachers",),
     ("kd_ray.trial",),
     ("kd_ray.study_tables", "kd_ray.study_guards"),

@@ -10,11 +10,19 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from kd_ray import presets
 from kd_ray.config import TrialConfig
-from kd_ray.presets import REPRODUCTION, STUDIES, Preset, drop_extra_data_if_not_generative, keep_applicable_policies
+from kd_ray.presets import (
+    OOD_ARM,
+    REPRODUCTION,
+    STUDIES,
+    Preset,
+    drop_extra_data_if_not_generative,
+    keep_applicable_policies,
+)
 from kd_ray.study import OptunaSpec
 
 REPO = Path(__file__).resolve().parent.parent
@@ -39,8 +47,9 @@ def test_every_study_has_a_local_and_a_paper_preset_of_valid_configs(name):
     local, paper = study.presets["local"], study.presets["paper"]
     assert local.gpus_per_trial == 0 and paper.gpus_per_trial == 1.0
     assert local.seeds >= 1 and paper.seeds >= local.seeds
-    assert TrialConfig.from_dict(local.base).dataset in ("mnist1d", "digits")  # no download, no GPU
-    assert TrialConfig.from_dict(paper.base).dataset == "cifar100"
+    assert TrialConfig.from_dict(local.base).dataset in ("mnist1d", "digits", "mnist")  # no download, no GPU
+    # E2's paper setting is MNIST's (a LeNet-5 teacher); every other study's is CIFAR-100.
+    assert TrialConfig.from_dict(paper.base).dataset == ("mnist_full" if name == "small_teacher" else "cifar100")
     for preset in (local, paper):
         configs = _configs(preset)
         assert len(set(configs)) == len(configs) >= 1  # every arm x axis point is its own trial
@@ -54,11 +63,12 @@ def test_every_study_has_a_local_and_a_paper_preset_of_valid_configs(name):
 
 
 def test_the_registry_is_in_the_order_of_the_reproduction():
-    assert REPRODUCTION == ("augmentation_ablation", "temperature_sweep", "dataset_size", "training_duration",
-                            "initialization", "ensemble_size", "alpha_sweep", "small_teacher", "student_capacity")
+    assert REPRODUCTION == ("augmentation_ablation", "temperature_sweep", "dataset_size", "synthetic_data",
+                            "training_duration", "initialization", "ensemble_size", "alpha_sweep", "small_teacher",
+                            "student_capacity", "augmentation_convnet")
     assert list(STUDIES)[: len(REPRODUCTION)] == list(REPRODUCTION)
-    # A search and a study no finding reads yet.
-    assert [name for name in STUDIES if name not in REPRODUCTION] == ["augmentation_convnet", "optuna_search"]
+    # The search judges no finding.
+    assert [name for name in STUDIES if name not in REPRODUCTION] == ["optuna_search"]
     # loss_surface.py evaluates one trial's loss plane, not a grid of trials: it has its own presets.
     scripts = sorted(p.stem for p in (REPO / "studies").glob("*.py") if p.stem not in ("reproduce", "loss_surface"))
     assert scripts == sorted(STUDIES)
@@ -84,6 +94,29 @@ def test_the_capacity_study_varies_depth_and_width_around_the_teacher():
     assert "student_capacity" in REPRODUCTION and "augmentation_convnet" in STUDIES
 
 
+def test_the_small_teacher_sees_200_images_and_every_arm_the_same_step_budget():
+    from kd_ray.splits import split_indices
+    from kd_ray.trial import check_runnable
+
+    study = STUDIES["small_teacher"]
+    local, paper = study.presets["local"], study.presets["paper"]
+    for preset, train_size in ((local, 4_000), (paper, 60_000)):
+        configs = _configs(preset)
+        assert {(c.teacher_arch, c.student_arch) for c in configs} == {("lenet5", "lenet5")}
+        assert len({c.steps for c in configs}) == 1 and configs[0].steps > 0  # same optimizer steps for every arm
+        y = np.repeat(np.arange(10), train_size // 10)
+        cfg = configs[0]
+        teacher_idx, _ = split_indices(y, teacher_split=cfg.teacher_split, distill_split="train", distill_fraction=1.0,
+                                       data_seed=0, seed=0, teacher_fraction=cfg.teacher_fraction)
+        assert len(teacher_idx) == 200
+        for c in configs:
+            check_runnable(c, check_device=False)
+    assert local.base["dataset"] == "mnist" and local.axes == {"distill_split": ["train", "both"]}
+    assert [(c.distill_dataset, c.distill_split, c.distill_fraction) for c in _configs(paper)] == [
+        ("", "both", 1.0), ("emnist_digits", "train", 0.25), ("emnist_digits", "train", 0.5),
+        ("emnist_digits", "train", 1.0)]
+
+
 def test_the_convnet_augmentation_study_has_no_normalisation_layers(capsys):
     convnet = STUDIES["augmentation_convnet"]
     local, paper = convnet.presets["local"], convnet.presets["paper"]
@@ -100,12 +133,17 @@ def test_the_convnet_augmentation_study_has_no_normalisation_layers(capsys):
 def test_adapters_fit_a_preset_to_the_chosen_dataset(capsys):
     ablation = STUDIES["augmentation_ablation"].presets["local"]
     on_signals = keep_applicable_policies(ablation, None)  # the local preset's mnist1d: 1-D signals
-    assert on_signals.axes["augmentation"] == ["baseline", "reversal", "amplitude", "combaug1d", "mixup", "noise"]
-    assert on_signals.axes["temperature"] == ablation.axes["temperature"] and on_signals.base is ablation.base
+    policies = [arm["augmentation"] for arm in on_signals.arms if "extra_source" not in arm]
+    assert policies == ["baseline", "reversal", "amplitude", "combaug1d", "mixup", "noise"]
+    assert [arm for arm in on_signals.arms if "extra_source" in arm] == [OOD_ARM]  # mnist1d has OOD inputs
+    assert on_signals.axes == ablation.axes and on_signals.base is ablation.base
     assert "leaving out augmentation 'rotation' (mnist1d is signal data)" in capsys.readouterr().out
     on_gray = keep_applicable_policies(ablation, "digits")
-    assert "reversal" not in on_gray.axes["augmentation"] and "rotation" in on_gray.axes["augmentation"]
-    assert "leaving out augmentation 'reversal' (digits is gray data)" in capsys.readouterr().out
+    policies = [arm["augmentation"] for arm in on_gray.arms]
+    assert "reversal" not in policies and "rotation" in policies and OOD_ARM not in on_gray.arms
+    out = capsys.readouterr().out
+    assert "leaving out augmentation 'reversal' (digits is gray data)" in out
+    assert "leaving out the arm of extra_source 'ood' (only for mnist1d)" in out
     assert keep_applicable_policies(STUDIES["augmentation_ablation"].presets["paper"], None).axes == (
         STUDIES["augmentation_ablation"].presets["paper"].axes  # CIFAR-100 takes every policy
     )

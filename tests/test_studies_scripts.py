@@ -36,8 +36,9 @@ EXTRA = {
     "ensemble_size": [],
     "initialization": ["--set", "init_lambda=0.5"],
     "optuna_search": ["--num-samples", "2", "--set", "teacher_members=1"],
-    "small_teacher": ["--set", "extra_data=0"],
+    "small_teacher": [],
     "student_capacity": [],
+    "synthetic_data": ["--set", "teacher_members=1"],
     "temperature_sweep": ["--set", "teacher_members=1"],
     "training_duration": [],
 }

@@ -3,18 +3,9 @@
 from __future__ import annotations
 
 import numpy as np
+from planted import augmentation_rows, row, write_study
 
 from kd_ray import findings
-from kd_ray.tables import TRIALS_SCHEMA, to_table, write_table
-
-
-def write_study(root, name: str, rows: list[dict]) -> None:
-    write_table(to_table(rows, TRIALS_SCHEMA), str(root / name / "trials.parquet"))
-
-
-def row(study: str, seed: int, **values) -> dict:
-    return {"study": study, "trial_id": f"{study}-{len(str(values))}-{seed}-{id(values)}", "status": "TERMINATED",
-            "seed": seed, "teacher_key": f"teacher-{seed}", **values}
 
 
 def test_ensemble_rule_on_a_planted_study(tmp_path):
@@ -134,3 +125,71 @@ def test_every_finding_is_numbered_once_and_names_its_rule():
         if finding.rule is not None:
             assert finding.studies and finding.rule_text
             assert not finding.rule.__name__.startswith("_")
+
+
+def test_out_of_domain_inputs_are_judged_against_baseline_without_extras(tmp_path):
+    write_study(tmp_path, "augmentation_ablation", augmentation_rows(ood_gain=-0.005))
+    verdict = dict((f.number, v) for f, v in findings.judge_findings(tmp_path))[10]
+    assert verdict.verdict == findings.HOLDS
+    labels = [c.a.label for c in verdict.claims]
+    assert labels == ["noise, tau=4", "noise, tau=4", "baseline + ood inputs at 1:4, tau=4",
+                      "baseline + ood inputs at 1:4, tau=4"]
+    assert all(c.b.label == "baseline, tau=4" and c.n == 8 for c in verdict.claims)  # OOD trials are not baseline's
+
+    write_study(tmp_path, "augmentation_ablation", augmentation_rows(ood_gain=0.03))
+    verdict = dict((f.number, v) for f, v in findings.judge_findings(tmp_path))[10]
+    assert verdict.verdict == findings.FAILS  # out-of-domain inputs that help contradict the finding
+
+
+def test_more_data_includes_the_synthetic_samples_at_each_ensemble_size(tmp_path):
+    rng = np.random.default_rng(5)
+    sizes, synthetic = [], []
+    for seed in range(6):
+        for split in ("train", "holdout", "both"):
+            for fraction, extra, level in ((1.0, 8000, 0.88), (0.25, 0, 0.85)):
+                sizes.append(row("dataset_size", seed, distill_split=split, distill_fraction=fraction,
+                                 extra_data=extra, test_agreement=level + rng.normal(0, 0.002)))
+        for m in (1, 3):
+            for extra, level in ((0, 0.86), (1000, 0.86), (16000, 0.86)):
+                synthetic.append(row("synthetic_data", seed, teacher_members=m, extra_data=extra,
+                                     test_agreement=level + rng.normal(0, 0.002)))
+    write_study(tmp_path, "dataset_size", sizes)
+    write_study(tmp_path, "synthetic_data", synthetic)
+    verdict = dict((f.number, v) for f, v in findings.judge_findings(tmp_path))[3]
+    assert [c.a.label for c in verdict.claims[3:]] == ["m=1, 16000 synthetic at 1:4", "m=3, 16000 synthetic at 1:4"]
+    assert [c.verdict for c in verdict.claims[:3]] == [findings.HOLDS] * 3
+    assert verdict.claims[3].verdict != findings.HOLDS and verdict.verdict != findings.HOLDS  # no gain: not "raises"
+
+
+def test_teacher_init_rule_reports_cka_per_stage_beside_its_claims(tmp_path):
+    rng = np.random.default_rng(6)
+    rows = []
+    for seed in range(6):
+        for init, cka in (("random", 0.8), ("teacher_init", 0.9)):
+            rows.append(row("initialization", seed, init=init, init_lambda=0.0,
+                            test_agreement=0.8 + rng.normal(0, 0.002), test_kl=0.3 + rng.normal(0, 0.001),
+                            cka_stage1=cka, cka_stage2=cka - 0.1))
+    write_study(tmp_path, "initialization", rows)
+    verdict = dict((f.number, v) for f, v in findings.judge_findings(tmp_path))[13]
+    assert verdict.verdict == findings.HOLDS  # CKA is shown, not judged
+    assert ("linear CKA with the teacher per stage (cka_stage1, cka_stage2): random init 0.800 / 0.700, "
+            "teacher's initial weights 0.900 / 0.800") in verdict.evidence[0]
+
+
+def test_small_teacher_rule_reads_the_arm_distilled_on_all_training_images(tmp_path):
+    rng = np.random.default_rng(5)
+
+    def small_teacher(all_images: float) -> list[dict]:
+        rows = []
+        for seed in range(6):
+            for split, level in (("train", 0.94), ("both", all_images)):  # the teacher's 200 vs all of them
+                rows.append(row("small_teacher", seed, distill_split=split, distill_fraction=1.0,
+                                test_agreement=level + rng.normal(0, 0.001), test_acc=0.93))
+        return rows
+
+    write_study(tmp_path / "held", "small_teacher", small_teacher(0.995))
+    verdict = dict((f.number, v) for f, v in findings.judge_findings(tmp_path / "held"))[2]
+    assert verdict.verdict == findings.HOLDS
+    assert "distilled on all training images" in verdict.evidence[0]
+    write_study(tmp_path / "short", "small_teacher", small_teacher(0.97))
+    assert dict((f.number, v) for f, v in findings.judge_findings(tmp_path / "short"))[2].verdict == findings.FAILS

@@ -1,0 +1,45 @@
+"""docs/reproduction.md as kd_ray.reproduction writes it: every finding, every experiment of the paper,
+and the loss surface's three points, from planted tables."""
+
+from __future__ import annotations
+
+import numpy as np
+from planted import augmentation_rows, write_study
+
+from kd_ray import reproduction
+from kd_ray.findings import FINDINGS
+from kd_ray.tables import LOSS_SURFACE_FILE, LOSS_SURFACE_SCHEMA, to_table, write_table
+
+
+def loss_plane_rows() -> list[dict]:
+    points = {"teacher": (0.0, 0.0), "init": (2.0, 0.0), "final": (1.5, 1.0)}
+    rows = []
+    for a in (0.0, 1.5, 2.0):
+        for b in (0.0, 1.0):
+            rows.append({"a": a, "b": b, "loss": 0.1 + a + b, "agreement": 1.0 - 0.1 * (a + b),
+                         **{f"{p}_{axis}": xy[i] for p, xy in points.items() for i, axis in enumerate("ab")}})
+    return rows
+
+
+def test_the_document_covers_every_finding_and_experiment(tmp_path):
+    storage = tmp_path / "results"
+    write_study(storage, "augmentation_ablation", augmentation_rows(ood_gain=0.0))
+    write_table(to_table(loss_plane_rows(), LOSS_SURFACE_SCHEMA), str(storage / "loss_surface" / LOSS_SURFACE_FILE))
+    (storage / "loss_surface" / "loss_surface.png").write_bytes(b"\x89PNG planted")
+    out = tmp_path / "docs" / "reproduction.md"
+    reproduction.write_document(storage, out, {}, 8, figures_dir=tmp_path / "docs" / "figures" / "reproduction")
+    text = out.read_text()
+
+    for finding in FINDINGS:
+        assert f"### Finding {finding.number}: " in text
+    assert "### Finding 10: holds" in text  # noise and out-of-domain inputs give no gain in the planted study
+    for number, _, study, _ in reproduction.EXPERIMENTS:
+        assert f"| {number} |" in text
+        if study != "—":
+            assert f"`studies/{study}.py`" in text
+    # The three points of the plane with the loss and agreement there (loss 0.1 + a + b).
+    assert "| teacher | (0, 0) | 0.1000 | 100.00% |" in text
+    assert "| init | (2, 0) | 2.1000 | 80.00% |" in text
+    assert "| final | (1.5, 1) | 2.6000 | 75.00% |" in text
+    assert (tmp_path / "docs" / "figures" / "reproduction" / "loss_surface.png").read_bytes() == b"\x89PNG planted"
+    assert np.all([f"| {name} |" in text for name in ("synthetic_data", "augmentation_convnet")])  # the paper plan
