@@ -38,7 +38,7 @@ EXTRA = {
     "optuna_search": ["--num-samples", "2", "--set", "teacher_members=1"],
     "small_teacher": [],
     "student_capacity": [],
-    "synthetic_data": ["--set", "teacher_members=1"],
+    "synthetic_data": ["--set", "extra_data=1000"],
     "temperature_sweep": ["--set", "teacher_members=1"],
     "training_duration": [],
 }
