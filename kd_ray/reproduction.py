@@ -109,6 +109,16 @@ def _provenance(storage: Path) -> str:
             f"ray {_first(trials, 'ray_version')}")
 
 
+def _study_provenance(directory: Path) -> tuple[str, str, str]:
+    """A study's trial count, trial-hours and git shas (short), as table cells."""
+    if not (directory / analysis.TRIALS_FILE).exists():
+        return "—", "—", "—"
+    trials = analysis.load_trials(directory)
+    shas = ", ".join(sorted({str(sha)[:7] + ("-dirty" if str(sha).endswith("-dirty") else "")
+                             for sha in trials["git_sha"].dropna()})) or "unknown"
+    return str(len(trials)), f"{trials['train_time_s'].sum() / 3600:.2f}", shas
+
+
 def _first(trials: pd.DataFrame, column: str) -> str:
     known = trials[column].dropna()
     return str(known.iloc[0]) if len(known) else "unknown"
@@ -129,7 +139,7 @@ RULE_CHANGES = {
     10: "the out-of-domain half is judged too: digits images read as signals, mixed in at 1:4",
     13: "the same rule; linear CKA per stage between student and teacher is reported beside it (paper Table 1)",
 }
-UNCHANGED = "the same rule and trials (Holm's correction now spans more tests)"
+UNCHANGED = "the same rule (Holm's correction now spans more tests); which trials are new: see Runs"
 # The paper's experiments (PAPER.md) and where each is run: the study (or script) and the findings it judges.
 EXPERIMENTS = [
     ("E1", "synthetic samples added to the distillation data", "synthetic_data", (3,)),
@@ -278,10 +288,15 @@ def write_document(storage: Path, out: Path, runs: dict, seeds: int, figures_dir
             lines += ["", f"![{finding.studies[0]}]({rel / figure})"]
         lines.append("")
     lines += _loss_surface_section(storage, figures_dir, rel)
-    lines += ["## Runs", "", "| study | wall time | exit code |", "|---|---|---|"]
-    for name, run in runs.items():
-        wall = "resumed/complete" if run["wall_s"] is None else f"{run['wall_s'] / 60:.1f} min"
-        lines.append(f"| {name} | {wall} | {run['exit']} |")
+    lines += ["## Runs", "",
+              "Each study's trials with the code that produced them; a study complete before this run was "
+              "resumed, not run again.", "",
+              "| study | trials | trial-hours | git sha | this run | exit code |", "|---|---|---|---|---|---|"]
+    for name in dict.fromkeys([*REPRODUCTION, *runs]):
+        run = runs.get(name, {"wall_s": None, "exit": "—"})
+        wall = "complete before" if run["wall_s"] is None else f"{run['wall_s'] / 60:.1f} min"
+        trials, hours, shas = _study_provenance(storage / name)
+        lines.append(f"| {name} | {trials} | {hours} | {shas} | {wall} | {run['exit']} |")
     lines += ["", f"Provenance: {_provenance(storage)}. Written {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} "
               f"by kd_ray {versions()['kd_ray_version']}.", ""]
     plan = paper_plan()
