@@ -10,7 +10,6 @@ trainable is a plain function around ``trial.run_trial``.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import tempfile
@@ -39,7 +38,6 @@ from kd_ray.study_tables import ARM_KEY, LiveTables, flatten_arm, record_finishe
 from kd_ray.teachers import TeacherStoreError
 
 STATE_FILE = "state.pt"  # the trial's checkpoint inside each Ray Tune checkpoint directory
-WHERE_FILE = "where.json"  # beside it: the epoch, process and node that wrote the checkpoint
 OPTUNA_JOURNAL = "optuna.journal"  # the Optuna study of a search, in <storage>/<name>/
 
 log = printer("kd_ray")
@@ -193,10 +191,6 @@ def _trainable(config: dict[str, Any], store_uri: str, data_dir: str | None) -> 
             return
         with tempfile.TemporaryDirectory() as directory:
             torch.save(state, os.path.join(directory, STATE_FILE))
-            # A checkpoint says where it came from; it reaches storage before Tune's driver has
-            # processed the report, so it is the live record of a trial's progress on a node.
-            with open(os.path.join(directory, WHERE_FILE), "w") as f:
-                json.dump({"epoch": metrics["epoch"], **where}, f)
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(directory))
 
     result = run_trial(cfg, report_to_tune, resume, store=store_uri, data_dir=data_dir)

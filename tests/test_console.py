@@ -67,7 +67,8 @@ def default_study_console(tmp_path_factory) -> tuple[str, pd.DataFrame]:
     storage = tmp_path_factory.mktemp("console")
     epochs = CHECKPOINTS_KEPT - 2
     argv = [sys.executable, str(REPO / "studies" / f"{STUDY}.py"), "--storage", str(storage),
-            "--seeds", str(SEEDS), "--set", "augmentation=baseline", "--set", "teacher_members=1",
+            "--seeds", str(SEEDS), "--set", "augmentation=baseline", "--set", "extra_data=0",
+            "--set", "extra_source=generator", "--set", "extra_ratio=0", "--set", "teacher_members=1",
             "--set", "teacher_epochs=2", "--set", f"epochs={epochs}", "--set", "eval_every=1"]
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AIR_NEW_OUTPUT")}
     done = subprocess.run(argv, cwd=REPO, env={**env, "RAY_AUTH_MODE": "disabled"}, capture_output=True,

@@ -76,6 +76,9 @@ SPEC_CASES = [
 # A study whose nets take images refuses 1-D data for its architecture before any augmentation rule.
 NEEDLES_INSTEAD = {
     ("augmentation_convnet", "colorjitter-on-1d-data"): ["dataset='mnist1d'", "takes images"],
+    # LeNet-5 takes images of at least 28x28: neither mnist1d's signals nor digits' 8x8 images.
+    ("small_teacher", "colorjitter-on-1d-data"): ["teacher_arch='lenet5'", "dataset='mnist1d'", "takes images"],
+    ("small_teacher", "colorjitter-on-grayscale"): ["teacher_arch='lenet5'", "dataset='digits'", "H, W >= 28"],
 }
 MALFORMED_SET = [
     ("set-without-equals", ["--set", "temperature"], ["'temperature'", "key=value"]),
