@@ -3,7 +3,8 @@
     python studies/reproduce.py                       # ~3 seeds per arm, well under an hour on 2 cores
     python studies/reproduce.py --seeds 5 --storage results/reproduction --out docs/reproduction.md
 
-Each study's tables and figures go to <storage>/<study>/; the verdicts, decided by the rules in
+The loss-surface trial of E9 runs too (one trial, to <storage>/loss_surface/). Each study's tables
+and figures go to <storage>/<study>/; the verdicts, decided by the rules in
 kd_ray/findings.py (stated in the document), go to docs/reproduction.md together with the figures
 and the paper-preset plan (commands, trial counts, GPU-hour estimates). Rerunning resumes: finished
 studies are not run again.
