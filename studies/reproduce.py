@@ -1,11 +1,11 @@
 """Run every study at its local preset and report which of the paper's findings hold.
 
-    python studies/reproduce.py                       # ~3 seeds per arm, well under an hour on 2 cores
-    python studies/reproduce.py --seeds 5 --storage results/reproduction --out docs/reproduction.md
+    python studies/reproduce.py                       # 10 seeds per arm, as docs/reproduction.md
+    python studies/reproduce.py --seeds 3 --storage results/quick --out /tmp/reproduction.md  # a quick look
 
 The loss-surface trial of E9 runs too (one trial, to <storage>/loss_surface/). Each study's tables
 and figures go to <storage>/<study>/; the verdicts, decided by the rules in
-kd_ray/findings.py (stated in the document), go to docs/reproduction.md together with the figures
+the claims of kd_ray/findings/ (stated in the document), go to docs/reproduction.md together with the figures
 and the paper-preset plan (commands, trial counts, GPU-hour estimates). Rerunning resumes: finished
 studies are not run again.
 """
@@ -81,7 +81,7 @@ def run_loss_surface(storage: Path) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, default=3, help="seeds per arm (default 3)")
+    parser.add_argument("--seeds", type=int, default=10, help="seeds per arm (default 10)")
     parser.add_argument("--storage", default="results/reproduction", help="where the study tables go")
     parser.add_argument("--out", default=str(HERE.parent / "docs" / "reproduction.md"), help="the document to write")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="passed to every study")

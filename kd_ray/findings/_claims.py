@@ -103,6 +103,7 @@ class Claim:
     p_adjusted: float = math.nan  # after Holm across the document
     p_equivalence: float = math.nan  # TOST (same), non-superiority (no_gain) or non-inferiority (no_loss)
     mde: float = math.nan  # minimum detectable effect at POWER
+    refused_failure: bool = False  # failed by the numbers, held inconclusive for unconverged students
     verdict: str = INCONCLUSIVE
     notes: list[str] = field(default_factory=list)
 
@@ -248,6 +249,8 @@ def refuse_unconverged(claim: Claim) -> None:
     arms = [s for s in (claim.a, claim.b) if s is not None and s.unconverged]
     if claim.verdict == FAILS and arms:
         claim.verdict = INCONCLUSIVE
+        claim.refused_failure = True
+        claim.notes += ["the numbers alone say does not hold; not failed because students had not converged"]
         claim.notes += [f"{s.label}: {s.unconverged} of {s.trials} students had not converged" for s in arms]
 
 
@@ -293,7 +296,7 @@ def describe_claim(claim: Claim) -> str:
                 f"p={claim.p_difference:.3g}, Holm p={claim.p_adjusted:.3g}, "
                 f"equivalence p={claim.p_equivalence:.3g}); claim: {claimed}; "
                 f"minimum effect {_size(m, claim.margin)}")
-        if claim.verdict == INCONCLUSIVE and not math.isnan(claim.mde):
+        if claim.verdict == INCONCLUSIVE and not claim.refused_failure and not math.isnan(claim.mde):
             text += f"; detectable at 80% power: {_size(m, claim.mde)}"
     text += f" → **{claim.verdict}**"
     return text + "".join(f" ({note})" for note in claim.notes)

@@ -140,6 +140,9 @@ def test_unconverged_students_never_make_a_claim_fail():
     assert claim.verdict == findings.INCONCLUSIVE
     assert any("not converged" in note for note in claim.notes)
     assert judged(higher(arm(base - 0.05), arm(base))).verdict == findings.FAILS
+    # The line says the numbers alone fail it, and offers no detectable effect: one was detected.
+    text = findings.describe_claim(claim)
+    assert "the numbers alone say does not hold" in text and "detectable at 80% power" not in text
 
 
 def test_described_verdict_matches_its_numbers():
