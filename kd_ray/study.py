@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from kd_ray.config import ConfigError, TrialConfig
+from kd_ray.packing import PACK_MODES
 
 if TYPE_CHECKING:
     from kd_ray.study_runner import RunPlan, StudyResult
@@ -66,6 +67,7 @@ class Study:
     retrain_teachers: bool = False  # delete the needed teacher members first and train them again
     trackers: list[str] = field(default_factory=list)  # names of TRACKERS to log every trial to
     verbose: int = 1
+    pack: str = "auto"  # auto: trials that share a teacher, data and batch stream train as one (kd_ray.packing)
 
     # --- specification ------------------------------------------------------------------------
     @property
@@ -113,6 +115,8 @@ class Study:
             raise ConfigError("seeds must name at least one seed")
         if self.scheduler not in ("fifo", "asha"):
             raise ConfigError(f"scheduler={self.scheduler!r} is not allowed; choose fifo or asha")
+        if self.pack not in PACK_MODES:
+            raise ConfigError(f"pack={self.pack!r} is not allowed; choose {' or '.join(PACK_MODES)}")
         steps_set = self.base.steps or "steps" in self.axes or any("steps" in arm for arm in self.arms)
         if self.scheduler == "asha" and steps_set:
             raise ConfigError(
@@ -222,7 +226,7 @@ class Study:
             gpus_per_trial=self.gpus_per_trial, max_concurrent_trials=self.max_concurrent_trials,
             max_failures=self.max_failures, resume=self.resume, address=self.address, data_dir=self.data_dir,
             retrain_teachers=self.retrain_teachers, trackers=tuple(dict.fromkeys(self.trackers)),
-            verbose=self.verbose, spec=self.spec(),
+            verbose=self.verbose, spec=self.spec(), pack=self.pack,
         )
 
     def spec(self) -> dict[str, Any]:

@@ -12,6 +12,7 @@ import argparse
 import sys
 
 from kd_ray.config import DATASETS, EXIT_BAD_INPUT, ConfigError, TrialConfig, parse_set
+from kd_ray.packing import PACK_MODES
 from kd_ray.presets import STUDIES, Preset
 from kd_ray.study import TRACKERS
 from kd_ray.tables import TERMINATED
@@ -50,6 +51,9 @@ def study_parser(description: str | None) -> argparse.ArgumentParser:
     parser.add_argument("--max-concurrent", type=int, default=None,
                         help="max trials at once (default: CPUs / cpus-per-trial)")
     parser.add_argument("--scheduler", choices=("fifo", "asha"), default="fifo", help="asha stops weak trials early")
+    parser.add_argument("--pack", choices=PACK_MODES, default="auto",
+                        help="auto (default): trials that share a teacher, data and batch stream train as one Ray "
+                        "Tune trial, one teacher pass for all their students; off: one trial per config")
     parser.add_argument("--num-samples", type=int, default=None,
                         help="trials of an Optuna search (default: the preset's)")
     parser.add_argument("--resume", action="store_true",
@@ -91,7 +95,7 @@ def build_study(name: str, preset: Preset, args: argparse.Namespace, search=None
         scheduler=args.scheduler, cpus_per_trial=args.cpus_per_trial, gpus_per_trial=gpus,
         max_concurrent_trials=args.max_concurrent, storage=args.storage, resume=args.resume,
         address=args.address, data_dir=args.data_dir, retrain_teachers=args.retrain_teachers,
-        trackers=list(dict.fromkeys(args.log)), verbose=0 if args.quiet else 1,
+        trackers=list(dict.fromkeys(args.log)), verbose=0 if args.quiet else 1, pack=args.pack,
     )
 
 

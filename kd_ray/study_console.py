@@ -15,7 +15,7 @@ from ray.tune.experiment import Trial
 
 from kd_ray.config import ConfigError
 from kd_ray.progress import printer, time_left_s, trial_done_line
-from kd_ray.study_tables import ARM_KEY, flatten_arm
+from kd_ray.study_tables import ARM_KEY, PACK_KEY, flatten_arm
 from kd_ray.tables import FIDELITY_METRICS, GENERALIZATION_METRICS
 
 # What a person watches a study for: the student's test agreement and test accuracy.
@@ -69,7 +69,10 @@ class TrialsDone(tune.Callback):
         total = max(self.total, len(trials))
         left = time_left_s(statistics.mean(self.durations), total - done, running + 1) if self.durations else None
         config = flatten_arm(trial.config)
-        arm = {label: config[label] for label in self.arm_labels if label in config}
+        if PACK_KEY in config:
+            arm = {"pack": config[PACK_KEY]["pack_id"], "students": config[PACK_KEY]["size"]}
+        else:
+            arm = {label: config[label] for label in self.arm_labels if label in config}
         metrics = {m: result[m] for m in CONSOLE_METRICS if isinstance(result.get(m), (int, float))}
         log(trial_done_line(done, total, outcome, arm, metrics, time.monotonic() - self.started, left))
 

@@ -34,7 +34,8 @@ from kd_ray.study_guards import (
     storage_error,
     write_spec,
 )
-from kd_ray.study_tables import ARM_KEY, LiveTables, flatten_arm, record_finished_trials
+from kd_ray.study_packs import choose_packs, pack_dirname, train_pack
+from kd_ray.study_tables import ARM_KEY, PACK_KEY, LiveTables, flatten_arm, record_finished_trials
 from kd_ray.teachers import TeacherStoreError
 
 STATE_FILE = "state.pt"  # the trial's checkpoint inside each Ray Tune checkpoint directory
@@ -75,6 +76,7 @@ class RunPlan:
     data_dir: str | None = None
     retrain_teachers: bool = False
     trackers: tuple[str, ...] = ()  # tensorboard | mlflow | wandb, through Ray Tune's logger callbacks
+    pack: str = "auto"  # off | auto: trials that share a teacher, data and batch stream train as one (packing)
     verbose: int = 1
     spec: dict[str, Any] | None = None  # what decides the trials, stored beside the tables (study_guards)
 
@@ -174,7 +176,6 @@ def _trainable(config: dict[str, Any], store_uri: str, data_dir: str | None) -> 
     _set_threads()
     # Ray logs every persisted checkpoint at INFO from the worker, a line per evaluation on the console.
     logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)
-    cfg = TrialConfig.from_dict(flatten_arm(config))
     resume = None
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
@@ -193,6 +194,10 @@ def _trainable(config: dict[str, Any], store_uri: str, data_dir: str | None) -> 
             torch.save(state, os.path.join(directory, STATE_FILE))
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(directory))
 
+    if PACK_KEY in config:
+        train_pack(config[PACK_KEY], report_to_tune, resume, store_uri, data_dir, where)
+        return
+    cfg = TrialConfig.from_dict(flatten_arm(config))
     result = run_trial(cfg, report_to_tune, resume, store=store_uri, data_dir=data_dir)
     # The last report carries the trial's final status and provenance for the trials table.
     tune.report({**result, "epoch": result["epochs_completed"], "final": True, **where})
@@ -247,7 +252,9 @@ def _scheduler(plan: RunPlan):
     )
 
 
-def _param_space(plan: RunPlan) -> dict[str, Any]:
+def _param_space(plan: RunPlan, packs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    if packs is not None:
+        return {PACK_KEY: tune.grid_search(packs)}
     base = plan.base.to_dict()
     if plan.search_space is not None:
         for name in plan.search_space:
@@ -269,6 +276,17 @@ def _param_space(plan: RunPlan) -> dict[str, Any]:
 CHECKPOINTS_KEPT = 10
 
 
+def slots(plan: RunPlan) -> int:
+    """How many trials the cluster runs at once."""
+    if plan.max_concurrent_trials:
+        return plan.max_concurrent_trials
+    resources = ray.cluster_resources()
+    count = int(resources.get("CPU", 1) // plan.cpus_per_trial)
+    if plan.gpus_per_trial > 0:
+        count = min(count, int(resources.get("GPU", 0) // plan.gpus_per_trial))
+    return max(1, count)
+
+
 def _check_cluster(plan: RunPlan) -> None:
     resources = ray.cluster_resources()
     cpus, gpus = resources.get("CPU", 0.0), resources.get("GPU", 0.0)
@@ -281,7 +299,7 @@ def _check_cluster(plan: RunPlan) -> None:
         log(f"cluster has {cpus:g} CPUs / {gpus:g} GPUs now; waiting for the autoscaler to add nodes")
 
 
-def _build_tuner(plan: RunPlan, live_tables: LiveTables):
+def _build_tuner(plan: RunPlan, configs: list[TrialConfig], live_tables: LiveTables):
     # Ray Tune's newer console ignores a progress reporter; the classic one prints CLIReporter's table.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     trainable = tune.with_resources(
@@ -294,9 +312,15 @@ def _build_tuner(plan: RunPlan, live_tables: LiveTables):
         log(f"resuming {plan.study_dir}")
         return restore_tuner(plan.study_dir, trainable, storage)
     columns = arm_columns(plan.search_space, plan.axes, plan.arms, plan.seeds)
+    # A resumed study keeps the packs its saved Tuner holds (restored above).
+    packs = choose_packs(plan.pack, plan.search_space is not None, plan.scheduler, slots(plan), plan.gpus_per_trial,
+                         plan.study_dir, configs)
+    if packs is not None:
+        columns = {f"{PACK_KEY}/pack_id": "pack", f"{PACK_KEY}/size": "students"}
     cpus = ray.cluster_resources().get("CPU", 1)
     max_concurrent = plan.max_concurrent_trials or max(1, int(cpus // plan.cpus_per_trial))
     tune_config = tune.TuneConfig(
+        trial_dirname_creator=pack_dirname if packs is not None else None,
         search_alg=_optuna_search(plan) if plan.search_space is not None else None,
         scheduler=_scheduler(plan),
         num_samples=plan.num_samples,
@@ -314,7 +338,7 @@ def _build_tuner(plan: RunPlan, live_tables: LiveTables):
         progress_reporter=progress_table(columns),
         verbose=plan.verbose,
     )
-    return tune.Tuner(trainable, param_space=_param_space(plan), tune_config=tune_config, run_config=run_config)
+    return tune.Tuner(trainable, param_space=_param_space(plan, packs), tune_config=tune_config, run_config=run_config)
 
 
 def run_study(plan: RunPlan, configs: list[TrialConfig]) -> StudyResult:
@@ -391,7 +415,7 @@ def _teachers_trials_tables(plan: RunPlan, configs: list[TrialConfig], expected:
     tuner_started = time.perf_counter()
     # Tuner.fit() returns normally after an interrupt too; the tables then hold the trials that
     # finished, and the ResultGrid it returns counts the interrupted ones as terminated.
-    _build_tuner(plan, LiveTables(plan.name, plan.study_dir, expected)).fit()
+    _build_tuner(plan, configs, LiveTables(plan.name, plan.study_dir, expected)).fit()
     log(f"Ray Tune finished in {time.perf_counter() - tuner_started:.1f} s")
     record_finished_trials(plan.name, plan.study_dir, expected)
     tables.compact_trial_parts(plan.study_dir, expected)

@@ -23,6 +23,10 @@ from kd_ray.config import TrialConfig
 from kd_ray.tables import ERROR, STOPPED
 
 ARM_KEY = "arm"  # an explicit arm travels through Tune's grid as one dict-valued parameter
+# A pack (kd_ray.packs) travels as one parameter too: {"pack_id", "size", "students": [config, ...]};
+# its reports hold each student's metrics under "students/<index>".
+PACK_KEY = "pack"
+STUDENTS_KEY = "students"
 RESULT_FILE = "result.json"  # Ray Tune's log of a trial's reports, one JSON object a line
 
 
@@ -71,16 +75,45 @@ def trial_rows(
     return row, epochs
 
 
+def student_rows(
+    study_name: str, trial_id: str, config: dict[str, Any], metrics: dict[str, Any],
+    error: BaseException | str | None, history,
+) -> list[tuple[dict[str, Any], list[dict[str, Any]]]]:
+    """``trial_rows`` of every student a Ray Tune trial trained: one for a plain trial (a pack of one,
+    its own ``pack_id``), one per student of a pack, whose ``trial_id`` is the pack's and its index."""
+    pack = config.get(PACK_KEY)
+    if pack is None:
+        row, epochs = trial_rows(study_name, trial_id, config, metrics, error, history)
+        for name, value in (("pack_id", trial_id), ("pack_size", 1), ("pack_time_share", 1.0)):
+            row.setdefault(name, value)
+        return [(row, epochs)]
+    out = []
+    reported = metrics.get(STUDENTS_KEY) or {}
+    for index, student in enumerate(pack[STUDENTS_KEY]):
+        mine = reported.get(str(index)) or {}
+        final = {**mine, "final": True} if metrics.get("final") and mine else {}
+        prefix = f"{STUDENTS_KEY}/{index}/"
+        own = None
+        if history is not None and f"{prefix}epoch" in history:
+            columns = [c for c in history.columns if c.startswith(prefix)]
+            own = history[history[f"{prefix}epoch"].notna()][columns]
+            own = own.rename(columns={c: c[len(prefix):] for c in columns})
+        row, epochs = trial_rows(study_name, f"{trial_id}_{index}", student, final, error, own)
+        row.update(pack_id=trial_id, pack_size=len(pack[STUDENTS_KEY]))
+        out.append((row, epochs))
+    return out
+
+
 def collect_rows(study_name: str, results) -> tuple[list[dict], list[dict]]:
     """Trial rows and epoch rows from a ResultGrid."""
     trials, epochs = [], []
     for result in results:
         metrics = result.metrics or {}
         trial_id = str(metrics.get("trial_id") or os.path.basename(result.path))
-        row, rows = trial_rows(study_name, trial_id, result.config or {}, metrics, result.error,
-                               result.metrics_dataframe)
-        trials.append(row)
-        epochs += rows
+        for row, rows in student_rows(study_name, trial_id, result.config or {}, metrics, result.error,
+                                      result.metrics_dataframe):
+            trials.append(row)
+            epochs += rows
     return trials, epochs
 
 
@@ -156,10 +189,10 @@ class LiveTables(tune.Callback):
     def _write(self, trial, error: BaseException | str | None) -> None:
         # The driver's copy of the trial directory holds every report: Ray Tune logs each there as it
         # arrives (a resumed trial's earlier reports included).
-        row, epochs = trial_rows(self.study_name, trial.trial_id, trial.config, trial.last_result or {}, error,
-                                 _history(trial.local_path))
-        tables.write_trial_part(self.study_dir, row, epochs)
-        self.pending += 1
+        for row, epochs in student_rows(self.study_name, trial.trial_id, trial.config, trial.last_result or {},
+                                        error, _history(trial.local_path)):
+            tables.write_trial_part(self.study_dir, row, epochs)
+            self.pending += 1
 
     def _compact(self) -> None:
         started = time.monotonic()
@@ -183,11 +216,14 @@ def record_finished_trials(study_name: str, study_dir: str, expected: int) -> in
     analysis = tune.ExperimentAnalysis(study_dir)
     added = 0
     for trial in analysis.trials:
-        if trial.status not in (Trial.TERMINATED, Trial.ERROR) or trial.trial_id in recorded:
+        if trial.status not in (Trial.TERMINATED, Trial.ERROR):
             continue
         error = _saved_error(trial) if trial.status == Trial.ERROR else None
-        row, epochs = trial_rows(study_name, trial.trial_id, trial.config, trial.last_result or {}, error,
-                                 analysis.trial_dataframes.get(trial.trial_id))
-        tables.write_trial_part(study_dir, row, epochs)
-        added += 1
+        rows = student_rows(study_name, trial.trial_id, trial.config, trial.last_result or {}, error,
+                            analysis.trial_dataframes.get(trial.trial_id))
+        if all(row["trial_id"] in recorded for row, _ in rows):
+            continue
+        for row, epochs in rows:
+            tables.write_trial_part(study_dir, row, epochs)
+            added += 1
     return added

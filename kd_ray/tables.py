@@ -59,6 +59,10 @@ STEP_COUNTS = ("student_steps", "teacher_steps")
 # stayed within the threshold (trial.CONVERGED_WITHIN); null for a trial that did not finish.
 CONVERGENCE = ("convergence_delta", "converged")
 
+# Per trial, once: the pack it trained in (kd_ray.packs; a trial trained alone is a pack of one, its own
+# trial_id), how many students that pack held, and this student's share of the pack's time.
+PACK = ("pack_id", "pack_size", "pack_time_share")
+
 # Which code, and which device, produced a row.
 PRODUCED_BY = ("kd_ray_version", "git_sha", "torch_version", "ray_version", "device_name")
 PROVENANCE = ("teacher_key", *PRODUCED_BY, "precision_used", "fast_path", "config_json")
@@ -81,6 +85,7 @@ TRIALS_SCHEMA = pa.schema(
     + [pa.field(name, pa.int64()) for name in STEP_COUNTS]
     + [pa.field("convergence_delta", pa.float64()), pa.field("converged", pa.bool_())]
     + [pa.field(p, pa.string()) for p in PROVENANCE]
+    + [pa.field("pack_id", pa.string()), pa.field("pack_size", pa.int64()), pa.field("pack_time_share", pa.float64())]
 )
 
 EPOCHS_SCHEMA = pa.schema(

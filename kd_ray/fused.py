@@ -1,0 +1,161 @@
+"""K networks of one architecture as one wide network: the students of a pack in one forward pass.
+
+Student k owns block k of every layer's channels (features): a linear or convolution layer becomes
+one block-diagonal (grouped) layer, a norm layer one over K times the channels, so one call runs
+every student and no student's numbers touch another's. The first layer reads the shared input
+once: its K blocks form one ordinary layer of K times the outputs. Activations are laid out
+``[batch, K * channels, ...]``, student-major, so ReLU, pooling, flattening and residual sums work
+unchanged; the wide network's output is ``[K, batch, classes]``.
+
+Every parameter and buffer of the wide network keeps its name; ``tensor.view(K, *shape)[k]`` is
+student k's (``shape`` that of the narrow network), so a student is taken out (``narrow``) or left
+out (``keep``) by slicing. A scalar buffer (BatchNorm's step count) is shared: the students step
+together. Only the layers below, inside networks of ``kd_ray.models``, are widened; any other
+layer raises ``NotFusable``, and the pack then runs its students one after another.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# Layers that act on each channel (or element) alone, whatever the number of channels.
+_CHANNELWISE = (nn.ReLU, nn.MaxPool1d, nn.MaxPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.Identity)
+
+
+class NotFusable(ValueError):
+    """A network holds a layer that cannot be widened block by block."""
+
+
+class WideLinear(nn.Module):
+    """K linear layers: ``weight`` ``[K, out, in]``, ``bias`` ``[K, out]``."""
+
+    def __init__(self, layers: list[nn.Linear]) -> None:
+        super().__init__()
+        self.k, self.in_features, self.out_features = len(layers), layers[0].in_features, layers[0].out_features
+        self.weight = nn.Parameter(torch.stack([layer.weight.detach() for layer in layers]))
+        has_bias = layers[0].bias is not None
+        self.bias = nn.Parameter(torch.stack([layer.bias.detach() for layer in layers])) if has_bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch = x.shape[0]
+        if x.shape[1] == self.in_features and self.k > 1:  # the shared input: one layer of K * out outputs
+            bias = None if self.bias is None else self.bias.reshape(-1)
+            return F.linear(x, self.weight.reshape(-1, self.in_features), bias)
+        blocks = x.reshape(batch, self.k, self.in_features).transpose(0, 1)  # [K, B, in]
+        out = torch.bmm(blocks, self.weight.transpose(1, 2))
+        if self.bias is not None:
+            out = out + self.bias.unsqueeze(1)
+        return out.transpose(0, 1).reshape(batch, self.k * self.out_features)
+
+
+class WideConv(nn.Module):
+    """K convolutions as one grouped convolution: ``weight`` ``[K * out, in / groups, *kernel]``."""
+
+    def __init__(self, layers: list[nn.Conv1d | nn.Conv2d]) -> None:
+        super().__init__()
+        first = layers[0]
+        if first.padding_mode != "zeros" or isinstance(first.padding, str):
+            raise NotFusable(f"{type(first).__name__} with padding {first.padding!r} ({first.padding_mode})")
+        self.k, self.in_channels, self.groups = len(layers), first.in_channels, first.groups
+        self.conv = F.conv1d if isinstance(first, nn.Conv1d) else F.conv2d
+        self.stride, self.padding, self.dilation = first.stride, first.padding, first.dilation
+        self.weight = nn.Parameter(torch.cat([layer.weight.detach() for layer in layers]))
+        has_bias = first.bias is not None
+        self.bias = nn.Parameter(torch.cat([layer.bias.detach() for layer in layers])) if has_bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # The shared input has in_channels; the students' activations K * in_channels.
+        groups = self.groups if x.shape[1] == self.in_channels and self.k > 1 else self.groups * self.k
+        return self.conv(x, self.weight, self.bias, self.stride, self.padding, self.dilation, groups)
+
+
+def _wide_norm(layers: list[nn.Module]) -> nn.Module:
+    first, k = layers[0], len(layers)
+    if isinstance(first, nn.GroupNorm):
+        wide = nn.GroupNorm(k * first.num_groups, k * first.num_channels, first.eps, first.affine)
+    else:
+        wide = type(first)(k * first.num_features, first.eps, first.momentum, first.affine, first.track_running_stats)
+    state = {}
+    for name, value in first.state_dict().items():
+        values = [layer.state_dict()[name] for layer in layers]
+        state[name] = value.clone() if value.dim() == 0 else torch.cat(values)
+    wide.load_state_dict(state)
+    return wide.to(first.weight.device if first.affine else next(iter(state.values())).device)
+
+
+def _widen_layer(layers: list[nn.Module]) -> nn.Module:
+    first = layers[0]
+    if isinstance(first, nn.Linear):
+        return WideLinear(layers)
+    if isinstance(first, (nn.Conv1d, nn.Conv2d)):
+        return WideConv(layers)
+    if isinstance(first, (nn.BatchNorm1d, nn.BatchNorm2d, nn.GroupNorm)):
+        return _wide_norm(layers)
+    flatten_rows = isinstance(first, nn.Flatten) and first.start_dim == 1 and first.end_dim == -1
+    if isinstance(first, _CHANNELWISE) or flatten_rows:
+        return copy.deepcopy(first)
+    if not list(first.children()) and not list(first.parameters(recurse=False)) and _from_models(first):
+        return copy.deepcopy(first)  # an elementwise layer of kd_ray.models (the image scaling)
+    raise NotFusable(f"{type(first).__name__} cannot be widened block by block")
+
+
+def _from_models(module: nn.Module) -> bool:
+    # kd_ray.models' containers call their layers in order and flatten from dim 1: layout-agnostic.
+    return type(module).__module__ in ("kd_ray.models", "torch.nn.modules.container")
+
+
+def widen(models: list[nn.Module]) -> nn.Module:
+    """One wide network computing ``models`` (one architecture, K >= 1 of them) side by side."""
+    template = models[0]
+
+    def build(parts: list[nn.Module]) -> nn.Module:
+        children = list(parts[0].named_children())
+        if not children:
+            return _widen_layer(parts)
+        if not _from_models(parts[0]):
+            raise NotFusable(f"{type(parts[0]).__name__} is not a network of kd_ray.models")
+        wide = copy.copy(parts[0])
+        wide._modules = {}
+        for name, _ in children:
+            wide._modules[name] = build([getattr(part, name) for part in parts])
+        wide._parameters = {}  # containers of kd_ray.models hold layers, not parameters of their own
+        if list(parts[0].parameters(recurse=False)):
+            raise NotFusable(f"{type(parts[0]).__name__} holds parameters of its own")
+        return wide
+
+    wide = build(models)
+    wide.students = len(models)
+    wide.train(template.training)
+    return wide
+
+
+def wide_forward(wide: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``[K, batch, classes]`` logits of every student on the shared batch ``x``."""
+    out = wide(x)
+    return out.reshape(out.shape[0], wide.students, -1).transpose(0, 1)
+
+
+def student_state(wide: nn.Module, template: nn.Module, k: int) -> dict[str, torch.Tensor]:
+    """Student k's state dict, under the names and shapes of the narrow ``template``."""
+    wide_state, state = wide.state_dict(), {}
+    for name, value in template.state_dict().items():
+        whole = wide_state[name]
+        state[name] = whole.clone() if value.dim() == 0 else whole.reshape(wide.students, *value.shape)[k].clone()
+    return state
+
+
+def narrow(wide: nn.Module, template: nn.Module, k: int) -> nn.Module:
+    """Student k as a network of its own (a copy of ``template`` holding its weights)."""
+    model = copy.deepcopy(template)
+    model.load_state_dict(student_state(wide, template, k))
+    model.train(wide.training)
+    return model
+
+
+def blocks(tensor: torch.Tensor, k: int) -> torch.Tensor:
+    """``tensor`` of a wide network as ``[K, -1]``, one row per student (a view)."""
+    return tensor.reshape(k, -1)

@@ -1,0 +1,121 @@
+"""The loss and the optimizer step of K students at once, each with its own hyperparameters.
+
+``pack_kd_loss`` is ``losses.kd_loss`` for a ``[K, batch, classes]`` stack, with a temperature and a
+label weight per student. ``PackOptimizer`` is ``torch.optim.SGD`` (momentum 0.9, Nesterov) and
+``torch.optim.Adam`` (defaults), per student: every parameter of a wide network (``kd_ray.fused``)
+is seen as ``[K, -1]`` blocks, and learning rate, weight decay and the choice of optimizer are
+vectors over K. The update arithmetic is that of torch's own optimizers, so a packed student
+follows the same trajectory as one trained alone, up to the last bits of float32.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+MOMENTUM = 0.9  # SGD's, as distill.make_optimizer
+BETAS, EPS = (0.9, 0.999), 1e-8  # Adam's defaults
+
+
+def pack_kd_loss(
+    student_logits: torch.Tensor,
+    teacher_log_probs: torch.Tensor,
+    labels: torch.Tensor,
+    temperature: torch.Tensor,
+    alpha: torch.Tensor,
+    mix_index: torch.Tensor | None = None,
+    lam: float = 1.0,
+) -> torch.Tensor:
+    """``[K]`` losses, student k's
+    ``alpha_k * CE(z_k, y) + (1 - alpha_k) * tau_k^2 * CE(softmax(t_k / tau_k), softmax(z_k / tau_k))``."""
+    tau = temperature.view(-1, 1, 1)
+    log_q = F.log_softmax(student_logits.float() / tau, dim=-1)
+    p_teacher = F.softmax(teacher_log_probs.float() / tau, dim=-1)
+    soft = -(p_teacher * log_q).sum(-1).mean(-1) * temperature**2
+    if not bool((alpha > 0).any()):
+        return soft
+    k, batch, classes = student_logits.shape
+    flat = student_logits.float().reshape(k * batch, classes)
+    hard = F.cross_entropy(flat, labels.repeat(k), reduction="none").view(k, batch).mean(-1)
+    if mix_index is not None and lam < 1.0:
+        mixed = F.cross_entropy(flat, labels[mix_index].repeat(k), reduction="none").view(k, batch).mean(-1)
+        hard = lam * hard + (1.0 - lam) * mixed
+    return torch.where(alpha > 0, alpha * hard + (1.0 - alpha) * soft, soft)
+
+
+class PackOptimizer:
+    """SGD with Nesterov momentum or Adam, per student, over the parameters of a wide network."""
+
+    def __init__(self, params: list[torch.nn.Parameter], students: int, weight_decay: list[float],
+                 adam: list[bool]) -> None:
+        self.params = params
+        self.k = students
+        device = params[0].device
+        self.weight_decay = torch.tensor(weight_decay, dtype=torch.float32, device=device).view(-1, 1)
+        self.adam = torch.tensor(adam, dtype=torch.bool, device=device).view(-1, 1)
+        self.any_adam, self.any_sgd = any(adam), not all(adam)
+        self.step_count = 0
+        self.state: list[dict[str, torch.Tensor]] = [self._fresh(p) for p in params]
+
+    def _fresh(self, p: torch.Tensor) -> dict[str, torch.Tensor]:
+        zeros = torch.zeros(self.k, p.numel() // self.k, device=p.device, dtype=p.dtype)
+        state = {}
+        if self.any_sgd:
+            state["momentum"] = zeros.clone()
+        if self.any_adam:
+            state["exp_avg"], state["exp_avg_sq"] = zeros.clone(), zeros.clone()
+        return state
+
+    def zero_grad(self) -> None:
+        for p in self.params:
+            p.grad = None
+
+    @torch.no_grad()
+    def step(self, lr: torch.Tensor) -> None:
+        """One update with ``lr`` ``[K]``, the students' learning rates at this step."""
+        self.step_count += 1
+        lr = lr.view(-1, 1)
+        if self.any_adam:
+            bias1 = 1.0 - BETAS[0] ** self.step_count
+            bias2_sqrt = (1.0 - BETAS[1] ** self.step_count) ** 0.5
+        for p, state in zip(self.params, self.state):
+            if p.grad is None:
+                continue
+            weights = p.view(self.k, -1)
+            grad = p.grad.view(self.k, -1).addcmul_(weights, self.weight_decay)  # grad + wd * p, in place
+            if not self.any_adam:
+                buf = state["momentum"]
+                buf.mul_(MOMENTUM).add_(grad)
+                weights.addcmul_(grad.add_(buf, alpha=MOMENTUM), lr, value=-1.0)  # Nesterov
+                continue
+            exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+            exp_avg.lerp_(grad, 1.0 - BETAS[0])
+            exp_avg_sq.mul_(BETAS[1]).addcmul_(grad, grad, value=1.0 - BETAS[1])
+            denom = (exp_avg_sq.sqrt() / bias2_sqrt).add_(EPS)
+            update = (lr / bias1) * exp_avg / denom
+            if self.any_sgd:
+                buf = state["momentum"]
+                buf.mul_(MOMENTUM).add_(grad)
+                update = torch.where(self.adam, update, lr * grad.add(buf, alpha=MOMENTUM))
+            weights.sub_(update)
+
+    def state_dict(self) -> dict:
+        return {"step_count": self.step_count, "state": [{k: v.clone() for k, v in s.items()} for s in self.state]}
+
+    def load_state_dict(self, saved: dict) -> None:
+        self.step_count = int(saved["step_count"])
+        self.state = [{k: v.to(p.device).clone() for k, v in s.items()} for s, p in zip(saved["state"], self.params)]
+
+    def keep(self, keep: list[int], params: list[torch.nn.Parameter]) -> "PackOptimizer":
+        """This optimizer for the students ``keep`` only, over the parameters of their wide network."""
+        index = torch.tensor(keep, device=self.weight_decay.device)
+        other = PackOptimizer.__new__(PackOptimizer)
+        other.params, other.k = params, len(keep)
+        other.weight_decay, other.adam = self.weight_decay[index], self.adam[index]
+        adam = other.adam.view(-1).tolist()
+        other.any_adam, other.any_sgd = any(adam), not all(adam)
+        other.step_count = self.step_count
+        other.state = [{name: value[index].clone() for name, value in state.items()
+                        if (name == "momentum" and other.any_sgd) or (name != "momentum" and other.any_adam)}
+                       for state in self.state]
+        return other

@@ -1,0 +1,115 @@
+"""Packs on Ray Tune: which packs a grid study runs (``choose_packs``) and the trainable's pack path.
+
+A pack (``kd_ray.packs``, grouped by ``kd_ray.packing``) is one Ray Tune trial whose parameter is
+``{"pack_id", "size", "students": [config, ...]}``; each report holds every evaluated student's
+metrics under ``students/<index>`` (``study_tables.student_rows`` turns them into one row per
+student), and the pack's mean test agreement and accuracy for the progress table.
+
+``--pack auto`` (the default) packs a grid study run by the FIFO scheduler. An Optuna search runs
+one point per trial, and ASHA stops students one by one, so both run unpacked (logged).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Callable
+
+from ray import tune
+
+from kd_ray.config import TrialConfig
+from kd_ray.progress import printer
+from kd_ray.study_console import CONSOLE_METRICS
+from kd_ray.study_tables import STUDENTS_KEY
+
+PACKS_FILE = "packs.json"  # which students each pack of a packed study trains, in <storage>/<name>/
+UNSEEN_GPU_BYTES = 16 * 2**30  # a GPU the driver cannot see is taken to have this much memory
+
+log = printer("kd_ray")
+Report = Callable[[dict[str, Any], dict[str, Any] | None], None]  # (metrics, checkpoint) to Ray Tune
+
+
+def pack_dirname(trial) -> str:
+    """A pack's trial directory: its parameter (every student's config) is too long for a name."""
+    return f"pack_{trial.trial_id}"
+
+
+def memory_budget(gpus_per_trial: float, slots: int) -> float:
+    """Bytes a pack's students may take: half the trial's share of a GPU, or half this machine's free
+    memory over the trials that run at once."""
+    import torch
+
+    if gpus_per_trial > 0:
+        total = torch.cuda.mem_get_info()[1] if torch.cuda.is_available() else UNSEEN_GPU_BYTES
+        return 0.5 * total * min(1.0, gpus_per_trial)
+    free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return 0.5 * free / slots
+
+
+def choose_packs(mode: str, search: bool, scheduler: str, slots: int, gpus_per_trial: float, study_dir: str,
+                 configs: list[TrialConfig]) -> list[dict[str, Any]] | None:
+    """The packs of a study as Ray Tune parameters, or None to run one trial per config; logged, and
+    listed in packs.json beside the tables. No pack is smaller than needed to keep ``slots`` busy."""
+    from kd_ray.atomic import write_text
+    from kd_ray.packing import describe_packs, plan_packs
+    from kd_ray.packs import max_pack_size
+
+    if mode == "off":
+        return None
+    if search:
+        log("packs: off for an Optuna search: each trial is one point Optuna asked for")
+        return None
+    if scheduler == "asha":
+        log("packs: off under ASHA, which stops students one by one (use --scheduler fifo to pack)")
+        return None
+    budget = memory_budget(gpus_per_trial, slots)
+    limit = min(max_pack_size(cfg, budget) for cfg in {cfg.student_arch: cfg for cfg in configs}.values())
+    packs = plan_packs(configs, max_size=limit, min_packs=slots)
+    if all(pack.size == 1 for pack in packs):
+        log("packs: none: no two trials share a teacher, distillation data and batch stream")
+        return None
+    space = [{"pack_id": pack.pack_id, "size": pack.size, STUDENTS_KEY: [configs[i].to_dict() for i in pack.members]}
+             for pack in packs]
+    if "://" not in study_dir:
+        os.makedirs(study_dir, exist_ok=True)
+        write_text(os.path.join(study_dir, PACKS_FILE), json.dumps(space, indent=1, sort_keys=True))
+    log(f"packs: {describe_packs(packs)}, at most {limit} students each; listed in {study_dir}/{PACKS_FILE}")
+    return space
+
+
+def console_means(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """The pack's mean of each console metric over its students, for Ray Tune's progress table."""
+    means = {}
+    for metric in CONSOLE_METRICS:
+        values = [r[metric] for r in rows if isinstance(r.get(metric), (int, float)) and r[metric] == r[metric]]
+        if values:
+            means[metric] = sum(values) / len(values)
+    return means
+
+
+def train_pack(pack: dict[str, Any], report_to_tune: Report, resume: dict | None, store_uri: str,
+               data_dir: str | None, where: dict[str, Any]) -> None:
+    """The trainable's body for a pack: its students, each reported under students/<index>; a pack
+    of one runs as ``run_trial`` runs it alone."""
+    from kd_ray.trial import run_trial
+
+    configs = [TrialConfig.from_dict(c) for c in pack[STUDENTS_KEY]]
+    pack_id = tune.get_context().get_trial_id()
+    if len(configs) == 1:
+        def one(metrics: dict[str, Any], state: dict[str, Any] | None) -> None:
+            report_to_tune({"epoch": metrics["epoch"], STUDENTS_KEY: {"0": metrics}, **console_means([metrics])}, state)
+
+        result = run_trial(configs[0], one, resume, store=store_uri, data_dir=data_dir)
+        result.update(pack_id=pack_id, pack_size=1, pack_time_share=1.0)
+        results = [result]
+    else:
+        from kd_ray.packs import run_pack
+
+        def evaluated(epoch: int, by_student: dict[int, dict[str, Any]], state: dict[str, Any]) -> None:
+            students = {str(index): metrics for index, metrics in by_student.items()}
+            report_to_tune({"epoch": epoch, STUDENTS_KEY: students, **console_means(list(by_student.values()))}, state)
+
+        results = run_pack(configs, evaluated, resume, pack_id=pack_id, store=store_uri, data_dir=data_dir)
+    # The last report carries every student's final status and provenance for the trials table.
+    tune.report({"final": True, "epoch": max(r["epochs_completed"] for r in results),
+                 STUDENTS_KEY: {str(i): r for i, r in enumerate(results)}, **console_means(results), **where})
