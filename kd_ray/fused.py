@@ -87,6 +87,66 @@ def _wide_norm(layers: list[nn.Module]) -> nn.Module:
     return wide.to(first.weight.device if first.affine else next(iter(state.values())).device)
 
 
+class FeatureMajorLinear(WideLinear):
+    """K linear layers on activations laid out ``[K, features, batch]`` (the shared input: ``[batch, in]``)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.unsqueeze(2)
+        if x.dim() == 2:  # the shared input: one layer of K * out outputs, then per-student blocks
+            out = torch.mm(self.weight.reshape(-1, self.in_features), x.t()).view(self.k, self.out_features, -1)
+            return out if bias is None else out + bias
+        return torch.bmm(self.weight, x) if bias is None else torch.baddbmm(bias, self.weight, x)
+
+
+class FeatureMajorBatchNorm(nn.BatchNorm1d):
+    """BatchNorm over K * features channels, on ``[K, features, batch]``: each channel over the batch."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.reshape(1, -1, x.shape[-1])).view_as(x)
+
+
+class FeatureMajorGroupNorm(nn.GroupNorm):
+    """GroupNorm(1, features) of each student, on ``[K, features, batch]``: each sample over its features."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        k, features, _ = x.shape
+        var, mean = torch.var_mean(x, dim=1, unbiased=False, keepdim=True)
+        out = (x - mean) * torch.rsqrt(var + self.eps)
+        if self.affine:
+            out = out * self.weight.view(k, features, 1) + self.bias.view(k, features, 1)
+        return out
+
+
+def _feature_major(template: nn.Module) -> bool:
+    """A plain stack of linear layers, 1-D norms and ReLUs: it runs without any transposes."""
+    if type(template) is not nn.Sequential:
+        return False
+    for layer in template:
+        if isinstance(layer, nn.GroupNorm) and layer.num_groups != 1:
+            return False
+        plain = isinstance(layer, (nn.Linear, nn.BatchNorm1d, nn.GroupNorm, nn.ReLU, nn.Identity, nn.Flatten))
+        if not plain and not (_from_models(layer) and not list(layer.parameters())):
+            return False
+    return True
+
+
+def _widen_feature_major(layers: list[nn.Module]) -> nn.Module:
+    first, k = layers[0], len(layers)
+    if isinstance(first, nn.Linear):
+        wide = FeatureMajorLinear(layers)
+        return wide
+    if isinstance(first, (nn.BatchNorm1d, nn.GroupNorm)):
+        norm = _wide_norm(layers)
+        if isinstance(first, nn.GroupNorm):
+            wide = FeatureMajorGroupNorm(k, k * first.num_channels, first.eps, first.affine)
+        else:
+            wide = FeatureMajorBatchNorm(k * first.num_features, first.eps, first.momentum, first.affine,
+                                         first.track_running_stats)
+        wide.load_state_dict(norm.state_dict())
+        return wide.to(next(iter(norm.state_dict().values())).device)
+    return copy.deepcopy(first)
+
+
 def _widen_layer(layers: list[nn.Module]) -> nn.Module:
     first = layers[0]
     if isinstance(first, nn.Linear):
@@ -127,7 +187,11 @@ def widen(models: list[nn.Module]) -> nn.Module:
             raise NotFusable(f"{type(parts[0]).__name__} holds parameters of its own")
         return wide
 
-    wide = build(models)
+    if _feature_major(template):
+        wide = nn.Sequential(*(_widen_feature_major([m[i] for m in models]) for i in range(len(template))))
+        wide.stage_names = getattr(template, "stage_names", ())
+    else:
+        wide = build(models)
     wide.students = len(models)
     wide.train(template.training)
     return wide
@@ -136,6 +200,8 @@ def widen(models: list[nn.Module]) -> nn.Module:
 def wide_forward(wide: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``[K, batch, classes]`` logits of every student on the shared batch ``x``."""
     out = wide(x)
+    if out.dim() == 3:  # feature-major: [K, classes, batch]
+        return out.transpose(1, 2)
     return out.reshape(out.shape[0], wide.students, -1).transpose(0, 1)
 
 

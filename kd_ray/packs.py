@@ -324,6 +324,15 @@ def run_pack(
         if active:
             pack.load_state_dict(resume["pack"])
         pack.epoch = int(resume["pack"]["epoch"])
+        # A checkpoint is taken before the students done (or diverged) at its epoch leave the pack.
+        leaving = [i for i in pack.active
+                   if students[i].status != TERMINATED or students[i].epoch >= students[i].plan.epochs]
+        for index in leaving:
+            if students[index].status == TERMINATED:
+                students[index].model = narrow(pack.wide, pack.template, pack.active.index(index)).eval()
+        if leaving:
+            stay = [i for i in pack.active if i not in leaving]
+            pack.keep(stay) if stay else setattr(pack, "active", [])
     else:
         for index, student in enumerate(students):
             if student.reference_epoch == 0:

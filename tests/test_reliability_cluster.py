@@ -65,7 +65,7 @@ def test_a_lost_node_s_trials_finish_on_the_surviving_node(two_nodes, tmp_path):
 
     cluster, head, worker = two_nodes
     study = Study(name="two_nodes", base=BASE, axes={"temperature": [1.0, 4.0, 8.0]}, storage=str(tmp_path),
-                  address=cluster.address, max_failures=2, verbose=0)
+                  address=cluster.address, max_failures=2, verbose=0, pack="off")  # a Ray Tune trial per config
     study_dir = tmp_path / "two_nodes"
     lost: dict = {}
     stop = threading.Event()

@@ -77,13 +77,16 @@ def expected_rows(name: str, argv: list[str]) -> int:
 
 
 def trial_dirs(study_dir: Path) -> list[Path]:
-    return [p for p in study_dir.iterdir() if p.is_dir() and p.name.startswith("_trainable")]
+    """Ray Tune's trial directories: a trial per config, or a pack of configs (kd_ray.packs)."""
+    return [p for p in study_dir.iterdir() if p.is_dir() and p.name.startswith(("_trainable", "pack_"))]
 
 
 def check_study_dir(study_dir: Path, rows: int, argv: list[str]) -> pd.DataFrame:
     trials = pd.read_parquet(study_dir / "trials.parquet")
     assert len(trials) == rows >= 2
-    assert len(trial_dirs(study_dir)) == rows
+    # A row per student; a Ray Tune trial per pack (a config trained alone is a pack of one).
+    assert len(trial_dirs(study_dir)) == trials["pack_id"].nunique()
+    assert (trials.groupby("pack_id")["pack_size"].agg(["first", "size"]).pipe(lambda t: t["first"] == t["size"])).all()
     assert (trials["status"] == "TERMINATED").all(), trials[["status", "error"]]
     assert trials["trial_id"].is_unique
     for key, value in overrides_of(argv).items():  # every --set reached every trial

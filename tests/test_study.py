@@ -196,8 +196,10 @@ GRID_BASE = tiny(teacher_members=2)
 
 @pytest.fixture(scope="module")
 def grid(ray_local, storage):
-    """A 2 temperatures x 2 seeds grid whose two teacher members are trained as Ray tasks."""
-    return run_study(name="grid", base=GRID_BASE, axes={"temperature": [1.0, 4.0]}, seeds=[0, 1], storage=storage)
+    """A 2 temperatures x 2 seeds grid whose two teacher members are trained as Ray tasks, a Ray Tune
+    trial per config (test_packs_on_ray runs it packed)."""
+    return run_study(name="grid", base=GRID_BASE, axes={"temperature": [1.0, 4.0]}, seeds=[0, 1], storage=storage,
+                     pack="off")
 
 
 def test_grid_study_writes_trial_and_epoch_tables(grid, storage):

@@ -1,0 +1,133 @@
+"""A pack against its students trained alone, with no Ray: the same trajectories up to float32 rounding,
+the same rows, a diverging student that leaves the others untouched, and resumes that change nothing."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import pytest
+import torch
+
+from kd_ray.config import TrialConfig
+from kd_ray.fused import student_state, widen
+from kd_ray.models import build_model
+from kd_ray.packs import FAST_PATH, run_pack
+from kd_ray.tables import CKA_METRICS, TRIALS_SCHEMA
+from kd_ray.trial import FINAL_METRICS, run_trial
+
+TINY = dict(dataset="mnist1d", teacher_arch="mlp", student_arch="mlp", teacher_epochs=2, teacher_members=2,
+            epochs=3, eval_every=1, batch_size=256, device="cpu", precision="fp32")
+# Students that differ in everything a pack lets them differ in.
+VARIED = [dict(temperature=1.0), dict(temperature=4.0, teacher_members=1), dict(alpha=0.5, lr=0.1),
+          dict(optimizer="adam", weight_decay=0.0), dict(epochs=2, lr_schedule="constant")]
+
+
+def tiny(**changes) -> TrialConfig:
+    return TrialConfig(**{**TINY, **changes})
+
+
+def same(a, b) -> bool:
+    """Equal, NaN equal to NaN (a metric a network has no stage for)."""
+    return a == b or (isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b))
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> str:
+    return str(tmp_path_factory.mktemp("pack_teachers"))
+
+
+def recorded(configs, store):
+    """A pack's results and its checkpoints by epoch, each through torch.save and a weights-only load
+    as a Ray Tune trial stores them."""
+    checkpoints: dict[int, dict] = {}
+
+    def keep(epoch: int, _metrics: dict, state: dict) -> None:
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        buffer.seek(0)
+        checkpoints[epoch] = torch.load(buffer, weights_only=True)
+
+    return run_pack(configs, keep, store=store), checkpoints
+
+
+def pack_weights(checkpoint: dict, configs: list[TrialConfig]) -> list[dict[str, torch.Tensor]]:
+    """Each active student's weights in a pack checkpoint, under its narrow network's names."""
+    template = build_model("mlp", (40,), 10, "batch")
+    active = checkpoint["pack"]["active"]
+    wide = widen([template] * len(active))
+    wide.load_state_dict(checkpoint["pack"]["wide"])
+    return [student_state(wide, template, k) for k in range(len(active))]
+
+
+def test_over_the_first_steps_a_pack_is_its_students_trained_alone(store):
+    # Three optimizer steps: float32 rounding has not yet grown (training is chaotic: by epoch 1, at
+    # lr 0.1, a thread count alone moves a weight by 1e-3).
+    configs = [tiny(steps=3, **changes) for changes in VARIED[:4]]
+    _, pack_checkpoints = recorded(configs, store)
+    weights = pack_weights(pack_checkpoints[1], configs)
+    for k, cfg in enumerate(configs):
+        checkpoints: dict[int, dict] = {}
+        run_trial(cfg, lambda metrics, state, c=checkpoints: c.update({metrics["epoch"]: state}), store=store)
+        for name, value in checkpoints[1]["train_state"]["model"].items():
+            torch.testing.assert_close(weights[k][name], value, rtol=1e-4, atol=1e-5, msg=f"student {k}: {name}")
+
+
+def test_a_pack_ends_where_its_students_trained_alone_end(store):
+    configs = [tiny(**changes) for changes in VARIED]
+    packed, pack_checkpoints = recorded(configs, store)
+    alone = [(run_trial(cfg, store=store), None) for cfg in configs]
+    for cfg, result, (lone, _) in zip(configs, packed, alone):
+        assert result["status"] == lone["status"] == "TERMINATED"
+        assert result["teacher_key"] == lone["teacher_key"] == cfg.teacher_key()
+        for name in ("epochs_completed", "student_steps", "teacher_steps"):
+            assert result[name] == lone[name], name
+        for metric in ("teacher_test_acc", "teacher_test_nll"):
+            assert result[metric] == pytest.approx(lone[metric], abs=1e-6), metric
+        for metric in ("test_acc", "test_agreement", "train_agreement", "aug_train_agreement"):
+            assert result[metric] == pytest.approx(lone[metric], abs=0.02), metric  # run-to-run noise
+        assert result["cka_stage1"] == pytest.approx(lone["cka_stage1"], abs=0.02)
+        assert set(result) >= set(FINAL_METRICS) | set(CKA_METRICS) | {"pack_id", "pack_size", "pack_time_share"}
+        assert set(result) - {"error"} <= set(TRIALS_SCHEMA.names) | {"epoch"}
+        assert result["fast_path"] == FAST_PATH and result["pack_size"] == len(configs)
+    assert sum(r["pack_time_share"] for r in packed) == pytest.approx(1.0)
+    # The student of two epochs left the pack after its second; it took a smaller share of the time.
+    assert packed[4]["epochs_completed"] == 2 and packed[4]["pack_time_share"] < packed[0]["pack_time_share"]
+    assert pack_checkpoints[3]["pack"]["active"] == [0, 1, 2, 3]
+
+
+def test_a_diverging_student_leaves_its_pack_mates_bit_identical(store):
+    healthy = [tiny(temperature=1.0), tiny(temperature=4.0)]
+    diverging = tiny(lr=1e6, lr_schedule="constant")
+    with_it = run_pack([healthy[0], diverging, healthy[1]], store=store)
+    without = run_pack(healthy, store=store)
+    assert with_it[1]["status"] == "DIVERGED" and "non-finite" in with_it[1]["error"]
+    assert math.isnan(with_it[1]["cka_stage1"]) and with_it[1]["converged"] is None
+    for mine, theirs in zip([with_it[0], with_it[2]], without):
+        assert mine["status"] == "TERMINATED"
+        for metric in (*FINAL_METRICS, *CKA_METRICS, "convergence_delta"):
+            assert same(mine[metric], theirs[metric]), metric
+
+
+@pytest.mark.parametrize("epoch", [1, 3])
+def test_a_resumed_pack_ends_as_an_uninterrupted_one(store, epoch):
+    configs = [tiny(temperature=1.0), tiny(temperature=4.0, epochs=2), tiny(alpha=0.3)]
+    straight, checkpoints = recorded(configs, store)
+    resumed = run_pack(configs, resume=checkpoints[epoch], store=store)
+    for a, b in zip(straight, resumed):
+        for metric in (*FINAL_METRICS, *CKA_METRICS, "epochs_completed", "convergence_delta"):
+            assert same(a[metric], b[metric]), metric
+
+
+def test_the_control_of_a_pack_is_distilled_from_the_independent_ensemble(store):
+    configs = [tiny(control=True, alpha=0.0), tiny(control=True, alpha=0.5)]
+    packed = run_pack(configs, store=store)
+    alone = [run_trial(cfg, store=store) for cfg in configs]
+    for mine, lone in zip(packed, alone):
+        assert 0 < mine["control_test_agreement"] < 1
+        assert mine["control_test_agreement"] == pytest.approx(lone["control_test_agreement"], abs=0.03)
+
+
+def test_configs_that_do_not_share_a_stream_are_refused(store):
+    with pytest.raises(ValueError, match="share their teacher, data and batch stream"):
+        run_pack([tiny(seed=0), tiny(seed=1)], store=store)

@@ -1,0 +1,122 @@
+"""Packed studies on a real local Ray: the same tables as a trial per config, a pack per Ray Tune trial,
+a killed pack worker resumed from its checkpoint with no row lost or duplicated, and a resume that
+runs nothing again."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from ray_results import epoch_reports, reports
+
+from kd_ray.config import TrialConfig
+from kd_ray.study import Study
+from kd_ray.tables import EPOCHS_SCHEMA, TRIALS_SCHEMA
+
+TINY = dict(dataset="mnist1d", teacher_arch="mlp", student_arch="mlp", teacher_epochs=2, teacher_members=2,
+            epochs=2, eval_every=1, batch_size=256, device="cpu", precision="fp32")
+GRID = dict(base=TrialConfig(**TINY), axes={"temperature": [1.0, 4.0], "teacher_members": [1, 2]}, seeds=[0, 1])
+COMPARED = ["test_acc", "test_agreement", "train_agreement", "aug_train_agreement", "teacher_test_acc"]
+
+
+def pack_dirs(study_dir: Path) -> list[Path]:
+    return sorted(p for p in study_dir.iterdir() if p.is_dir() and p.name.startswith("pack_"))
+
+
+@pytest.fixture(scope="module")
+def storage(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("packed_storage")
+
+
+@pytest.fixture(scope="module")
+def packed_and_alone(ray_local, storage):
+    packed = Study(name="packed", storage=str(storage), verbose=0, **GRID).run()
+    alone = Study(name="alone", storage=str(storage), verbose=0, pack="off", **GRID).run()
+    return packed, alone
+
+
+def test_a_packed_grid_writes_the_tables_of_a_trial_per_config(packed_and_alone, storage):
+    packed, alone = packed_and_alone
+    assert (packed.partial, packed.finished, packed.expected) == (False, 8, 8)
+    study_dir = storage / "packed"
+    trials, epochs = pd.read_parquet(study_dir / "trials.parquet"), pd.read_parquet(study_dir / "epochs.parquet")
+    assert list(trials.columns) == TRIALS_SCHEMA.names and list(epochs.columns) == EPOCHS_SCHEMA.names
+    assert len(trials) == 8 and trials["trial_id"].is_unique and (trials["status"] == "TERMINATED").all()
+    # A pack per replicate (2 CPUs, 2 seeds): its four students share the seed's teacher members.
+    dirs = pack_dirs(study_dir)
+    assert len(dirs) == 2 and trials["pack_id"].nunique() == 2 and (trials["pack_size"] == 4).all()
+    assert (trials.groupby("pack_id")["seed"].nunique() == 1).all()
+    assert trials.groupby("pack_id")["pack_time_share"].sum().round(6).eq(1.0).all()
+    assert sorted(epochs.groupby("trial_id")["epoch"].apply(list).tolist()) == [[1, 2]] * 8
+    listed = json.loads((study_dir / "packs.json").read_text())
+    assert sorted(len(p["students"]) for p in listed) == [4, 4]
+
+    by_arm = ["temperature", "teacher_members", "seed"]
+    mine = trials.set_index(by_arm).sort_index()
+    theirs = alone.trials.set_index(by_arm).sort_index()
+    assert mine.index.equals(theirs.index)
+    assert (mine["teacher_key"] == theirs["teacher_key"]).all()
+    assert (alone.trials["pack_size"] == 1).all() and (alone.trials["pack_id"] == alone.trials["trial_id"]).all()
+    for metric in COMPARED:
+        gap = (mine[metric] - theirs[metric]).abs().max()
+        assert gap < 0.03, (metric, gap)  # the same students, fused: float32 rounding grown over 16 steps
+
+
+def test_resuming_a_finished_packed_study_runs_nothing_again(packed_and_alone, storage):
+    study_dir = storage / "packed"
+    before = {d.name: (d / "result.json").read_text() for d in pack_dirs(study_dir)}
+    trials = pd.read_parquet(study_dir / "trials.parquet")
+    again = Study(name="packed", storage=str(storage), verbose=0, resume=True, **GRID).run()
+    assert (again.partial, again.finished) == (False, 8)
+    assert {d.name: (d / "result.json").read_text() for d in pack_dirs(study_dir)} == before
+    pd.testing.assert_frame_equal(pd.read_parquet(study_dir / "trials.parquet"), trials)
+
+
+def test_a_killed_pack_worker_resumes_the_pack_from_its_checkpoint(ray_local, tmp_path):
+    """SIGKILL the worker of a pack mid-run: Ray Tune retries the pack from its last checkpoint, and every
+    student has exactly one row per evaluation, the killed process's and the new one's together."""
+    epochs, every = 60, 10
+    study = Study(name="pack_kill", base=TrialConfig(**{**TINY, "epochs": epochs, "eval_every": every}),
+                  axes={"temperature": [1.0, 4.0, 8.0]}, storage=str(tmp_path), max_failures=2,
+                  max_concurrent_trials=1, verbose=0)
+    study_dir = tmp_path / "pack_kill"
+    killed: dict = {}
+    stop = threading.Event()
+
+    def kill_mid_run():
+        while not stop.is_set():
+            for directory in pack_dirs(study_dir) if study_dir.is_dir() else []:
+                logged = epoch_reports(directory)
+                if logged and 20 <= logged[-1]["epoch"] <= 40:
+                    os.kill(logged[-1]["pid"], signal.SIGKILL)
+                    killed.update(trial=directory.name, pid=logged[-1]["pid"], epoch=logged[-1]["epoch"])
+                    return
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_mid_run, daemon=True)
+    killer.start()
+    try:
+        result = study.run()
+    finally:
+        stop.set()
+        killer.join(10)
+    assert killed, "the pack was not caught between epochs 20 and 40"
+    assert (result.partial, result.finished, result.expected) == (False, 3, 3)
+    trials, table = result.trials, result.epochs
+    assert (trials["status"] == "TERMINATED").all() and (trials["pack_size"] == 3).all()
+    expected = list(range(every, epochs + 1, every))
+    assert len(table) == 3 * len(expected)
+    for trial_id, rows in table.groupby("trial_id"):
+        assert sorted(rows["epoch"]) == expected, trial_id
+    logged = epoch_reports(study_dir / killed["trial"])
+    before = [r["epoch"] for r in logged if r["pid"] == killed["pid"]]
+    after = [r["epoch"] for r in logged if r["pid"] != killed["pid"]]
+    assert before and after and after[0] == max(before) + every  # resumed at its last checkpoint
+    final = reports(study_dir / killed["trial"])[-1]
+    assert final["final"] and final["pid"] != killed["pid"]
