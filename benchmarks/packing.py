@@ -2,17 +2,21 @@
 trial each, in one run.
 
 The grid is the local preset's (mnist1d MLPs, teacher ensembles of 1, 3 and 5 members, temperatures
-1, 4, 8 and 16: 12 students). "Alone" runs ``trial.run_trial`` for each student in turn, as twelve
-Ray Tune trials would, without Ray's own cost per trial; "pack" runs ``packs.run_pack`` on all
-twelve. Both use one thread (a trial's allotment of one CPU) and teachers already in the store. The
-two are interleaved (alone, pack, pack, alone, ...) and each is timed ``--repeats`` times; the
-median and the spread (min to max) are printed.
+1, 4, 8 and 16: 12 students). By default both are real studies on a local Ray of one CPU: "alone"
+with ``--pack off`` (twelve Ray Tune trials, one after another, actors reused), "pack" with
+``--pack auto`` (one Ray Tune trial of twelve students); the wall time of ``Study.run()`` is timed,
+teachers already in the store. ``--no-ray`` times ``trial.run_trial`` for each student in turn
+against ``packs.run_pack`` on all twelve, in this process: the same comparison without Ray's cost per
+trial. Both use one thread (a trial's allotment of one CPU). The two are interleaved (alone, pack,
+pack, alone, ...) and each is timed ``--repeats`` times; the median and the spread (min to max)
+are printed.
 
 ``fraction_of_peak`` is the useful FLOP/s of the pack's training step (the teacher's forward
 counted once, each student's forward and backward as three forwards) over the fp32 matmul peak
 measured in the same run, on the same thread.
 
-    python benchmarks/packing.py            # the preset's 60 epochs: about 10 minutes on one core
+    python benchmarks/packing.py            # the preset's 60 epochs: about 12 minutes on one core
+    python benchmarks/packing.py --no-ray   # the same students without Ray, in this process
     python benchmarks/packing.py --tiny     # 2 epochs, 1 repeat: CI checks it runs end to end
 """
 
@@ -22,6 +26,7 @@ import argparse
 import statistics
 import tempfile
 import time
+from typing import Any
 
 import torch
 from torch import nn
@@ -114,35 +119,72 @@ def _one_epoch(cfg: TrialConfig, data: TrialData):
     return schedule(student_recipe(cfg.replace(epochs=1)), data.x.shape[0])
 
 
+def interleaved(runs: dict[str, Any], repeats: int) -> dict[str, list[float]]:
+    """Seconds of each run, ``repeats`` times, in an order that alternates round by round (ABBA...)."""
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    names = list(runs)
+    for repeat in range(repeats):
+        for name in names if repeat % 2 == 0 else names[::-1]:
+            started = time.perf_counter()
+            runs[name](repeat)
+            times[name].append(time.perf_counter() - started)
+    return times
+
+
+def timed_in_process(configs: list[TrialConfig], store: TeacherStore, root: str, repeats: int) -> dict:
+    def alone(_repeat: int) -> None:
+        for cfg in configs:
+            run_trial(cfg, store=store)
+
+    return interleaved({"alone": alone, "pack": lambda _repeat: run_pack(configs, store=store)}, repeats)
+
+
+def timed_studies(configs: list[TrialConfig], store: TeacherStore, root: str, repeats: int) -> dict:
+    import ray
+
+    from kd_ray.study import Study
+    from kd_ray.study_guards import local_ray_settings
+
+    axes = {"teacher_members": sorted({c.teacher_members for c in configs}),
+            "temperature": sorted({c.temperature for c in configs})}
+    base = configs[0].replace(teacher_members=1, temperature=1.0)
+
+    def study(pack: str):
+        def run(repeat: int) -> None:
+            result = Study(f"{pack}_{repeat}", base=base, axes=axes, seeds=[0], storage=root, cpus_per_trial=1,
+                           max_concurrent_trials=1, verbose=0, pack=pack).run()
+            assert not result.partial and len(result.trials) == len(configs)
+        return run
+
+    with local_ray_settings():
+        ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)
+        try:
+            return interleaved({"alone": study("off"), "pack": study("auto")}, repeats)
+        finally:
+            ray.shutdown()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="2 epochs and 1 repeat, to check the benchmark runs")
     parser.add_argument("--epochs", type=int, default=None, help="student epochs (default: the preset's 60)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs of each (default 3, tiny 1)")
+    parser.add_argument("--no-ray", action="store_true", help="students in this process, without Ray Tune trials")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     configs = sweep_configs(2 if args.tiny else args.epochs)
     repeats = 1 if args.tiny else args.repeats
     with tempfile.TemporaryDirectory() as root:
-        store = TeacherStore(root)
+        store = TeacherStore(f"{root}/teachers")
         largest = max(configs, key=lambda c: c.teacher_members)
         ensure_members(largest, store, TrialData(largest, torch.device("cpu"), None).arrays, torch.device("cpu"))
-        times: dict[str, list[float]] = {"alone": [], "pack": []}
-        for repeat in range(repeats):
-            order = ("alone", "pack") if repeat % 2 == 0 else ("pack", "alone")
-            for what in order:
-                started = time.perf_counter()
-                if what == "alone":
-                    for cfg in configs:
-                        run_trial(cfg, store=store)
-                else:
-                    run_pack(configs, store=store)
-                times[what].append(time.perf_counter() - started)
+        times = (timed_in_process if args.no_ray else timed_studies)(configs, store, root, repeats)
         peak = matmul_peak()
         rate, per_step = step_rate(configs, store)
     print(f"versions: {versions()}")
     print(f"{len(configs)} students of {configs[0].epochs} epochs (temperature_sweep, local preset, seed 0), "
-          f"1 thread, {repeats} interleaved repeats")
+          f"1 thread, {repeats} interleaved repeats, "
+          f"{'in this process' if args.no_ray else 'Ray Tune studies on one CPU'}")
     for what, values in times.items():
         print(f"{what}: median {statistics.median(values):.1f} s (min {min(values):.1f}, max {max(values):.1f})")
     print(f"fused step: {per_step * 1e3:.2f} ms, {rate / 1e9:.1f} GFLOP/s useful; fp32 matmul peak "

@@ -9,7 +9,10 @@ batched augmentation, the teacher members in one vectorized call, precision chos
 Workloads: (a) CIFAR-shaped, 32x32x3, PreResNet-20 student, 3-member PreResNet-20 teacher, baseline
 augmentation; (b) the embedded default, mnist1d with MLPs. Prints images/s of both and the ratio per
 workload, the fraction of the device's measured matmul peak that kd_ray's step reaches (FLOPs counted
-from the models), and last ``speedup: <ratio of (a)>``.
+from the models), and last ``speedup: <ratio of (a)>``. Reference and kd_ray are timed ``--repeats``
+times, interleaved (reference, kd_ray, kd_ray, reference, ...); each prints its median and spread
+(min to max), and the ratio is of the medians. On a GPU a second reference runs beside the naive
+one: the DataLoader with 4 worker processes and pinned memory, copied with ``non_blocking``.
 
     python benchmarks/throughput.py            # CPU here; the GPU when one is present
     python benchmarks/throughput.py --tiny     # seconds: CI checks it runs end to end
@@ -20,7 +23,9 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -84,19 +89,21 @@ def make_models(w: Workload, device: torch.device):
     return teachers, student
 
 
-def reference_epoch(w: Workload, device: torch.device, steps: int) -> float:
-    """Images per second of the standard pipeline over ``steps`` batches (after one warm-up batch)."""
+def reference_epoch(w: Workload, device: torch.device, steps: int, workers: int = 0) -> float:
+    """Images per second of the standard pipeline over ``steps`` batches (after one warm-up batch);
+    ``workers > 0``: that many loader processes and pinned memory."""
     teachers, student = make_models(w, device)
     optimizer = torch.optim.SGD(student.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-4)
     loader = DataLoader(
-        PerSampleDataset(w.x, w.y, w.augment_spec, seed=0), batch_size=w.batch_size, shuffle=True, drop_last=True
+        PerSampleDataset(w.x, w.y, w.augment_spec, seed=0), batch_size=w.batch_size, shuffle=True, drop_last=True,
+        num_workers=workers, pin_memory=workers > 0,
     )
     seen, started = 0, None
     for i, (xb, yb) in enumerate(loader):
         if i == 1:
             torch.cuda.synchronize() if device.type == "cuda" else None
             started, seen = time.perf_counter(), 0
-        xb, yb = xb.to(device), yb.to(device)
+        xb, yb = xb.to(device, non_blocking=workers > 0), yb.to(device, non_blocking=workers > 0)
         with torch.no_grad():
             teacher_log_probs = ensemble_log_probs(torch.stack([t(xb) for t in teachers]))
         loss = kd_loss(student(xb), teacher_log_probs, yb, temperature=4.0)
@@ -161,6 +168,17 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, size: int) -> float:
     return 2 * size**3 * repeats / (time.perf_counter() - started)
 
 
+def interleaved(runs: dict[str, Callable[[], float]], repeats: int) -> dict[str, list[float]]:
+    """Each run ``repeats`` times, in an order that alternates round by round (ABBA...), so that a
+    machine's drift (heat, other load) falls on every run alike."""
+    out: dict[str, list[float]] = {name: [] for name in runs}
+    names = list(runs)
+    for repeat in range(repeats):
+        for name in names if repeat % 2 == 0 else names[::-1]:
+            out[name].append(runs[name]())
+    return out
+
+
 def workloads(tiny: bool, steps: int) -> list[Workload]:
     n = (steps + 2) * 128
     rng = np.random.default_rng(0)
@@ -184,7 +202,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=None, help="timed batches per path (default 20, tiny 2)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs of each path, interleaved (default 3, "
+                        "tiny 1)")
     args = parser.parse_args(argv)
+    repeats = 1 if args.tiny else args.repeats
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
@@ -207,8 +228,17 @@ def main(argv: list[str] | None = None) -> int:
         )
         bf16 = path.bf16
         print(f"{w.name}: kd_ray fast path measured as {path.describe()}")
-        reference = reference_epoch(w, device, steps)
-        fast = kd_ray_epoch(w, device, steps, path)
+        runs: dict[str, Callable[[], float]] = {
+            "reference": lambda w=w: reference_epoch(w, device, steps),
+            "kd_ray": lambda w=w, path=path: kd_ray_epoch(w, device, steps, path),
+        }
+        if device.type == "cuda":
+            runs["reference, 4 loader workers, pinned"] = lambda w=w: reference_epoch(w, device, steps, workers=4)
+        rates = interleaved(runs, repeats)
+        for what, values in rates.items():
+            print(f"{w.name}: {what} median {statistics.median(values):,.0f} img/s "
+                  f"(min {min(values):,.0f}, max {max(values):,.0f}, {len(values)} runs)")
+        reference, fast = statistics.median(rates["reference"]), statistics.median(rates["kd_ray"])
         flops = step_flops_per_image(w, device)
         achieved = flops * fast
         peak = peaks["bfloat16" if bf16 else "float32"]
@@ -217,8 +247,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{w.name}: reference {reference:,.0f} img/s, kd_ray {fast:,.0f} img/s, ratio {ratio:.2f}x; "
               f"step {flops / 1e6:.1f} MFLOP/img, {achieved / 1e9:.1f} GFLOP/s = {achieved / peak:.1%} of the "
               f"measured {'bf16' if bf16 else 'fp32'} matmul peak ({achieved / peaks['bfloat16']:.1%} of bf16)")
-        record["workloads"].append({"name": w.name, "reference": reference, "kd_ray": fast, "ratio": ratio,
-                                    "flops_per_image": flops, "fast_path": path.describe()})
+        record["workloads"].append({"name": w.name, "runs": rates, "reference": reference, "kd_ray": fast,
+                                    "ratio": ratio, "flops_per_image": flops, "fast_path": path.describe()})
     print("json: " + json.dumps(record))
     print(f"speedup: {ratios[0]:.2f}")
     return 0

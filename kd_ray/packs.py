@@ -44,6 +44,7 @@ from kd_ray.trial import TrialData, check_runnable, convergence, convergence_epo
 PackEvalCallback = Callable[[int, dict[int, dict[str, Any]], dict[str, Any]], None]
 FINAL_METRICS = tuple(m for m in METRICS if m not in AFTER_TRAINING_METRICS)
 FAST_PATH = "fp32, contiguous, teacher and students fused"
+EVAL_CHUNK = 2048  # inputs per stacked evaluation pass (measured: 12 MLPs on 10k inputs, 10% faster than 1024)
 
 
 def sub_ensemble(ensemble: Ensemble, cfg: TrialConfig, role: str = "reference") -> Ensemble:
@@ -253,8 +254,8 @@ class PackMeasures:
     def measure(self, pack: Pack, which: list[int]) -> dict[int, dict[str, float]]:
         """Metrics of the students ``which`` (indices into the pack's students, all active)."""
         x, x_test = self.data.x, self.data.x_test
-        test = self._stacked(pack, list(x_test.split(1024)))
-        train = self._stacked(pack, list(x.split(1024)))
+        test = self._stacked(pack, list(x_test.split(EVAL_CHUNK)))
+        train = self._stacked(pack, list(x.split(EVAL_CHUNK)))
         aug = self._stacked(pack, self.augmented)
         out = {}
         for index in which:
@@ -266,7 +267,7 @@ class PackMeasures:
         return out
 
     def train_agreement(self, pack: Pack, index: int) -> float:
-        train = self._stacked(pack, list(self.data.x.split(1024)))
+        train = self._stacked(pack, list(self.data.x.split(EVAL_CHUNK)))
         return agreement(self.teacher_distill[index], train[pack.active.index(index)])
 
 

@@ -109,14 +109,16 @@ def _provenance(storage: Path) -> str:
             f"ray {_first(trials, 'ray_version')}")
 
 
-def _study_provenance(directory: Path) -> tuple[str, str, str]:
-    """A study's trial count, trial-hours and git shas (short), as table cells."""
+def _study_provenance(directory: Path) -> tuple[str, str, str, str]:
+    """A study's trial count, Ray Tune trials (packs), trial-hours and git shas (short), as table cells."""
     if not (directory / analysis.TRIALS_FILE).exists():
-        return "—", "—", "—"
+        return "—", "—", "—", "—"
     trials = analysis.load_trials(directory)
     shas = ", ".join(sorted({str(sha)[:7] + ("-dirty" if str(sha).endswith("-dirty") else "")
                              for sha in trials["git_sha"].dropna()})) or "unknown"
-    return str(len(trials)), f"{trials['train_time_s'].sum() / 3600:.2f}", shas
+    # Tables written before packs have no pack_id: a Ray Tune trial per row.
+    packs = trials["pack_id"].fillna(trials["trial_id"]).nunique() if "pack_id" in trials else len(trials)
+    return str(len(trials)), str(packs), f"{trials['train_time_s'].sum() / 3600:.2f}", shas
 
 
 def _first(trials: pd.DataFrame, column: str) -> str:
@@ -290,13 +292,15 @@ def write_document(storage: Path, out: Path, runs: dict, seeds: int, figures_dir
     lines += _loss_surface_section(storage, figures_dir, rel)
     lines += ["## Runs", "",
               "Each study's trials with the code that produced them; a study complete before this run was "
-              "resumed, not run again.", "",
-              "| study | trials | trial-hours | git sha | this run | exit code |", "|---|---|---|---|---|---|"]
+              "resumed, not run again. Ray Tune trials: the packs that trained them (a pack trains several "
+              "students at once; trial-hours split a pack's time among its students).", "",
+              "| study | trials | Ray Tune trials | trial-hours | git sha | this run | exit code |",
+              "|---|---|---|---|---|---|---|"]
     for name in dict.fromkeys([*REPRODUCTION, *runs]):
         run = runs.get(name, {"wall_s": None, "exit": "—"})
         wall = "complete before" if run["wall_s"] is None else f"{run['wall_s'] / 60:.1f} min"
-        trials, hours, shas = _study_provenance(storage / name)
-        lines.append(f"| {name} | {trials} | {hours} | {shas} | {wall} | {run['exit']} |")
+        trials, packs, hours, shas = _study_provenance(storage / name)
+        lines.append(f"| {name} | {trials} | {packs} | {hours} | {shas} | {wall} | {run['exit']} |")
     lines += ["", f"Provenance: {_provenance(storage)}. Written {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} "
               f"by kd_ray {versions()['kd_ray_version']}.", ""]
     plan = paper_plan()

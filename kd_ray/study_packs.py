@@ -5,8 +5,10 @@ A pack (``kd_ray.packs``, grouped by ``kd_ray.packing``) is one Ray Tune trial w
 metrics under ``students/<index>`` (``study_tables.student_rows`` turns them into one row per
 student), and the pack's mean test agreement and accuracy for the progress table.
 
-``--pack auto`` (the default) packs a grid study run by the FIFO scheduler. An Optuna search runs
-one point per trial, and ASHA stops students one by one, so both run unpacked (logged).
+``--pack auto`` (the default) packs a grid study run by the FIFO scheduler, and an Optuna search
+whose every dimension is a student field (``study_search``: a pack asks for several points at
+once). ASHA stops students one by one, so a study under it runs unpacked (logged); so does a search
+over a dimension that decides the teacher, data or batch stream.
 """
 
 from __future__ import annotations
@@ -54,16 +56,13 @@ def choose_packs(mode: str, search: bool, scheduler: str, slots: int, gpus_per_t
     from kd_ray.packing import describe_packs, plan_packs
     from kd_ray.packs import max_pack_size
 
-    if mode == "off":
-        return None
-    if search:
-        log("packs: off for an Optuna search: each trial is one point Optuna asked for")
+    if mode == "off" or search:
         return None
     if scheduler == "asha":
         log("packs: off under ASHA, which stops students one by one (use --scheduler fifo to pack)")
         return None
-    budget = memory_budget(gpus_per_trial, slots)
-    limit = min(max_pack_size(cfg, budget) for cfg in {cfg.student_arch: cfg for cfg in configs}.values())
+    limit = min(max_pack_size(cfg, memory_budget(gpus_per_trial, slots))
+                for cfg in {cfg.student_arch: cfg for cfg in configs}.values())
     packs = plan_packs(configs, max_size=limit, min_packs=slots)
     if all(pack.size == 1 for pack in packs):
         log("packs: none: no two trials share a teacher, distillation data and batch stream")
@@ -75,6 +74,28 @@ def choose_packs(mode: str, search: bool, scheduler: str, slots: int, gpus_per_t
         write_text(os.path.join(study_dir, PACKS_FILE), json.dumps(space, indent=1, sort_keys=True))
     log(f"packs: {describe_packs(packs)}, at most {limit} students each; listed in {study_dir}/{PACKS_FILE}")
     return space
+
+
+def search_pack_size(mode: str, scheduler: str, space: list[str], base: TrialConfig, num_samples: int, slots: int,
+                     gpus_per_trial: float) -> int:
+    """How many Optuna points each trial of a search asks for (1: a point per trial, unpacked)."""
+    from kd_ray.packing import STUDENT_FIELDS, share_key
+    from kd_ray.packs import max_pack_size
+
+    if mode == "off":
+        return 1
+    if scheduler == "asha":
+        log("packs: off under ASHA, which stops students one by one (use --scheduler fifo to pack)")
+        return 1
+    shared = [name for name in space if name not in STUDENT_FIELDS]
+    if shared or share_key(base) is None:
+        log(f"packs: off for this search: {', '.join(shared) or 'compile'} decides the teacher, data or batch "
+            "stream, so each trial is one point")
+        return 1
+    size = min(max_pack_size(base, memory_budget(gpus_per_trial, slots)), -(-num_samples // slots))
+    if size > 1:
+        log(f"packs: {num_samples} points in packs of up to {size}, each pack asking Optuna for its points at once")
+    return max(1, size)
 
 
 def console_means(rows: list[dict[str, Any]]) -> dict[str, float]:

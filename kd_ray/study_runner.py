@@ -34,7 +34,7 @@ from kd_ray.study_guards import (
     storage_error,
     write_spec,
 )
-from kd_ray.study_packs import choose_packs, pack_dirname, train_pack
+from kd_ray.study_packs import choose_packs, pack_dirname, search_pack_size, train_pack
 from kd_ray.study_tables import ARM_KEY, PACK_KEY, LiveTables, flatten_arm, record_finished_trials
 from kd_ray.teachers import TeacherStoreError
 
@@ -206,7 +206,7 @@ def _trainable(config: dict[str, Any], store_uri: str, data_dir: str | None) -> 
 # --- the tuner ----------------------------------------------------------------------------------
 
 
-def _optuna_search(plan: RunPlan):
+def _optuna_search(plan: RunPlan, pack_size: int = 1):
     import optuna
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
@@ -226,7 +226,8 @@ def _optuna_search(plan: RunPlan):
     if multi:
         sampler = optuna.samplers.NSGAIISampler(seed=plan.search_seed)
     else:
-        sampler = optuna.samplers.TPESampler(seed=plan.search_seed)
+        # A pack asks for several points before any is told: a constant liar keeps them apart.
+        sampler = optuna.samplers.TPESampler(seed=plan.search_seed, constant_liar=pack_size > 1)
     journal = os.path.join(plan.study_dir, OPTUNA_JOURNAL)
     os.makedirs(plan.study_dir, exist_ok=True)
     storage = JournalStorage(JournalFileBackend(journal))
@@ -235,6 +236,12 @@ def _optuna_search(plan: RunPlan):
     optuna_name = f"{plan.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     log(f"optuna: study '{optuna_name}' in {journal} "
         f"(optuna.load_study(study_name=..., storage=JournalStorage(...)))")
+    if pack_size > 1:
+        from kd_ray.study_search import PackedOptunaSearch
+
+        directions = ["maximize" if m == "max" else "minimize" for m in plan.modes]
+        study = optuna.create_study(storage=storage, sampler=sampler, study_name=optuna_name, directions=directions)
+        return PackedOptunaSearch(study, space, plan.base.to_dict(), list(plan.metrics), plan.num_samples, pack_size)
     return OptunaSearch(space=space, metric=metric, mode=mode, sampler=sampler, storage=storage, study_name=optuna_name)
 
 
@@ -315,15 +322,19 @@ def _build_tuner(plan: RunPlan, configs: list[TrialConfig], live_tables: LiveTab
     # A resumed study keeps the packs its saved Tuner holds (restored above).
     packs = choose_packs(plan.pack, plan.search_space is not None, plan.scheduler, slots(plan), plan.gpus_per_trial,
                          plan.study_dir, configs)
-    if packs is not None:
+    search_pack = 1 if plan.search_space is None else search_pack_size(
+        plan.pack, plan.scheduler, list(plan.search_space), plan.base, plan.num_samples, slots(plan),
+        plan.gpus_per_trial)
+    packed = packs is not None or search_pack > 1
+    if packed:
         columns = {f"{PACK_KEY}/pack_id": "pack", f"{PACK_KEY}/size": "students"}
     cpus = ray.cluster_resources().get("CPU", 1)
     max_concurrent = plan.max_concurrent_trials or max(1, int(cpus // plan.cpus_per_trial))
     tune_config = tune.TuneConfig(
-        trial_dirname_creator=pack_dirname if packs is not None else None,
-        search_alg=_optuna_search(plan) if plan.search_space is not None else None,
+        trial_dirname_creator=pack_dirname if packed else None,
+        search_alg=_optuna_search(plan, search_pack) if plan.search_space is not None else None,
         scheduler=_scheduler(plan),
-        num_samples=plan.num_samples,
+        num_samples=-(-plan.num_samples // search_pack),
         max_concurrent_trials=max_concurrent,
         reuse_actors=plan.gpus_per_trial == 0,
     )
@@ -338,7 +349,9 @@ def _build_tuner(plan: RunPlan, configs: list[TrialConfig], live_tables: LiveTab
         progress_reporter=progress_table(columns),
         verbose=plan.verbose,
     )
-    return tune.Tuner(trainable, param_space=_param_space(plan, packs), tune_config=tune_config, run_config=run_config)
+    # A packed search's searcher gives each trial its whole parameter: every student's config.
+    space = _param_space(plan, packs) if search_pack == 1 else {}
+    return tune.Tuner(trainable, param_space=space, tune_config=tune_config, run_config=run_config)
 
 
 def run_study(plan: RunPlan, configs: list[TrialConfig]) -> StudyResult:

@@ -37,6 +37,18 @@ def test_throughput_tiny():
 def test_study_overhead_tiny():
     lines = _run("study_overhead.py", 600)
     assert re.fullmatch(r"overhead: -?\d+\.\d{3}", lines[-1]), lines[-1]
+    for pack in ("auto", "off"):  # packed and a trial per config, each with its median and spread
+        assert any(line.startswith(f"pack {pack}: overhead median") for line in lines), pack
+
+
+@pytest.mark.slow
+def test_packing_tiny():
+    lines = _run("packing.py", 900)
+    assert re.fullmatch(r"fraction_of_peak: \d+\.\d\d", lines[-1]), lines[-1]
+    assert re.fullmatch(r"speedup: \d+\.\d\d", lines[-2]), lines[-2]
+    assert 0 < float(lines[-1].split()[1]) < 1 and float(lines[-2].split()[1]) > 0
+    assert any(line.startswith("alone: median") for line in lines) and any(line.startswith("pack: median")
+                                                                             for line in lines)
 
 
 def _benchmark(name: str):

@@ -120,3 +120,40 @@ def test_a_killed_pack_worker_resumes_the_pack_from_its_checkpoint(ray_local, tm
     assert before and after and after[0] == max(before) + every  # resumed at its last checkpoint
     final = reports(study_dir / killed["trial"])[-1]
     assert final["final"] and final["pid"] != killed["pid"]
+
+
+def test_an_optuna_search_over_student_fields_asks_each_pack_for_its_points(ray_local, tmp_path):
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    from kd_ray.study import OptunaSpec
+
+    search = OptunaSpec(space={"temperature": ("logfloat", 1.0, 8.0), "alpha": ("float", 0.0, 0.5)},
+                        metrics=("test_agreement",), modes=("max",), num_samples=6, seed=3)
+    result = Study(name="packed_search", base=TrialConfig(**TINY), search=search, storage=str(tmp_path),
+                   verbose=0).run()
+    assert (result.partial, result.finished, result.expected) == (False, 6, 6)
+    study_dir = tmp_path / "packed_search"
+    trials = result.trials
+    assert len(pack_dirs(study_dir)) == 2 and (trials["pack_size"] == 3).all()  # 6 points, 2 CPUs
+    assert trials["temperature"].nunique() == 6 and trials["temperature"].between(1, 8).all()
+    storage = JournalStorage(JournalFileBackend(str(study_dir / "optuna.journal")))
+    [name] = optuna.study.get_all_study_names(storage)
+    told = optuna.load_study(study_name=name, storage=storage).get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    assert len(told) == 6
+    by_temperature = trials.set_index("temperature")
+    for trial in told:
+        row = by_temperature.loc[trial.params["temperature"]]
+        assert row["alpha"] == pytest.approx(trial.params["alpha"])
+        assert trial.value == pytest.approx(row["test_agreement"])
+
+
+def test_a_search_over_a_shared_field_runs_a_point_per_trial(ray_local, tmp_path, capsys):
+    from kd_ray.study import OptunaSpec
+
+    search = OptunaSpec(space={"augmentation": ("choice", ["baseline", "noise"])}, num_samples=2, seed=0)
+    result = Study(name="shared_search", base=TrialConfig(**TINY), search=search, storage=str(tmp_path),
+                   verbose=0).run()
+    assert result.finished == 2 and (result.trials["pack_size"] == 1).all()
+    assert "augmentation decides the teacher, data or batch stream" in capsys.readouterr().out

@@ -1,0 +1,68 @@
+"""An Optuna search whose Ray Tune trials are packs: each asks Optuna for several points at once.
+
+Used when every dimension of the search space is a student field (``packing.STUDENT_FIELDS``:
+temperature, alpha, learning rate, ...), so the points of one pack share the base's teacher, data
+and batch stream. TPE asks them with a constant liar (a point asked but not yet told counts as a
+poor one), so the points of a pack spread out rather than repeat; NSGA-II asks them from its current
+generation. Each student's values are told to its own Optuna trial when the pack completes; a
+student without a finite value is told as failed. The journal holds the Optuna study, as for an
+unpacked search.
+"""
+
+from __future__ import annotations
+
+import math
+import pickle
+from typing import Any
+
+from ray.tune.search import Searcher
+
+from kd_ray.study_tables import PACK_KEY, STUDENTS_KEY
+
+
+class PackedOptunaSearch(Searcher):
+    """``num_points`` Optuna points in packs of ``pack_size`` (the last may be smaller)."""
+
+    def __init__(self, study, distributions: dict[str, Any], base: dict[str, Any], metrics: list[str],
+                 num_points: int, pack_size: int) -> None:
+        super().__init__(metric=metrics[0], mode=None)
+        self.study, self.distributions, self.base = study, distributions, base
+        self.metrics, self.num_points, self.pack_size = metrics, num_points, pack_size
+        self.asked = 0
+        self.pending: dict[str, list[int]] = {}  # Tune trial id -> its students' Optuna trial numbers
+
+    def set_search_properties(self, metric, mode, config, **spec) -> bool:
+        return True  # the metrics and directions are the Optuna study's own
+
+    def suggest(self, trial_id: str) -> dict[str, Any] | None:
+        if self.asked >= self.num_points:
+            return Searcher.FINISHED
+        size = min(self.pack_size, self.num_points - self.asked)
+        asked = [self.study.ask(self.distributions) for _ in range(size)]
+        self.asked += size
+        self.pending[trial_id] = [t.number for t in asked]
+        students = [{**self.base, **t.params} for t in asked]
+        return {PACK_KEY: {"pack_id": f"search{len(self.pending) - 1:04d}", "size": size, STUDENTS_KEY: students}}
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        import optuna
+
+        numbers = self.pending.pop(trial_id, [])
+        result = result or {}
+        for index, number in enumerate(numbers):
+            # Ray Tune hands a searcher the result flattened: students/<index>/<metric>.
+            values = [result.get(f"{STUDENTS_KEY}/{index}/{metric}") for metric in self.metrics]
+            finite = not error and all(isinstance(v, (int, float)) and math.isfinite(v) for v in values)
+            if finite:
+                self.study.tell(number, values if len(values) > 1 else values[0])
+            else:
+                self.study.tell(number, state=optuna.trial.TrialState.FAIL)
+
+    def save(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "wb") as handle:
+            pickle.dump({"asked": self.asked, "pending": self.pending}, handle)
+
+    def restore(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "rb") as handle:
+            state = pickle.load(handle)
+        self.asked, self.pending = state["asked"], state["pending"]
