@@ -168,8 +168,14 @@ def _from_models(module: nn.Module) -> bool:
     return type(module).__module__ in ("kd_ray.models", "torch.nn.modules.container")
 
 
-def widen(models: list[nn.Module]) -> nn.Module:
-    """One wide network computing ``models`` (one architecture, K >= 1 of them) side by side."""
+def feature_major_applies(template: nn.Module) -> bool:
+    """Whether ``widen`` can lay ``template``'s activations out feature-major (a plain MLP)."""
+    return _feature_major(template)
+
+
+def widen(models: list[nn.Module], feature_major: bool | None = None) -> nn.Module:
+    """One wide network computing ``models`` (one architecture, K >= 1 of them) side by side;
+    feature-major where it applies unless ``feature_major=False`` (both compute the same numbers)."""
     template = models[0]
 
     def build(parts: list[nn.Module]) -> nn.Module:
@@ -187,7 +193,7 @@ def widen(models: list[nn.Module]) -> nn.Module:
             raise NotFusable(f"{type(parts[0]).__name__} holds parameters of its own")
         return wide
 
-    if _feature_major(template):
+    if _feature_major(template) and feature_major is not False:
         wide = nn.Sequential(*(_widen_feature_major([m[i] for m in models]) for i in range(len(template))))
         wide.stage_names = getattr(template, "stage_names", ())
     else:

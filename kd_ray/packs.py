@@ -30,7 +30,7 @@ from kd_ray.config import TrialConfig, network_streams, seed_stream
 from kd_ray.data import DATASET_INFO
 from kd_ray.distill import Schedule, build_seeded, initialize_student, lr_at, predict, schedule
 from kd_ray.ensembles import ensemble_log_probs
-from kd_ray.fused import narrow, wide_forward, widen
+from kd_ray.fused import feature_major_applies, narrow, wide_forward, widen
 from kd_ray.metrics import agreement, student_metrics, teacher_metrics
 from kd_ray.pack_optim import PackOptimizer, pack_kd_loss
 from kd_ray.packing import PACK_LIMIT, share_key
@@ -43,7 +43,7 @@ from kd_ray.trial import TrialData, check_runnable, convergence, convergence_epo
 # (epoch, metrics by student index, checkpoint) at each epoch where a student is evaluated
 PackEvalCallback = Callable[[int, dict[int, dict[str, Any]], dict[str, Any]], None]
 FINAL_METRICS = tuple(m for m in METRICS if m not in AFTER_TRAINING_METRICS)
-FAST_PATH = "fp32, contiguous, teacher and students fused"
+FAST_PATH = "fp32, contiguous, teacher and students fused"  # then the students' layout, in parentheses
 EVAL_CHUNK = 2048  # inputs per stacked evaluation pass (measured: 12 MLPs on 10k inputs, 10% faster than 1024)
 
 
@@ -96,13 +96,40 @@ class Student:
         return convergence_epoch(self.plan)
 
 
+def choose_layout(cfg: TrialConfig, models: list[torch.nn.Module], device: torch.device) -> bool:
+    """Feature-major (True) or channel-blocked (False) activations for the pack's wide network. Only
+    ``precision='auto'`` times the two (a few training steps each, on copies); a fixed precision fixes
+    the layout, as it fixes the rest of the fast path (kd_ray.fastpath)."""
+    if not feature_major_applies(models[0]):
+        return False
+    if cfg.precision != "auto":
+        return True
+    x = torch.randn(cfg.batch_size, *DATASET_INFO[cfg.dataset].input_shape, device=device)
+
+    def seconds(feature_major: bool) -> float:
+        wide = widen([copy.deepcopy(m) for m in models], feature_major).train()
+        for repeat in range(8):
+            if repeat == 3:  # after the warm-up steps
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                started = time.perf_counter()
+            wide_forward(wide, x).float().logsumexp(-1).sum().backward()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - started
+
+    return seconds(True) <= seconds(False)
+
+
 class Pack:
     """The live students of a pack as one wide network, its optimizer and the shared generators."""
 
     def __init__(self, students: list[Student], models: list[torch.nn.Module], active: list[int],
-                 teacher: PackTeacher, device: torch.device, seed: int, network: str) -> None:
+                 teacher: PackTeacher, device: torch.device, seed: int, network: str,
+                 feature_major: bool = True) -> None:
         self.students, self.active, self.template = students, active, models[0]
-        self.wide = widen(models).train()
+        self.feature_major = feature_major
+        self.wide = widen(models, feature_major).train()
         self.teacher = teacher.keep(active)
         cfgs = [students[i].cfg for i in active]
         self.optimizer = PackOptimizer(list(self.wide.parameters()), len(active), [c.weight_decay for c in cfgs],
@@ -117,7 +144,7 @@ class Pack:
         """Only the students ``keep`` (indices into ``students``) stay in the pack; the others leave."""
         where = [self.active.index(i) for i in keep]
         models = [narrow(self.wide, self.template, j) for j in where]
-        self.wide = widen(models).train()
+        self.wide = widen(models, self.feature_major).train()
         self.optimizer = self.optimizer.keep(where, list(self.wide.parameters()))
         self.teacher = self.teacher.keep(where)
         self.active = keep
@@ -316,7 +343,8 @@ def run_pack(
                 student.model.load_state_dict(saved["final"])
                 student.model.eval()
         active = list(resume["pack"]["active"])
-    pack = Pack(students, models, list(range(len(cfgs))), teacher, device, base.seed, "student")
+    feature_major = choose_layout(base, models, device)
+    pack = Pack(students, models, list(range(len(cfgs))), teacher, device, base.seed, "student", feature_major)
     if data.extra is not None:
         pack.extra_generator = torch.Generator(device=device).manual_seed(seed_stream("extra_batches", base.seed, 0))
     if resume:
@@ -376,7 +404,7 @@ def run_pack(
     if pack.active:
         train_pack(pack, data, on_epoch)
     teacher_steps = [member_steps(cfg, data.arrays.y_train) for cfg in cfgs]
-    results = finish(students, ensembles, teacher_summaries, data, teacher_steps)
+    results = finish(students, ensembles, teacher_summaries, data, teacher_steps, feature_major)
     controls = [i for i, cfg in enumerate(cfgs) if cfg.control and results[i]["status"] == TERMINATED]
     if controls:
         run_controls(students, results, controls, store, data, measures, device, largest, progress)
@@ -391,7 +419,7 @@ def run_pack(
 
 
 def finish(students: list[Student], ensembles: list[Ensemble], teacher_summaries: list[dict],
-           data: TrialData, y_train_steps: list[int]) -> list[dict[str, Any]]:
+           data: TrialData, y_train_steps: list[int], feature_major: bool) -> list[dict[str, Any]]:
     """Each student's result from its last evaluation, as ``run_trial`` writes it."""
     results = []
     cka_inputs = data.x_test[:CKA_TEST_INPUTS]
@@ -409,7 +437,7 @@ def finish(students: list[Student], ensembles: list[Ensemble], teacher_summaries
         result.update(stage_cka(student.model, ensemble.models[0], cka_inputs) if finished and student.model
                       else dict.fromkeys(CKA_METRICS, float("nan")))
         result["precision_used"] = "fp32"
-        result["fast_path"] = FAST_PATH
+        result["fast_path"] = f"{FAST_PATH} ({'feature-major' if feature_major else 'channel blocks'})"
         result["config_json"] = student.cfg.to_json()
         results.append(result)
     return results
@@ -429,7 +457,7 @@ def run_controls(students: list[Student], results: list[dict[str, Any]], control
     controls_of = [Student(cfg, students[i].plan) for cfg, i in zip(cfgs, controls)]
     models = build_students(cfgs, ensembles, data, device, "control_student")
     pack = Pack(controls_of, models, list(range(len(cfgs))), PackTeacher(full, [c.teacher_members for c in cfgs]),
-                device, cfgs[0].seed, "control_student")
+                device, cfgs[0].seed, "control_student", choose_layout(cfgs[0], models, device))
     if data.extra is not None:
         pack.extra_generator = torch.Generator(device=device).manual_seed(seed_stream("extra_batches", cfgs[0].seed, 1))
     train_pack(pack, data)

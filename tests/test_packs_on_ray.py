@@ -7,13 +7,11 @@ from __future__ import annotations
 import json
 import os
 import signal
-import threading
-import time
 from pathlib import Path
 
 import pandas as pd
 import pytest
-from ray_results import epoch_reports, reports
+from ray_results import acting_on_a_report, epoch_reports, reports
 
 from kd_ray.config import TrialConfig
 from kd_ray.study import Study
@@ -86,26 +84,11 @@ def test_a_killed_pack_worker_resumes_the_pack_from_its_checkpoint(ray_local, tm
                   axes={"temperature": [1.0, 4.0, 8.0]}, storage=str(tmp_path), max_failures=2,
                   max_concurrent_trials=1, verbose=0)
     study_dir = tmp_path / "pack_kill"
-    killed: dict = {}
-    stop = threading.Event()
-
-    def kill_mid_run():
-        while not stop.is_set():
-            for directory in pack_dirs(study_dir) if study_dir.is_dir() else []:
-                logged = epoch_reports(directory)
-                if logged and 20 <= logged[-1]["epoch"] <= 40:
-                    os.kill(logged[-1]["pid"], signal.SIGKILL)
-                    killed.update(trial=directory.name, pid=logged[-1]["pid"], epoch=logged[-1]["epoch"])
-                    return
-            time.sleep(0.05)
-
-    killer = threading.Thread(target=kill_mid_run, daemon=True)
-    killer.start()
-    try:
+    mid_run = acting_on_a_report(lambda: pack_dirs(study_dir) if study_dir.is_dir() else [],
+                                 lambda report: 20 <= report["epoch"] <= 40,
+                                 lambda report: os.kill(report["pid"], signal.SIGKILL), join_s=10)
+    with mid_run as killed:
         result = study.run()
-    finally:
-        stop.set()
-        killer.join(10)
     assert killed, "the pack was not caught between epochs 20 and 40"
     assert (result.partial, result.finished, result.expected) == (False, 3, 3)
     trials, table = result.trials, result.epochs

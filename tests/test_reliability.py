@@ -13,14 +13,12 @@ import io
 import math
 import os
 import signal
-import threading
-import time
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
-from ray_results import epoch_reports, reports
+from ray_results import acting_on_a_report, epoch_reports, reports
 
 from kd_ray import analysis
 from kd_ray.config import TrialConfig
@@ -141,26 +139,10 @@ def test_a_killed_trial_worker_is_retried_from_its_last_checkpoint(ray_local, st
     study = Study(name="worker_kill", base=tiny(epochs=epochs, eval_every=every), axes={"temperature": [1.0, 4.0]},
                   storage=str(storage), max_failures=2, verbose=0)
     study_dir = storage / "worker_kill"
-    killed: dict = {}
-    stop = threading.Event()
-
-    def kill_one_worker_mid_run():
-        while not stop.is_set():
-            for directory in trial_dirs(study_dir):
-                logged = epoch_reports(directory)
-                if logged and 30 <= logged[-1]["epoch"] <= 70:
-                    os.kill(logged[-1]["pid"], signal.SIGKILL)
-                    killed.update(trial=directory.name, pid=logged[-1]["pid"], epoch=logged[-1]["epoch"])
-                    return
-            time.sleep(0.05)
-
-    killer = threading.Thread(target=kill_one_worker_mid_run, daemon=True)
-    killer.start()
-    try:
+    mid_run = acting_on_a_report(lambda: trial_dirs(study_dir), lambda report: 30 <= report["epoch"] <= 70,
+                                 lambda report: os.kill(report["pid"], signal.SIGKILL), join_s=10)
+    with mid_run as killed:
         result = study.run()
-    finally:
-        stop.set()
-        killer.join(10)
     assert killed, "no trial was caught between epochs 30 and 70"
 
     assert (result.partial, result.finished, result.expected) == (False, 2, 2)

@@ -12,13 +12,11 @@ cluster reachable from a network should; the study joins it with the same two va
 from __future__ import annotations
 
 import secrets
-import threading
-import time
 from pathlib import Path
 
 import pandas as pd
 import pytest
-from ray_results import epoch_reports
+from ray_results import acting_on_a_report, epoch_reports
 
 from kd_ray.config import TrialConfig
 from kd_ray.study import Study
@@ -67,26 +65,14 @@ def test_a_lost_node_s_trials_finish_on_the_surviving_node(two_nodes, tmp_path):
     study = Study(name="two_nodes", base=BASE, axes={"temperature": [1.0, 4.0, 8.0]}, storage=str(tmp_path),
                   address=cluster.address, max_failures=2, verbose=0, pack="off")  # a Ray Tune trial per config
     study_dir = tmp_path / "two_nodes"
-    lost: dict = {}
-    stop = threading.Event()
 
-    def remove_second_node_mid_trial():
-        while not stop.is_set():
-            for directory in trial_dirs(study_dir):
-                logged = epoch_reports(directory)
-                if logged and logged[-1]["node_id"] == worker.node_id and EVERY <= logged[-1]["epoch"] < EPOCHS - EVERY:
-                    lost.update(trial=directory.name, epoch=logged[-1]["epoch"], pid=logged[-1]["pid"])
-                    cluster.remove_node(worker, allow_graceful=False)
-                    return
-            time.sleep(0.05)
+    def on_the_second_node_before_its_last_evaluations(report: dict) -> bool:
+        return report["node_id"] == worker.node_id and EVERY <= report["epoch"] < EPOCHS - EVERY
 
-    remover = threading.Thread(target=remove_second_node_mid_trial, daemon=True)
-    remover.start()
-    try:
+    mid_trial = acting_on_a_report(lambda: trial_dirs(study_dir), on_the_second_node_before_its_last_evaluations,
+                                   lambda report: cluster.remove_node(worker, allow_graceful=False))
+    with mid_trial as lost:
         result = study.run()
-    finally:
-        stop.set()
-        remover.join(30)
     assert not ray.is_initialized()  # the study connected to the cluster and disconnected again
     assert lost, "no trial on the second node was caught before its last evaluations"
     assert not worker.any_processes_alive()
