@@ -6,7 +6,9 @@ jitter, shared by the trial's row and its epoch rows, so that the copies are dis
 same arms with the real schema. Each size is analysed by the real command line (`python -m
 kd_ray.cli analyze DIR`, the report and the figures included) in a fresh process, timed from start to
 exit. The growth exponent is the least-squares slope of log(time) against log(trials); 1 means the
-cost grows like the data. The last line is ``seconds_10k: <seconds>``.
+cost grows like the data. Each size is analysed ``--repeats`` times, the sizes interleaved (small to
+large, then large to small, ...); the median and the spread (min to max) are printed, and the exponent
+and the last line use the medians. The last line is ``seconds_10k: <seconds>``.
 
     python benchmarks/analysis_scale.py           # a few minutes on a 2-core CPU
     python benchmarks/analysis_scale.py --tiny    # 1,000 and 10,000 trials of a 12-trial study
@@ -19,6 +21,7 @@ import json
 import math
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -126,7 +129,9 @@ def growth_exponent(sizes: list[int], seconds: list[float]) -> float:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="a 12-trial base study, 1,000 and 10,000 trials")
+    parser.add_argument("--repeats", type=int, default=3, help="timed analyses of each size (default 3, tiny 1)")
     args = parser.parse_args(argv)
+    repeats = 1 if args.tiny else args.repeats
     sizes = [1_000, 10_000] if args.tiny else [1_000, 10_000, 100_000]
     with tempfile.TemporaryDirectory() as scratch:
         base_dir = run_base_study(Path(scratch) / "base", seeds=1 if args.tiny else 2)
@@ -137,15 +142,23 @@ def main(argv: list[str] | None = None) -> int:
         wall, cpu = time_analyze(base_dir)
         print(f"base study: {len(base_trials)} trials, {len(base_epochs)} epoch rows: kd-ray analyze {wall:.1f} s "
               f"(cpu {cpu:.1f} s)")
-        seconds = []
+        study_dirs = {}
         for size in sizes:
-            study_dir = Path(scratch) / f"scale_{size}"
+            study_dirs[size] = Path(scratch) / f"scale_{size}"
             trials, epochs = replicate(base_trials, base_epochs, size)
-            tables.write_table(trials, str(study_dir / tables.TRIALS_FILE))
-            tables.write_table(epochs, str(study_dir / tables.EPOCHS_FILE))
-            wall, cpu = time_analyze(study_dir)
-            seconds.append(wall)
-            print(f"{size:>7} trials, {epochs.num_rows:>7} epoch rows: kd-ray analyze {wall:.1f} s (cpu {cpu:.1f} s)")
+            tables.write_table(trials, str(study_dirs[size] / tables.TRIALS_FILE))
+            tables.write_table(epochs, str(study_dirs[size] / tables.EPOCHS_FILE))
+        walls: dict[int, list[float]] = {size: [] for size in sizes}
+        cpus: dict[int, list[float]] = {size: [] for size in sizes}
+        for repeat in range(repeats):
+            for size in sizes if repeat % 2 == 0 else sizes[::-1]:
+                wall, cpu = time_analyze(study_dirs[size])
+                walls[size].append(wall)
+                cpus[size].append(cpu)
+        seconds = [statistics.median(walls[size]) for size in sizes]
+        for size, median in zip(sizes, seconds):
+            print(f"{size:>7} trials: kd-ray analyze median {median:.1f} s (min {min(walls[size]):.1f}, max "
+                  f"{max(walls[size]):.1f}, {repeats} runs; cpu median {statistics.median(cpus[size]):.1f} s)")
     print(f"load average: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     print(f"growth exponent: {growth_exponent(sizes, seconds):.2f}")
     print(f"seconds_10k: {seconds[sizes.index(10_000)]:.1f}")

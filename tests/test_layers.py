@@ -28,7 +28,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("kd_ray.packs",),
     ("kd_ray.study_tables", "kd_ray.study_guards"),
     ("kd_ray.study_console",),
-    ("kd_ray.study_packs",),
+    ("kd_ray.study_packs", "kd_ray.study_search"),
     ("kd_ray.study_runner",),
     ("kd_ray.study",),
     ("kd_ray.presets",),
