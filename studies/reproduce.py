@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import sys
 import time
 from pathlib import Path
@@ -23,6 +24,7 @@ from kd_ray.tables import COMPLETE, TRIALS_FILE, read_completeness
 
 HERE = Path(__file__).resolve().parent
 LOSS_SURFACE_STUDY = "loss_surface"
+RUNS_FILE = "reproduce_runs.json"  # each study's wall time and exit code in the last run, for --report-only
 
 
 def run_studies(storage: Path, seeds: int, extra: list[str]) -> dict[str, dict]:
@@ -93,9 +95,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     storage = Path(args.storage).resolve()
     extra = [x for pair in (("--set", s) for s in args.set) for x in pair]
-    runs = {} if args.report_only else run_studies(storage, args.seeds, extra)
-    if not args.report_only:
+    runs_file = storage / RUNS_FILE
+    if args.report_only:
+        # The document's Runs table says how each study was last run, by the run that ran it.
+        runs = json.loads(runs_file.read_text()) if runs_file.is_file() else {}
+    else:
+        runs = run_studies(storage, args.seeds, extra)
         runs[LOSS_SURFACE_STUDY] = run_loss_surface(storage)
+        storage.mkdir(parents=True, exist_ok=True)
+        runs_file.write_text(json.dumps(runs, indent=1))
 
     from kd_ray import reproduction
 
