@@ -7,8 +7,7 @@ share everything that decides the teacher, the distillation data and the batch s
 optimizer and schedule read. ``teacher_members`` may differ too: member i of a replicate is the
 same network whatever the ensemble's size (``TrialConfig.teacher_replicate``), so the largest
 ensemble's forward gives the smaller ensembles' labels. A compiled student (``compile``) is never
-packed, nor one that asks for bf16: a pack runs in float32 (``precision='auto'`` packs, in float32).
-Pure: plain values in, plain values out; no torch, no Ray.
+packed. Pure: plain values in, plain values out; no torch, no Ray.
 """
 
 from __future__ import annotations
@@ -41,7 +40,7 @@ class Pack:
 
 def share_key(cfg: TrialConfig) -> tuple[tuple[str, Any], ...] | None:
     """What a pack's students must share; None for a config that is never packed."""
-    if cfg.compile or cfg.precision == "bf16":
+    if cfg.compile:
         return None
     return tuple((name, value) for name, value in sorted(cfg.to_dict().items()) if name not in STUDENT_FIELDS)
 

@@ -38,12 +38,20 @@ from kd_ray.progress import Progress
 from kd_ray.provenance import versions
 from kd_ray.tables import AFTER_TRAINING_METRICS, CKA_METRICS, DIVERGED, METRICS, TERMINATED
 from kd_ray.teachers import Ensemble, TeacherStore, default_store, ensure_members, load_ensemble, member_steps
-from kd_ray.trial import TrialData, check_runnable, convergence, convergence_epoch, resolve_device, student_recipe
+from kd_ray.trial import (
+    TrialData,
+    check_runnable,
+    convergence,
+    convergence_epoch,
+    fast_path,
+    resolve_device,
+    student_recipe,
+)
 
 # (epoch, metrics by student index, checkpoint) at each epoch where a student is evaluated
 PackEvalCallback = Callable[[int, dict[int, dict[str, Any]], dict[str, Any]], None]
 FINAL_METRICS = tuple(m for m in METRICS if m not in AFTER_TRAINING_METRICS)
-FAST_PATH = "fp32, contiguous, teacher and students fused"  # then the students' layout, in parentheses
+FUSED = "teacher and students fused"  # a pack's fast_path: precision, this, then the students' layout
 EVAL_CHUNK = 2048  # inputs per stacked evaluation pass (measured: 12 MLPs on 10k inputs, 10% faster than 1024)
 
 
@@ -126,9 +134,9 @@ class Pack:
 
     def __init__(self, students: list[Student], models: list[torch.nn.Module], active: list[int],
                  teacher: PackTeacher, device: torch.device, seed: int, network: str,
-                 feature_major: bool = True) -> None:
+                 feature_major: bool = True, bf16: bool = False) -> None:
         self.students, self.active, self.template = students, active, models[0]
-        self.feature_major = feature_major
+        self.feature_major, self.bf16 = feature_major, bf16
         self.wide = widen(models, feature_major).train()
         self.teacher = teacher.keep(active)
         cfgs = [students[i].cfg for i in active]
@@ -197,6 +205,8 @@ def train_pack(pack: Pack, data: TrialData, on_epoch: Callable[[int, list[float]
     recipe = student_recipe(cfg)
     x, y, spec = data.x, data.y, data.augment_spec
     n = x.shape[0]
+    # As a trial alone: bf16 autocast for the forward passes when the fast path says so; losses in float32.
+    autocast = torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=pack.bf16)
     steps_per_epoch = students[0].plan.steps_per_epoch
     last_epoch = max(students[i].plan.epochs for i in pack.active)
     while pack.active and pack.epoch < last_epoch:
@@ -220,9 +230,10 @@ def train_pack(pack: Pack, data: TrialData, on_epoch: Callable[[int, list[float]
                 x_batch, y_batch = torch.cat([x_batch, data.extra.x[pick]]), torch.cat([y_batch, data.extra.y[pick]])
             batch = augment(recipe.augmentation, x_batch, pack.augment_generator, kind=spec.kind,
                             crop_pad=spec.crop_pad, hflip=spec.hflip, mixup_alpha=recipe.mixup_alpha)
-            logits = wide_forward(pack.wide, batch.x)
-            losses = pack_kd_loss(logits, pack.teacher.log_probs(batch.x), y_batch, temperature, alpha,
-                                  batch.mix_index, batch.lam)
+            with autocast:
+                logits = wide_forward(pack.wide, batch.x)
+                teacher_log_probs = pack.teacher.log_probs(batch.x)
+            losses = pack_kd_loss(logits, teacher_log_probs, y_batch, temperature, alpha, batch.mix_index, batch.lam)
             pack.optimizer.zero_grad()
             losses.sum().backward()
             pack.optimizer.step(lr)
@@ -344,7 +355,8 @@ def run_pack(
                 student.model.eval()
         active = list(resume["pack"]["active"])
     feature_major = choose_layout(base, models, device)
-    pack = Pack(students, models, list(range(len(cfgs))), teacher, device, base.seed, "student", feature_major)
+    bf16 = fast_path(base, data.info, device).bf16  # measured under precision=auto, as for a trial alone
+    pack = Pack(students, models, list(range(len(cfgs))), teacher, device, base.seed, "student", feature_major, bf16)
     if data.extra is not None:
         pack.extra_generator = torch.Generator(device=device).manual_seed(seed_stream("extra_batches", base.seed, 0))
     if resume:
@@ -404,10 +416,10 @@ def run_pack(
     if pack.active:
         train_pack(pack, data, on_epoch)
     teacher_steps = [member_steps(cfg, data.arrays.y_train) for cfg in cfgs]
-    results = finish(students, ensembles, teacher_summaries, data, teacher_steps, feature_major)
+    results = finish(students, ensembles, teacher_summaries, data, teacher_steps, feature_major, bf16)
     controls = [i for i, cfg in enumerate(cfgs) if cfg.control and results[i]["status"] == TERMINATED]
     if controls:
-        run_controls(students, results, controls, store, data, measures, device, largest, progress)
+        run_controls(students, results, controls, store, data, measures, device, largest, progress, bf16)
     pack_time = elapsed_before + time.perf_counter() - started
     steps = [s.epoch * s.plan.steps_per_epoch if s.status != TERMINATED else s.plan.total_steps for s in students]
     for result, student_steps in zip(results, steps):
@@ -419,7 +431,7 @@ def run_pack(
 
 
 def finish(students: list[Student], ensembles: list[Ensemble], teacher_summaries: list[dict],
-           data: TrialData, y_train_steps: list[int], feature_major: bool) -> list[dict[str, Any]]:
+           data: TrialData, y_train_steps: list[int], feature_major: bool, bf16: bool) -> list[dict[str, Any]]:
     """Each student's result from its last evaluation, as ``run_trial`` writes it."""
     results = []
     cka_inputs = data.x_test[:CKA_TEST_INPUTS]
@@ -436,8 +448,9 @@ def finish(students: list[Student], ensembles: list[Ensemble], teacher_summaries
         )
         result.update(stage_cka(student.model, ensemble.models[0], cka_inputs) if finished and student.model
                       else dict.fromkeys(CKA_METRICS, float("nan")))
-        result["precision_used"] = "fp32"
-        result["fast_path"] = f"{FAST_PATH} ({'feature-major' if feature_major else 'channel blocks'})"
+        precision = "bf16" if bf16 else "fp32"
+        result["precision_used"] = precision
+        result["fast_path"] = f"{precision}, {FUSED} ({'feature-major' if feature_major else 'channel blocks'})"
         result["config_json"] = student.cfg.to_json()
         results.append(result)
     return results
@@ -445,7 +458,7 @@ def finish(students: list[Student], ensembles: list[Ensemble], teacher_summaries
 
 def run_controls(students: list[Student], results: list[dict[str, Any]], controls: list[int], store: TeacherStore,
                  data: TrialData, measures: PackMeasures, device: torch.device, largest: TrialConfig,
-                 progress: Progress | None) -> None:
+                 progress: Progress | None, bf16: bool = False) -> None:
     """The independent-student control of each student in ``controls``, as one pack of its own:
     distilled from the control's ensemble, it records its agreement with the student's reference teacher."""
     if progress:
@@ -457,7 +470,7 @@ def run_controls(students: list[Student], results: list[dict[str, Any]], control
     controls_of = [Student(cfg, students[i].plan) for cfg, i in zip(cfgs, controls)]
     models = build_students(cfgs, ensembles, data, device, "control_student")
     pack = Pack(controls_of, models, list(range(len(cfgs))), PackTeacher(full, [c.teacher_members for c in cfgs]),
-                device, cfgs[0].seed, "control_student", choose_layout(cfgs[0], models, device))
+                device, cfgs[0].seed, "control_student", choose_layout(cfgs[0], models, device), bf16)
     if data.extra is not None:
         pack.extra_generator = torch.Generator(device=device).manual_seed(seed_stream("extra_batches", cfgs[0].seed, 1))
     train_pack(pack, data)

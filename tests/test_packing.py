@@ -35,7 +35,6 @@ def test_student_fields_share_a_pack_and_the_rest_do_not():
                         ("teacher_epochs", 5), ("mixup_alpha", 0.5), ("eval_every", 2), ("control", True)]:
         assert share_key(base.replace(**{name: value})) != share_key(base), name
     assert share_key(base.replace(compile=True)) is None  # a compiled student is never packed
-    assert share_key(base.replace(precision="bf16")) is None  # a pack runs in float32
 
 
 def test_a_temperature_by_ensemble_grid_packs_per_seed_in_order():

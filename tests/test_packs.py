@@ -12,7 +12,7 @@ import torch
 from kd_ray.config import TrialConfig
 from kd_ray.fused import student_state, widen
 from kd_ray.models import build_model
-from kd_ray.packs import FAST_PATH, run_pack
+from kd_ray.packs import FUSED, run_pack
 from kd_ray.tables import CKA_METRICS, TRIALS_SCHEMA
 from kd_ray.trial import FINAL_METRICS, run_trial
 
@@ -89,7 +89,7 @@ def test_a_pack_ends_where_its_students_trained_alone_end(store):
         assert result["cka_stage1"] == pytest.approx(lone["cka_stage1"], abs=0.02)
         assert set(result) >= set(FINAL_METRICS) | set(CKA_METRICS) | {"pack_id", "pack_size", "pack_time_share"}
         assert set(result) - {"error"} <= set(TRIALS_SCHEMA.names) | {"epoch"}
-        assert result["fast_path"] == f"{FAST_PATH} (feature-major)" and result["pack_size"] == len(configs)
+        assert result["fast_path"] == f"fp32, {FUSED} (feature-major)" and result["pack_size"] == len(configs)
     assert sum(r["pack_time_share"] for r in packed) == pytest.approx(1.0)
     # The student of two epochs left the pack after its second; it took a smaller share of the time.
     assert packed[4]["epochs_completed"] == 2 and packed[4]["pack_time_share"] < packed[0]["pack_time_share"]
@@ -131,10 +131,19 @@ def test_the_control_of_a_pack_is_distilled_from_the_independent_ensemble(store)
 def test_under_precision_auto_the_layout_is_measured_and_both_layouts_agree(store):
     configs = [tiny(precision="auto", temperature=1.0), tiny(precision="auto", temperature=4.0)]
     packed = run_pack(configs, store=store)
-    assert packed[0]["fast_path"] in (f"{FAST_PATH} (feature-major)", f"{FAST_PATH} (channel blocks)")
+    precision = packed[0]["precision_used"]
+    assert packed[0]["fast_path"] in (f"{precision}, {FUSED} (feature-major)", f"{precision}, {FUSED} (channel blocks)")
     fixed = run_pack([cfg.replace(precision="fp32") for cfg in configs], store=store)
     for a, b in zip(packed, fixed):
         assert a["test_agreement"] == pytest.approx(b["test_agreement"], abs=0.02)
+
+
+def test_a_bf16_pack_runs_its_forward_passes_in_bf16(store):
+    configs = [tiny(precision="bf16", temperature=1.0), tiny(precision="bf16", temperature=4.0)]
+    packed = run_pack(configs, store=store)
+    alone = run_trial(configs[1], store=store)
+    assert {r["precision_used"] for r in packed} == {"bf16"} == {alone["precision_used"]}
+    assert packed[1]["test_agreement"] == pytest.approx(alone["test_agreement"], abs=0.03)
 
 
 def test_configs_that_do_not_share_a_stream_are_refused(store):

@@ -132,11 +132,21 @@ def test_an_optuna_search_over_student_fields_asks_each_pack_for_its_points(ray_
         assert trial.value == pytest.approx(row["test_agreement"])
 
 
-def test_a_search_over_a_shared_field_runs_a_point_per_trial(ray_local, tmp_path, capsys):
-    from kd_ray.study import OptunaSpec
+def test_which_searches_and_schedulers_pack(capsys):
+    from kd_ray.study_packs import search_pack_size
 
-    search = OptunaSpec(space={"augmentation": ("choice", ["baseline", "noise"])}, num_samples=2, seed=0)
-    result = Study(name="shared_search", base=TrialConfig(**TINY), search=search, storage=str(tmp_path),
-                   verbose=0).run()
-    assert result.finished == 2 and (result.trials["pack_size"] == 1).all()
+    base = TrialConfig(**TINY)
+    assert search_pack_size("auto", "fifo", ["temperature", "lr"], base, num_samples=16, slots=2, gpus_per_trial=0) == 8
+    assert search_pack_size("auto", "fifo", ["temperature"], base, num_samples=64, slots=2, gpus_per_trial=0) == 32
+    assert search_pack_size("off", "fifo", ["temperature"], base, num_samples=16, slots=2, gpus_per_trial=0) == 1
+    assert search_pack_size("auto", "asha", ["temperature"], base, num_samples=16, slots=2, gpus_per_trial=0) == 1
+    assert "off under ASHA" in capsys.readouterr().out
+    assert search_pack_size("auto", "fifo", ["temperature", "augmentation"], base, num_samples=16, slots=2,
+                            gpus_per_trial=0) == 1
     assert "augmentation decides the teacher, data or batch stream" in capsys.readouterr().out
+    from kd_ray.study_packs import choose_packs
+
+    configs = [base.replace(temperature=t) for t in (1.0, 4.0, 8.0, 16.0)]
+    for mode, scheduler in (("off", "fifo"), ("auto", "asha")):
+        assert choose_packs(mode, False, scheduler, 2, 0.0, "/tmp/never-written", configs) is None
+    assert choose_packs("auto", True, "fifo", 2, 0.0, "/tmp/never-written", configs) is None  # a search: above
