@@ -117,7 +117,7 @@ def _study_provenance(directory: Path) -> tuple[str, str, str, str]:
     shas = ", ".join(sorted({str(sha)[:7] + ("-dirty" if str(sha).endswith("-dirty") else "")
                              for sha in trials["git_sha"].dropna()})) or "unknown"
     # Tables written before packs have no pack_id: a Ray Tune trial per row.
-    packs = trials["pack_id"].fillna(trials["trial_id"]).nunique() if "pack_id" in trials else len(trials)
+    packs = int(trials["pack_id"].nunique() + trials["pack_id"].isna().sum()) if "pack_id" in trials else len(trials)
     return str(len(trials)), str(packs), f"{trials['train_time_s'].sum() / 3600:.2f}", shas
 
 

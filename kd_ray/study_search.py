@@ -11,8 +11,8 @@ unpacked search.
 
 from __future__ import annotations
 
+import json
 import math
-import pickle
 from typing import Any
 
 from ray.tune.search import Searcher
@@ -59,10 +59,11 @@ class PackedOptunaSearch(Searcher):
                 self.study.tell(number, state=optuna.trial.TrialState.FAIL)
 
     def save(self, checkpoint_path: str) -> None:
-        with open(checkpoint_path, "wb") as handle:
-            pickle.dump({"asked": self.asked, "pending": self.pending}, handle)
+        # Plain JSON: the Optuna study itself lives in its journal, and a saved state is never unpickled.
+        with open(checkpoint_path, "w") as handle:
+            json.dump({"asked": self.asked, "pending": self.pending}, handle)
 
     def restore(self, checkpoint_path: str) -> None:
-        with open(checkpoint_path, "rb") as handle:
-            state = pickle.load(handle)
-        self.asked, self.pending = state["asked"], state["pending"]
+        with open(checkpoint_path) as handle:
+            state = json.load(handle)
+        self.asked, self.pending = int(state["asked"]), {k: list(v) for k, v in state["pending"].items()}

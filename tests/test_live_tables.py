@@ -193,7 +193,8 @@ SEEDS = 50
 EXPECTED = len(TEMPERATURES) * SEEDS
 # One shared one-member teacher of one epoch; students of one epoch, evaluated once.
 ARGS = ["--set", "teacher_members=1", "--set", "teacher_epochs=1", "--set", "teacher_sharing=shared",
-        "--set", "epochs=1", "--set", "eval_every=1", "--set", "batch_size=256", "--seeds", str(SEEDS), "--quiet"]
+        "--set", "epochs=1", "--set", "eval_every=1", "--set", "batch_size=256", "--seeds", str(SEEDS), "--quiet",
+        "--pack", "off"]  # a Ray Tune trial per config: the tables fill as each one finishes
 
 
 @pytest.fixture

@@ -35,7 +35,8 @@ EPOCHS = 4
 # temperature_sweep with one teacher member: four temperatures, one trial at a time, four evaluations
 # (and checkpoints) each.
 ARGS = ["--set", "teacher_members=1", "--set", "teacher_epochs=2", "--set", f"epochs={EPOCHS}",
-        "--set", "eval_every=1", "--set", "batch_size=256", "--seeds", "1", "--max-concurrent", "1", "--quiet"]
+        "--set", "eval_every=1", "--set", "batch_size=256", "--seeds", "1", "--max-concurrent", "1", "--quiet",
+        "--pack", "off"]  # a Ray Tune trial per config, one after another (packs: tests/test_packs_on_ray.py)
 NAME = "temperature_sweep"
 
 

@@ -44,5 +44,5 @@ def test_the_document_covers_every_finding_and_experiment(tmp_path):
     assert (tmp_path / "docs" / "figures" / "reproduction" / "loss_surface.png").read_bytes() == b"\x89PNG planted"
     assert np.all([f"| {name} |" in text for name in ("synthetic_data", "augmentation_convnet")])  # the paper plan
     # Runs: each study's trials and the code that produced them (planted rows have no git sha).
-    assert "| augmentation_ablation | 24 | 0.00 | unknown | complete before | — |" in text
-    assert "| synthetic_data | — | — | — | complete before | — |" in text
+    assert "| augmentation_ablation | 24 | 24 | 0.00 | unknown | complete before | — |" in text  # a trial per row
+    assert "| synthetic_data | — | — | — | — | complete before | — |" in text
