@@ -152,6 +152,25 @@ class TrainState:
         self.epoch = int(state["epoch"])
 
 
+def training_batch(
+    x: torch.Tensor, y: torch.Tensor, order: torch.Tensor, step_in_epoch: int, recipe: Recipe,
+    augment_spec: AugmentSpec, augment_generator: torch.Generator, extra: ExtraBatches | None = None,
+    extra_generator: torch.Generator | None = None,
+):
+    """Batch ``step_in_epoch`` of the epoch's permutation ``order``, with its extra inputs (``extra``,
+    drawn by ``extra_generator``) after the batch's own, augmented by the recipe's policy. Returns the
+    augmented batch (``augment.Batch``) and its labels."""
+    idx = order[step_in_epoch * recipe.batch_size : (step_in_epoch + 1) * recipe.batch_size]
+    x_batch, y_batch = x[idx], y[idx]
+    if extra is not None:
+        assert extra_generator is not None, "extra batches need an extra_generator"
+        pick = torch.randint(len(extra.x), (extra.per_batch,), device=x.device, generator=extra_generator)
+        x_batch, y_batch = torch.cat([x_batch, extra.x[pick]]), torch.cat([y_batch, extra.y[pick]])
+    batch = augment(recipe.augmentation, x_batch, augment_generator, kind=augment_spec.kind,
+                    crop_pad=augment_spec.crop_pad, hflip=augment_spec.hflip, mixup_alpha=recipe.mixup_alpha)
+    return batch, y_batch
+
+
 def fit(
     state: TrainState,
     x: torch.Tensor,
@@ -185,16 +204,8 @@ def fit(
             lr = lr_at(recipe, step, plan.total_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            idx = order[i * recipe.batch_size : (i + 1) * recipe.batch_size]
-            x_batch, y_batch = x[idx], y[idx]
-            if extra is not None:
-                assert state.extra_generator is not None, "extra batches need the state's extra_generator"
-                pick = torch.randint(len(extra.x), (extra.per_batch,), device=x.device, generator=state.extra_generator)
-                x_batch, y_batch = torch.cat([x_batch, extra.x[pick]]), torch.cat([y_batch, extra.y[pick]])
-            batch = augment(
-                recipe.augmentation, x_batch, augment_generator, kind=augment_spec.kind, crop_pad=augment_spec.crop_pad,
-                hflip=augment_spec.hflip, mixup_alpha=recipe.mixup_alpha,
-            )
+            batch, y_batch = training_batch(x, y, order, i, recipe, augment_spec, augment_generator, extra,
+                                            state.extra_generator)
             inputs = batch.x.contiguous(memory_format=torch.channels_last) if channels_last else batch.x
             with autocast:
                 logits = (state.forward or model)(inputs)

@@ -24,11 +24,10 @@ from typing import Any, Callable
 
 import torch
 
-from kd_ray.augment import augment
 from kd_ray.cka import CKA_TEST_INPUTS, stage_cka
 from kd_ray.config import TrialConfig, network_streams, seed_stream
 from kd_ray.data import DATASET_INFO
-from kd_ray.distill import Schedule, build_seeded, initialize_student, lr_at, predict, schedule
+from kd_ray.distill import Schedule, build_seeded, initialize_student, lr_at, predict, schedule, training_batch
 from kd_ray.ensembles import ensemble_log_probs
 from kd_ray.fused import feature_major_applies, narrow, wide_forward, widen
 from kd_ray.metrics import agreement, student_metrics, teacher_metrics
@@ -40,6 +39,7 @@ from kd_ray.tables import AFTER_TRAINING_METRICS, CKA_METRICS, DIVERGED, METRICS
 from kd_ray.teachers import Ensemble, TeacherStore, default_store, ensure_members, load_ensemble, member_steps
 from kd_ray.trial import (
     TrialData,
+    augmented_pass,
     check_runnable,
     convergence,
     convergence_epoch,
@@ -221,15 +221,8 @@ def train_pack(pack: Pack, data: TrialData, on_epoch: Callable[[int, list[float]
         for i in range(steps):
             step = epoch * steps_per_epoch + i
             lr = torch.tensor([lr_at(r, step, p.total_steps) for r, p in zip(recipes, plans)], device=x.device)
-            idx = order[i * recipe.batch_size : (i + 1) * recipe.batch_size]
-            x_batch, y_batch = x[idx], y[idx]
-            if data.extra is not None:
-                assert pack.extra_generator is not None
-                pick = torch.randint(len(data.extra.x), (data.extra.per_batch,), device=x.device,
-                                     generator=pack.extra_generator)
-                x_batch, y_batch = torch.cat([x_batch, data.extra.x[pick]]), torch.cat([y_batch, data.extra.y[pick]])
-            batch = augment(recipe.augmentation, x_batch, pack.augment_generator, kind=spec.kind,
-                            crop_pad=spec.crop_pad, hflip=spec.hflip, mixup_alpha=recipe.mixup_alpha)
+            batch, y_batch = training_batch(x, y, order, i, recipe, spec, pack.augment_generator, data.extra,
+                                            pack.extra_generator)
             with autocast:
                 logits = wide_forward(pack.wide, batch.x)
                 teacher_log_probs = pack.teacher.log_probs(batch.x)
@@ -271,15 +264,8 @@ class PackMeasures:
     def __init__(self, data: TrialData, ensembles: list[Ensemble], teacher: PackTeacher, cfg: TrialConfig) -> None:
         self.data = data
         self.teacher_test, self.teacher_distill = zip(*(data.teacher_log_probs(e) for e in ensembles))
-        generator = torch.Generator(device=data.x.device).manual_seed(seed_stream("eval_augment", cfg.seed))
-        self.augmented, teacher_aug = [], []
-        for i in range(0, data.x.shape[0], 1024):
-            batch = augment(cfg.augmentation, data.x[i : i + 1024], generator, kind=data.augment_spec.kind,
-                            crop_pad=data.augment_spec.crop_pad, hflip=data.augment_spec.hflip,
-                            mixup_alpha=cfg.mixup_alpha)
-            self.augmented.append(batch.x)
-            teacher_aug.append(teacher.log_probs(batch.x))
-        self.teacher_aug = torch.cat(teacher_aug, dim=1)  # [K, N, C]
+        self.augmented = augmented_pass(data, cfg)
+        self.teacher_aug = torch.cat([teacher.log_probs(x) for x in self.augmented], dim=1)  # [K, N, C]
 
     @torch.inference_mode()
     def _stacked(self, pack: Pack, parts: list[torch.Tensor]) -> torch.Tensor:

@@ -193,19 +193,20 @@ class TrialData:
         return test, distill
 
 
-def aug_agreement(student: torch.nn.Module, ensemble: Ensemble, data: TrialData, cfg: TrialConfig) -> float:
-    """Agreement on one augmented pass over the distillation set with the trial's policy; the same
-    pass (the eval_augment stream of the replicate) at every evaluation."""
+def augmented_pass(data: TrialData, cfg: TrialConfig) -> list[torch.Tensor]:
+    """One augmented pass over the distillation set with the trial's policy, in chunks of 1,024: the
+    same pass (the eval_augment stream of the replicate) at every evaluation, alone or in a pack."""
     generator = torch.Generator(device=data.x.device).manual_seed(seed_stream("eval_augment", cfg.seed))
-    teacher_preds, student_preds = [], []
-    for i in range(0, data.x.shape[0], 1024):
-        batch = augment(
-            cfg.augmentation, data.x[i : i + 1024], generator, kind=data.augment_spec.kind,
-            crop_pad=data.augment_spec.crop_pad, hflip=data.augment_spec.hflip, mixup_alpha=cfg.mixup_alpha,
-        )
-        teacher_preds.append(ensemble.log_probs(batch.x))
-        student_preds.append(predict(student, batch.x))
-    return agreement(torch.cat(teacher_preds), torch.cat(student_preds))
+    spec = data.augment_spec
+    return [augment(cfg.augmentation, data.x[i : i + 1024], generator, kind=spec.kind, crop_pad=spec.crop_pad,
+                    hflip=spec.hflip, mixup_alpha=cfg.mixup_alpha).x for i in range(0, data.x.shape[0], 1024)]
+
+
+def aug_agreement(student: torch.nn.Module, ensemble: Ensemble, data: TrialData, cfg: TrialConfig) -> float:
+    """Agreement on the replicate's augmented pass over the distillation set (``augmented_pass``)."""
+    chunks = augmented_pass(data, cfg)
+    teacher = torch.cat([ensemble.log_probs(x) for x in chunks])
+    return agreement(teacher, torch.cat([predict(student, x) for x in chunks]))
 
 
 def run_trial(
