@@ -150,6 +150,9 @@ class Pack:
 
     def keep(self, keep: list[int]) -> None:
         """Only the students ``keep`` (indices into ``students``) stay in the pack; the others leave."""
+        if not keep:
+            self.active = []  # nothing left to train; the wide network is not used again
+            return
         where = [self.active.index(i) for i in keep]
         models = [narrow(self.wide, self.template, j) for j in where]
         self.wide = widen(models, self.feature_major).train()
@@ -250,11 +253,7 @@ def train_pack(pack: Pack, data: TrialData, on_epoch: Callable[[int, list[float]
             if students[index].status == TERMINATED:
                 students[index].model = narrow(pack.wide, pack.template, pack.active.index(index)).eval()
         if finished:
-            stay = [i for i in pack.active if i not in finished]
-            if stay:
-                pack.keep(stay)
-            else:
-                pack.active = []
+            pack.keep([i for i in pack.active if i not in finished])
 
 
 class PackMeasures:
@@ -347,7 +346,7 @@ def run_pack(
         pack.extra_generator = torch.Generator(device=device).manual_seed(seed_stream("extra_batches", base.seed, 0))
     if resume:
         if active != pack.active:
-            pack.keep(active) if active else setattr(pack, "active", [])
+            pack.keep(active)
         if active:
             pack.load_state_dict(resume["pack"])
         pack.epoch = int(resume["pack"]["epoch"])
@@ -359,7 +358,7 @@ def run_pack(
                 students[index].model = narrow(pack.wide, pack.template, pack.active.index(index)).eval()
         if leaving:
             stay = [i for i in pack.active if i not in leaving]
-            pack.keep(stay) if stay else setattr(pack, "active", [])
+            pack.keep(stay)
     else:
         for index, student in enumerate(students):
             if student.reference_epoch == 0:
