@@ -39,6 +39,7 @@ from kd_ray.study_tables import ARM_KEY, PACK_KEY, LiveTables, flatten_arm, reco
 from kd_ray.teachers import TeacherStoreError
 
 STATE_FILE = "state.pt"  # the trial's checkpoint inside each Ray Tune checkpoint directory
+REPORT_KEY = "report"  # in a checkpoint: the report it came with, made again by a trial restored from it
 OPTUNA_JOURNAL = "optuna.journal"  # the Optuna study of a search, in <storage>/<name>/
 
 log = printer("kd_ray")
@@ -181,6 +182,11 @@ def _trainable(config: dict[str, Any], store_uri: str, data_dir: str | None) -> 
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             resume = torch.load(os.path.join(directory, STATE_FILE), map_location="cpu", weights_only=True)
+        # The report that came with this checkpoint, again: a process lost after its checkpoint reached
+        # storage but before Tune's driver took the report would otherwise leave that epoch without a row
+        # (trial_rows keeps one row per epoch, so a report the driver did take is not doubled).
+        if REPORT_KEY in resume:
+            tune.report(resume.pop(REPORT_KEY))
     # Which process and node produced each report (result.json, progress.csv): a retried trial's
     # reports show where it died and where it went on.
     where = {"pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id()}
@@ -191,7 +197,7 @@ def _trainable(config: dict[str, Any], store_uri: str, data_dir: str | None) -> 
             tune.report(metrics)
             return
         with tempfile.TemporaryDirectory() as directory:
-            torch.save(state, os.path.join(directory, STATE_FILE))
+            torch.save({**state, REPORT_KEY: metrics}, os.path.join(directory, STATE_FILE))
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(directory))
 
     if PACK_KEY in config:
