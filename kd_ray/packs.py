@@ -25,7 +25,7 @@ from typing import Any, Callable
 import torch
 
 from kd_ray.cka import CKA_TEST_INPUTS, stage_cka
-from kd_ray.config import TrialConfig, network_streams, seed_stream
+from kd_ray.config import TrialConfig, network_streams
 from kd_ray.data import DATASET_INFO
 from kd_ray.distill import Schedule, build_seeded, initialize_student, lr_at, predict, schedule, training_batch
 from kd_ray.ensembles import ensemble_log_probs
@@ -43,6 +43,7 @@ from kd_ray.trial import (
     check_runnable,
     convergence,
     convergence_epoch,
+    extra_batches_seed,
     fast_path,
     resolve_device,
     student_recipe,
@@ -343,7 +344,7 @@ def run_pack(
     bf16 = fast_path(base, data.info, device).bf16  # measured under precision=auto, as for a trial alone
     pack = Pack(students, models, list(range(len(cfgs))), teacher, device, base.seed, "student", feature_major, bf16)
     if data.extra is not None:
-        pack.extra_generator = torch.Generator(device=device).manual_seed(seed_stream("extra_batches", base.seed, 0))
+        pack.extra_generator = torch.Generator(device=device).manual_seed(extra_batches_seed("student", base.seed))
     if resume:
         if active != pack.active:
             pack.keep(active)
@@ -457,7 +458,8 @@ def run_controls(students: list[Student], results: list[dict[str, Any]], control
     pack = Pack(controls_of, models, list(range(len(cfgs))), PackTeacher(full, [c.teacher_members for c in cfgs]),
                 device, cfgs[0].seed, "control_student", choose_layout(cfgs[0], models, device), bf16)
     if data.extra is not None:
-        pack.extra_generator = torch.Generator(device=device).manual_seed(seed_stream("extra_batches", cfgs[0].seed, 1))
+        pack.extra_generator = torch.Generator(device=device).manual_seed(
+            extra_batches_seed("control_student", cfgs[0].seed))
     train_pack(pack, data)
     for index, control in zip(controls, controls_of):
         if control.status == DIVERGED:

@@ -66,6 +66,12 @@ CONVERGENCE_WINDOW = 0.5  # the last fraction of the optimizer steps that conver
 NETWORKS_WITH_EXTRA_BATCHES = ("student", "control_student")
 
 
+def extra_batches_seed(network: str, seed: int) -> int:
+    """The seed of the stream that picks the extra inputs of each batch of ``network`` (student or
+    control_student) in replicate ``seed``, alone or in a pack."""
+    return seed_stream("extra_batches", seed, NETWORKS_WITH_EXTRA_BATCHES.index(network))
+
+
 def convergence_epoch(plan: Schedule) -> int:
     """The last epoch boundary at or before the start of the convergence window (0: before training)."""
     start = math.floor((1.0 - CONVERGENCE_WINDOW) * plan.total_steps)
@@ -348,9 +354,7 @@ def build_student_state(
         augment_generator=torch.Generator(device=device).manual_seed(streams.augment),
     )
     if data.extra is not None:
-        which = NETWORKS_WITH_EXTRA_BATCHES.index(network)
-        extra_seed = seed_stream("extra_batches", cfg.seed, which)
-        state.extra_generator = torch.Generator(device=device).manual_seed(extra_seed)
+        state.extra_generator = torch.Generator(device=device).manual_seed(extra_batches_seed(network, cfg.seed))
     if resume_state is not None:
         state.load_state_dict(resume_state)
     if cfg.compile:
