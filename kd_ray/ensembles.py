@@ -15,15 +15,16 @@ import torch
 from torch import nn
 
 
-def ensemble_log_probs(member_logits: torch.Tensor) -> torch.Tensor:
-    """``[m, N, C]`` member logits -> ``[N, C]`` float32 log(mean_i softmax(z_i))."""
+def ensemble_log_probs(member_logits: torch.Tensor, class_dim: int = -1) -> torch.Tensor:
+    """``[m, N, C]`` member logits -> ``[N, C]`` float32 log(mean_i softmax(z_i)); with
+    ``class_dim=1``, ``[m, C, N]`` -> ``[C, N]``."""
     if member_logits.dim() != 3 or member_logits.shape[0] < 1:
         raise ValueError(
             f"ensemble_log_probs expects member logits of shape [m, N, C] with m >= 1; "
             f"got {tuple(member_logits.shape)}"
         )
     # logsumexp over log-softmaxes never forms a probability that could underflow to 0.
-    log_probs = torch.log_softmax(member_logits.float(), dim=-1)
+    log_probs = torch.log_softmax(member_logits.float(), dim=class_dim)
     return torch.logsumexp(log_probs, dim=0) - math.log(member_logits.shape[0])
 
 

@@ -99,10 +99,32 @@ class FeatureMajorLinear(WideLinear):
 
 
 class FeatureMajorBatchNorm(nn.BatchNorm1d):
-    """BatchNorm over K * features channels, on ``[K, features, batch]``: each channel over the batch."""
+    """BatchNorm over K * features channels, on ``[K, features, batch]``: each channel over the batch.
+
+    In training, each channel's normalisation over the batch is a layer norm over the last dimension
+    (torch's batch norm on this layout is slower on a CPU: docs/performance.md), then the affine map;
+    the running statistics are updated as torch's batch norm updates them."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x.reshape(1, -1, x.shape[-1])).view_as(x)
+        channels = (*x.shape[:-1], 1)
+        if not self.training and self.running_mean is not None:  # a fixed affine map of each channel
+            scale = torch.rsqrt(self.running_var + self.eps)
+            shift = -self.running_mean * scale
+            if self.affine:
+                scale, shift = scale * self.weight, shift * self.weight + self.bias
+            return x * scale.view(channels).to(x.dtype) + shift.view(channels).to(x.dtype)
+        batch = x.shape[-1]
+        out, mean, rstd = torch.native_layer_norm(x, [batch], None, None, self.eps)
+        if self.training and self.track_running_stats:
+            self.num_batches_tracked.add_(1)
+            momentum = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+            with torch.no_grad():  # as torch's: the unbiased variance enters the running estimate
+                var = (rstd.float().pow(-2) - self.eps) * (batch / max(batch - 1, 1))
+                self.running_mean.lerp_(mean.float().view(-1), momentum)
+                self.running_var.lerp_(var.view(-1), momentum)
+        if self.affine:
+            out = out * self.weight.view(channels).to(out.dtype) + self.bias.view(channels).to(out.dtype)
+        return out
 
 
 class FeatureMajorGroupNorm(nn.GroupNorm):
@@ -207,8 +229,18 @@ def wide_forward(wide: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``[K, batch, classes]`` logits of every student on the shared batch ``x``."""
     out = wide(x)
     if out.dim() == 3:  # feature-major: [K, classes, batch]
-        return out.transpose(1, 2)
+        return out.transpose(1, 2).contiguous()
     return out.reshape(out.shape[0], wide.students, -1).transpose(0, 1)
+
+
+def wide_forward_class_major(wide: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``[K, classes, batch]`` logits (contiguous) of every student on the shared batch ``x``: the
+    layout the pack's loss takes, since a CPU softmax over a last dimension of ten classes is many
+    times slower than over the middle one (docs/performance.md)."""
+    out = wide(x)
+    if out.dim() == 3:  # feature-major already
+        return out
+    return out.reshape(out.shape[0], wide.students, -1).permute(1, 2, 0).contiguous()
 
 
 def student_state(wide: nn.Module, template: nn.Module, k: int) -> dict[str, torch.Tensor]:

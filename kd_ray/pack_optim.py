@@ -1,6 +1,6 @@
 """The loss and the optimizer step of K students at once, each with its own hyperparameters.
 
-``pack_kd_loss`` is ``losses.kd_loss`` for a ``[K, batch, classes]`` stack, with a temperature and a
+``pack_kd_loss`` is ``losses.kd_loss`` for a ``[K, classes, batch]`` stack, with a temperature and a
 label weight per student. ``PackOptimizer`` is ``torch.optim.SGD`` (momentum 0.9, Nesterov) and
 ``torch.optim.Adam`` (defaults), per student: every parameter of a wide network (``kd_ray.fused``)
 is seen as ``[K, -1]`` blocks, and learning rate, weight decay and the choice of optimizer are
@@ -27,18 +27,19 @@ def pack_kd_loss(
     lam: float = 1.0,
 ) -> torch.Tensor:
     """``[K]`` losses, student k's
-    ``alpha_k * CE(z_k, y) + (1 - alpha_k) * tau_k^2 * CE(softmax(t_k / tau_k), softmax(z_k / tau_k))``."""
+    ``alpha_k * CE(z_k, y) + (1 - alpha_k) * tau_k^2 * CE(softmax(t_k / tau_k), softmax(z_k / tau_k))``,
+    from class-major ``[K, classes, batch]`` logits and teacher log-probabilities."""
     tau = temperature.view(-1, 1, 1)
-    log_q = F.log_softmax(student_logits.float() / tau, dim=-1)
-    p_teacher = F.softmax(teacher_log_probs.float() / tau, dim=-1)
-    soft = -(p_teacher * log_q).sum(-1).mean(-1) * temperature**2
+    log_q = F.log_softmax(student_logits.float() / tau, dim=1)
+    p_teacher = F.softmax(teacher_log_probs.float() / tau, dim=1)
+    soft = -(p_teacher * log_q).sum(1).mean(-1) * temperature**2
     if not bool((alpha > 0).any()):
         return soft
-    k, batch, classes = student_logits.shape
-    flat = student_logits.float().reshape(k * batch, classes)
-    hard = F.cross_entropy(flat, labels.repeat(k), reduction="none").view(k, batch).mean(-1)
+    k, _, batch = student_logits.shape
+    logits = student_logits.float()
+    hard = F.cross_entropy(logits, labels.expand(k, batch), reduction="none").mean(-1)
     if mix_index is not None and lam < 1.0:
-        mixed = F.cross_entropy(flat, labels[mix_index].repeat(k), reduction="none").view(k, batch).mean(-1)
+        mixed = F.cross_entropy(logits, labels[mix_index].expand(k, batch), reduction="none").mean(-1)
         hard = lam * hard + (1.0 - lam) * mixed
     return torch.where(alpha > 0, alpha * hard + (1.0 - alpha) * soft, soft)
 

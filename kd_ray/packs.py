@@ -29,7 +29,7 @@ from kd_ray.config import TrialConfig, network_streams
 from kd_ray.data import DATASET_INFO
 from kd_ray.distill import Schedule, build_seeded, initialize_student, lr_at, predict, schedule, training_batch
 from kd_ray.ensembles import ensemble_log_probs
-from kd_ray.fused import feature_major_applies, narrow, wide_forward, widen
+from kd_ray.fused import feature_major_applies, narrow, wide_forward, wide_forward_class_major, widen
 from kd_ray.metrics import agreement, student_metrics, teacher_metrics
 from kd_ray.pack_optim import PackOptimizer, pack_kd_loss
 from kd_ray.packing import PACK_LIMIT, share_key
@@ -74,10 +74,14 @@ class PackTeacher:
         self.sizes = sorted(set(members))
 
     @torch.inference_mode()
-    def log_probs(self, x: torch.Tensor) -> torch.Tensor:
-        """``[K, batch, classes]``: student k's teacher on ``x``."""
-        logits = wide_forward(self.wide, x)
-        by_size = {m: ensemble_log_probs(logits[:m]) for m in self.sizes}
+    def log_probs(self, x: torch.Tensor, class_major: bool = False) -> torch.Tensor:
+        """``[K, batch, classes]`` (``class_major``: ``[K, classes, batch]``): student k's teacher on ``x``."""
+        if class_major:
+            logits = wide_forward_class_major(self.wide, x)
+            by_size = {m: ensemble_log_probs(logits[:m], class_dim=1) for m in self.sizes}
+        else:
+            logits = wide_forward(self.wide, x)
+            by_size = {m: ensemble_log_probs(logits[:m]) for m in self.sizes}
         return torch.stack([by_size[m] for m in self.members])
 
     def keep(self, keep: list[int]) -> "PackTeacher":
@@ -228,8 +232,8 @@ def train_pack(pack: Pack, data: TrialData, on_epoch: Callable[[int, list[float]
             batch, y_batch = training_batch(x, y, order, i, recipe, spec, pack.augment_generator, data.extra,
                                             pack.extra_generator)
             with autocast:
-                logits = wide_forward(pack.wide, batch.x)
-                teacher_log_probs = pack.teacher.log_probs(batch.x)
+                logits = wide_forward_class_major(pack.wide, batch.x)
+                teacher_log_probs = pack.teacher.log_probs(batch.x, class_major=True)
             losses = pack_kd_loss(logits, teacher_log_probs, y_batch, temperature, alpha, batch.mix_index, batch.lam)
             pack.optimizer.zero_grad()
             losses.sum().backward()

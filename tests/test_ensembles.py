@@ -34,6 +34,10 @@ def test_ensemble_log_probs_properties() -> None:
     assert ensemble_log_probs(logits.half()).dtype == torch.float32
     assert ensemble_log_probs(logits.double()).dtype == torch.float32
 
+    # Classes before the samples ([m, C, N]): the same numbers, transposed.
+    class_major = ensemble_log_probs(logits.transpose(1, 2).contiguous(), class_dim=1)
+    torch.testing.assert_close(class_major, out.t())
+
 
 def test_ensemble_log_probs_is_stable() -> None:
     # Every member gives class 1 a probability of about e^-1000: the log stays finite (~ -1000)

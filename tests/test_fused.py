@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from kd_ray.fused import NotFusable, narrow, student_state, wide_forward, widen
+from kd_ray.fused import NotFusable, narrow, student_state, wide_forward, wide_forward_class_major, widen
 from kd_ray.losses import kd_loss
 from kd_ray.models import build_model
 from kd_ray.pack_optim import PackOptimizer, pack_kd_loss
@@ -56,6 +56,10 @@ def test_each_block_of_the_wide_network_is_its_student(arch, shape, norm):
     out = wide_forward(wide, x)
     for k, model in enumerate(alone):
         torch.testing.assert_close(out[k], model.eval()(x), rtol=1e-4, atol=1e-5)
+    # The loss's layout holds the same logits, classes before the batch.
+    class_major = wide_forward_class_major(wide, x)
+    assert class_major.is_contiguous()
+    torch.testing.assert_close(class_major, out.transpose(1, 2), rtol=0, atol=0)
 
 
 def test_a_student_taken_out_is_the_same_network():
@@ -78,7 +82,7 @@ def test_pack_kd_loss_is_kd_loss_per_student():
     logits, teacher = torch.randn(3, 32, 10), torch.log_softmax(torch.randn(3, 32, 10), -1)
     labels, mix = torch.randint(0, 10, (32,)), torch.randperm(32)
     tau, alpha = torch.tensor([1.0, 4.0, 8.0]), torch.tensor([0.0, 0.3, 1.0])
-    losses = pack_kd_loss(logits, teacher, labels, tau, alpha, mix, 0.7)
+    losses = pack_kd_loss(logits.transpose(1, 2), teacher.transpose(1, 2), labels, tau, alpha, mix, 0.7)
     for k in range(3):
         expected = kd_loss(logits[k], teacher[k], labels, temperature=float(tau[k]), alpha=float(alpha[k]),
                            mix_index=mix, lam=0.7)
