@@ -38,7 +38,8 @@ class WideLinear(nn.Module):
         self.k, self.in_features, self.out_features = len(layers), layers[0].in_features, layers[0].out_features
         self.weight = nn.Parameter(torch.stack([layer.weight.detach() for layer in layers]))
         has_bias = layers[0].bias is not None
-        self.bias = nn.Parameter(torch.stack([layer.bias.detach() for layer in layers])) if has_bias else None
+        self.register_parameter("bias", nn.Parameter(torch.stack([layer.bias.detach() for layer in layers]))
+                                if has_bias else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch = x.shape[0]
@@ -93,9 +94,41 @@ class FeatureMajorLinear(WideLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.unsqueeze(2)
         if x.dim() == 2:  # the shared input: one layer of K * out outputs, then per-student blocks
-            out = torch.mm(self.weight.reshape(-1, self.in_features), x.t()).view(self.k, self.out_features, -1)
-            return out if bias is None else out + bias
+            weight = self.weight.reshape(-1, self.in_features)
+            out = torch.mm(weight, x.t()) if bias is None else torch.addmm(bias.reshape(-1, 1), weight, x.t())
+            return out.view(self.k, self.out_features, -1)
         return torch.bmm(self.weight, x) if bias is None else torch.baddbmm(bias, self.weight, x)
+
+    def folded(self, scale: torch.Tensor, shift: torch.Tensor) -> "FeatureMajorLinear":
+        """This layer followed by ``out * scale + shift`` (``[K, out]`` each), as one layer with a bias."""
+        out = copy.copy(self)
+        bias = shift if self.bias is None else self.bias * scale + shift
+        out._parameters = {"weight": nn.Parameter(self.weight * scale.unsqueeze(-1), requires_grad=False),
+                           "bias": nn.Parameter(bias, requires_grad=False)}
+        return out
+
+
+@torch.no_grad()
+def fold_batch_norms(wide: nn.Module) -> nn.Module:
+    """For evaluation: a copy of a feature-major wide network (in eval mode) whose batch norms are
+    folded into the linear layers before them, ``W' = s W`` and ``b' = s (b - mean) + beta``, so
+    each hidden layer is one matmul with a bias, then its ReLU. Any other network is returned as is."""
+    if not isinstance(wide, nn.Sequential) or wide.training:
+        return wide
+    layers: list[nn.Module] = []
+    for layer in wide:
+        previous = layers[-1] if layers else None
+        if (isinstance(layer, FeatureMajorBatchNorm) and layer.running_mean is not None
+                and isinstance(previous, FeatureMajorLinear)):
+            scale, shift = layer.affine_map()
+            layers[-1] = previous.folded(scale.view(previous.k, -1), shift.view(previous.k, -1))
+        else:
+            layers.append(layer)
+    if len(layers) == len(wide):
+        return wide
+    folded = nn.Sequential(*layers).eval()
+    folded.students, folded.stage_names = wide.students, getattr(wide, "stage_names", ())
+    return folded
 
 
 class FeatureMajorBatchNorm(nn.BatchNorm1d):
@@ -107,11 +140,8 @@ class FeatureMajorBatchNorm(nn.BatchNorm1d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         channels = (*x.shape[:-1], 1)
-        if not self.training and self.running_mean is not None:  # a fixed affine map of each channel
-            scale = torch.rsqrt(self.running_var + self.eps)
-            shift = -self.running_mean * scale
-            if self.affine:
-                scale, shift = scale * self.weight, shift * self.weight + self.bias
+        if not self.training and self.running_mean is not None:
+            scale, shift = self.affine_map()
             return x * scale.view(channels).to(x.dtype) + shift.view(channels).to(x.dtype)
         batch = x.shape[-1]
         out, mean, rstd = torch.native_layer_norm(x, [batch], None, None, self.eps)
@@ -125,6 +155,14 @@ class FeatureMajorBatchNorm(nn.BatchNorm1d):
         if self.affine:
             out = out * self.weight.view(channels).to(out.dtype) + self.bias.view(channels).to(out.dtype)
         return out
+
+    def affine_map(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(scale, shift)`` per channel: evaluation mode's ``x * scale + shift``."""
+        scale = torch.rsqrt(self.running_var + self.eps)
+        shift = -self.running_mean * scale
+        if self.affine:
+            scale, shift = scale * self.weight, shift * self.weight + self.bias
+        return scale, shift
 
 
 class FeatureMajorGroupNorm(nn.GroupNorm):

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from kd_ray.fused import NotFusable, narrow, student_state, wide_forward, wide_forward_class_major, widen
+from kd_ray.fused import NotFusable, fold_batch_norms, narrow, student_state, wide_forward, wide_forward_class_major, widen
 from kd_ray.losses import kd_loss
 from kd_ray.models import build_model
 from kd_ray.pack_optim import PackOptimizer, pack_kd_loss
@@ -69,6 +69,23 @@ def test_a_student_taken_out_is_the_same_network():
         out = narrow(wide, models[0], k)
         assert all(torch.equal(a, b) for a, b in zip(out.state_dict().values(), model.state_dict().values()))
         assert out.stage_names == model.stage_names
+
+
+def test_folding_the_batch_norms_keeps_each_student_s_evaluation():
+    models = students("mlp", (40,), "batch")
+    for model in models:  # running statistics of their own
+        model.train()(torch.randn(32, 40) * 2 + 1)
+    wide = widen(models).eval()
+    folded = fold_batch_norms(wide)
+    assert not any(isinstance(layer, nn.BatchNorm1d) for layer in folded)
+    x = torch.rand(16, 40)
+    out = wide_forward(folded, x)
+    for k, model in enumerate(models):
+        torch.testing.assert_close(out[k], model.eval()(x), rtol=1e-4, atol=1e-5)
+    assert any(isinstance(layer, nn.BatchNorm1d) for layer in wide)  # the wide network itself is unchanged
+    assert fold_batch_norms(wide.train()) is wide  # training uses the batch's statistics: nothing to fold
+    channel_blocked = widen(students("conv1d", (1, 40), "batch"))
+    assert fold_batch_norms(channel_blocked.eval()) is channel_blocked
 
 
 def test_a_layer_that_cannot_be_widened_is_refused():
