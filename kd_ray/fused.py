@@ -5,7 +5,10 @@ one block-diagonal (grouped) layer, a norm layer one over K times the channels, 
 every student and no student's numbers touch another's. The first layer reads the shared input
 once: its K blocks form one ordinary layer of K times the outputs. Activations are laid out
 ``[batch, K * channels, ...]``, student-major, so ReLU, pooling, flattening and residual sums work
-unchanged; the wide network's output is ``[K, batch, classes]``.
+unchanged; the wide network's output is ``[K, batch, classes]``. A plain MLP runs feature-major
+(``[K, features, batch]``: batched matmuls without transposes, and its batch norm a layer norm of
+each channel over the batch), and hands the pack's loss its logits ``[K, classes, batch]``; for
+evaluation its batch norms fold into the linear layers before them (``fold_batch_norms``).
 
 Every parameter and buffer of the wide network keeps its name; ``tensor.view(K, *shape)[k]`` is
 student k's (``shape`` that of the narrow network), so a student is taken out (``narrow``) or left
