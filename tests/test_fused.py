@@ -9,7 +9,15 @@ import pytest
 import torch
 from torch import nn
 
-from kd_ray.fused import NotFusable, fold_batch_norms, narrow, student_state, wide_forward, wide_forward_class_major, widen
+from kd_ray.fused import (
+    NotFusable,
+    fold_batch_norms,
+    narrow,
+    student_state,
+    wide_forward,
+    wide_forward_class_major,
+    widen,
+)
 from kd_ray.losses import kd_loss
 from kd_ray.models import build_model
 from kd_ray.pack_optim import PackOptimizer, pack_kd_loss
