@@ -266,22 +266,15 @@ def widen(models: list[nn.Module], feature_major: bool | None = None) -> nn.Modu
     return wide
 
 
-def wide_forward(wide: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``[K, batch, classes]`` logits of every student on the shared batch ``x``."""
+def wide_forward(wide: nn.Module, x: torch.Tensor, class_major: bool = False) -> torch.Tensor:
+    """``[K, batch, classes]`` logits of every student on the shared batch ``x``; with ``class_major``,
+    ``[K, classes, batch]`` (contiguous): the layout the pack's loss takes, since a CPU softmax over a
+    last dimension of ten classes is many times slower than over the middle one (docs/performance.md)."""
     out = wide(x)
     if out.dim() == 3:  # feature-major: [K, classes, batch]
-        return out.transpose(1, 2).contiguous()
-    return out.reshape(out.shape[0], wide.students, -1).transpose(0, 1)
-
-
-def wide_forward_class_major(wide: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``[K, classes, batch]`` logits (contiguous) of every student on the shared batch ``x``: the
-    layout the pack's loss takes, since a CPU softmax over a last dimension of ten classes is many
-    times slower than over the middle one (docs/performance.md)."""
-    out = wide(x)
-    if out.dim() == 3:  # feature-major already
-        return out
-    return out.reshape(out.shape[0], wide.students, -1).permute(1, 2, 0).contiguous()
+        return out if class_major else out.transpose(1, 2).contiguous()
+    blocks = out.reshape(out.shape[0], wide.students, -1)  # [batch, K, classes]
+    return blocks.permute(1, 2, 0).contiguous() if class_major else blocks.transpose(0, 1)
 
 
 def student_state(wide: nn.Module, template: nn.Module, k: int) -> dict[str, torch.Tensor]:

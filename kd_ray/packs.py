@@ -29,7 +29,7 @@ from kd_ray.config import TrialConfig, network_streams
 from kd_ray.data import DATASET_INFO
 from kd_ray.distill import Schedule, build_seeded, initialize_student, lr_at, predict, schedule, training_batch
 from kd_ray.ensembles import ensemble_log_probs
-from kd_ray.fused import feature_major_applies, fold_batch_norms, narrow, wide_forward, wide_forward_class_major, widen
+from kd_ray.fused import feature_major_applies, fold_batch_norms, narrow, wide_forward, widen
 from kd_ray.metrics import agreement, student_metrics, teacher_metrics
 from kd_ray.pack_optim import PackOptimizer, pack_kd_loss
 from kd_ray.packing import PACK_LIMIT, share_key
@@ -76,12 +76,8 @@ class PackTeacher:
     @torch.inference_mode()
     def log_probs(self, x: torch.Tensor, class_major: bool = False) -> torch.Tensor:
         """``[K, batch, classes]`` (``class_major``: ``[K, classes, batch]``): student k's teacher on ``x``."""
-        if class_major:
-            logits = wide_forward_class_major(self.wide, x)
-            by_size = {m: ensemble_log_probs(logits[:m], class_dim=1) for m in self.sizes}
-        else:
-            logits = wide_forward(self.wide, x)
-            by_size = {m: ensemble_log_probs(logits[:m]) for m in self.sizes}
+        logits = wide_forward(self.wide, x, class_major)
+        by_size = {m: ensemble_log_probs(logits[:m], class_dim=1 if class_major else -1) for m in self.sizes}
         return torch.stack([by_size[m] for m in self.members])
 
     def keep(self, keep: list[int]) -> "PackTeacher":
@@ -232,7 +228,7 @@ def train_pack(pack: Pack, data: TrialData, on_epoch: Callable[[int, list[float]
             batch, y_batch = training_batch(x, y, order, i, recipe, spec, pack.augment_generator, data.extra,
                                             pack.extra_generator)
             with autocast:
-                logits = wide_forward_class_major(pack.wide, batch.x)
+                logits = wide_forward(pack.wide, batch.x, class_major=True)
                 teacher_log_probs = pack.teacher.log_probs(batch.x, class_major=True)
             losses = pack_kd_loss(logits, teacher_log_probs, y_batch, temperature, alpha, batch.mix_index, batch.lam)
             pack.optimizer.zero_grad()
@@ -272,19 +268,20 @@ class PackMeasures:
         self.teacher_aug = torch.cat([teacher.log_probs(x) for x in self.augmented], dim=1)  # [K, N, C]
 
     @torch.inference_mode()
-    def _stacked(self, pack: Pack, parts: list[torch.Tensor]) -> torch.Tensor:
+    def _stacked(self, pack: Pack, *inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+        """``[K, N, classes]`` logits of the pack's students on each list of input parts, from one
+        evaluation copy of the wide network."""
         was_training = pack.wide.training
         wide = fold_batch_norms(pack.wide.eval())
-        out = torch.cat([wide_forward(wide, part).float() for part in parts], dim=1)
+        out = [torch.cat([wide_forward(wide, part).float() for part in parts], dim=1) for parts in inputs]
         pack.wide.train(was_training)
         return out
 
     def measure(self, pack: Pack, which: list[int]) -> dict[int, dict[str, float]]:
         """Metrics of the students ``which`` (indices into the pack's students, all active)."""
         x, x_test = self.data.x, self.data.x_test
-        test = self._stacked(pack, list(x_test.split(EVAL_CHUNK)))
-        train = self._stacked(pack, list(x.split(EVAL_CHUNK)))
-        aug = self._stacked(pack, self.augmented)
+        test, train, aug = self._stacked(pack, list(x_test.split(EVAL_CHUNK)), list(x.split(EVAL_CHUNK)),
+                                         self.augmented)
         out = {}
         for index in which:
             j = pack.active.index(index)
@@ -295,7 +292,7 @@ class PackMeasures:
         return out
 
     def train_agreement(self, pack: Pack, index: int) -> float:
-        train = self._stacked(pack, list(self.data.x.split(EVAL_CHUNK)))
+        (train,) = self._stacked(pack, list(self.data.x.split(EVAL_CHUNK)))
         return agreement(self.teacher_distill[index], train[pack.active.index(index)])
 
 

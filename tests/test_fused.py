@@ -15,7 +15,6 @@ from kd_ray.fused import (
     narrow,
     student_state,
     wide_forward,
-    wide_forward_class_major,
     widen,
 )
 from kd_ray.losses import kd_loss
@@ -65,7 +64,7 @@ def test_each_block_of_the_wide_network_is_its_student(arch, shape, norm):
     for k, model in enumerate(alone):
         torch.testing.assert_close(out[k], model.eval()(x), rtol=1e-4, atol=1e-5)
     # The loss's layout holds the same logits, classes before the batch.
-    class_major = wide_forward_class_major(wide, x)
+    class_major = wide_forward(wide, x, class_major=True)
     assert class_major.is_contiguous()
     torch.testing.assert_close(class_major, out.transpose(1, 2), rtol=0, atol=0)
 
