@@ -17,7 +17,7 @@ measured in the same run, on the same thread.
 
     python benchmarks/packing.py            # the preset's 60 epochs: about 12 minutes on one core
     python benchmarks/packing.py --no-ray   # the same students without Ray, in this process
-    python benchmarks/packing.py --tiny     # 2 epochs, 1 repeat: CI checks it runs end to end
+    python benchmarks/packing.py --tiny     # 2 epochs (teachers too), 1 repeat: CI checks it runs end to end
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ from kd_ray.trial import TrialData, run_trial, student_recipe
 MATMUL = 1024  # the side of the square fp32 matmul whose rate is the peak
 
 
-def sweep_configs(epochs: int | None) -> list[TrialConfig]:
+def sweep_configs(epochs: int | None, teacher_epochs: int | None = None) -> list[TrialConfig]:
     preset = STUDIES["temperature_sweep"].presets["local"]
     configs = []
     for members in preset.axes["teacher_members"]:
@@ -52,6 +52,8 @@ def sweep_configs(epochs: int | None) -> list[TrialConfig]:
                       "device": "cpu"}
             if epochs is not None:
                 values["epochs"] = epochs
+            if teacher_epochs is not None:
+                values["teacher_epochs"] = teacher_epochs
             configs.append(TrialConfig.from_dict(values))
     return configs
 
@@ -166,13 +168,15 @@ def timed_studies(configs: list[TrialConfig], store: TeacherStore, root: str, re
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tiny", action="store_true", help="2 epochs and 1 repeat, to check the benchmark runs")
+    parser.add_argument("--tiny", action="store_true",
+                        help="2 epochs (teachers too) and 1 repeat, to check the benchmark runs")
     parser.add_argument("--epochs", type=int, default=None, help="student epochs (default: the preset's 60)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs of each (default 3, tiny 1)")
     parser.add_argument("--no-ray", action="store_true", help="students in this process, without Ray Tune trials")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    configs = sweep_configs(2 if args.tiny else args.epochs)
+    # Tiny: teachers of 2 epochs too, as the run only checks that the benchmark works end to end.
+    configs = sweep_configs(2, teacher_epochs=2) if args.tiny else sweep_configs(args.epochs)
     repeats = 1 if args.tiny else args.repeats
     with tempfile.TemporaryDirectory() as root:
         store = TeacherStore(f"{root}/teachers")
