@@ -175,7 +175,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-ray", action="store_true", help="students in this process, without Ray Tune trials")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    # Tiny: teachers of 2 epochs too, as the run only checks that the benchmark works end to end.
     configs = sweep_configs(2, teacher_epochs=2) if args.tiny else sweep_configs(args.epochs)
     repeats = 1 if args.tiny else args.repeats
     with tempfile.TemporaryDirectory() as root:
