@@ -218,6 +218,8 @@ def _optuna_search(plan: RunPlan, pack_size: int = 1):
     from optuna.storages.journal import JournalFileBackend
     from ray.tune.search.optuna import OptunaSearch
 
+    from kd_ray.study_search import PackedOptunaSearch, PicklableNSGAIISampler
+
     assert plan.search_space is not None
     space = {}
     for name, dim in plan.search_space.items():
@@ -230,7 +232,7 @@ def _optuna_search(plan: RunPlan, pack_size: int = 1):
             space[name] = optuna.distributions.FloatDistribution(float(dim[1]), float(dim[2]), log=kind == "logfloat")
     multi = len(plan.metrics) > 1
     if multi:
-        sampler = optuna.samplers.NSGAIISampler(seed=plan.search_seed)
+        sampler = PicklableNSGAIISampler(seed=plan.search_seed)
     else:
         # A pack asks for several points before any is told: a constant liar keeps them apart.
         sampler = optuna.samplers.TPESampler(seed=plan.search_seed, constant_liar=pack_size > 1)
@@ -243,8 +245,6 @@ def _optuna_search(plan: RunPlan, pack_size: int = 1):
     log(f"optuna: study '{optuna_name}' in {journal} "
         f"(optuna.load_study(study_name=..., storage=JournalStorage(...)))")
     if pack_size > 1:
-        from kd_ray.study_search import PackedOptunaSearch
-
         directions = ["maximize" if m == "max" else "minimize" for m in plan.modes]
         study = optuna.create_study(storage=storage, sampler=sampler, study_name=optuna_name, directions=directions)
         return PackedOptunaSearch(study, space, plan.base.to_dict(), list(plan.metrics), plan.num_samples, pack_size)

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 from typing import Any
 
+import optuna
 from ray.tune.search import Searcher
 
 from kd_ray.study_tables import PACK_KEY, STUDENTS_KEY
@@ -45,8 +47,6 @@ class PackedOptunaSearch(Searcher):
         return {PACK_KEY: {"pack_id": f"search{len(self.pending) - 1:04d}", "size": size, STUDENTS_KEY: students}}
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-        import optuna
-
         numbers = self.pending.pop(trial_id, [])
         result = result or {}
         for index, number in enumerate(numbers):
@@ -67,3 +67,24 @@ class PackedOptunaSearch(Searcher):
         with open(checkpoint_path) as handle:
             state = json.load(handle)
         self.asked, self.pending = int(state["asked"]), {k: list(v) for k, v in state["pending"].items()}
+
+
+
+# Each lock type, and how to make a new one.
+_LOCK_TYPES = {type(threading.Lock()): threading.Lock, type(threading.RLock()): threading.RLock}
+
+
+class PicklableNSGAIISampler(optuna.samplers.NSGAIISampler):
+    """Optuna's NSGA-II sampler, made picklable: Ray Tune pickles its searcher (with the sampler) into
+    the experiment state, and Optuna 5.1's genetic samplers hold a thread lock that cannot be pickled.
+    A pickled copy leaves its locks out and makes new ones when it is read back."""
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {name: value for name, value in self.__dict__.items() if type(value) not in _LOCK_TYPES}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        # The locks a new sampler has: whichever attributes this Optuna version keeps them in.
+        for name, value in vars(optuna.samplers.NSGAIISampler(seed=0)).items():
+            if type(value) in _LOCK_TYPES:
+                setattr(self, name, _LOCK_TYPES[type(value)]())
