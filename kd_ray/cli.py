@@ -113,6 +113,10 @@ def cmd_teachers(args: argparse.Namespace) -> int:
             except TeacherStoreError as exc:
                 print(f"{key}  BAD: {exc}")
                 continue
+            misplaced = store.misplaced(key, manifest)  # the manifest is read already: the check is free
+            if misplaced:
+                print(f"{key}  BAD: {misplaced}")
+                continue
             spec = manifest["spec"]
             print(
                 f"{key}  {spec['dataset']:<9} {spec['teacher_arch']:<14} split={spec['teacher_split']:<4} "
@@ -197,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     teachers.add_argument("action", choices=("list", "verify"))
     teachers.add_argument("--store", help="teacher store: directory or URI")
     teachers.add_argument("--delete-bad", action="store_true",
-                          help="with verify: delete members that fail their checksum")
+                          help="with verify: delete members that fail their checksum or sit at another's address")
     teachers.set_defaults(func=cmd_teachers)
 
     cluster = sub.add_parser("validate-cluster", help="check a Ray cluster launcher config offline")

@@ -7,8 +7,10 @@ replicate (per-seed teachers), role (the reference ensemble or the control's) an
 stream derivation, so a member is never reused under a draw it was not trained with.
 A member directory holds ``weights.pt`` (initial and final state dicts), ``logits.pt`` (the member's
 float32 logits on the test set and on the whole clean train set, so no trial recomputes them) and
-``manifest.json`` (spec, sha256 of each file, metrics), written last: a member without a manifest
-does not exist. The store is a local directory or any pyarrow filesystem URI (s3://, gs://).
+``manifest.json`` (key, spec, sha256 of each file, metrics), written last: a member without a manifest
+does not exist. Every read checks the member's address too: the directory's name must be both the
+manifest's key and the hash of the manifest's spec, so a member copied over another is refused.
+The store is a local directory or any pyarrow filesystem URI (s3://, gs://).
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ WEIGHTS, LOGITS, MANIFEST = "weights.pt", "logits.pt", "manifest.json"
 
 
 class TeacherStoreError(RuntimeError):
-    """A stored teacher is missing, truncated or corrupted."""
+    """A stored teacher is missing, truncated, corrupted or misplaced (not at its spec's address)."""
 
 
 def default_store() -> str:
@@ -101,8 +103,37 @@ class TeacherStore:
                 f"--delete-bad` to remove the member, or pass --retrain-teachers; it is then trained again."
             ) from None
 
+    def misplaced(self, key: str, manifest: object) -> str | None:
+        """Why the member stored at ``key`` does not belong there, or None when it does.
+
+        A member's address is the hash of its spec (``member_key``), and its manifest records both. A
+        directory copied or moved over another (a mistaken rsync) keeps its own manifest and its own
+        intact files, so only comparing the address with the manifest's key and with the hash of the
+        manifest's spec tells member 1 sitting at member 0's address from member 0."""
+        path = f"{self.member_path(key)}/{MANIFEST}"
+        recorded = manifest.get("key") if isinstance(manifest, dict) else None
+        spec = manifest.get("spec") if isinstance(manifest, dict) else None
+        if not isinstance(recorded, str) or not isinstance(spec, dict):
+            return (
+                f"{path} records no key or no spec, so the member's address cannot be checked. Run "
+                f"`kd-ray teachers verify --store {self.uri} --delete-bad` to remove the member, or pass "
+                f"--retrain-teachers; it is then trained again."
+            )
+        spec_key = content_hash(spec)
+        if recorded == key and spec_key == key:
+            return None
+        belongs = recorded if recorded != key else spec_key
+        return (
+            f"teacher member misplaced: it sits at {self.member_path(key)} but its manifest says it belongs at "
+            f"{self.member_path(belongs)} (manifest key {recorded}, its spec hashes to {spec_key}), as when a "
+            f"member directory is copied over another. Run `kd-ray teachers verify --store {self.uri} "
+            f"--delete-bad` to remove it, or pass --retrain-teachers; the member is then trained again."
+        )
+
     def save(self, key: str, spec: dict, weights: dict, logits: dict, metrics: dict) -> None:
         """Write one member atomically: a reader sees the whole member or none of it."""
+        if content_hash(spec) != key:  # every load would refuse it as misplaced
+            raise ValueError(f"teacher member key {key} is not the hash of its spec ({content_hash(spec)})")
         blobs = {WEIGHTS: _to_bytes(weights), LOGITS: _to_bytes(logits)}
         manifest = {
             "key": key,
@@ -142,8 +173,12 @@ class TeacherStore:
         if not self.has(key):
             raise TeacherStoreError(f"teacher member {key} is not in the store {self.uri}")
         path = f"{self.member_path(key)}/{name}"
+        manifest = self.manifest(key)
+        problem = self.misplaced(key, manifest)
+        if problem:
+            raise TeacherStoreError(problem)
         try:
-            expected = self.manifest(key)["files"][name]
+            expected = manifest["files"][name]
         except (KeyError, TypeError) as exc:
             raise TeacherStoreError(f"{self.member_path(key)}/{MANIFEST} lists no checksum for {name}: {exc}") from None
         try:
@@ -171,23 +206,23 @@ class TeacherStore:
             ) from None
 
     def check(self, key: str) -> list[str]:
-        """Checksum problems of one stored member, without unpickling anything (cheap)."""
-        problems = []
+        """Address and checksum problems of one stored member, without unpickling anything (cheap)."""
+        problems: list[str] = []
         for name in (WEIGHTS, LOGITS):
             try:
                 self._verified_bytes(key, name)
             except TeacherStoreError as exc:
-                problems.append(str(exc))
+                _add_once(problems, str(exc))
         return problems
 
     def verify(self, key: str) -> list[str]:
         """Problems found in one member (empty when it is sound)."""
-        problems = []
+        problems: list[str] = []
         for name in (WEIGHTS, LOGITS):
             try:
                 self.load(key, name)
             except (TeacherStoreError, RuntimeError, KeyError) as exc:
-                problems.append(str(exc))
+                _add_once(problems, str(exc))
         return problems
 
     def delete(self, key: str) -> None:
@@ -206,6 +241,12 @@ class TeacherStore:
                 yield
             finally:
                 fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _add_once(problems: list[str], problem: str) -> None:
+    # A problem of the whole member (misplaced, unreadable manifest) is met once per file: report it once.
+    if problem not in problems:
+        problems.append(problem)
 
 
 def _to_bytes(obj: dict) -> bytes:
@@ -280,7 +321,8 @@ def delete_members(store: TeacherStore, keys: Iterable[str]) -> None:
 
 def check_stored_members(store: TeacherStore, keys: Iterable[str]) -> None:
     """Raise TeacherStoreError (naming the file and the fix) for the first stored member among ``keys``
-    whose files do not match their checksums. Members not in the store are left to be trained."""
+    that is misplaced or whose files do not match their checksums. Members not in the store are left
+    to be trained."""
     for key in keys:
         if store.has(key):
             problems = store.check(key)

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from kd_ray import teachers
-from kd_ray.config import TrialConfig
+from kd_ray.config import TrialConfig, content_hash
 from kd_ray.ensembles import ensemble_log_probs
 from kd_ray.metrics import accuracy
 from kd_ray.splits import split_indices
@@ -45,9 +45,22 @@ def _member(seed: int = 0) -> tuple[dict, dict, dict]:
     return weights, logits, {"test_acc": 0.5 + seed / 100}
 
 
-def _save(store: TeacherStore, key: str, seed: int = 0) -> tuple[dict, dict, dict]:
+def _spec(name: str) -> dict:
+    return {"dataset": "mnist1d", "name": name}
+
+
+def _key(name: str) -> str:
+    """The address of the test member ``name``: the hash of its spec, as ``member_key`` makes it."""
+    return content_hash(_spec(name))
+
+
+ABC, OTHER, GOOD, BAD, K1, K2 = (_key(name) for name in ("abc", "other", "good", "bad", "k1", "k2"))
+
+
+def _save(store: TeacherStore, name: str, seed: int = 0) -> tuple[dict, dict, dict]:
+    """Store the test member ``name`` (weights drawn from ``seed``) at its address ``_key(name)``."""
     weights, logits, metrics = _member(seed)
-    store.save(key, {"member": seed, "dataset": "mnist1d"}, weights, logits, metrics)
+    store.save(_key(name), _spec(name), weights, logits, metrics)
     return weights, logits, metrics
 
 
@@ -74,28 +87,28 @@ def _first_weight(state: dict[str, torch.Tensor]) -> str:
 def test_round_trip(tmp_path: Path) -> None:
     store = TeacherStore(tmp_path)
     weights, logits, _ = _save(store, "abc")
-    _assert_nested_equal(store.load("abc", WEIGHTS), weights)
-    _assert_nested_equal(store.load("abc", LOGITS), logits)
-    member = tmp_path / "members" / "abc"
+    _assert_nested_equal(store.load(ABC, WEIGHTS), weights)
+    _assert_nested_equal(store.load(ABC, LOGITS), logits)
+    member = tmp_path / "members" / ABC
     assert sorted(os.listdir(member)) == sorted([WEIGHTS, LOGITS, MANIFEST])
-    files = store.manifest("abc")["files"]
+    files = store.manifest(ABC)["files"]
     for name in (WEIGHTS, LOGITS):
         assert files[name] == hashlib.sha256((member / name).read_bytes()).hexdigest()
 
 
 def test_has_keys_manifest(tmp_path: Path) -> None:
     store = TeacherStore(tmp_path)
-    assert not store.has("k2") and store.keys() == []
+    assert not store.has(K2) and store.keys() == []
     _save(store, "k2", seed=2)
     _save(store, "k1", seed=1)
-    assert store.has("k1") and store.has("k2") and not store.has("k3")
-    assert store.keys() == ["k1", "k2"]
-    manifest = store.manifest("k2")
-    assert manifest["key"] == "k2"
-    assert manifest["spec"] == {"member": 2, "dataset": "mnist1d"}
+    assert store.has(K1) and store.has(K2) and not store.has("k3")
+    assert store.keys() == sorted([K1, K2])
+    manifest = store.manifest(K2)
+    assert manifest["key"] == K2
+    assert manifest["spec"] == _spec("k2")
     assert manifest["metrics"] == {"test_acc": 0.52}
     assert manifest["torch_version"] == torch.__version__
-    assert store.verify("k1") == [] and store.verify("k2") == []
+    assert store.verify(K1) == [] and store.verify(K2) == []
 
 
 def test_missing_member_raises(tmp_path: Path) -> None:
@@ -106,28 +119,28 @@ def test_missing_member_raises(tmp_path: Path) -> None:
 def test_corrupted_file_is_refused(tmp_path: Path) -> None:
     store = TeacherStore(tmp_path)
     _, logits, _ = _save(store, "abc")
-    path = tmp_path / "members" / "abc" / WEIGHTS
+    path = tmp_path / "members" / ABC / WEIGHTS
     data = bytearray(path.read_bytes())
     for i in range(len(data) // 2, len(data) // 2 + 8):
         data[i] ^= 0xFF
     path.write_bytes(bytes(data))
     with pytest.raises(TeacherStoreError) as info:
-        store.load("abc", WEIGHTS)
+        store.load(ABC, WEIGHTS)
     message = str(info.value)
     assert str(path) in message
     assert "kd-ray teachers verify" in message
     # The other file of the member is unaffected.
-    _assert_nested_equal(store.load("abc", LOGITS), logits)
+    _assert_nested_equal(store.load(ABC, LOGITS), logits)
 
 
 def test_truncated_file_is_refused(tmp_path: Path) -> None:
     store = TeacherStore(tmp_path)
     _save(store, "abc")
-    path = tmp_path / "members" / "abc" / LOGITS
+    path = tmp_path / "members" / ABC / LOGITS
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(TeacherStoreError) as info:
-        store.load("abc", LOGITS)
+        store.load(ABC, LOGITS)
     assert str(path) in str(info.value)
     assert "kd-ray teachers verify" in str(info.value)
 
@@ -135,28 +148,106 @@ def test_truncated_file_is_refused(tmp_path: Path) -> None:
 def test_truncated_manifest_is_refused(tmp_path: Path) -> None:
     store = TeacherStore(tmp_path)
     _save(store, "abc")
-    path = tmp_path / "members" / "abc" / MANIFEST
+    path = tmp_path / "members" / ABC / MANIFEST
     path.write_bytes(path.read_bytes()[:40])
     with pytest.raises(TeacherStoreError) as info:
-        store.load("abc", WEIGHTS)
+        store.load(ABC, WEIGHTS)
     assert str(path) in str(info.value)
     assert "kd-ray teachers verify" in str(info.value)
-    problems = store.verify("abc")
-    assert len(problems) == 2 and all(MANIFEST in p for p in problems)
+    problems = store.verify(ABC)
+    assert len(problems) == 1 and MANIFEST in problems[0]  # one problem of the member, reported once
 
 
 def test_verify_reports_problems(tmp_path: Path) -> None:
     store = TeacherStore(tmp_path)
     _save(store, "good", seed=1)
     _save(store, "bad", seed=2)
-    path = tmp_path / "members" / "bad" / WEIGHTS
+    path = tmp_path / "members" / BAD / WEIGHTS
     path.write_bytes(path.read_bytes()[:-10])
-    assert store.verify("good") == []
-    problems = store.verify("bad")
+    assert store.verify(GOOD) == []
+    problems = store.verify(BAD)
     assert len(problems) == 1
     assert WEIGHTS in problems[0] and "checksum" in problems[0]
-    store.delete("bad")
-    assert store.keys() == ["good"]
+    store.delete(BAD)
+    assert store.keys() == [GOOD]
+
+
+def _copy_over(store: TeacherStore, source: str, target: str) -> None:
+    """A mistaken rsync: member ``source``'s directory replaces member ``target``'s."""
+    shutil.rmtree(store.member_path(target))
+    shutil.copytree(store.member_path(source), store.member_path(target))
+
+
+def test_a_member_copied_over_another_is_refused_naming_both_addresses(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from kd_ray import cli
+
+    store = TeacherStore(tmp_path)
+    weights, _, _ = _save(store, "abc", seed=0)
+    _save(store, "other", seed=1)
+    _copy_over(store, ABC, OTHER)
+    # Every file still matches its checksum: only the address gives the copy away.
+    assert store.has(OTHER) and store.manifest(OTHER)["key"] == ABC
+    sits, belongs = store.member_path(OTHER), store.member_path(ABC)
+    fix = f"kd-ray teachers verify --store {store.uri} --delete-bad"
+
+    for name in (WEIGHTS, LOGITS):
+        with pytest.raises(TeacherStoreError) as info:
+            store.load(OTHER, name)
+        message = str(info.value)
+        assert f"sits at {sits} " in message and f"belongs at {belongs} " in message
+        assert fix in message and "--retrain-teachers" in message and "\n" not in message
+    problems = store.check(OTHER)
+    assert len(problems) == 1 and sits in problems[0] and belongs in problems[0]
+    assert store.verify(OTHER) == problems
+    with pytest.raises(TeacherStoreError, match=f"belongs at {belongs} "):
+        check_stored_members(store, [ABC, OTHER])
+    assert store.check(ABC) == [] and store.verify(ABC) == []  # the original is sound and untouched
+    _assert_nested_equal(store.load(ABC, WEIGHTS), weights)
+
+    assert cli.main(["teachers", "verify", "--store", str(tmp_path)]) == 1
+    out = capsys.readouterr().out
+    bad = next(line for line in out.splitlines() if line.startswith(f"{OTHER}: BAD"))
+    assert sits in bad and belongs in bad and fix in bad
+    assert f"{ABC}: ok" in out and out.splitlines()[-1] == "2 members checked, 1 bad"
+    assert cli.main(["teachers", "verify", "--store", str(tmp_path), "--delete-bad"]) == 0
+    assert f"{OTHER}: deleted" in capsys.readouterr().out
+    assert store.keys() == [ABC] and not os.path.exists(sits)
+    check_stored_members(store, [ABC, OTHER])  # the misplaced copy is gone; OTHER is trained again when needed
+
+
+def _edit_spec(manifest: dict) -> None:
+    manifest["spec"]["name"] = "other"  # the key still names the directory, the spec another member
+
+
+def _drop_key(manifest: dict) -> None:
+    del manifest["key"]
+
+
+@pytest.mark.parametrize("edit, expected", [(_edit_spec, "belongs at"), (_drop_key, "records no key or no spec")],
+                         ids=["spec-of-another-member", "no-key"])
+def test_a_manifest_that_does_not_match_its_address_is_refused(tmp_path: Path, edit, expected: str) -> None:
+    store = TeacherStore(tmp_path)
+    _save(store, "abc")
+    path = tmp_path / "members" / ABC / MANIFEST
+    manifest = json.loads(path.read_text())
+    edit(manifest)
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(TeacherStoreError, match=expected):
+        store.load(ABC, WEIGHTS)
+    [problem] = store.check(ABC)
+    assert expected in problem and str(path.parent) in problem and "--delete-bad" in problem
+    if edit is _edit_spec:
+        assert f"belongs at {store.member_path(OTHER)} " in problem  # where the spec's hash puts it
+
+
+def test_save_refuses_a_key_that_is_not_the_hash_of_the_spec(tmp_path: Path) -> None:
+    store = TeacherStore(tmp_path)
+    weights, logits, metrics = _member()
+    with pytest.raises(ValueError, match=ABC):
+        store.save(OTHER, _spec("abc"), weights, logits, metrics)
+    assert store.keys() == []
 
 
 class _FsyncCrash(RuntimeError):
@@ -184,27 +275,27 @@ def test_interrupted_save_leaves_no_partial_member(
     assert calls["n"] == fail_at
     monkeypatch.undo()
 
-    assert not store.has("abc")
-    assert store.keys() == ["other"]
-    assert _visible(tmp_path / "members") == ["other"]
+    assert not store.has(ABC)
+    assert store.keys() == [OTHER]
+    assert _visible(tmp_path / "members") == [OTHER]
     with pytest.raises(TeacherStoreError):
-        store.load("abc", WEIGHTS)
+        store.load(ABC, WEIGHTS)
     # A later save of the same member succeeds and is whole.
     weights, logits, _ = _save(store, "abc")
-    assert store.keys() == ["abc", "other"]
-    _assert_nested_equal(store.load("abc", WEIGHTS), weights)
-    _assert_nested_equal(store.load("abc", LOGITS), logits)
+    assert store.keys() == sorted([ABC, OTHER])
+    _assert_nested_equal(store.load(ABC, WEIGHTS), weights)
+    _assert_nested_equal(store.load(ABC, LOGITS), logits)
 
 
 def test_leftover_directory_without_manifest_is_not_a_member(tmp_path: Path) -> None:
     store = TeacherStore(tmp_path)
-    leftover = tmp_path / "members" / "abc"
+    leftover = tmp_path / "members" / ABC
     leftover.mkdir(parents=True)
     (leftover / WEIGHTS).write_bytes(b"half a file")
-    assert not store.has("abc") and store.keys() == []
+    assert not store.has(ABC) and store.keys() == []
     weights, _, _ = _save(store, "abc")
-    assert store.keys() == ["abc"]
-    _assert_nested_equal(store.load("abc", WEIGHTS), weights)
+    assert store.keys() == [ABC]
+    _assert_nested_equal(store.load(ABC, WEIGHTS), weights)
 
 
 class _Payload:
@@ -224,17 +315,17 @@ def test_loads_are_weights_only(tmp_path: Path) -> None:
     buffer = io.BytesIO()
     torch.save({"final": {"w": torch.zeros(2)}, "extra": _Payload(marker)}, buffer)
     data = buffer.getvalue()
-    member = tmp_path / "store" / "members" / "abc"
+    member = tmp_path / "store" / "members" / ABC
     (member / WEIGHTS).write_bytes(data)
     manifest = json.loads((member / MANIFEST).read_text())
     manifest["files"][WEIGHTS] = hashlib.sha256(data).hexdigest()  # the checksum matches
     (member / MANIFEST).write_text(json.dumps(manifest))
 
     with pytest.raises(TeacherStoreError) as info:
-        store.load("abc", WEIGHTS)
+        store.load(ABC, WEIGHTS)
     assert WEIGHTS in str(info.value)
     assert not marker.exists()
-    assert store.verify("abc") and not marker.exists()
+    assert store.verify(ABC) and not marker.exists()
     # The file really does carry code: an unrestricted unpickler runs it.
     torch.load(io.BytesIO(data), weights_only=False)
     assert marker.is_dir()
@@ -382,14 +473,14 @@ def test_retrain_deletes_and_the_check_names_the_bad_file(tmp_path: Path) -> Non
     store = TeacherStore(tmp_path)
     _save(store, "good")
     _save(store, "bad", seed=1)
-    weights = tmp_path / "members" / "bad" / WEIGHTS
+    weights = tmp_path / "members" / BAD / WEIGHTS
     weights.write_bytes(weights.read_bytes()[:-8])
-    check_stored_members(store, ["good", "absent"])  # absent members are left to be trained
+    check_stored_members(store, [GOOD, "absent"])  # absent members are left to be trained
     with pytest.raises(TeacherStoreError, match=str(weights)):
-        check_stored_members(store, ["good", "bad"])
-    delete_members(store, ["bad", "absent"])
-    assert store.keys() == ["good"]
-    check_stored_members(store, ["good", "bad"])
+        check_stored_members(store, [GOOD, BAD])
+    delete_members(store, [BAD, "absent"])
+    assert store.keys() == [GOOD]
+    check_stored_members(store, [GOOD, BAD])
 
 
 def test_ensure_members_with_retrain_trains_the_stored_members_again(
@@ -418,8 +509,8 @@ def test_an_object_store_uri_writes_each_file_atomically(tmp_path: Path) -> None
     store = TeacherStore((tmp_path / "remote").as_uri())
     assert not store.local
     weights, logits, _ = _save(store, "abc")
-    member = tmp_path / "remote" / "members" / "abc"
+    member = tmp_path / "remote" / "members" / ABC
     assert sorted(os.listdir(member)) == sorted([WEIGHTS, LOGITS, MANIFEST])
-    _assert_nested_equal(store.load("abc", WEIGHTS), weights)
-    _assert_nested_equal(store.load("abc", LOGITS), logits)
-    assert store.keys() == ["abc"] and store.verify("abc") == []
+    _assert_nested_equal(store.load(ABC, WEIGHTS), weights)
+    _assert_nested_equal(store.load(ABC, LOGITS), logits)
+    assert store.keys() == [ABC] and store.verify(ABC) == []
