@@ -1,7 +1,8 @@
 """What keeps a study's faults to one line and its own Ray closed to the network.
 
 - ``local_ray_settings``: the Ray a study starts on this machine listens on the loopback only and
-  lets in no driver without the token made for that run, unless the environment says otherwise.
+  lets in no driver without the token made for that run, unless the environment says otherwise; its
+  files and logs go into a directory made for the run that only this user can enter.
 - ``signals_as_interrupt``: SIGTERM and SIGHUP stop a study as Ctrl-C does (saved state, exit 3).
 - ``StorageError``, ``storage_error`` and ``StorageWatch``: a storage that runs out of space, turns
   read-only or disappears ends the study with one line naming it, at the first trial that meets it.
@@ -18,6 +19,8 @@ import os
 import re
 import secrets
 import signal
+import sys
+import tempfile
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -38,7 +41,7 @@ INTERRUPTING_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 log = printer("kd_ray")
 
 
-# --- a local Ray: loopback only, a token made for the run -----------------------------------------
+# --- a local Ray: loopback only, a token made for the run, its files private ---------------------
 
 
 def _refresh_ray_auth() -> None:
@@ -49,6 +52,17 @@ def _refresh_ray_auth() -> None:
     AuthenticationTokenLoader.instance().reset_cache()
 
 
+def _ray_temp_parent() -> str:
+    """Where Ray itself would put its ``ray`` directory: $RAY_TMPDIR, else $TMPDIR on Linux, else /tmp.
+    Ray's rule, not ``tempfile``'s (macOS's $TMPDIR is long): Ray's unix sockets live below it, and a
+    socket's path holds at most 107 bytes."""
+    if os.environ.get("RAY_TMPDIR"):
+        return os.environ["RAY_TMPDIR"]
+    if sys.platform.startswith("linux") and os.environ.get("TMPDIR"):
+        return os.environ["TMPDIR"]
+    return "/tmp" if os.path.isdir("/tmp") else tempfile.gettempdir()
+
+
 @contextlib.contextmanager
 def local_ray_settings() -> Iterator[None]:
     """Around ``ray.init()`` .. ``ray.shutdown()`` of a Ray this study starts on this machine.
@@ -57,12 +71,27 @@ def local_ray_settings() -> Iterator[None]:
     workers and the agents listen on 127.0.0.1 only, and ``RAY_AUTH_MODE=token`` with a random token
     in ``RAY_AUTH_TOKEN`` (unless ``RAY_AUTH_TOKEN`` or ``RAY_AUTH_TOKEN_PATH`` names one), so that
     no other driver on this machine gets in either. The token lives in the environment of this
-    process and the Ray processes it starts, never in a file. Everything is restored afterwards."""
-    import ray._private.ray_constants as ray_constants
+    process and the Ray processes it starts, never in a file.
 
-    names = (LOOPBACK_SWITCH, "RAY_AUTH_MODE", "RAY_AUTH_TOKEN")
+    Always, so that no secret in this environment reaches another local user: ``RAY_TMPDIR`` names a
+    directory made for the run, of mode 0700 (``kd_ray-*`` where Ray would put its ``ray``). Ray makes
+    its own temp directory world-writable and its logs readable by all, and its runtime env agent logs
+    each runtime env with its environment variables; below this directory no other user reads any of
+    it. It is kept after the study, for Ray's logs. And Ray Tune's list of variables to copy into each
+    trial's runtime env loses the AWS credentials: Ray hands a runtime env to each new worker on its
+    command line, which any local user reads in /proc, and the workers of a Ray started here inherit
+    them from this process's environment anyway. Everything is restored afterwards."""
+    import ray._private.ray_constants as ray_constants
+    from ray.tune.execution import class_cache
+
+    names = (LOOPBACK_SWITCH, "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_TMPDIR")
     saved = {name: os.environ.get(name) for name in names}
     saved_switch = ray_constants.ENABLE_RAY_CLUSTER
+    saved_propagated = class_cache.ENV_VARS_TO_PROPAGATE
+    parent = _ray_temp_parent()
+    os.makedirs(parent, exist_ok=True)  # as Ray would make it
+    # mkdtemp makes it 0700 (never more, whatever the umask); Ray puts its session in <private>/ray.
+    private = tempfile.mkdtemp(prefix="kd_ray-", dir=parent)
     if saved[LOOPBACK_SWITCH] is None:
         os.environ[LOOPBACK_SWITCH] = "0"
         # Ray reads the switch when it is imported; the processes it starts read the environment.
@@ -80,6 +109,9 @@ def local_ray_settings() -> Iterator[None]:
     else:
         auth = "token authentication on"
     log(f"Ray: a local instance listening on {listens}, {auth}")
+    os.environ["RAY_TMPDIR"] = private
+    class_cache.ENV_VARS_TO_PROPAGATE = {name for name in saved_propagated if not name.startswith("AWS_")}
+    log(f"Ray: its files and logs in {private}/ray, a directory only you can enter (kept after the study)")
     _refresh_ray_auth()
     try:
         yield
@@ -90,6 +122,7 @@ def local_ray_settings() -> Iterator[None]:
             else:
                 os.environ[name] = value
         ray_constants.ENABLE_RAY_CLUSTER = saved_switch
+        class_cache.ENV_VARS_TO_PROPAGATE = saved_propagated
         _refresh_ray_auth()
 
 
