@@ -46,6 +46,7 @@ class ConfigError(ValueError):
 
 
 EXIT_BAD_INPUT = 2  # the exit code of every command that refuses its input (argparse's own code, too)
+EXIT_RAY = 5  # a study's Ray did not start, or its head (the GCS) was lost mid-study
 
 
 # --- random streams ----------------------------------------------------------------------------
@@ -232,6 +233,10 @@ def parse_set(expressions: list[str]) -> dict[str, Any]:
         key = key.strip()
         if not sep or not key:
             raise ConfigError(f"--set expects key=value, got '{expr}'")
+        if key in values:
+            # The last would win silently: a sweep meant as two values would run one.
+            raise ConfigError(f"--set {key} is given twice ({values[key]!r} and {value.strip()!r}); allowed: each "
+                              f"key once (to run several values, use a study's axis)")
         values[key] = value.strip()
     return values
 

@@ -15,11 +15,21 @@ import itertools
 import json
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from kd_ray.config import ConfigError, TrialConfig
 from kd_ray.packing import PACK_MODES
+from kd_ray.study_storage import (
+    ABSENT,
+    BEGUN,
+    TEACHERS_DIR,
+    check_storage,
+    check_study_name,
+    clear_not_begun,
+    study_lock,
+    study_state,
+)
 
 if TYPE_CHECKING:
     from kd_ray.study_runner import RunPlan, StudyResult
@@ -80,7 +90,7 @@ class Study:
 
     @property
     def teacher_store(self) -> str:
-        return f"{self.storage_path.rstrip('/')}/teachers"
+        return f"{self.storage_path.rstrip('/')}/{TEACHERS_DIR}"
 
     def configs(self) -> list[TrialConfig]:
         """Every trial config of a grid study: arms x axes x seeds (for Optuna, the base per seed)."""
@@ -98,8 +108,7 @@ class Study:
         """Refuse a bad specification before any Ray work: raises ConfigError."""
         from kd_ray.trial import check_runnable
 
-        if not self.name or "/" in self.name:
-            raise ConfigError(f"study name {self.name!r} must be a non-empty name without '/'")
+        check_study_name(self.name)
         for axis, values in self.axes.items():
             if axis not in TrialConfig.field_names():
                 TrialConfig.from_dict({axis: None})  # raises the did-you-mean error
@@ -113,6 +122,11 @@ class Study:
                 raise ConfigError(f"fields {sorted(overlap)} are set by both an arm and an axis")
         if not self.seeds:
             raise ConfigError("seeds must name at least one seed")
+        repeated = sorted({seed for seed in self.seeds if self.seeds.count(seed) > 1})
+        if repeated:
+            # Two trials on one seed are one replicate run twice, not two replicates.
+            raise ConfigError(f"seeds {list(self.seeds)} repeat {repeated}; allowed: distinct seeds, one "
+                              f"replicate each")
         if self.scheduler not in ("fifo", "asha"):
             raise ConfigError(f"scheduler={self.scheduler!r} is not allowed; choose fifo or asha")
         if self.pack not in PACK_MODES:
@@ -266,14 +280,36 @@ class Study:
             )
 
     def run(self) -> StudyResult:
+        """Validate, take the study's lock (one driver per study, before any compute, teachers
+        included), check its directory against ``resume``, then run it on Ray."""
         configs = self.validate()
-        if self.resume:
-            self.check_resume()
-        # Deferred and downward, as in plan(): only a study that passed validation starts Ray.
-        from kd_ray.study_runner import run_study
+        check_storage(self.storage_path)
+        with study_lock(self.storage_path, self.name):
+            begun = self._check_study_dir()
+            # Deferred and downward, as in plan(): only a study that passed validation starts Ray.
+            from kd_ray.study_runner import run_study
 
-        # A search samples its trials as it goes: the teachers are prepared for the base config.
-        return run_study(self.plan(), configs if self.search is None else [self.base])
+            # A study that never began is run from the start, --resume or not.
+            plan = replace(self.plan(), resume=self.resume and begun)
+            # A search samples its trials as it goes: the teachers are prepared for the base config.
+            return run_study(plan, configs if self.search is None else [self.base])
+
+    def _check_study_dir(self) -> bool:
+        """Whether the study began (see ``kd_ray.study_storage``). A begun study needs ``--resume`` and
+        must be the one stored; ``--resume`` needs a study; what a run that never began left is cleared."""
+        state = study_state(self.study_dir)
+        if state == ABSENT and self.resume:
+            raise ConfigError(f"--resume: there is no study {self.name} in {self.storage_path} to resume; drop "
+                              f"--resume to start it, or check --name and --storage")
+        if state == BEGUN and not self.resume:
+            raise ConfigError(f"study directory {self.study_dir} already exists: pass --resume to continue "
+                              f"it, or choose another --name or --storage")
+        if state == BEGUN:
+            self.check_resume()
+            return True
+        if state != ABSENT:
+            clear_not_begun(self.study_dir)
+        return False
 
 
 def _flat_spec(spec: dict[str, Any]) -> dict[str, Any]:

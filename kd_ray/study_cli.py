@@ -3,7 +3,8 @@
 A study script names its study; ``study_main`` takes that study's presets from ``kd_ray.presets``
 and holds the flags, validation, exit codes and the closing summary.
 Exit codes: 0 done, 1 some trials failed, 2 bad input (nothing ran), 3 interrupted (partial),
-4 the storage failed (out of space, read-only, gone): the study stopped; fix it and rerun with --resume.
+4 the storage failed (out of space, read-only, gone): the study stopped; fix it and rerun with --resume,
+5 Ray failed: it did not start, or its head was lost mid-study; restart it and rerun with --resume.
 """
 
 from __future__ import annotations
@@ -11,10 +12,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from kd_ray.config import DATASETS, EXIT_BAD_INPUT, ConfigError, TrialConfig, parse_set
+from kd_ray.config import DATASETS, EXIT_BAD_INPUT, EXIT_RAY, ConfigError, TrialConfig, parse_set
 from kd_ray.packing import PACK_MODES
 from kd_ray.presets import STUDIES, Preset
 from kd_ray.study import TRACKERS
+from kd_ray.study_storage import rerun_hint
 from kd_ray.tables import TERMINATED
 
 EXIT_PARTIAL = 3
@@ -25,7 +27,7 @@ def parse_seeds(text: str) -> list[int]:
     """``3`` means seeds 0, 1, 2; ``4,7`` means seeds 4 and 7."""
     try:
         if "," in text:
-            return [int(s) for s in text.split(",") if s.strip()]
+            return [int(s) for s in text.split(",") if s.strip()]  # repeats are refused by Study.validate
         count = int(text)
     except ValueError:
         raise ConfigError(f"--seeds={text!r} must be a count (3) or a comma list (0,1,2)") from None
@@ -115,6 +117,7 @@ def study_main(name: str, description: str | None = None, argv: list[str] | None
         print(f"{name}: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     from kd_ray.data import DataError
+    from kd_ray.study_runner import RayUnavailable
     from kd_ray.teachers import TeacherStoreError
 
     try:
@@ -125,9 +128,12 @@ def study_main(name: str, description: str | None = None, argv: list[str] | None
         # cluster resources. No trial ran.
         print(f"{name}: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except RayUnavailable as exc:
+        print(f"{name}: error: {exc}", file=sys.stderr)
+        return EXIT_RAY
     except KeyboardInterrupt:
         # Ctrl-C (or SIGTERM, SIGHUP) outside Ray Tune's run, or a second one inside it.
-        print(f"{name}: interrupted; rerun the same command with --resume to finish the study", file=sys.stderr)
+        print(f"{name}: interrupted; {rerun_hint(study.study_dir)} to finish the study", file=sys.stderr)
         return EXIT_PARTIAL
     except Exception as exc:
         from kd_ray.study_guards import storage_error

@@ -12,8 +12,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import socket
+import sys
 import tempfile
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,7 +25,7 @@ import ray
 from ray import tune
 
 from kd_ray.atomic import atomic_local_filesystem
-from kd_ray.config import ConfigError, TrialConfig
+from kd_ray.config import EXIT_RAY, ConfigError, TrialConfig
 from kd_ray.data import DataError
 from kd_ray.progress import printer
 from kd_ray.study_console import TrialsDone, arm_columns, progress_table, tracker_callbacks
@@ -35,6 +39,7 @@ from kd_ray.study_guards import (
     write_spec,
 )
 from kd_ray.study_packs import choose_packs, pack_dirname, search_pack_size, train_pack
+from kd_ray.study_storage import rerun_hint
 from kd_ray.study_tables import ARM_KEY, PACK_KEY, LiveTables, flatten_arm, record_finished_trials
 from kd_ray.teachers import TeacherStoreError
 
@@ -366,18 +371,13 @@ def run_study(plan: RunPlan, configs: list[TrialConfig]) -> StudyResult:
 
     from kd_ray import tables
 
-    if os.path.exists(plan.study_dir) and not plan.resume and "://" not in plan.study_dir:
-        raise ConfigError(
-            f"study directory {plan.study_dir} already exists: pass --resume to continue or rewrite "
-            f"it, or choose another --name or --storage"
-        )
     check_teacher_store(plan, configs)
     if plan.resume:
         check_saved_state(plan.study_dir)  # Ray Tune's saved state must be whole, before any compute
     expected = plan.num_samples if plan.search_space is not None else len(configs)
     try:
         _run_on_ray(plan, configs, expected)
-    except (ConfigError, DataError, TeacherStoreError):
+    except (ConfigError, DataError, TeacherStoreError, RayUnavailable):
         raise
     except Exception as exc:
         # A storage that filled up, turned read-only or went away: one line, not Ray's traceback.
@@ -401,22 +401,77 @@ def run_study(plan: RunPlan, configs: list[TrialConfig]) -> StudyResult:
     return StudyResult(plan.study_dir, trials, epochs, False, finished, expected)
 
 
+class RayUnavailable(RuntimeError):
+    """The study's Ray could not be started or reached: one line for the user, exit code EXIT_RAY."""
+
+
 def _run_on_ray(plan: RunPlan, configs: list[TrialConfig], expected: int) -> None:
     """The study on a Ray this starts (and stops), unless one runs in this process already."""
     started_ray = not ray.is_initialized()
-    # A Ray of our own on this machine is closed to others; a cluster (--address), or a Ray the caller
-    # started, keeps its own settings.
-    settings = local_ray_settings() if started_ray and plan.address is None else contextlib.nullcontext()
-    with settings:
+    with contextlib.ExitStack() as stack:
         if started_ray:
-            ray.init(address=plan.address or "local", include_dashboard=False, log_to_driver=True)
-        try:
-            # After ray.init: Ray's core worker sets a SIGTERM handler of its own that ends the process.
-            with signals_as_interrupt():
-                _teachers_trials_tables(plan, configs, expected)
-        finally:
-            if started_ray:
-                ray.shutdown()
+            _start_ray(plan, stack)
+            stack.enter_context(head_watch(plan))
+        # After ray.init: Ray's core worker sets a SIGTERM handler of its own that ends the process.
+        stack.enter_context(signals_as_interrupt())
+        _teachers_trials_tables(plan, configs, expected)
+
+
+def _start_ray(plan: RunPlan, stack: contextlib.ExitStack) -> None:
+    """Start (or join, with ``--address``) the study's Ray, to be shut down when ``stack`` closes. A Ray of
+    our own on this machine is closed to others; a cluster keeps its own settings."""
+    where = f"the Ray cluster at {plan.address}" if plan.address else "a local Ray"
+    try:
+        if plan.address is None:
+            stack.enter_context(local_ray_settings())
+        ray.init(address=plan.address or "local", include_dashboard=False, log_to_driver=True)
+    except Exception as exc:  # Ray raises plain Exceptions here (its raylet's 30 s start-up wait, say)
+        detail = " ".join(str(exc).split())[:300]
+        raise RayUnavailable(
+            f"{where} did not start or could not be reached ({type(exc).__name__}: {detail}); nothing of the "
+            f"study ran. Check the machine's load and `ray status`, then {rerun_hint(plan.study_dir)}"
+        ) from None
+    stack.callback(ray.shutdown)
+
+
+# Ray's core worker ends a driver whose GCS has not answered for 60 s (gcs_rpc_server_reconnect_timeout_s)
+# with a log line of its own; the study ends first, with a line that says how to go on.
+GCS_SILENCE_LIMIT_S = 30.0
+GCS_PROBE_EVERY_S = 2.0
+
+
+@contextlib.contextmanager
+def head_watch(plan: RunPlan) -> Iterator[None]:
+    """While the body runs, a thread opens a TCP connection to the GCS every GCS_PROBE_EVERY_S seconds.
+    When none has succeeded for GCS_SILENCE_LIMIT_S, the head is lost: the driver prints one line and
+    ends with EXIT_RAY at once. Its saved Ray Tune state and the tables are as after a killed driver, so
+    ``--resume`` goes on from them."""
+    host, port = ray.get_runtime_context().gcs_address.rsplit(":", 1)
+    stop = threading.Event()
+
+    def watch() -> None:
+        silent_since = None
+        while not stop.wait(GCS_PROBE_EVERY_S):
+            try:
+                socket.create_connection((host, int(port)), timeout=GCS_PROBE_EVERY_S).close()
+                silent_since = None
+                continue
+            except OSError:
+                silent_since = silent_since if silent_since is not None else time.monotonic()
+            if time.monotonic() - silent_since >= GCS_SILENCE_LIMIT_S and not stop.is_set():
+                print(f"{plan.name}: error: lost Ray's head: its GCS at {host}:{port} has not answered for "
+                      f"{GCS_SILENCE_LIMIT_S:.0f} s (killed, or its node lost); the study stopped, finished trials "
+                      f"are in {plan.study_dir}. Restart Ray (or the cluster), then {rerun_hint(plan.study_dir)}",
+                      file=sys.stderr, flush=True)
+                sys.stdout.flush()
+                os._exit(EXIT_RAY)  # Ray's own calls would hang on the lost GCS, then end the process
+
+    thread = threading.Thread(target=watch, name="kd_ray-head-watch", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
 
 
 def _teachers_trials_tables(plan: RunPlan, configs: list[TrialConfig], expected: int) -> None:

@@ -17,7 +17,7 @@ PACKAGE = ROOT / "kd_ray"
 LAYERS: list[tuple[str, ...]] = [
     ("kd_ray", "kd_ray.atomic", "kd_ray.config", "kd_ray.progress"),
     ("kd_ray.packing",),
-    ("kd_ray.tables", "kd_ray.provenance", "kd_ray.archives"),
+    ("kd_ray.tables", "kd_ray.provenance", "kd_ray.archives", "kd_ray.study_storage"),
     ("kd_ray.mnist_data",),
     ("kd_ray.data", "kd_ray.splits", "kd_ray.augment", "kd_ray.models", "kd_ray.ensembles", "kd_ray.losses",
      "kd_ray.metrics", "kd_ray.analysis", "kd_ray.cluster"),

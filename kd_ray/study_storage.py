@@ -1,0 +1,153 @@
+"""Where a study lives: its name, its storage, the lock that gives it one driver, and whether it began.
+
+- ``check_study_name``: a study's name is one path component of bounded length, so that
+  ``<storage>/<name>`` stays inside the storage and clear of the storage's own folders.
+- ``check_storage``: a local ``--storage`` is (or can be made) a writable directory, before Ray starts.
+- ``study_lock``: one driver per study. The lock is an ``flock`` on ``<storage>/locks/<name>.lock``,
+  which the kernel drops when its holder dies, so a killed driver never leaves a stale lock behind.
+- ``study_state``: absent, not begun (a run that ended before Ray Tune saved any state: a rerun may
+  take the directory over) or begun (only ``--resume`` goes on with it).
+
+This module imports neither Ray nor torch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import re
+import socket
+import time
+from collections.abc import Iterator
+
+import pyarrow.fs as pafs
+
+from kd_ray.atomic import filesystem
+from kd_ray.config import ConfigError
+
+# The storage's own folders: the teacher store every study shares, and the study locks.
+TEACHERS_DIR = "teachers"
+LOCKS_DIR = "locks"
+RESERVED_NAMES = (TEACHERS_DIR, LOCKS_DIR)
+# A study's name becomes a directory, a lock file (``<name>.lock``) and part of Ray Tune's names for
+# its trials; 100 characters leaves room for those within a file name's 255 bytes.
+MAX_NAME_LENGTH = 100
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+=,-]*")
+# What only a study that began holds: Ray Tune's saved experiment state, the tables, trial parts.
+_BEGUN_MARKERS = ("trials.parquet", "epochs.parquet", "trial_parts")
+# What a run that ended before its first saved state can leave: its spec, Ray Tune's Tuner (cut off when
+# pickling it failed) and an Optuna journal with no trial told. A rerun replaces them.
+_NOT_BEGUN_LEFTOVERS = ("spec.json", "tuner.pkl", "optuna.journal")
+
+ABSENT, NOT_BEGUN, BEGUN = "absent", "not begun", "begun"
+
+
+def check_study_name(name: str) -> None:
+    """Raise ConfigError unless ``name`` is one safe path component: letters, digits and ``_ . + = , -``,
+    not starting with a dot or a dash, at most MAX_NAME_LENGTH characters, none of RESERVED_NAMES."""
+    allowed = (f"a name of 1 to {MAX_NAME_LENGTH} characters: letters, digits and _ . + = , - (not first: "
+               f". or -), other than {' or '.join(RESERVED_NAMES)}")
+    if not isinstance(name, str) or not _NAME.fullmatch(name) or len(name) > MAX_NAME_LENGTH:
+        shown = name if not isinstance(name, str) or len(name) <= 40 else f"{name[:40]}... ({len(name)} characters)"
+        raise ConfigError(f"study name {shown!r} is not allowed; allowed: {allowed}")
+    if name in RESERVED_NAMES:
+        raise ConfigError(f"study name {name!r} is the storage's own folder; allowed: {allowed}")
+
+
+def check_storage(storage_path: str) -> None:
+    """A local storage must be a directory this user can write, or one that can be made: else one
+    ConfigError line naming it. A URI (``s3://``, ``gs://``) is left to its filesystem."""
+    if "://" in storage_path:
+        return
+    try:
+        os.makedirs(storage_path, exist_ok=True)
+        if not os.path.isdir(storage_path):
+            raise NotADirectoryError(errno.ENOTDIR, "a file, not a directory")
+        if not os.access(storage_path, os.W_OK | os.X_OK):
+            raise PermissionError(errno.EACCES, "not writable by this user")
+    except OSError as exc:
+        if os.path.islink(storage_path) and not os.path.exists(storage_path):
+            reason = "a symbolic link that leads nowhere (a loop, or a missing target)"
+        else:
+            reason = {errno.EEXIST: "a file, not a directory", errno.ENOTDIR: "a part of its path is a file",
+                      errno.ELOOP: "a loop of symbolic links"}.get(exc.errno, exc.strerror or str(exc))
+        raise ConfigError(f"--storage {storage_path} cannot hold studies: {reason}; allowed: a directory "
+                          f"you can write, or a path where one can be made") from None
+
+
+def lock_path(storage_path: str, name: str) -> str:
+    """The lock of study ``name``: in the storage's ``locks/`` folder, or, for a URI storage (where no
+    file lock exists), in this user's cache, which keeps out a second driver on this machine only."""
+    if "://" not in storage_path:
+        return os.path.join(storage_path, LOCKS_DIR, f"{name}.lock")
+    digest = hashlib.sha256(f"{storage_path.rstrip('/')}/{name}".encode()).hexdigest()[:24]
+    return os.path.join(os.path.expanduser("~/.cache/kd_ray"), LOCKS_DIR, f"{name}-{digest}.lock")
+
+
+@contextlib.contextmanager
+def study_lock(storage_path: str, name: str) -> Iterator[None]:
+    """Hold study ``name``'s lock while the body runs; a study whose lock another live driver holds is
+    refused with one ConfigError line naming that driver."""
+    path = lock_path(storage_path, name)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConfigError(
+                f"study {name} is being run by another driver ({_holder(fd)}; lock {path}): one driver per "
+                f"study. Wait for it to end, then rerun with --resume, or pass another --name"
+            ) from None
+        # Who holds it, for the message a second driver prints.
+        holder = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(holder).encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # closing drops the flock
+
+
+def _holder(fd: int) -> str:
+    try:
+        holder = json.loads(os.pread(fd, 4096, 0).decode())
+        return f"pid {holder['pid']} on {holder['host']}, since {holder['since']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "a driver that is starting"  # its lock is taken, its details not yet written
+
+
+def study_state(study_dir: str) -> str:
+    """ABSENT, NOT_BEGUN or BEGUN (see the module's docstring)."""
+    fs, path = filesystem(study_dir)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.NotFound:
+        return ABSENT
+    if info.type != pafs.FileType.Directory:
+        raise ConfigError(f"study directory {study_dir} is a file, not a directory; allowed: a directory, or no "
+                          f"such path. Move the file, or pass another --name")
+    names = {entry.base_name for entry in fs.get_file_info(pafs.FileSelector(path))}
+    begun = any(n in _BEGUN_MARKERS or (n.startswith("experiment_state-") and n.endswith(".json")) for n in names)
+    return BEGUN if begun else NOT_BEGUN
+
+
+def clear_not_begun(study_dir: str) -> None:
+    """Remove what a run that ended before Ray Tune's first saved state left in ``study_dir``, so that
+    neither a rerun nor ``--resume`` meets it (a cut-off ``tuner.pkl`` would block both)."""
+    fs, path = filesystem(study_dir)
+    for name in _NOT_BEGUN_LEFTOVERS:
+        with contextlib.suppress(FileNotFoundError):
+            fs.delete_file(f"{path}/{name}")
+
+
+def rerun_hint(study_dir: str) -> str:
+    """How to go on after a study stopped early: ``--resume`` once its directory exists, else the same
+    command (``--resume`` refuses a study that is not there)."""
+    try:
+        state = study_state(study_dir)
+    except (ConfigError, OSError):
+        state = ABSENT
+    return "rerun the same command" + (" with --resume" if state != ABSENT else "")
