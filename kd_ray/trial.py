@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -49,7 +50,7 @@ from kd_ray.ensembles import LoopEnsemble, StackedEnsemble, ensemble_log_probs
 from kd_ray.extra_inputs import check_extra_inputs, extra_inputs
 from kd_ray.fastpath import FastPath
 from kd_ray.metrics import agreement, student_metrics, teacher_metrics
-from kd_ray.models import check_arch
+from kd_ray.models import build_model, check_arch
 from kd_ray.progress import Progress
 from kd_ray.provenance import versions
 from kd_ray.splits import split_indices
@@ -88,8 +89,127 @@ def convergence(final: float | None, reference: float | None) -> tuple[float, bo
     return delta, abs(delta) < CONVERGED_WITHIN
 
 
+MIN_DISTILL_EXAMPLES = 2  # a training batch of one sample cannot train batch norm; one example is no data set
+
+
+def _subset_size(fraction: float, n: int) -> int:
+    """How many of ``n`` examples a stratified ``fraction`` keeps: ``splits.split_indices``' rule."""
+    return n if float(fraction) == 1.0 else min(n, max(1, int(round(float(fraction) * n))))
+
+
+@dataclass(frozen=True)
+class DataSizes:
+    """How many examples each part of a trial's data holds, from each dataset's ``train_size`` and the split fields
+    alone (``splits.split_indices`` draws exactly these many)."""
+
+    teacher_base: int  # the teacher's split (all train examples, or the half D0) before teacher_fraction
+    teacher: int  # the examples a teacher member trains on, batched by teacher_batch_size
+    distill_base: int  # the split distill_fraction draws from
+    distill_subset: int  # what distill_fraction keeps of it
+    distill: int  # the set the student batches: the subset, and any extra inputs that join it
+    distill_most: int  # the most a distillation set of this dataset (and joined extras) can hold
+
+
+def data_sizes(cfg: TrialConfig) -> DataSizes:
+    """The sizes of ``cfg``'s teacher and distillation sets, as ``TrialData`` and the teachers draw them."""
+    n = DATASET_INFO[cfg.dataset].train_size
+    if cfg.teacher_split == "full":
+        teacher_base, distill_base = n, n
+    else:
+        d0 = n // 2  # the stratified half D0; D1 is the rest
+        teacher_base, distill_base = d0, {"train": d0, "holdout": n - d0, "both": n}[cfg.distill_split]
+    teacher = _subset_size(cfg.teacher_fraction, teacher_base)
+    if cfg.teacher_fraction < 1.0 and cfg.distill_split == "train":
+        distill_base = teacher  # 'train' is then exactly the teacher's own subset
+    if cfg.distill_dataset:
+        distill_base = DATASET_INFO[cfg.distill_dataset].train_size  # the other dataset's whole train split
+    subset = _subset_size(cfg.distill_fraction, distill_base)
+    joined = cfg.extra_data if cfg.extra_ratio == 0 else 0  # with extra_ratio > 0 extras ride along instead
+    most = DATASET_INFO[cfg.distill_dataset or cfg.dataset].train_size + joined
+    return DataSizes(teacher_base, teacher, distill_base, subset, subset + joined, most)
+
+
+def _has_batch_norm(arch: str, info: DatasetInfo, norm: str) -> bool:
+    """Whether ``arch`` under ``norm`` has batch norm layers (lenet5 and vgg16 ignore ``norm``). Built on
+    the meta device: no weights are allocated and no random number is drawn."""
+    with torch.device("meta"):
+        model = build_model(arch, info.input_shape, info.num_classes, norm)
+    return any(isinstance(m, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d)) for m in model.modules())
+
+
+def _minimum_fraction(n: int) -> str:
+    """The smallest fraction of ``n`` examples that keeps ``MIN_DISTILL_EXAMPLES``, rounded up to 3
+    significant digits so that the printed value itself is allowed."""
+    exact = MIN_DISTILL_EXAMPLES / n
+    digits = 2 - math.floor(math.log10(exact))
+    return f"{math.ceil(exact * 10**digits) / 10**digits:g}"
+
+
+def check_data_sizes(cfg: TrialConfig, info: DatasetInfo) -> None:
+    """Refuse batch sizes and fractions that the trial's data cannot meet, from ``data_sizes`` alone: a
+    teacher or distillation set of fewer than 2 examples, a batch of one sample under batch norm (which
+    needs more than one sample per channel in training), and a batch size larger than every training
+    example of the dataset. A batch size between the set a trial batches and that is one batch of the
+    whole set per epoch (``full_batch_notes``): one ``--set batch_size`` then serves a study's arms of
+    every distillation fraction. The remainder of an epoch never leaves a batch of one
+    (``distill.batches_per_epoch``)."""
+    sizes = data_sizes(cfg)
+    teacher_source = f"dataset={cfg.dataset!r}, teacher_split={cfg.teacher_split!r}"
+    distill_source = (f"distill_dataset={cfg.distill_dataset!r}" if cfg.distill_dataset
+                      else f"{teacher_source}, distill_split={cfg.distill_split!r}")
+    if sizes.teacher < MIN_DISTILL_EXAMPLES:
+        raise ConfigError(
+            f"teacher_fraction={cfg.teacher_fraction!r} leaves the teacher {sizes.teacher} of the "
+            f"{sizes.teacher_base} training examples of its split ({teacher_source}); allowed: teacher_fraction >= "
+            f"{_minimum_fraction(sizes.teacher_base)} (at least {MIN_DISTILL_EXAMPLES} examples)"
+        )
+    if sizes.distill_subset < MIN_DISTILL_EXAMPLES:
+        raise ConfigError(
+            f"distill_fraction={cfg.distill_fraction!r} leaves {sizes.distill_subset} of the {sizes.distill_base} "
+            f"examples of the distillation split ({distill_source}) to distil on; allowed: distill_fraction >= "
+            f"{_minimum_fraction(sizes.distill_base)} (at least {MIN_DISTILL_EXAMPLES} examples)"
+        )
+    extras = f" and extra_data={cfg.extra_data}" if sizes.distill > sizes.distill_subset else ""
+    batched = (
+        ("teacher_batch_size", "teacher_arch", sizes.teacher, DATASET_INFO[cfg.dataset].train_size,
+         "a teacher member trains on", f"dataset={cfg.dataset!r}"),
+        ("batch_size", "student_arch", sizes.distill, sizes.distill_most, "the student distils on",
+         f"{'distill_dataset=' + repr(cfg.distill_dataset) if cfg.distill_dataset else f'dataset={cfg.dataset!r}'}"
+         f"{extras}"),
+    )
+    for field, arch_field, n, most, what, source in batched:
+        value, arch = getattr(cfg, field), getattr(cfg, arch_field)
+        if 1 < value <= most:
+            continue
+        # Only a batch size of 1 or one above every example builds the network, to ask whether it has batch norm.
+        smallest = 2 if _has_batch_norm(arch, info, cfg.norm) else 1
+        allowed = f"allowed: {smallest} <= {field} <= {most}"
+        if value < smallest:
+            raise ConfigError(
+                f"{field}={value} with {arch_field}={arch!r} and norm={cfg.norm!r}: batch norm needs more than one "
+                f"sample per channel in training; {allowed}, or norm='group' or 'none'"
+            )
+        if value > most:
+            whole = f" (from {n + 1} on, the {n} examples {what} are one batch per epoch)" if n < most else ""
+            raise ConfigError(f"{field}={value} is larger than all {most} training examples of {source}; "
+                              f"{allowed}{whole}")
+
+
+def full_batch_notes(cfg: TrialConfig) -> list[str]:
+    """A line for each batch size above the set it batches: each epoch is then one batch of the whole set."""
+    sizes = data_sizes(cfg)
+    notes = []
+    for field, n, what in (("teacher_batch_size", sizes.teacher, "a teacher member trains on"),
+                           ("batch_size", sizes.distill, "the student distils on")):
+        value = getattr(cfg, field)
+        if value > n:
+            notes.append(f"{field}={value} is more than the {n} examples {what}: each epoch is one batch of all {n}")
+    return notes
+
+
 def check_runnable(cfg: TrialConfig, check_device: bool = True) -> None:
-    """Refuse combinations that only the model, data and augmentation registries can judge.
+    """Refuse combinations that only the model, data and augmentation registries can judge, and sizes
+    that the data cannot meet (``check_data_sizes``).
 
     ``check_device=False`` skips the CUDA check, for a driver that schedules GPU trials elsewhere."""
     info = DATASET_INFO[cfg.dataset]
@@ -104,6 +224,7 @@ def check_runnable(cfg: TrialConfig, check_device: bool = True) -> None:
         raise ConfigError(f"augmentation={cfg.augmentation!r} with dataset={cfg.dataset!r}: {exc}") from None
     check_extra_inputs(cfg)
     check_distill_dataset(cfg.dataset, cfg.distill_dataset)
+    check_data_sizes(cfg, info)
     if check_device and cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"device={cfg.device!r} but no CUDA device is visible; use device=cpu or auto")
 
@@ -114,11 +235,16 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def probe_batch_size(cfg: TrialConfig) -> int:
+    """The batch the fast path is timed on: the trial's, never more than the set it batches."""
+    return min(cfg.batch_size, data_sizes(cfg).distill)
+
+
 def fast_path(cfg: TrialConfig, info: DatasetInfo, device: torch.device) -> FastPath:
     """The measured fastest bf16 / layout / teacher-execution choice for this trial's shapes."""
     return fastpath.choose(
         cfg.student_arch, cfg.teacher_arch, info.input_shape, info.num_classes, cfg.norm, cfg.teacher_members,
-        cfg.batch_size, str(device), cfg.precision,
+        probe_batch_size(cfg), str(device), cfg.precision,
     )
 
 
@@ -237,6 +363,9 @@ def run_trial(
     started = time.perf_counter()
     elapsed_before = float(resume["train_time_s"]) if resume else 0.0
 
+    if progress:
+        for note in full_batch_notes(cfg):
+            progress(note)
     data = TrialData(cfg, device, data_dir)
     ensure_members(cfg, store, data.arrays, device, progress=progress, retrain=retrain_teachers)
     ensemble = load_ensemble(cfg, store, device)

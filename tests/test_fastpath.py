@@ -4,6 +4,8 @@ batched vs per-sample augmentation, and the measured choice of bf16 / layout / t
 from __future__ import annotations
 
 import copy
+import time
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -150,3 +152,33 @@ def test_cuda_vectorized_ensemble_equals_loop():
     torch.testing.assert_close(
         StackedEnsemble(members).logits(x), LoopEnsemble(members).logits(x), rtol=1e-4, atol=1e-4
     )
+
+
+def _counted(seconds: float) -> tuple[list[int], Callable[[], None]]:
+    """A candidate step that does real torch work and takes at least ``seconds``; and its call count."""
+    calls = [0]
+    a = torch.rand(64, 64)
+
+    def step() -> None:
+        calls[0] += 1
+        started = time.perf_counter()
+        while time.perf_counter() - started < seconds:
+            a @ a
+
+    return calls, step
+
+
+def test_a_candidate_slower_than_the_best_is_cut_short():
+    cpu = torch.device("cpu")
+    fast_calls, fast = _counted(0.002)
+    best = fastpath.time_candidate(fast, 5, cpu)
+    assert fast_calls[0] == 6  # a warm-up and every repeat: nothing to beat
+    slow_calls, slow = _counted(0.05)
+    measured = fastpath.time_candidate(slow, 5, cpu, within=best * 5)
+    assert slow_calls[0] == 2  # its warm-up and one repeat, already slower than all of the best's repeats
+    assert measured > best  # what it reports still loses to the best
+    # A candidate that keeps up is timed in full.
+    even_calls, even = _counted(0.002)
+    fastpath.time_candidate(even, 5, cpu, within=1.0)
+    assert even_calls[0] == 6
+

@@ -585,3 +585,54 @@ def test_cluster_keeps_the_dashboard_on_localhost_and_the_readme_says_how_to_rea
     assert "RAY_AUTH_MODE" in readme and "token" in readme.lower()
     doc = (REPO / "docs" / "reliability.md").read_text()
     assert "ray dashboard cluster.yaml" in doc and "RAY_AUTH_MODE=token" in doc and "ray get-auth-token" in doc
+
+
+# --- sizes judged against the data the trial will meet ---------------------------------------------
+
+# (kd-ray trial's --set arguments, what the one error line must say). Each once crashed in a batch norm
+# layer or stalled in the fast path's timing; now each is refused before any compute.
+SIZE_CASES = [
+    (["batch_size=1"], ["batch_size=1", "student_arch='mlp'", "norm='batch'", "allowed: 2 <= batch_size <= 4000"]),
+    (["distill_fraction=1e-9"], ["distill_fraction=1e-09", "leaves 1 of the 4000 examples",
+                                 "allowed: distill_fraction >= 0.0005"]),
+    (["batch_size=10000000000", "precision=auto"],
+     ["batch_size=10000000000", "4000 training examples of dataset='mnist1d'", "allowed: 2 <= batch_size <= 4000"]),
+]
+
+
+def test_sizes_the_data_cannot_meet_are_refused_as_their_own_processes(tmp_path):
+    for i, (sets, needles) in enumerate(SIZE_CASES):  # one after another, each timed alone
+        where = tmp_path / str(i)
+        command = [*_kd_ray(), "trial", *(arg for value in sets for arg in ("--set", value)),
+                   "--store", str(where / "teachers"), "--data-dir", str(where / "data")]
+        started = time.monotonic()
+        done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        elapsed = time.monotonic() - started
+        lines = [line for line in done.stderr.splitlines() if line.strip()]
+        assert done.returncode == 2, (sets, done.stdout[-2000:], done.stderr[-2000:])
+        assert len(lines) == 1 and lines[0].startswith("kd-ray: error: "), (sets, done.stderr)
+        for needle in needles:
+            assert needle in lines[0], (sets, needle, lines[0])
+        assert "Traceback" not in done.stdout + done.stderr
+        assert elapsed < 20, (sets, elapsed)  # refused before any data, teacher or timing
+        assert not where.exists() or not any(where.iterdir()), (sets, list(where.iterdir()))
+
+
+def test_a_last_batch_of_one_sample_trains_as_its_own_process(tmp_path):
+    # mnist's 4,000 training images at batch 3,999, for the teacher and the student: the sample left over
+    # joins the batch before it, one step of all 4,000 per epoch (it used to end in a batch norm traceback).
+    sets = ["dataset=mnist", "batch_size=3999", "teacher_batch_size=3999", "teacher_members=1", "teacher_epochs=1",
+            "epochs=1", "eval_every=1"]
+    command = [*_kd_ray(), "trial", *(arg for value in sets for arg in ("--set", value)), "--json",
+               "--store", str(tmp_path / "teachers"), "--data-dir", str(tmp_path / "data")]
+    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Traceback" not in done.stdout + done.stderr
+    import json  # the result's last line
+
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["status"] == "TERMINATED" and result["epochs_completed"] == 1
+    assert result["student_steps"] == 1 and result["teacher_steps"] == 1
+    for metric in ("test_acc", "test_agreement", "train_agreement", "teacher_test_acc"):
+        assert 0.0 <= result[metric] <= 1.0, metric
+    assert result["test_nll"] > 0 and result["test_kl"] >= 0

@@ -13,9 +13,23 @@ import torch
 import kd_ray
 from kd_ray import trial as trial_module
 from kd_ray.config import ConfigError, TrialConfig
+from kd_ray.data import DATASET_INFO, load_arrays
+from kd_ray.distill import AugmentSpec, Recipe, TrainState, batches_per_epoch, fit, make_optimizer, training_batch
+from kd_ray.models import build_model
+from kd_ray.packs import run_pack
+from kd_ray.splits import split_indices
 from kd_ray.tables import EPOCHS_SCHEMA, METRICS
 from kd_ray.teachers import member_key, member_steps, teacher_indices
-from kd_ray.trial import FINAL_METRICS, TrialData, check_runnable, run_trial
+from kd_ray.trial import (
+    FINAL_METRICS,
+    TrialData,
+    check_runnable,
+    data_sizes,
+    fast_path,
+    full_batch_notes,
+    probe_batch_size,
+    run_trial,
+)
 
 PROVENANCE = ("teacher_key", "kd_ray_version", "git_sha", "torch_version", "ray_version", "config_json")
 STUDENT_METRICS = tuple(k for k in FINAL_METRICS if not k.startswith("teacher_"))
@@ -235,3 +249,158 @@ def test_holdout_distillation_with_extra_data(base_cfg, kd_dirs: dict[str, Path]
     assert result["teacher_key"] == cfg.teacher_key() != base_cfg.teacher_key()
     assert_metrics_in_range(result)
     assert any(kd_dirs["data"].glob("mnist1d_extra*_n200_*.npz"))
+
+
+# --- sizes judged against the data, before any compute --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dataset", ["mnist1d", "digits", "mnist"])
+def test_train_sizes_are_the_offline_datasets_own(dataset: str) -> None:
+    assert DATASET_INFO[dataset].train_size == len(load_arrays(dataset).y_train)
+
+
+@pytest.mark.parametrize("changes", [
+    {}, {"distill_fraction": 0.013}, {"teacher_split": "half"}, {"teacher_split": "half", "distill_split": "holdout"},
+    {"teacher_split": "half", "distill_split": "both", "distill_fraction": 0.3},
+    {"teacher_fraction": 0.05}, {"teacher_fraction": 0.05, "distill_split": "both", "distill_fraction": 0.5},
+    {"teacher_split": "half", "teacher_fraction": 0.2, "distill_fraction": 0.25},
+    {"distill_fraction": 1e-9}, {"teacher_fraction": 1e-9},
+])
+def test_data_sizes_are_what_the_splits_draw(changes: dict, mnist1d_arrays) -> None:
+    cfg = TrialConfig(**changes)
+    teacher_idx, distill_idx = split_indices(
+        mnist1d_arrays.y_train, teacher_split=cfg.teacher_split, distill_split=cfg.distill_split,
+        distill_fraction=cfg.distill_fraction, data_seed=cfg.data_seed, seed=cfg.seed,
+        teacher_fraction=cfg.teacher_fraction,
+    )
+    sizes = data_sizes(cfg)
+    assert (sizes.teacher, sizes.distill_subset, sizes.distill) == (len(teacher_idx), len(distill_idx),
+                                                                     len(distill_idx))
+    joined = data_sizes(cfg.replace(extra_data=300))
+    riding = data_sizes(cfg.replace(extra_data=300, extra_ratio=0.25))
+    assert joined.distill == len(distill_idx) + 300 and riding.distill == len(distill_idx)
+
+
+# (changes, the field the one line starts with, what else it must say)
+REFUSED_SIZES = [
+    ({"batch_size": 1}, "batch_size=1", ["student_arch='mlp'", "norm='batch'", "allowed: 2 <= batch_size <= 4000"]),
+    ({"teacher_batch_size": 1}, "teacher_batch_size=1", ["allowed: 2 <= teacher_batch_size <= 4000"]),
+    ({"dataset": "digits", "teacher_arch": "smallcnn", "student_arch": "smallcnn", "batch_size": 1}, "batch_size=1",
+     ["allowed: 2 <= batch_size <= 1437", "norm='group' or 'none'"]),
+    ({"batch_size": 10**10, "precision": "auto"}, "batch_size=10000000000",
+     ["all 4000 training examples of dataset='mnist1d'", "allowed: 2 <= batch_size <= 4000"]),
+    ({"distill_fraction": 0.01, "batch_size": 4001}, "batch_size=4001",
+     ["allowed: 2 <= batch_size <= 4000", "the 40 examples the student distils on are one batch"]),
+    ({"extra_data": 100, "batch_size": 4101}, "batch_size=4101", ["extra_data=100", "<= 4100"]),
+    ({"teacher_batch_size": 4001}, "teacher_batch_size=4001", ["allowed: 2 <= teacher_batch_size <= 4000"]),
+    ({"dataset": "mnist", "distill_dataset": "mnist_full", "batch_size": 60001}, "batch_size=60001",
+     ["distill_dataset='mnist_full'", "<= 60000"]),
+    ({"distill_fraction": 1e-9}, "distill_fraction=1e-09",
+     ["leaves 1 of the 4000 examples", "allowed: distill_fraction >= 0.0005"]),
+    ({"teacher_split": "half", "distill_split": "holdout", "distill_fraction": 0.0007}, "distill_fraction=0.0007",
+     ["leaves 1 of the 2000 examples", "distill_split='holdout'", "allowed: distill_fraction >= 0.001"]),
+    ({"dataset": "digits", "teacher_arch": "smallcnn", "student_arch": "smallcnn", "distill_fraction": 0.001},
+     "distill_fraction=0.001", ["of the 1437 examples", "allowed: distill_fraction >= 0.0014 "]),
+    ({"teacher_fraction": 1e-9}, "teacher_fraction=1e-09", ["allowed: teacher_fraction >= 0.0005"]),
+]
+
+
+@pytest.mark.parametrize("changes, start, needles", REFUSED_SIZES, ids=[c[1] for c in REFUSED_SIZES])
+def test_check_runnable_refuses_sizes_the_data_cannot_meet(changes: dict, start: str, needles: list[str]) -> None:
+    with pytest.raises(ConfigError) as info:
+        check_runnable(TrialConfig(device="cpu", **changes))
+    message = str(info.value)
+    assert message.startswith(start) and "\n" not in message, message
+    for needle in needles:
+        assert needle in message, (needle, message)
+
+
+def test_the_minimum_fraction_a_refusal_names_is_allowed() -> None:
+    for changes in ({"distill_fraction": 1e-9}, {"dataset": "digits", "teacher_arch": "smallcnn",
+                                                  "student_arch": "smallcnn", "distill_fraction": 1e-9}):
+        with pytest.raises(ConfigError) as info:
+            check_runnable(TrialConfig(device="cpu", **changes))
+        minimum = float(str(info.value).split("distill_fraction >= ")[1].split()[0])
+        cfg = TrialConfig(device="cpu", **{**changes, "distill_fraction": minimum})
+        check_runnable(cfg)
+        assert data_sizes(cfg).distill_subset == 2
+
+
+@pytest.mark.parametrize("changes", [
+    {"batch_size": 1, "norm": "group"},  # group norm trains on one sample
+    {"batch_size": 1, "teacher_batch_size": 1, "norm": "none"},
+    {"dataset": "mnist", "teacher_arch": "lenet5", "student_arch": "lenet5", "batch_size": 1},  # lenet5: no norm
+    {"batch_size": 4000}, {"distill_fraction": 0.0005},
+])
+def test_check_runnable_accepts_sizes_the_data_can_meet(changes: dict) -> None:
+    check_runnable(TrialConfig(device="cpu", **changes))
+
+
+def test_a_batch_size_above_the_distillation_set_is_one_batch_of_all_of_it() -> None:
+    cfg = TrialConfig(device="cpu", distill_fraction=0.01, batch_size=256, teacher_fraction=0.05,
+                      teacher_batch_size=300)
+    check_runnable(cfg)  # a study-wide batch size must serve its small-fraction arms too
+    assert full_batch_notes(cfg) == [
+        "teacher_batch_size=300 is more than the 200 examples a teacher member trains on: each epoch is one batch "
+        "of all 200",
+        "batch_size=256 is more than the 2 examples the student distils on: each epoch is one batch of all 2",
+    ]
+    assert full_batch_notes(TrialConfig()) == []
+
+
+def test_the_fast_path_is_timed_on_at_most_the_data() -> None:
+    assert probe_batch_size(TrialConfig(batch_size=10**10)) == 4000
+    assert probe_batch_size(TrialConfig(batch_size=256, distill_fraction=0.01)) == 40
+    assert probe_batch_size(TrialConfig(batch_size=64)) == 64
+    # Uncapped, this would ask the allocator for 1.6 TB (10**10 x 40 floats).
+    path = fast_path(TrialConfig(batch_size=10**10, precision="auto", teacher_members=1), DATASET_INFO["mnist1d"],
+                     torch.device("cpu"))
+    assert "teacher" in path.describe()
+
+
+# --- an epoch that would leave one sample over ------------------------------------------------------------------------
+
+
+def _batches(n: int, batch_size: int) -> list[list[int]]:
+    recipe = Recipe(epochs=1, batch_size=batch_size, optimizer="sgd", lr=0.1, weight_decay=0.0, lr_schedule="constant",
+                    augmentation="none")
+    order = torch.arange(n)
+    x, y = torch.arange(n, dtype=torch.float32)[:, None, None], torch.zeros(n, dtype=torch.long)
+    spec = AugmentSpec("signal", 0, False)
+    return [training_batch(x, y, order, i, recipe, spec, torch.Generator())[0].x.flatten().long().tolist()
+            for i in range(batches_per_epoch(n, batch_size))]
+
+
+def test_a_last_batch_of_one_sample_joins_the_batch_before() -> None:
+    assert _batches(9, 4) == [[0, 1, 2, 3], [4, 5, 6, 7, 8]]
+    assert _batches(4000, 3999) == [list(range(4000))]
+    # Every other split is the plain one, so configurations that never left one sample over keep their numbers.
+    assert _batches(10, 4) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    assert _batches(8, 4) == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert _batches(3, 1) == [[0], [1], [2]]
+    assert _batches(5, 8) == [[0, 1, 2, 3, 4]]
+    assert [batches_per_epoch(n, 128) for n in (4000, 3969, 3970, 129, 1)] == [32, 31, 32, 1, 1]
+
+
+def test_batch_norm_trains_on_a_set_that_leaves_one_sample_over() -> None:
+    torch.manual_seed(0)
+    model = build_model("mlp", (1, 40), 10, "batch")
+    recipe = Recipe(epochs=2, batch_size=4, optimizer="sgd", lr=0.05, weight_decay=0.0, lr_schedule="constant",
+                    augmentation="baseline")
+    state = TrainState(model, make_optimizer(model, recipe), torch.Generator().manual_seed(0))
+    losses: list[float] = []
+    fit(state, torch.randn(9, 1, 40), torch.randint(0, 10, (9,)), recipe, AugmentSpec("signal", 4, False),
+        on_epoch=lambda epoch, loss, lr: losses.append(loss))
+    assert state.epoch == 2 and len(losses) == 2 and all(math.isfinite(loss) for loss in losses)
+
+
+def test_a_pack_and_a_lone_trial_merge_the_last_sample_alike(base_cfg, shared_teacher) -> None:
+    # 4,000 distillation inputs at batch 3,999: one step of all 4,000 per epoch, for a pack and alone.
+    configs = [base_cfg.replace(batch_size=3999, epochs=2, precision="fp32", temperature=t) for t in (1.0, 4.0)]
+    packed = run_pack(configs)
+    alone = run_trial(configs[1])
+    for result in (*packed, alone):
+        assert result["status"] == "TERMINATED", result["error"]
+        assert result["student_steps"] == 2 and result["epochs_completed"] == 2
+        assert_metrics_in_range(result)
+    assert abs(packed[1]["test_agreement"] - alone["test_agreement"]) <= 0.01
