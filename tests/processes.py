@@ -3,12 +3,14 @@ session (``start_new_session``) is found, with every Ray process it starts, by i
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -113,9 +115,9 @@ class Driver:
     """A study script run as its own process, in its own session (``sid``), so that it and every Ray
     process it starts can be found and killed; its output goes to ``log``."""
 
-    def __init__(self, script: Path, argv: list[str], log: Path, cwd: Path) -> None:
-        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-        env["RAY_AUTH_MODE"] = "disabled"
+    def __init__(self, script: Path, argv: list[str], log: Path, cwd: Path, env: dict[str, str] | None = None) -> None:
+        inherited = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        env = {**inherited, "RAY_AUTH_MODE": "disabled", **(env or {})}
         self.log = log
         self._out = open(log, "w")
         self.proc = subprocess.Popen([sys.executable, str(script), *argv], cwd=cwd, env=env, stdout=self._out,
@@ -137,3 +139,22 @@ class Driver:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(30)
         self._out.close()
+
+
+@contextlib.contextmanager
+def started_drivers(script: Path, cwd: Path) -> Iterator[Callable[..., Driver]]:
+    """``start(argv, log, env=None)`` starts a Driver of ``script``; at the end, whatever is left in the
+    sessions of the drivers started is killed (each process by its pid)."""
+    started: list[Driver] = []
+
+    def start(argv: list[str], log: Path, env: dict[str, str] | None = None) -> Driver:
+        driver = Driver(script, argv, log, cwd, env)
+        started.append(driver)
+        return driver
+
+    try:
+        yield start
+    finally:
+        for driver in started:
+            kill_session(driver.sid)
+            driver.close()

@@ -16,7 +16,7 @@ from pathlib import Path
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
-from processes import Driver, command_line, kill_session, session_processes
+from processes import Driver, command_line, session_processes, started_drivers
 from ray_results import epoch_reports, parse_epoch_reports
 
 from kd_ray.tables import PARTS_DIR, TRIAL_PART, Completeness, read_completeness
@@ -51,17 +51,8 @@ def is_ray_core(pid: int) -> bool:
 @pytest.fixture
 def drivers():
     """Start drivers; at the end, kill whatever is left in their sessions (each process by its pid)."""
-    started: list[Driver] = []
-
-    def start(argv: list[str], log: Path) -> Driver:
-        driver = Driver(SCRIPT, argv, log, REPO)
-        started.append(driver)
-        return driver
-
-    yield start
-    for driver in started:
-        kill_session(driver.sid)
-        driver.close()
+    with started_drivers(SCRIPT, REPO) as start:
+        yield start
 
 
 def wait_for(condition, timeout: float, driver: Driver | None = None, what: str = ""):

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from processes import Driver, command_line, kill_session, session_processes, wait_for
+from processes import command_line, kill_session, session_processes, started_drivers, wait_for
 
 from kd_ray.config import EXIT_BAD_INPUT, EXIT_RAY
 from kd_ray.study_storage import lock_path
@@ -41,26 +41,8 @@ ARGS = study_args()
 
 @pytest.fixture
 def drivers():
-    started: list[Driver] = []
-
-    def start(argv: list[str], log: Path, **env: str) -> Driver:
-        saved = {name: os.environ.get(name) for name in env}
-        os.environ.update(env)
-        try:
-            driver = Driver(SCRIPT, argv, log, REPO)
-        finally:
-            for name, value in saved.items():
-                if value is None:
-                    os.environ.pop(name, None)
-                else:
-                    os.environ[name] = value
-        started.append(driver)
-        return driver
-
-    yield start
-    for driver in started:
-        kill_session(driver.sid)
-        driver.close()
+    with started_drivers(SCRIPT, REPO) as start:
+        yield start
 
 
 def run_script(argv: list[str], cwd: Path, env: dict[str, str] | None = None,
