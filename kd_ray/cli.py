@@ -168,9 +168,12 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     try:
         directories = analysis.study_dirs(args.paths)
         path = analysis.report(directories, by=by, out_dir=args.out, n_boot=args.n_boot, seed=args.seed)
-    except (OSError, ValueError) as error:  # no tables there, a file that is not Parquet, --out unwritable
+        # report has said on stderr what loading changed; the same tables are read again quietly.
+        trials = analysis.load_trials(directories, verbose=False)
+    # No tables there, a file that is not Parquet, a required column missing or mistyped, --out unwritable.
+    except (OSError, ValueError) as error:
         return _fail(str(error), "analyze")
-    print(analysis.format_summary(analysis.load_trials(directories), by=by, verbose=False))
+    print(analysis.format_summary(trials, by=by, verbose=False))
     print(f"report: {path}")
     return 0
 

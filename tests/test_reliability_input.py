@@ -231,7 +231,8 @@ def test_every_cli_refuses_as_its_own_process(tmp_path):
 
 def _command_inputs(root: Path) -> dict[str, Path]:
     """What the cases below point at: a real study, a directory without tables, a table that is not
-    Parquet, a plain file, YAML that does not parse, a YAML list, a binary file."""
+    Parquet, a plain file, YAML that does not parse, a YAML list, a binary file, trials tables without
+    a status column and with a metric stored as text."""
     from kd_ray import tables
 
     study = root / "study"
@@ -245,9 +246,18 @@ def _command_inputs(root: Path) -> dict[str, Path]:
     (root / "bad.yaml").write_text("head_node_type: [head\n")
     (root / "list.yaml").write_text("- 1\n- 2\n")
     (root / "binary.yaml").write_bytes(bytes(range(256)) * 4)
+    # Trials tables analysis cannot use: no status column; test_agreement written as text.
+    import pandas as pd
+
+    for name, drop, as_text in (("no_status", ["status"], []), ("text_metric", [], ["test_agreement"])):
+        (root / name).mkdir()
+        frame = pd.DataFrame(rows).drop(columns=drop)
+        frame[as_text] = frame[as_text].astype(str)
+        frame.to_parquet(root / name / "trials.parquet", index=False)
     return {"study": study, "no_tables": root / "no_tables", "not_parquet": root / "not_parquet",
             "a_file": root / "a_file", "bad_yaml": root / "bad.yaml", "list_yaml": root / "list.yaml",
-            "binary_yaml": root / "binary.yaml", "missing": root / "missing"}
+            "binary_yaml": root / "binary.yaml", "missing": root / "missing",
+            "no_status": root / "no_status", "text_metric": root / "text_metric"}
 
 
 # (id, argv with {name} for the paths above, the line's prefix, what the line must contain)
@@ -261,6 +271,10 @@ COMMAND_CASES = [
      ["--n-boot=-5", ">= 0"]),
     ("analyze-out-is-a-file", ["analyze", "{study}", "--out", "{a_file}"], "kd-ray analyze: error:",
      ["--out {a_file}", "not a directory"]),
+    ("analyze-no-status-column", ["analyze", "{no_status}"], "kd-ray analyze: error:",
+     ["{no_status}/trials.parquet: column 'status' is missing", "TERMINATED, ERROR, DIVERGED, STOPPED"]),
+    ("analyze-metric-as-text", ["analyze", "{text_metric}"], "kd-ray analyze: error:",
+     ["column 'test_agreement' has type ", "string; it must hold numbers"]),
     ("teachers-list-missing-store", ["teachers", "list", "--store", "{missing}"], "kd-ray teachers: error:",
      ["--store {missing}", "no such directory"]),
     ("teachers-verify-store-is-a-file", ["teachers", "verify", "--store", "{a_file}"], "kd-ray teachers: error:",

@@ -10,7 +10,9 @@ be analysed on a laptop.
 
 Failed trials are never dropped on load: every row carries ``usable`` (status TERMINATED and finite
 metrics) and ``excluded_reason``. The statistics functions leave unusable rows out unless
-``include_failed=True`` and print how many they left out and why.
+``include_failed=True`` and print how many they left out and why. A table without a column the
+analysis needs, or with a known column of the wrong type, raises TableError; a trial read twice
+counts once, and text cells beyond MAX_TEXT_CHARS are shortened, both said on stderr.
 
 The submodules are layers, listed here bottom to top; each imports only those before it in the list:
 _columns (the column names, derived from kd_ray.tables), _load, _arms, _stats, _correlate, _text,
@@ -31,7 +33,15 @@ from kd_ray.tables import (
     TRIALS_FILE,
 )
 from kd_ray.analysis._columns import CONFIG_COLUMNS, FRACTION_METRICS
-from kd_ray.analysis._load import NONFINITE, flag_usable, load_epochs, load_trials, study_dirs
+from kd_ray.analysis._load import (
+    MAX_TEXT_CHARS,
+    NONFINITE,
+    TableError,
+    flag_usable,
+    load_epochs,
+    load_trials,
+    study_dirs,
+)
 from kd_ray.analysis._arms import arm_columns
 from kd_ray.analysis._stats import control_gap, mean_ci, pareto_front, present_metrics, summarize
 from kd_ray.analysis._correlate import (
@@ -60,6 +70,8 @@ __all__ = [
     "EPOCHS_FILE",
     # loading
     "NONFINITE",
+    "MAX_TEXT_CHARS",
+    "TableError",
     "study_dirs",
     "load_trials",
     "load_epochs",

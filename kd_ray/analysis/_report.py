@@ -21,9 +21,10 @@ from kd_ray.analysis._load import (
     exclusion_message,
     finite_values,
     has_values,
-    load_epochs,
-    load_trials,
     partial_studies,
+    print_notes,
+    read_epochs,
+    read_trials,
     study_dirs,
 )
 from kd_ray.analysis._stats import check_objectives, control_gap, default_objectives, pareto_front, summarize
@@ -158,15 +159,19 @@ def report(
     common parent of several). The report holds the per-arm summary, correlations overall and within
     arms, the independent-student control where it ran, the Pareto front for a searched study (or the
     given ``objectives``), the figures, the excluded trials and the provenance of the trials.
-    Prints how many trials the statistics leave out, if any.
+    Prints how many trials the statistics leave out, if any, and on stderr what loading changed or
+    doubts (copies of trials dropped, trials sharing an id kept, long text cells shortened), which the
+    report says too.
     """
     directories = study_dirs(paths)
-    trials = load_trials(directories)
-    epochs = load_epochs(directories)
+    trials, trial_notes = read_trials(directories)
+    epochs, epoch_notes = read_epochs(directories)
+    notes = [*trial_notes, *epoch_notes]
     by = resolve_by(trials, by)
     check_objectives(trials, objectives)
     out = Path(out_dir) if out_dir is not None else _default_out_dir(directories)
     out.mkdir(parents=True, exist_ok=True)
+    print_notes(notes)
     message = exclusion_message(trials)
     if message:
         print(message)
@@ -191,6 +196,7 @@ def report(
         f"{len(trials)} trials loaded from {', '.join(f'`{d}`' for d in directories)}; "
         f"{len(kept)} usable, {len(trials) - len(kept)} excluded from the statistics"
         + (f" ({exclusion_counts(trials)})." if message else "."),
+        *[f"**Loading note**: {note}." for note in notes],
         *[
             f"**Partial study** `{directory.name}`: {c.finished} of {c.expected} trials are in (it is still "
             "running, or was interrupted: rerun it with `--resume`); the statistics are of those trials."
