@@ -32,13 +32,13 @@ import torch
 from torch import nn
 
 from kd_ray.config import TrialConfig
-from kd_ray.data import DATASET_INFO
-from kd_ray.models import build_model
-from kd_ray.packs import Pack, PackTeacher, Student, build_students, run_pack, sub_ensemble, train_pack
-from kd_ray.presets import STUDIES
+from kd_ray.data.datasets import DATASET_INFO
+from kd_ray.models.archs import build_model
+from kd_ray.packs.run import Pack, PackTeacher, Student, build_students, run_pack, sub_ensemble, train_pack
 from kd_ray.provenance import versions
-from kd_ray.teachers import TeacherStore, ensure_members, load_ensemble
-from kd_ray.trial import TrialData, run_trial, student_recipe
+from kd_ray.study.presets import STUDIES
+from kd_ray.train.teachers import TeacherStore, ensure_members, load_ensemble
+from kd_ray.train.trial import TrialData, run_trial, student_recipe
 
 MATMUL = 1024  # the side of the square fp32 matmul whose rate is the peak
 
@@ -116,7 +116,7 @@ def step_rate(configs: list[TrialConfig], store: TeacherStore) -> tuple[float, f
 
 
 def _one_epoch(cfg: TrialConfig, data: TrialData):
-    from kd_ray.distill import schedule
+    from kd_ray.train.distill import schedule
 
     return schedule(student_recipe(cfg.replace(epochs=1)), data.x.shape[0])
 
@@ -145,7 +145,7 @@ def timed_studies(configs: list[TrialConfig], store: TeacherStore, root: str, re
     import ray
 
     from kd_ray.study import Study
-    from kd_ray.study_guards import local_ray_settings
+    from kd_ray.study.guards import local_ray_settings
 
     axes = {"teacher_members": sorted({c.teacher_members for c in configs}),
             "temperature": sorted({c.temperature for c in configs})}

@@ -25,11 +25,11 @@ import time
 import ray
 
 from kd_ray.config import TrialConfig
-from kd_ray.presets import STUDIES
 from kd_ray.provenance import versions
 from kd_ray.study import Study
-from kd_ray.study_guards import local_ray_settings
-from kd_ray.study_runner import prepare_teachers
+from kd_ray.study.guards import local_ray_settings
+from kd_ray.study.presets import STUDIES
+from kd_ray.study.runner import prepare_teachers
 
 
 def main(argv: list[str] | None = None) -> int:

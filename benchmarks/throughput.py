@@ -3,8 +3,8 @@
 Reference: a DataLoader over a Dataset with per-sample transforms (pad + random crop + flip on each
 image), teacher members run one after another, float32. kd_ray: the data as one device tensor,
 batched augmentation, the teacher members in one vectorized call, precision chosen per device
-(``kd_ray.fastpath``: bf16, channels_last, vectorized or looped teacher), the training loop of
-``kd_ray.distill.fit``. Both see the same inputs and models.
+(``kd_ray.train.fastpath``: bf16, channels_last, vectorized or looped teacher), the training loop of
+``kd_ray.train.distill.fit``. Both see the same inputs and models.
 
 Workloads: (a) CIFAR-shaped, 32x32x3, PreResNet-20 student, 3-member PreResNet-20 teacher, baseline
 augmentation; (b) the embedded default, mnist1d with MLPs. Prints images/s of both and the ratio per
@@ -35,13 +35,13 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.flop_counter import FlopCounterMode
 
-from kd_ray import fastpath
-from kd_ray.data import DATASET_INFO, load_arrays
-from kd_ray.distill import AugmentSpec, Recipe, TrainState, fit, make_optimizer
-from kd_ray.ensembles import LoopEnsemble, StackedEnsemble, ensemble_log_probs
-from kd_ray.losses import kd_loss
-from kd_ray.models import build_model
+from kd_ray.data.datasets import DATASET_INFO, load_arrays
+from kd_ray.models.archs import build_model
+from kd_ray.models.ensembles import LoopEnsemble, StackedEnsemble, ensemble_log_probs
 from kd_ray.provenance import versions
+from kd_ray.train import fastpath
+from kd_ray.train.distill import AugmentSpec, Recipe, TrainState, fit, make_optimizer
+from kd_ray.train.losses import kd_loss
 
 
 @dataclass

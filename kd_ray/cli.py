@@ -57,7 +57,7 @@ def format_trial_table(result: dict[str, Any]) -> str:
 def cmd_trial(args: argparse.Namespace) -> int:
     try:
         cfg = TrialConfig.from_dict(parse_set(args.set or []))
-        from kd_ray.trial import check_runnable, run_trial
+        from kd_ray.train.trial import check_runnable, run_trial
 
         check_runnable(cfg)
     except ConfigError as exc:
@@ -65,7 +65,7 @@ def cmd_trial(args: argparse.Namespace) -> int:
     if args.data_dir and Path(args.data_dir).exists() and not Path(args.data_dir).is_dir():
         return _fail(f"--data-dir {args.data_dir}: a file, not a directory")
     if args.store:
-        from kd_ray.teachers import TeacherStore
+        from kd_ray.train.teachers import TeacherStore
 
         try:
             TeacherStore(args.store)  # an unknown URI scheme fails here, before any compute
@@ -76,9 +76,9 @@ def cmd_trial(args: argparse.Namespace) -> int:
     progress = None if args.quiet else printer(stderr=True)
     if progress:
         progress(f"trial: {cfg.to_json()}")
-    from kd_ray.data import DataError
+    from kd_ray.data.datasets import DataError
     from kd_ray.tables import TERMINATED
-    from kd_ray.teachers import TeacherStoreError
+    from kd_ray.train.teachers import TeacherStoreError
 
     try:
         result = run_trial(cfg, store=args.store, data_dir=args.data_dir, progress=progress,
@@ -93,7 +93,7 @@ def cmd_trial(args: argparse.Namespace) -> int:
 
 
 def cmd_teachers(args: argparse.Namespace) -> int:
-    from kd_ray.teachers import TeacherStore, TeacherStoreError, default_store
+    from kd_ray.train.teachers import TeacherStore, TeacherStoreError, default_store
 
     try:
         store = TeacherStore(args.store or default_store())
@@ -140,7 +140,7 @@ def cmd_teachers(args: argparse.Namespace) -> int:
 
 
 def cmd_validate_cluster(args: argparse.Namespace) -> int:
-    from kd_ray.cluster import ClusterConfigError, load_cluster_config, validate_cluster_config
+    from kd_ray.study.cluster import ClusterConfigError, load_cluster_config, validate_cluster_config
 
     try:
         notes = validate_cluster_config(load_cluster_config(args.path), args.path)

@@ -35,15 +35,15 @@ from matplotlib.figure import Figure
 
 from kd_ray.atomic import write_atomic
 from kd_ray.config import ConfigError, TrialConfig
-from kd_ray.distill import fit, predict
-from kd_ray.losses import kd_loss
-from kd_ray.metrics import agreement
-from kd_ray.presets import STUDIES
 from kd_ray.progress import Progress
 from kd_ray.provenance import versions
+from kd_ray.study.presets import STUDIES
 from kd_ray.tables import LOSS_SURFACE_FILE, LOSS_SURFACE_SCHEMA, PLANE_POINTS, to_table, write_table
-from kd_ray.teachers import TeacherStore, default_store, ensure_members, load_ensemble
-from kd_ray.trial import TrialData, build_student_state, check_runnable, resolve_device, student_recipe
+from kd_ray.train.distill import fit, predict
+from kd_ray.train.losses import kd_loss
+from kd_ray.train.metrics import agreement
+from kd_ray.train.teachers import TeacherStore, default_store, ensure_members, load_ensemble
+from kd_ray.train.trial import TrialData, build_student_state, check_runnable, resolve_device, student_recipe
 
 FIGURE_FILE = "loss_surface.png"
 State = dict[str, torch.Tensor]

@@ -18,8 +18,8 @@ import pandas as pd
 from kd_ray import analysis, findings
 from kd_ray.atomic import write_bytes, write_text
 from kd_ray.config import TrialConfig
-from kd_ray.presets import REPRODUCTION, STUDIES
 from kd_ray.provenance import versions
+from kd_ray.study.presets import REPRODUCTION, STUDIES
 
 SUSTAINED_GPU_FLOPS = 10e12  # assumed: an A10G (g5) training small CIFAR ResNets in bf16, ~8% of its peak
 CIFAR_TRAIN, CIFAR_TEST = 50_000, 10_000
@@ -30,7 +30,7 @@ def _flops_per_image(arch: str, train: bool) -> float:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from kd_ray.models import build_model
+    from kd_ray.models.archs import build_model
 
     model = build_model(arch, (3, 32, 32), 100)
     x = torch.rand(2, 3, 32, 32)
@@ -46,7 +46,7 @@ def _flops_per_image(arch: str, train: bool) -> float:
 def paper_plan() -> list[dict]:
     """Per study of the reproduction: the command, the number of trials and a FLOP-based GPU-hour estimate."""
     # Deferred: the teacher module imports torch, which writing the verdicts does not need.
-    from kd_ray.teachers import needed_members
+    from kd_ray.train.teachers import needed_members
 
     rows = []
     for name in REPRODUCTION:
@@ -229,7 +229,7 @@ def _rules_section() -> list[str]:
 def _changes_section(results, runs: dict) -> list[str]:
     rerun = [name for name, run in runs.items() if run.get("wall_s") is not None]
     again = (f"{', '.join(rerun)} ran again, each as packs (the students of a seed trained together in one "
-             "Ray Tune trial, kd_ray.packs); the other studies are resumed from their tables, not run again."
+             "Ray Tune trial, kd_ray.packs.run); the other studies are resumed from their tables, not run again."
              if rerun else "Every study is resumed from its tables, not run again.")
     lines = ["## What changed since the previous reproduction", "",
              f"The previous document had 10 seeds per arm and the same rules. {again}", "",
@@ -247,7 +247,7 @@ def write_document(storage: Path, out: Path, runs: dict, seeds: int, figures_dir
     lines = [
         "# Reproduction at laptop scale",
         "",
-        "Every study of the reproduction (`kd_ray.presets.REPRODUCTION`) run at its `local` preset (mnist1d",
+        "Every study of the reproduction (`kd_ray.study.presets.REPRODUCTION`) run at its `local` preset (mnist1d",
         "with MLPs; MNIST images with LeNet-5 for E2, digits with a small convnet for E12), "
         f"{seeds} seeds per arm, by `python studies/reproduce.py`. This document is written by",
         "`kd_ray/reproduction.py` from the trial tables; the verdicts come from the claims in",

@@ -45,7 +45,7 @@ TEACHER_METRICS = ("teacher_test_acc", "teacher_test_nll", "teacher_test_ece")
 # Measured only by trials that run the independent-student control; absent from epochs.parquet.
 CONTROL_METRICS = ("control_test_agreement",)
 # How alike the final student's and teacher member 0's representations are: linear CKA at up to three
-# stages, the first, a middle and the last (kd_ray.cka says which); NaN where a network has fewer.
+# stages, the first, a middle and the last (kd_ray.train.cka says which); NaN where a network has fewer.
 CKA_METRICS = ("cka_stage1", "cka_stage2", "cka_stage3")
 # Measured once per trial, after training: absent from epochs.parquet.
 AFTER_TRAINING_METRICS = CONTROL_METRICS + CKA_METRICS
@@ -59,7 +59,7 @@ STEP_COUNTS = ("student_steps", "teacher_steps")
 # stayed within the threshold (trial.CONVERGED_WITHIN); null for a trial that did not finish.
 CONVERGENCE = ("convergence_delta", "converged")
 
-# Per trial, once: the pack it trained in (kd_ray.packs; a trial trained alone is a pack of one, its own
+# Per trial, once: the pack it trained in (kd_ray.packs.run; a trial trained alone is a pack of one, its own
 # trial_id), how many students that pack held, and this student's share of the pack's time.
 PACK = ("pack_id", "pack_size", "pack_time_share")
 

@@ -8,7 +8,7 @@ the gap to `test_agreement` is the knowledge transferred (finding 15).
 
 import sys
 
-from kd_ray.study_cli import study_main
+from kd_ray.study.cli import study_main
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,7 +9,7 @@ images read as 1-D signals) join every baseline batch at 1 : 4, and do not help 
 
 import sys
 
-from kd_ray.study_cli import study_main
+from kd_ray.study.cli import study_main
 
 
 def main(argv: list[str] | None = None) -> int:

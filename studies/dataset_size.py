@@ -9,7 +9,7 @@ but lower agreement than D1, and D0 u D1 is best on both (finding 9).
 
 import sys
 
-from kd_ray.study_cli import study_main
+from kd_ray.study.cli import study_main
 
 
 def main(argv: list[str] | None = None) -> int:

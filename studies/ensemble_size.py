@@ -6,7 +6,7 @@ Larger ensembles: teacher accuracy up, test agreement up, student accuracy up bu
 
 import sys
 
-from kd_ray.study_cli import study_main
+from kd_ray.study.cli import study_main
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,7 +8,7 @@ Layer-normalised networks (norm=group), so a network's function is fixed by its 
 
 import sys
 
-from kd_ray.study_cli import study_main
+from kd_ray.study.cli import study_main
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -45,8 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"loss_surface: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    from kd_ray.data import DataError
-    from kd_ray.teachers import TeacherStoreError
+    from kd_ray.data.datasets import DataError
+    from kd_ray.train.teachers import TeacherStoreError
 
     try:
         result = run(cfg, Path(args.storage) / args.name, grid, margin, data_dir=args.data_dir,

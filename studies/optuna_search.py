@@ -7,7 +7,7 @@ study is kept in <storage>/<name>/optuna.journal for optuna.load_study and optun
 
 import sys
 
-from kd_ray.study_cli import study_main
+from kd_ray.study.cli import study_main
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from kd_ray.presets import REPRODUCTION
+from kd_ray.study.presets import REPRODUCTION
 from kd_ray.tables import COMPLETE, TRIALS_FILE, read_completeness
 
 HERE = Path(__file__).resolve().parent
@@ -32,8 +32,8 @@ def run_studies(storage: Path, seeds: int, extra: list[str]) -> dict[str, dict]:
     and exit code per study. Ray starts only once a study has something left to run."""
     import ray
 
-    from kd_ray.study_cli import study_main
-    from kd_ray.study_guards import local_ray_settings
+    from kd_ray.study.cli import study_main
+    from kd_ray.study.guards import local_ray_settings
 
     runs, started_ray = {}, False
     settings = contextlib.ExitStack()  # the local Ray's settings, restored after it stops

@@ -11,7 +11,7 @@ student should match such a simple teacher almost perfectly (finding 2: test agr
 
 import sys
 
-from kd_ray.study_cli import study_main
+from kd_ray.study.cli import study_main
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,7 +4,7 @@ Samples of a generative model fitted to the teacher's own training inputs join e
 paper's 1 : 4 ratio of synthetic to real inputs, for a teacher of one member and an ensemble of three,
 at tau = 1, as the number of synthetic samples grows. More in-domain distillation inputs raise test
 agreement (finding 3). Locally the generative model is a class-conditional Gaussian mixture fitted to
-the teacher's mnist1d training signals (kd_ray/extra_inputs.py says why a mixture); every arm takes
+the teacher's mnist1d training signals (kd_ray/data/extra_inputs.py says why a mixture); every arm takes
 the same optimizer steps over the same batches of real inputs. The paper preset reads GAN samples that
 you generate (the paper's GAN is not shipped): an .npz with x, float32 [N, 3, 32, 32] in [0, 1], and
 optionally y, int64 [N]; by default cifar100_gan_samples.npz in the working directory, elsewhere with
@@ -13,7 +13,7 @@ optionally y, int64 [N]; by default cifar100_gan_samples.npz in the working dire
 
 import sys
 
-from kd_ray.study_cli import study_main
+from kd_ray.study.cli import study_main
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,7 +6,7 @@ For a confident teacher tau = 4 agrees better than tau = 1, and tau in {4, 8, 16
 
 import sys
 
-from kd_ray.study_cli import study_main
+from kd_ray.study.cli import study_main
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,7 +6,7 @@ training raises train agreement only slightly and Adam is not better than SGD (f
 
 import sys
 
-from kd_ray.study_cli import study_main
+from kd_ray.study.cli import study_main
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -56,14 +56,14 @@ def base_cfg():
 
 @pytest.fixture(scope="session")
 def session_store(kd_dirs: dict[str, Path]):
-    from kd_ray.teachers import TeacherStore
+    from kd_ray.train.teachers import TeacherStore
 
     return TeacherStore(kd_dirs["teachers"])
 
 
 @pytest.fixture(scope="session")
 def mnist1d_arrays(kd_dirs: dict[str, Path]):
-    from kd_ray.data import load_arrays
+    from kd_ray.data.datasets import load_arrays
 
     return load_arrays("mnist1d", kd_dirs["data"])
 
@@ -73,7 +73,7 @@ def shared_teacher(base_cfg, session_store, mnist1d_arrays) -> list[str]:
     """Train the shared ensemble into the session store (once); returns its member keys."""
     import torch
 
-    from kd_ray.teachers import ensure_members
+    from kd_ray.train.teachers import ensure_members
 
     return ensure_members(base_cfg, session_store, mnist1d_arrays, torch.device("cpu"))
 

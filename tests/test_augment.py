@@ -3,8 +3,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kd_ray import augment as aug
-from kd_ray.augment import KINDS, POLICIES, AugmentedBatch, augment, check_policy
+from kd_ray.data import augment as aug
+from kd_ray.data.augment import KINDS, POLICIES, AugmentedBatch, augment, check_policy
 
 ALLOWED = [
     (name, kind)

@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from kd_ray import analysis
-from kd_ray.cka import CKA_TEST_INPUTS, centred_gram, chosen_stages, linear_cka, stage_cka, stage_outputs
-from kd_ray.models import build_model, stage_modules
-from kd_ray.study_tables import trial_rows
+from kd_ray.models.archs import build_model, stage_modules
+from kd_ray.study.live_tables import trial_rows
 from kd_ray.tables import CKA_METRICS, EPOCHS_SCHEMA, TRIALS_SCHEMA, to_table, write_table
-from kd_ray.trial import FINAL_METRICS, run_trial
+from kd_ray.train.cka import CKA_TEST_INPUTS, centred_gram, chosen_stages, linear_cka, stage_cka, stage_outputs
+from kd_ray.train.trial import FINAL_METRICS, run_trial
 
 
 def numpy_cka(x: np.ndarray, y: np.ndarray) -> float:

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
-import kd_ray.trial
+import kd_ray.train.trial
 from kd_ray.cli import main
 from kd_ray.config import TrialConfig
-from kd_ray.teachers import WEIGHTS, TeacherStore
-from kd_ray.trial import FINAL_METRICS
+from kd_ray.train.teachers import WEIGHTS, TeacherStore
+from kd_ray.train.trial import FINAL_METRICS
 
 
 def _command() -> list[str]:
@@ -49,9 +49,9 @@ def no_compute(monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(*args, **kwargs):
         raise AssertionError("compute started for an input that should have been refused")
 
-    monkeypatch.setattr(kd_ray.trial, "run_trial", refuse)
-    monkeypatch.setattr(kd_ray.trial, "TrialData", refuse)
-    monkeypatch.setattr(kd_ray.trial, "ensure_members", refuse)
+    monkeypatch.setattr(kd_ray.train.trial, "run_trial", refuse)
+    monkeypatch.setattr(kd_ray.train.trial, "TrialData", refuse)
+    monkeypatch.setattr(kd_ray.train.trial, "ensure_members", refuse)
 
 
 # --- kd-ray trial ------------------------------------------------------------------------------

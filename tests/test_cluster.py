@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kd_ray.cluster import ClusterConfigError, load_cluster_config, validate_cluster_config
+from kd_ray.study.cluster import ClusterConfigError, load_cluster_config, validate_cluster_config
 
 CLUSTER_YAML = Path(__file__).resolve().parent.parent / "cluster.yaml"
 

@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from kd_ray.cluster import load_cluster_config, validate_cluster_config
+from kd_ray.study.cluster import load_cluster_config, validate_cluster_config
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not sys.platform.startswith("linux"), reason="uses Linux PID namespaces and /proc")]

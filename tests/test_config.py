@@ -48,13 +48,13 @@ def test_design_field_names_exist() -> None:
 
 
 def test_dataset_names_match_data_registry() -> None:
-    from kd_ray.data import DATASET_INFO
+    from kd_ray.data.datasets import DATASET_INFO
 
     assert config.DATASETS == tuple(DATASET_INFO)
 
 
 def test_norm_names_match_model_registry() -> None:
-    from kd_ray.models import NORMS
+    from kd_ray.models.archs import NORMS
 
     assert config.NORMS == tuple(NORMS)
 

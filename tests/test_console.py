@@ -12,11 +12,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from kd_ray.presets import STUDIES
 from kd_ray.progress import format_duration, time_left_s, trial_done_line
-from kd_ray.study_console import arm_columns
-from kd_ray.study_runner import CHECKPOINTS_KEPT
-from kd_ray.study_tables import ARM_KEY
+from kd_ray.study.console import arm_columns
+from kd_ray.study.live_tables import ARM_KEY
+from kd_ray.study.presets import STUDIES
+from kd_ray.study.runner import CHECKPOINTS_KEPT
 
 REPO = Path(__file__).resolve().parent.parent
 SNAPSHOT_WARNING = "Experiment state snapshotting has been triggered multiple times"

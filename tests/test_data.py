@@ -1,4 +1,4 @@
-"""Tests for kd_ray.data: loaders, caches, CIFAR parsing from tiny archives, split bookkeeping."""
+"""Tests for kd_ray.data.datasets: loaders, caches, CIFAR parsing from tiny archives, split bookkeeping."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kd_ray import data
 from kd_ray.config import DATASETS, ConfigError
-from kd_ray.data import DATASET_INFO, DataError, generate_extra, load_arrays
+from kd_ray.data import datasets as data
+from kd_ray.data.datasets import DATASET_INFO, DataError, generate_extra, load_arrays
 
 
 @pytest.fixture(autouse=True)

@@ -1,4 +1,4 @@
-"""Tests for kd_ray.distill: schedule, student initialisation, the training loop, resuming, divergence."""
+"""Tests for kd_ray.train.distill: schedule, student initialisation, the training loop, resuming, divergence."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ import math
 import pytest
 import torch
 
-from kd_ray.data import DATASET_INFO
-from kd_ray.distill import (
+from kd_ray.data.datasets import DATASET_INFO
+from kd_ray.models.archs import build_model
+from kd_ray.train.distill import (
     AugmentSpec,
     Diverged,
     Recipe,
@@ -22,8 +23,7 @@ from kd_ray.distill import (
     predict,
     schedule,
 )
-from kd_ray.metrics import accuracy, agreement, predictive_kl
-from kd_ray.models import build_model
+from kd_ray.train.metrics import accuracy, agreement, predictive_kl
 
 SIGNAL = AugmentSpec("signal", 4, False)
 SHAPE = DATASET_INFO["mnist1d"].input_shape

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from kd_ray.ensembles import ensemble_log_probs
+from kd_ray.models.ensembles import ensemble_log_probs
 
 
 def test_ensemble_log_probs_matches_hand_computation() -> None:

@@ -1,4 +1,4 @@
-"""Extra distillation inputs (kd_ray.extra_inputs): the Gaussian-mixture generator, the out-of-domain
+"""Extra distillation inputs (kd_ray.data.extra_inputs): the Gaussian-mixture generator, the out-of-domain
 pool, a user's .npz, their validation, and mixing extras into every batch at a fixed ratio."""
 
 from __future__ import annotations
@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from kd_ray.config import ConfigError, TrialConfig
-from kd_ray.data import DATASET_INFO, load_arrays
-from kd_ray.distill import AugmentSpec, ExtraBatches, Recipe, TrainState, fit, schedule
-from kd_ray.extra_inputs import UNLABELLED, gmm_samples, ood_pool, read_extra_npz
-from kd_ray.models import build_model
-from kd_ray.trial import check_runnable, run_trial
+from kd_ray.data.datasets import DATASET_INFO, load_arrays
+from kd_ray.data.extra_inputs import UNLABELLED, gmm_samples, ood_pool, read_extra_npz
+from kd_ray.models.archs import build_model
+from kd_ray.train.distill import AugmentSpec, ExtraBatches, Recipe, TrainState, fit, schedule
+from kd_ray.train.trial import check_runnable, run_trial
 
 SIGNALS = DATASET_INFO["mnist1d"]
 

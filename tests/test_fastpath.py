@@ -11,11 +11,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kd_ray import fastpath
-from kd_ray.augment import augment
-from kd_ray.distill import AugmentSpec, Recipe, TrainState, fit, make_optimizer
-from kd_ray.ensembles import LoopEnsemble, StackedEnsemble
-from kd_ray.models import build_model
+from kd_ray.data.augment import augment
+from kd_ray.models.archs import build_model
+from kd_ray.models.ensembles import LoopEnsemble, StackedEnsemble
+from kd_ray.train import fastpath
+from kd_ray.train.distill import AugmentSpec, Recipe, TrainState, fit, make_optimizer
 
 CASES = [("mlp", (1, 40)), ("conv1d", (1, 40)), ("smallcnn", (1, 8, 8)), ("preresnet8", (3, 16, 16))]
 
@@ -135,7 +135,7 @@ def test_bf16_training_step_stays_close_to_fp32():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_trial_uses_the_measured_fast_path(base_cfg):
-    from kd_ray.trial import run_trial
+    from kd_ray.train.trial import run_trial
 
     result = run_trial(base_cfg.replace(device="cuda", epochs=2, eval_every=1))
     assert result["status"] == "TERMINATED"

@@ -9,7 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from kd_ray.fused import (
+from kd_ray.models.archs import build_model
+from kd_ray.packs.optim import PackOptimizer, pack_kd_loss
+from kd_ray.packs.wide import (
     NotFusable,
     fold_batch_norms,
     narrow,
@@ -17,9 +19,7 @@ from kd_ray.fused import (
     wide_forward,
     widen,
 )
-from kd_ray.losses import kd_loss
-from kd_ray.models import build_model
-from kd_ray.pack_optim import PackOptimizer, pack_kd_loss
+from kd_ray.train.losses import kd_loss
 
 ARCHS = [
     ("mlp", (40,), "batch"), ("mlp", (40,), "group"), ("mlp", (40,), "none"), ("mlp4-w0.5", (1, 40), "batch"),

@@ -152,7 +152,7 @@ def test_analysis_says_when_it_reads_a_partial_study(tmp_path, capsys):
 def test_live_rows_are_the_rows_of_ray_tunes_results_errors_included(ray_local, tmp_path):
     from ray import tune
 
-    from kd_ray.study_tables import LiveTables, collect_rows
+    from kd_ray.study.live_tables import LiveTables, collect_rows
 
     def trainable(config):  # defined here so that Ray ships it by value to its workers
         from ray import tune
@@ -305,7 +305,7 @@ def test_a_study_has_live_tables_and_an_interrupted_one_resumes_to_complete_tabl
 
     from ray import tune
 
-    from kd_ray.study_tables import collect_rows
+    from kd_ray.study.live_tables import collect_rows
 
     rows, epoch_rows = collect_rows("temperature_sweep", tune.ResultGrid(tune.ExperimentAnalysis(str(study_dir))))
     recorded = tables.to_table(rows, TRIALS_SCHEMA).to_pandas().sort_values("trial_id", ignore_index=True)

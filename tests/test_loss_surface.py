@@ -23,7 +23,7 @@ from kd_ray.loss_surface import (
     run,
     unflatten,
 )
-from kd_ray.models import build_model
+from kd_ray.models.archs import build_model
 from kd_ray.tables import LOSS_SURFACE_SCHEMA
 
 REPO = Path(__file__).resolve().parent.parent
@@ -153,8 +153,8 @@ def test_a_tiny_run_writes_the_plane_table_and_figure(tmp_path, session_store):
     assert teacher_row["loss"] == pytest.approx(frame["loss"].min(), rel=1e-6)
 
     # The teacher is the stored member, the initial student the trial's own start.
-    from kd_ray.teachers import load_ensemble
-    from kd_ray.trial import TrialData, build_student_state, student_recipe
+    from kd_ray.train.teachers import load_ensemble
+    from kd_ray.train.trial import TrialData, build_student_state, student_recipe
 
     data = TrialData(cfg, torch.device("cpu"), None)
     ensemble = load_ensemble(cfg, session_store, torch.device("cpu"))

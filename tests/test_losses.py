@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kd_ray.ensembles import ensemble_log_probs
-from kd_ray.losses import kd_loss
+from kd_ray.models.ensembles import ensemble_log_probs
+from kd_ray.train.losses import kd_loss
 
 N, C = 12, 6
 

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from kd_ray.ensembles import ensemble_log_probs
-from kd_ray.metrics import (
+from kd_ray.models.ensembles import ensemble_log_probs
+from kd_ray.train.metrics import (
     accuracy,
     agreement,
     ece,
@@ -328,8 +328,8 @@ def test_teacher_metrics_keys_and_values() -> None:
 
 
 def test_student_metrics_name_the_table_columns_and_match_the_parts():
-    from kd_ray.metrics import agreement, predictive_kl, student_metrics
     from kd_ray.tables import METRICS
+    from kd_ray.train.metrics import agreement, predictive_kl, student_metrics
 
     torch.manual_seed(0)
     student_test, teacher_test = torch.randn(50, 5), torch.randn(50, 5).log_softmax(-1)

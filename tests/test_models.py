@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from kd_ray.models import ARCHS, build_model, check_arch, count_parameters
+from kd_ray.models.archs import ARCHS, build_model, check_arch, count_parameters
 
 SIGNAL = (1, 40)  # mnist1d
 DIGITS = (1, 8, 8)

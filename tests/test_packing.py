@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from kd_ray.config import TrialConfig
-from kd_ray.packing import PACK_LIMIT, STUDENT_FIELDS, describe_packs, plan_packs, share_key
+from kd_ray.packs.plan import PACK_LIMIT, STUDENT_FIELDS, describe_packs, plan_packs, share_key
 
 
 def grid(**axes) -> list[TrialConfig]:
@@ -75,5 +75,5 @@ def test_bad_limits_are_refused(max_size, min_packs):
 
 
 def test_the_packer_imports_neither_torch_nor_ray():
-    code = "import sys, kd_ray.packing; assert not {'torch', 'ray'} & set(sys.modules), sorted(sys.modules)"
+    code = "import sys, kd_ray.packs.plan; assert not {'torch', 'ray'} & set(sys.modules), sorted(sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).returncode == 0

@@ -135,7 +135,7 @@ def test_an_optuna_search_over_student_fields_asks_each_pack_for_its_points(ray_
 
 
 def test_which_searches_and_schedulers_pack(capsys):
-    from kd_ray.study_packs import search_pack_size
+    from kd_ray.study.pack_trials import search_pack_size
 
     base = TrialConfig(**TINY)
     assert search_pack_size("auto", "fifo", ["temperature", "lr"], base, num_samples=16, slots=2, gpus_per_trial=0) == 8
@@ -146,7 +146,7 @@ def test_which_searches_and_schedulers_pack(capsys):
     assert search_pack_size("auto", "fifo", ["temperature", "augmentation"], base, num_samples=16, slots=2,
                             gpus_per_trial=0) == 1
     assert "augmentation decides the teacher, data or batch stream" in capsys.readouterr().out
-    from kd_ray.study_packs import choose_packs
+    from kd_ray.study.pack_trials import choose_packs
 
     configs = [base.replace(temperature=t) for t in (1.0, 4.0, 8.0, 16.0)]
     for mode, scheduler in (("off", "fifo"), ("auto", "asha")):

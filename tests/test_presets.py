@@ -1,4 +1,4 @@
-"""Tests for kd_ray.presets: the registry every study script, the reproduction and its plan read."""
+"""Tests for kd_ray.study.presets: the registry every study script, the reproduction and its plan read."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kd_ray import presets
 from kd_ray.config import TrialConfig
-from kd_ray.presets import (
+from kd_ray.study import OptunaSpec, presets
+from kd_ray.study.presets import (
     OOD_ARM,
     REPRODUCTION,
     STUDIES,
@@ -23,7 +23,6 @@ from kd_ray.presets import (
     drop_extra_data_if_not_generative,
     keep_applicable_policies,
 )
-from kd_ray.study import OptunaSpec
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -75,8 +74,8 @@ def test_the_registry_is_in_the_order_of_the_reproduction():
 
 
 def test_the_capacity_study_varies_depth_and_width_around_the_teacher():
-    from kd_ray.data import DATASET_INFO
-    from kd_ray.models import check_arch
+    from kd_ray.data.datasets import DATASET_INFO
+    from kd_ray.models.archs import check_arch
 
     capacity = STUDIES["student_capacity"]
     local, paper = capacity.presets["local"], capacity.presets["paper"]
@@ -95,8 +94,8 @@ def test_the_capacity_study_varies_depth_and_width_around_the_teacher():
 
 
 def test_the_small_teacher_sees_200_images_and_every_arm_the_same_step_budget():
-    from kd_ray.splits import split_indices
-    from kd_ray.trial import check_runnable
+    from kd_ray.data.splits import split_indices
+    from kd_ray.train.trial import check_runnable
 
     study = STUDIES["small_teacher"]
     local, paper = study.presets["local"], study.presets["paper"]
@@ -203,7 +202,7 @@ def test_no_study_script_is_loaded_by_file_path():
 
 def test_the_plan_needs_only_the_installed_package(tmp_path):
     """As from a non-editable install: the package alone, no studies/ beside it."""
-    shutil.copytree(Path(presets.__file__).parent, tmp_path / "kd_ray", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(Path(presets.__file__).parents[1], tmp_path / "kd_ray", ignore=shutil.ignore_patterns("__pycache__"))
     code = ("import kd_ray, kd_ray.reproduction as r; assert kd_ray.__file__.startswith(%r); "
             "print(len(r.paper_plan()))" % str(tmp_path))
     env = {**os.environ, "PYTHONPATH": str(tmp_path)}

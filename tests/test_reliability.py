@@ -23,8 +23,8 @@ from ray_results import acting_on_a_report, epoch_reports, reports
 from kd_ray import analysis
 from kd_ray.config import TrialConfig
 from kd_ray.study import Study
-from kd_ray.teachers import WEIGHTS, TeacherStore
-from kd_ray.trial import FINAL_METRICS, run_trial
+from kd_ray.train.teachers import WEIGHTS, TeacherStore
+from kd_ray.train.trial import FINAL_METRICS, run_trial
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = dict(dataset="mnist1d", teacher_arch="mlp", student_arch="mlp", teacher_epochs=2, teacher_members=1,
@@ -91,7 +91,7 @@ def test_a_trial_resumed_from_its_last_epoch_checkpoint_keeps_its_final_metrics(
 def test_epochs_reported_twice_after_a_lost_process_are_one_row(ray_local, tmp_path):
     from ray import tune
 
-    from kd_ray.study_tables import collect_rows
+    from kd_ray.study.live_tables import collect_rows
 
     def flaky(config):  # defined here so that Ray ships it by value to its workers
         """Reports epoch 1 with a checkpoint, epoch 2 without one, then its process dies; the retry
@@ -212,8 +212,8 @@ def test_a_diverging_trial_is_diverged_and_the_analysis_leaves_it_out(ray_local,
 
 def train_member(cfg: TrialConfig, store: TeacherStore) -> str:
     """Train member 0 of ``cfg``'s teacher into ``store`` in this process (no Ray)."""
-    from kd_ray.data import load_arrays
-    from kd_ray.teachers import ensure_members
+    from kd_ray.data.datasets import load_arrays
+    from kd_ray.train.teachers import ensure_members
 
     [key] = ensure_members(cfg, store, load_arrays(cfg.dataset), torch.device("cpu"), members=[0])
     return key
@@ -247,7 +247,7 @@ def test_corrupt_data_found_by_a_ray_task_is_one_line_and_exit_2(ray_local, tmp_
     """The teacher tasks meet a CIFAR-10 archive whose checksum is wrong: the study stops with the data
     error itself (where the file belongs, what checksum it needs), not a remote traceback, and the bad
     file is never used."""
-    from kd_ray.data import CIFAR_ARCHIVES
+    from kd_ray.data.datasets import CIFAR_ARCHIVES
 
     data = tmp_path / "data"
     data.mkdir()

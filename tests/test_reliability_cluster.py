@@ -20,7 +20,7 @@ from ray_results import acting_on_a_report, epoch_reports
 
 from kd_ray.config import TrialConfig
 from kd_ray.study import Study
-from kd_ray.teachers import TeacherStore, needed_members
+from kd_ray.train.teachers import TeacherStore, needed_members
 
 EPOCHS, EVERY = 60, 10
 BASE = TrialConfig(dataset="mnist1d", teacher_arch="mlp", student_arch="mlp", teacher_epochs=2, teacher_members=2,

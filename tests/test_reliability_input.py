@@ -22,8 +22,8 @@ import yaml
 
 from kd_ray import cli
 from kd_ray.config import TrialConfig
-from kd_ray.data import CIFAR_ARCHIVES, DATASET_VERSIONS
-from kd_ray.teachers import LOGITS, MANIFEST, WEIGHTS, TeacherStore
+from kd_ray.data.datasets import CIFAR_ARCHIVES, DATASET_VERSIONS
+from kd_ray.train.teachers import LOGITS, MANIFEST, WEIGHTS, TeacherStore
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPTS = sorted(p.stem for p in (REPO / "studies").glob("*.py") if not p.name.startswith("_"))
@@ -341,8 +341,8 @@ SWEEP_ARGS = ["--set", "teacher_members=1", "--set", "teacher_epochs=2", "--set"
 def train_member(cfg: TrialConfig, store: TeacherStore, member: int = 0) -> str:
     import torch
 
-    from kd_ray.data import load_arrays
-    from kd_ray.teachers import ensure_members
+    from kd_ray.data.datasets import load_arrays
+    from kd_ray.train.teachers import ensure_members
 
     [key] = ensure_members(cfg, store, load_arrays(cfg.dataset), torch.device("cpu"), members=[member])
     return key
@@ -436,8 +436,8 @@ import sys, time
 from pathlib import Path
 import torch
 from kd_ray.config import TrialConfig
-from kd_ray.data import load_arrays
-from kd_ray.teachers import TeacherStore, ensure_members
+from kd_ray.data.datasets import load_arrays
+from kd_ray.train.teachers import TeacherStore, ensure_members
 
 store, go = TeacherStore(sys.argv[1]), Path(sys.argv[2])
 cfg = TrialConfig(dataset="mnist1d", teacher_arch="mlp", teacher_members=1, teacher_epochs=30)
@@ -564,7 +564,7 @@ class _Payload:
 
 
 def test_a_pickle_in_a_data_cache_file_is_never_unpickled(tmp_path):
-    from kd_ray.data import load_arrays
+    from kd_ray.data.datasets import load_arrays
 
     cache = tmp_path / "data"
     cache.mkdir()

@@ -146,7 +146,7 @@ def test_secrets_in_a_local_study_s_environment_reach_no_file_or_command_line_an
 def test_the_local_ray_settings_give_a_private_temp_dir_and_restore_ray_s_own_afterwards(monkeypatch, tmp_path):
     from ray.tune.execution import class_cache
 
-    from kd_ray.study_guards import local_ray_settings
+    from kd_ray.study.guards import local_ray_settings
 
     monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))  # the user's choice: the private directory goes below it
     propagated = class_cache.ENV_VARS_TO_PROPAGATE

@@ -20,7 +20,7 @@ import pytest
 from processes import command_line, kill_session, session_processes, started_drivers, wait_for
 
 from kd_ray.config import EXIT_BAD_INPUT, EXIT_RAY
-from kd_ray.study_storage import lock_path
+from kd_ray.study.storage import lock_path
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds processes through /proc")
 

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from kd_ray.config import TrialConfig
-from kd_ray.teachers import TeacherStore, member_key
+from kd_ray.train.teachers import TeacherStore, member_key
 
 REPO = Path(__file__).resolve().parent.parent
 # Two 2-epoch teacher members and a 1-epoch student: seconds on a CPU.

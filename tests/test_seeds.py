@@ -17,12 +17,12 @@ import numpy as np
 import pytest
 import torch
 
-from kd_ray import teachers
-from kd_ray import trial as trial_module
 from kd_ray.config import STREAM_KINDS, network_streams, seed_stream
 from kd_ray.tables import TRIALS_SCHEMA, to_table
-from kd_ray.teachers import ensure_members, load_ensemble, member_key, member_streams
-from kd_ray.trial import TrialData, build_student_state, run_trial, student_recipe
+from kd_ray.train import teachers
+from kd_ray.train import trial as trial_module
+from kd_ray.train.teachers import ensure_members, load_ensemble, member_key, member_streams
+from kd_ray.train.trial import TrialData, build_student_state, run_trial, student_recipe
 
 CPU = torch.device("cpu")
 SEEDS = range(5)

@@ -1,4 +1,4 @@
-"""Tests for kd_ray.splits: the D0/D1 halves, teacher and distillation fractions, seeded strata."""
+"""Tests for kd_ray.data.splits: the D0/D1 halves, teacher and distillation fractions, seeded strata."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from kd_ray.config import ConfigError
-from kd_ray.splits import split_indices
+from kd_ray.data.splits import split_indices
 
 
 def _labels() -> np.ndarray:

@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 
 from kd_ray.config import TrialConfig
-from kd_ray.presets import STUDIES, Preset
+from kd_ray.study.presets import STUDIES, Preset
 
 REPO = Path(__file__).resolve().parent.parent
 STUDIES_DIR = REPO / "studies"
@@ -77,7 +77,7 @@ def expected_rows(name: str, argv: list[str]) -> int:
 
 
 def trial_dirs(study_dir: Path) -> list[Path]:
-    """Ray Tune's trial directories: a trial per config, or a pack of configs (kd_ray.packs)."""
+    """Ray Tune's trial directories: a trial per config, or a pack of configs (kd_ray.packs.run)."""
     return [p for p in study_dir.iterdir() if p.is_dir() and p.name.startswith(("_trainable", "pack_"))]
 
 
@@ -215,7 +215,7 @@ def test_ensemble_size_script_as_a_subprocess(ray_local, storage):
 
 
 def test_epochs_on_a_study_with_a_step_budget_is_refused(capsys):
-    from kd_ray.study_cli import study_main
+    from kd_ray.study.cli import study_main
 
     assert study_main("dataset_size", None, ["--set", "epochs=3", "--storage", "/tmp/kd_ray_never_written"]) == 2
     err = capsys.readouterr().err

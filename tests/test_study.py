@@ -15,9 +15,9 @@ import pytest
 import kd_ray
 from kd_ray.config import ConfigError, TrialConfig
 from kd_ray.study import OptunaSpec, Study
-from kd_ray.study_runner import OPTUNA_JOURNAL, RunPlan
+from kd_ray.study.runner import OPTUNA_JOURNAL, RunPlan
 from kd_ray.tables import EPOCHS_SCHEMA, PROVENANCE, TRIALS_SCHEMA
-from kd_ray.teachers import TeacherStore, needed_members
+from kd_ray.train.teachers import TeacherStore, needed_members
 
 # A tiny trial: mnist1d with small MLPs, a 2-epoch teacher, a 2-epoch student evaluated every epoch.
 TINY = dict(dataset="mnist1d", teacher_arch="mlp", student_arch="mlp", teacher_epochs=2, teacher_members=1,
@@ -169,7 +169,7 @@ def test_the_study_module_needs_no_ray_and_the_runner_never_imports_it():
             imported.add(node.module)
         elif isinstance(node, ast.Import):
             imported.update(alias.name for alias in node.names)
-    assert "kd_ray.study" not in imported and "kd_ray.study_cli" not in imported
+    assert "kd_ray.study" not in imported and "kd_ray.study.cli" not in imported
 
 
 # --- on a real local Ray --------------------------------------------------------------------------

@@ -5,7 +5,7 @@ import pickle
 import optuna
 from ray.tune.search.optuna import OptunaSearch
 
-from kd_ray.study_search import PicklableNSGAIISampler
+from kd_ray.study.search import PicklableNSGAIISampler
 
 SPACE = {"temperature": optuna.distributions.FloatDistribution(1.0, 8.0)}
 

@@ -1,4 +1,4 @@
-"""Tests for kd_ray.teachers: the content-addressed store, its integrity checks, member sharing."""
+"""Tests for kd_ray.train.teachers: the content-addressed store, its integrity checks, member sharing."""
 
 from __future__ import annotations
 
@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 import torch
 
-from kd_ray import teachers
 from kd_ray.config import TrialConfig, content_hash
-from kd_ray.ensembles import ensemble_log_probs
-from kd_ray.metrics import accuracy
-from kd_ray.splits import split_indices
-from kd_ray.teachers import (
+from kd_ray.data.splits import split_indices
+from kd_ray.models.ensembles import ensemble_log_probs
+from kd_ray.train import teachers
+from kd_ray.train.metrics import accuracy
+from kd_ray.train.teachers import (
     LOGITS,
     MANIFEST,
     WEIGHTS,

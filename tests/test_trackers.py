@@ -22,7 +22,7 @@ STUDY = "ensemble_size"
 def test_a_missing_tracker_package_is_one_error_before_compute(monkeypatch, capsys):
     import ray
 
-    from kd_ray.study_cli import study_main
+    from kd_ray.study.cli import study_main
 
     monkeypatch.setitem(sys.modules, "mlflow", None)  # what an environment without mlflow looks like
     code = study_main(STUDY, argv=["--log", "mlflow", "--storage", "/nonexistent/never-written"])
@@ -34,7 +34,7 @@ def test_a_missing_tracker_package_is_one_error_before_compute(monkeypatch, caps
 
 
 def test_an_unknown_tracker_is_refused_by_the_parser(capsys):
-    from kd_ray.study_cli import study_main
+    from kd_ray.study.cli import study_main
 
     with pytest.raises(SystemExit) as exit_:
         study_main(STUDY, argv=["--log", "neptune"])

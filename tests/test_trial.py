@@ -1,4 +1,4 @@
-"""Tests for kd_ray.trial: one distillation trial end to end, resuming, control, divergence, refusals."""
+"""Tests for kd_ray.train.trial: one distillation trial end to end, resuming, control, divergence, refusals."""
 
 from __future__ import annotations
 
@@ -11,16 +11,16 @@ import pytest
 import torch
 
 import kd_ray
-from kd_ray import trial as trial_module
 from kd_ray.config import ConfigError, TrialConfig
-from kd_ray.data import DATASET_INFO, load_arrays
-from kd_ray.distill import AugmentSpec, Recipe, TrainState, batches_per_epoch, fit, make_optimizer, training_batch
-from kd_ray.models import build_model
-from kd_ray.packs import run_pack
-from kd_ray.splits import split_indices
+from kd_ray.data.datasets import DATASET_INFO, load_arrays
+from kd_ray.data.splits import split_indices
+from kd_ray.models.archs import build_model
+from kd_ray.packs.run import run_pack
 from kd_ray.tables import EPOCHS_SCHEMA, METRICS
-from kd_ray.teachers import member_key, member_steps, teacher_indices
-from kd_ray.trial import (
+from kd_ray.train import trial as trial_module
+from kd_ray.train.distill import AugmentSpec, Recipe, TrainState, batches_per_epoch, fit, make_optimizer, training_batch
+from kd_ray.train.teachers import member_key, member_steps, teacher_indices
+from kd_ray.train.trial import (
     FINAL_METRICS,
     TrialData,
     check_runnable,

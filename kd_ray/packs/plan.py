@@ -1,6 +1,6 @@
 """Which trials of a study run together as one pack: the only place that knows the rules.
 
-A pack is one Ray Tune trial that trains several students at once (``kd_ray.packs``): one
+A pack is one Ray Tune trial that trains several students at once (``kd_ray.packs.run``): one
 augmentation and one teacher forward per step, shared by every student. So its students must
 share everything that decides the teacher, the distillation data and the batch stream: every
 ``TrialConfig`` field except the ones in ``STUDENT_FIELDS``, which only the student's own loss,

@@ -23,7 +23,7 @@ from kd_ray.config import TrialConfig
 from kd_ray.tables import ERROR, STOPPED
 
 ARM_KEY = "arm"  # an explicit arm travels through Tune's grid as one dict-valued parameter
-# A pack (kd_ray.packs) travels as one parameter too: {"pack_id", "size", "students": [config, ...]};
+# A pack (kd_ray.packs.run) travels as one parameter too: {"pack_id", "size", "students": [config, ...]};
 # its reports hold each student's metrics under "students/<index>".
 PACK_KEY = "pack"
 STUDENTS_KEY = "students"

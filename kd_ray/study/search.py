@@ -19,7 +19,7 @@ from typing import Any
 import optuna
 from ray.tune.search import Searcher
 
-from kd_ray.study_tables import PACK_KEY, STUDENTS_KEY
+from kd_ray.study.live_tables import PACK_KEY, STUDENTS_KEY
 
 
 class PackedOptunaSearch(Searcher):

@@ -11,7 +11,7 @@
   so the images are transposed back here and a digit looks as it does in MNIST.
 
 The official files are downloaded into the cache directory and verified by md5 before any byte of
-them is parsed (``kd_ray.archives``); the IDX format is parsed with numpy, no pickle. Each loader
+them is parsed (``kd_ray.data.archives``); the IDX format is parsed with numpy, no pickle. Each loader
 caches its uint8 arrays as one ``.npz`` (atomic; an unreadable cache is rebuilt) and returns a dict
 of ``ARRAY_KEYS``: pixels ``[N, 1, 28, 28]`` uint8 in 0..255 and uint8 labels 0..9.
 """
@@ -27,8 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
-from kd_ray.archives import DataError, how_to_fix, read_npz, save_npz, verified_file
 from kd_ray.config import DATASET_VERSIONS
+from kd_ray.data.archives import DataError, how_to_fix, read_npz, save_npz, verified_file
 
 ARRAY_KEYS = ("x_train", "y_train", "x_test", "y_test")
 NUM_CLASSES = 10

@@ -35,13 +35,13 @@ import torch
 from kd_ray import __version__
 from kd_ray.atomic import write_bytes
 from kd_ray.config import Streams, TrialConfig, content_hash, network_streams
-from kd_ray.data import DATASET_INFO, Arrays
-from kd_ray.distill import AugmentSpec, Recipe, TrainState, build_seeded, fit, make_optimizer, predict, schedule
-from kd_ray.ensembles import StackedEnsemble
-from kd_ray.metrics import accuracy
-from kd_ray.models import build_model
+from kd_ray.data.datasets import DATASET_INFO, Arrays
+from kd_ray.data.splits import split_indices
+from kd_ray.models.archs import build_model
+from kd_ray.models.ensembles import StackedEnsemble
 from kd_ray.progress import Progress
-from kd_ray.splits import split_indices
+from kd_ray.train.distill import AugmentSpec, Recipe, TrainState, build_seeded, fit, make_optimizer, predict, schedule
+from kd_ray.train.metrics import accuracy
 
 WEIGHTS, LOGITS, MANIFEST = "weights.pt", "logits.pt", "manifest.json"
 

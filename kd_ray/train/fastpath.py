@@ -28,8 +28,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from kd_ray.ensembles import LoopEnsemble, StackedEnsemble
-from kd_ray.models import build_model
+from kd_ray.models.archs import build_model
+from kd_ray.models.ensembles import LoopEnsemble, StackedEnsemble
 
 BF16_MIN_GAIN = 1.2  # bf16 must beat the best fp32 option by this factor to be chosen under auto
 

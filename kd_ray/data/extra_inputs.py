@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from kd_ray.config import ConfigError, TrialConfig, seed_stream
-from kd_ray.data import DATASET_INFO, Arrays, DataError, DatasetInfo, generate_extra, load_arrays
+from kd_ray.data.datasets import DATASET_INFO, Arrays, DataError, DatasetInfo, generate_extra, load_arrays
 
 UNLABELLED = -1
 GMM_COMPONENTS = 4  # per class, fewer where a class has few examples (at least GMM_MIN_PER_COMPONENT each)

@@ -27,7 +27,7 @@ import math
 import torch
 from torch import nn
 
-from kd_ray.models import stage_modules
+from kd_ray.models.archs import stage_modules
 from kd_ray.tables import CKA_METRICS
 
 CKA_TEST_INPUTS = 2000  # the first this many test inputs: enough for a stable estimate, cheap to run

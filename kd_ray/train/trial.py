@@ -27,12 +27,19 @@ from typing import Any, Callable
 
 import torch
 
-from kd_ray import fastpath
-from kd_ray.augment import augment, check_policy
-from kd_ray.cka import CKA_TEST_INPUTS, stage_cka
 from kd_ray.config import ConfigError, TrialConfig, network_streams, seed_stream
-from kd_ray.data import DATASET_INFO, DatasetInfo, check_distill_dataset, load_arrays
-from kd_ray.distill import (
+from kd_ray.data.augment import augment, check_policy
+from kd_ray.data.datasets import DATASET_INFO, DatasetInfo, check_distill_dataset, load_arrays
+from kd_ray.data.extra_inputs import check_extra_inputs, extra_inputs
+from kd_ray.data.splits import split_indices
+from kd_ray.models.archs import build_model, check_arch
+from kd_ray.models.ensembles import LoopEnsemble, StackedEnsemble, ensemble_log_probs
+from kd_ray.progress import Progress
+from kd_ray.provenance import versions
+from kd_ray.tables import AFTER_TRAINING_METRICS, CKA_METRICS, DIVERGED, METRICS, TERMINATED
+from kd_ray.train import fastpath
+from kd_ray.train.cka import CKA_TEST_INPUTS, stage_cka
+from kd_ray.train.distill import (
     AugmentSpec,
     Diverged,
     ExtraBatches,
@@ -46,16 +53,9 @@ from kd_ray.distill import (
     predict,
     schedule,
 )
-from kd_ray.ensembles import LoopEnsemble, StackedEnsemble, ensemble_log_probs
-from kd_ray.extra_inputs import check_extra_inputs, extra_inputs
-from kd_ray.fastpath import FastPath
-from kd_ray.metrics import agreement, student_metrics, teacher_metrics
-from kd_ray.models import build_model, check_arch
-from kd_ray.progress import Progress
-from kd_ray.provenance import versions
-from kd_ray.splits import split_indices
-from kd_ray.tables import AFTER_TRAINING_METRICS, CKA_METRICS, DIVERGED, METRICS, TERMINATED
-from kd_ray.teachers import Ensemble, TeacherStore, default_store, ensure_members, load_ensemble, member_steps
+from kd_ray.train.fastpath import FastPath
+from kd_ray.train.metrics import agreement, student_metrics, teacher_metrics
+from kd_ray.train.teachers import Ensemble, TeacherStore, default_store, ensure_members, load_ensemble, member_steps
 
 EvalCallback = Callable[[dict[str, Any], dict[str, Any] | None], None]  # (metrics, checkpoint) per evaluation
 
@@ -439,7 +439,7 @@ def run_trial(
     result["convergence_delta"], result["converged"] = convergence(
         last_metrics.get("train_agreement") if finished else None, reference["train_agreement"]
     )
-    # Once, of the final student: how alike its representations and teacher member 0's are (kd_ray.cka).
+    # Once, of the final student: how alike its representations and teacher member 0's are (kd_ray.train.cka).
     cka_inputs = data.x_test[:CKA_TEST_INPUTS]
     result.update(stage_cka(state.model, ensemble.models[0], cka_inputs) if finished
                   else dict.fromkeys(CKA_METRICS, float("nan")))

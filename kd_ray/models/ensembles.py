@@ -2,7 +2,7 @@
 
 ``ensemble_log_probs`` is the definition (docs/architecture.md): ``log(mean_i softmax(z_i))``.
 ``StackedEnsemble`` runs all members as one vectorized call; ``LoopEnsemble`` runs them one after
-another and is the reference the stacked one is checked against (``kd_ray.fastpath`` picks one).
+another and is the reference the stacked one is checked against (``kd_ray.train.fastpath`` picks one).
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ evaluation its batch norms fold into the linear layers before them (``fold_batch
 Every parameter and buffer of the wide network keeps its name; ``tensor.view(K, *shape)[k]`` is
 student k's (``shape`` that of the narrow network), so a student is taken out (``narrow``) or left
 out (``keep``) by slicing. A scalar buffer (BatchNorm's step count) is shared: the students step
-together. Only the layers below, inside networks of ``kd_ray.models``, are widened; any other
+together. Only the layers below, inside networks of ``kd_ray.models.archs``, are widened; any other
 layer raises ``NotFusable``, and the pack then runs its students one after another.
 """
 
@@ -222,13 +222,13 @@ def _widen_layer(layers: list[nn.Module]) -> nn.Module:
     if isinstance(first, _CHANNELWISE) or flatten_rows:
         return copy.deepcopy(first)
     if not list(first.children()) and not list(first.parameters(recurse=False)) and _from_models(first):
-        return copy.deepcopy(first)  # an elementwise layer of kd_ray.models (the image scaling)
+        return copy.deepcopy(first)  # an elementwise layer of kd_ray.models.archs (the image scaling)
     raise NotFusable(f"{type(first).__name__} cannot be widened block by block")
 
 
 def _from_models(module: nn.Module) -> bool:
-    # kd_ray.models' containers call their layers in order and flatten from dim 1: layout-agnostic.
-    return type(module).__module__ in ("kd_ray.models", "torch.nn.modules.container")
+    # kd_ray.models.archs' containers call their layers in order and flatten from dim 1: layout-agnostic.
+    return type(module).__module__ in ("kd_ray.models.archs", "torch.nn.modules.container")
 
 
 def feature_major_applies(template: nn.Module) -> bool:
@@ -246,12 +246,12 @@ def widen(models: list[nn.Module], feature_major: bool | None = None) -> nn.Modu
         if not children:
             return _widen_layer(parts)
         if not _from_models(parts[0]):
-            raise NotFusable(f"{type(parts[0]).__name__} is not a network of kd_ray.models")
+            raise NotFusable(f"{type(parts[0]).__name__} is not a network of kd_ray.models.archs")
         wide = copy.copy(parts[0])
         wide._modules = {}
         for name, _ in children:
             wide._modules[name] = build([getattr(part, name) for part in parts])
-        wide._parameters = {}  # containers of kd_ray.models hold layers, not parameters of their own
+        wide._parameters = {}  # containers of kd_ray.models.archs hold layers, not parameters of their own
         if list(parts[0].parameters(recurse=False)):
             raise NotFusable(f"{type(parts[0]).__name__} holds parameters of its own")
         return wide

@@ -1,6 +1,6 @@
 """The command line shared by every ``studies/*.py`` script.
 
-A study script names its study; ``study_main`` takes that study's presets from ``kd_ray.presets``
+A study script names its study; ``study_main`` takes that study's presets from ``kd_ray.study.presets``
 and holds the flags, validation, exit codes and the closing summary.
 Exit codes: 0 done, 1 some trials failed, 2 bad input (nothing ran), 3 interrupted (partial),
 4 the storage failed (out of space, read-only, gone): the study stopped; fix it and rerun with --resume,
@@ -13,10 +13,10 @@ import argparse
 import sys
 
 from kd_ray.config import DATASETS, EXIT_BAD_INPUT, EXIT_RAY, ConfigError, TrialConfig, parse_set
-from kd_ray.packing import PACK_MODES
-from kd_ray.presets import STUDIES, Preset
-from kd_ray.study import TRACKERS
-from kd_ray.study_storage import rerun_hint
+from kd_ray.packs.plan import PACK_MODES
+from kd_ray.study.presets import STUDIES, Preset
+from kd_ray.study.spec import TRACKERS
+from kd_ray.study.storage import rerun_hint
 from kd_ray.tables import TERMINATED
 
 EXIT_PARTIAL = 3
@@ -76,7 +76,7 @@ def study_parser(description: str | None) -> argparse.ArgumentParser:
 
 def build_study(name: str, preset: Preset, args: argparse.Namespace, search=None):
     """The Study for these flags; raises ConfigError for bad input."""
-    from kd_ray.study import Study
+    from kd_ray.study.spec import Study
 
     overrides = parse_set(args.set)
     base_values = {**preset.base, **({"dataset": args.dataset} if args.dataset else {}), **overrides}
@@ -102,7 +102,7 @@ def build_study(name: str, preset: Preset, args: argparse.Namespace, search=None
 
 
 def study_main(name: str, description: str | None = None, argv: list[str] | None = None) -> int:
-    """Parse flags, build and validate the study ``name`` of ``kd_ray.presets.STUDIES``, run it, print
+    """Parse flags, build and validate the study ``name`` of ``kd_ray.study.presets.STUDIES``, run it, print
     the summary and write the report. ``description`` is the ``--help`` text (the script's docstring)."""
     study_presets = STUDIES[name]
     args = study_parser(description).parse_args(argv)
@@ -116,9 +116,9 @@ def study_main(name: str, description: str | None = None, argv: list[str] | None
     except ConfigError as exc:
         print(f"{name}: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    from kd_ray.data import DataError
-    from kd_ray.study_runner import RayUnavailable
-    from kd_ray.teachers import TeacherStoreError
+    from kd_ray.data.datasets import DataError
+    from kd_ray.study.runner import RayUnavailable
+    from kd_ray.train.teachers import TeacherStoreError
 
     try:
         result = study.run()
@@ -136,7 +136,7 @@ def study_main(name: str, description: str | None = None, argv: list[str] | None
         print(f"{name}: interrupted; {rerun_hint(study.study_dir)} to finish the study", file=sys.stderr)
         return EXIT_PARTIAL
     except Exception as exc:
-        from kd_ray.study_guards import storage_error
+        from kd_ray.study.guards import storage_error
 
         problem = storage_error(exc, study.study_dir)
         if problem is None:
@@ -153,7 +153,7 @@ def study_main(name: str, description: str | None = None, argv: list[str] | None
         try:
             report_path = analysis.report(result.study_dir, by=by)
         except OSError as exc:
-            from kd_ray.study_guards import storage_error
+            from kd_ray.study.guards import storage_error
 
             problem = storage_error(exc, result.study_dir)
             if problem is None:

@@ -1,11 +1,11 @@
 """A pack: K students of one replicate trained at once, one augmentation and one teacher forward per step.
 
-``run_pack`` is ``trial.run_trial`` for the students of one pack (``kd_ray.packing`` says which trials
+``run_pack`` is ``trial.run_trial`` for the students of one pack (``kd_ray.packs.plan`` says which trials
 may share one). They share the distillation data, the teacher ensemble (the largest one asked for:
 its first m members are the m-member ensemble) and the batch stream: the replicate's student
 streams, which each of them would also draw alone. The students run as one wide network
-(``kd_ray.fused``), with their own temperature, label weight, initialisation, learning rate, weight
-decay, optimizer and number of epochs (``kd_ray.pack_optim``). Each returns the row ``run_trial``
+(``kd_ray.packs.wide``), with their own temperature, label weight, initialisation, learning rate, weight
+decay, optimizer and number of epochs (``kd_ray.packs.optim``). Each returns the row ``run_trial``
 would return, plus ``pack_id``, ``pack_size`` and ``pack_time_share`` (its share of the pack's
 optimizer steps, by which the pack's time is split among its rows).
 
@@ -24,20 +24,20 @@ from typing import Any, Callable
 
 import torch
 
-from kd_ray.cka import CKA_TEST_INPUTS, stage_cka
 from kd_ray.config import TrialConfig, network_streams
-from kd_ray.data import DATASET_INFO
-from kd_ray.distill import Schedule, build_seeded, initialize_student, lr_at, predict, schedule, training_batch
-from kd_ray.ensembles import ensemble_log_probs
-from kd_ray.fused import feature_major_applies, fold_batch_norms, narrow, wide_forward, widen
-from kd_ray.metrics import agreement, student_metrics, teacher_metrics
-from kd_ray.pack_optim import PackOptimizer, pack_kd_loss
-from kd_ray.packing import PACK_LIMIT, share_key
+from kd_ray.data.datasets import DATASET_INFO
+from kd_ray.models.ensembles import ensemble_log_probs
+from kd_ray.packs.optim import PackOptimizer, pack_kd_loss
+from kd_ray.packs.plan import PACK_LIMIT, share_key
+from kd_ray.packs.wide import feature_major_applies, fold_batch_norms, narrow, wide_forward, widen
 from kd_ray.progress import Progress
 from kd_ray.provenance import versions
 from kd_ray.tables import AFTER_TRAINING_METRICS, CKA_METRICS, DIVERGED, METRICS, TERMINATED
-from kd_ray.teachers import Ensemble, TeacherStore, default_store, ensure_members, load_ensemble, member_steps
-from kd_ray.trial import (
+from kd_ray.train.cka import CKA_TEST_INPUTS, stage_cka
+from kd_ray.train.distill import Schedule, build_seeded, initialize_student, lr_at, predict, schedule, training_batch
+from kd_ray.train.metrics import agreement, student_metrics, teacher_metrics
+from kd_ray.train.teachers import Ensemble, TeacherStore, default_store, ensure_members, load_ensemble, member_steps
+from kd_ray.train.trial import (
     TrialData,
     augmented_pass,
     check_runnable,
@@ -108,7 +108,7 @@ class Student:
 def choose_layout(cfg: TrialConfig, models: list[torch.nn.Module], device: torch.device) -> bool:
     """Feature-major (True) or channel-blocked (False) activations for the pack's wide network. Only
     ``precision='auto'`` times the two (a few training steps each, on copies); a fixed precision fixes
-    the layout, as it fixes the rest of the fast path (kd_ray.fastpath)."""
+    the layout, as it fixes the rest of the fast path (kd_ray.train.fastpath)."""
     if not feature_major_applies(models[0]):
         return False
     if cfg.precision != "auto":
@@ -185,7 +185,7 @@ def check_pack(configs: list[TrialConfig]) -> None:
     keys = {share_key(cfg) for cfg in configs}
     if len(keys) != 1 or None in keys:
         raise ValueError("run_pack: the configs of a pack must share their teacher, data and batch stream "
-                         "(kd_ray.packing.share_key)")
+                         "(kd_ray.packs.plan.share_key)")
 
 
 def build_students(configs: list[TrialConfig], ensembles: list[Ensemble], data: TrialData, device: torch.device,

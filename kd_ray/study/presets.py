@@ -14,8 +14,8 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
-from kd_ray.data import DATASET_INFO
-from kd_ray.study import OptunaSpec
+from kd_ray.data.datasets import DATASET_INFO
+from kd_ray.study.spec import OptunaSpec
 
 
 @dataclass
@@ -51,7 +51,7 @@ PAPER_BASE: dict[str, Any] = dict(
 # the teacher's 30 on the same data and batch size: 2x the teacher's optimizer steps (the paper
 # gives 3x; measured here, 90 epochs add about 1 pp of agreement over 60 at 1.5x the time, and a
 # 60-epoch student's train agreement moves under 2 pp over its second half: converged by the rule of
-# kd_ray.trial). fp32 throughout, so every replicate of an arm runs the same arithmetic (the automatic
+# kd_ray.train.trial). fp32 throughout, so every replicate of an arm runs the same arithmetic (the automatic
 # choice is made by timing, trial by trial).
 LOCAL_STUDENT_EPOCHS = 60
 LOCAL_BASE: dict[str, Any] = dict(
@@ -70,7 +70,7 @@ OWN_DATASET_SOURCES = {"generator": ("mnist1d",), "ood": ("mnist1d",)}
 def applicable_policies(policies: list[str], dataset: str) -> list[str]:
     """The policies of ``policies`` that ``dataset``'s kind of data can take, in order."""
     # Deferred: the augmentation registry imports torch, which building a preset does not need.
-    from kd_ray.augment import policies_for
+    from kd_ray.data.augment import policies_for
 
     meaningful = policies_for(DATASET_INFO[dataset].kind)
     return [policy for policy in policies if policy in meaningful]
@@ -165,8 +165,8 @@ DATASET_SIZE = StudyPresets(
 
 # E1 (paper Fig. 1, 5 left): synthetic samples mixed into every batch at 1 : 4, m = 1 and 3, tau = 1, as
 # the sample count grows. Locally a Gaussian mixture fitted to the teacher's training inputs stands in
-# for the paper's GAN (kd_ray.extra_inputs says why); the paper preset reads the user's GAN samples
-# from an .npz (layout in kd_ray.extra_inputs). Every arm takes the same optimizer steps: the batch
+# for the paper's GAN (kd_ray.data.extra_inputs says why); the paper preset reads the user's GAN samples
+# from an .npz (layout in kd_ray.data.extra_inputs). Every arm takes the same optimizer steps: the batch
 # order of the distillation set is the same, the synthetic inputs ride along.
 SYNTHETIC_RECIPE = {"temperature": 1.0, "extra_ratio": EXTRA_PER_DISTILLATION_INPUT}
 SYNTHETIC_DATA = StudyPresets(

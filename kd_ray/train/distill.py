@@ -16,9 +16,9 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from kd_ray.augment import augment
-from kd_ray.losses import kd_loss
-from kd_ray.models import build_model
+from kd_ray.data.augment import augment
+from kd_ray.models.archs import build_model
+from kd_ray.train.losses import kd_loss
 
 TeacherFn = Callable[[torch.Tensor], torch.Tensor]  # inputs -> ensemble log-probabilities
 EpochCallback = Callable[[int, float, float], None]  # (epoch, mean train loss, last lr)

@@ -3,7 +3,7 @@
 A Study is a base TrialConfig, the axes to grid over (or an Optuna search space), seeds, a
 scheduler, resources per trial and a storage location: the specification, and its validation.
 ``Study.run()`` validates every config before any compute, then hands the study to the Ray runner
-(``kd_ray.study_runner``), which prepares the teacher members as parallel Ray tasks, runs a
+(``kd_ray.study.runner``), which prepares the teacher members as parallel Ray tasks, runs a
 ``ray.tune.Tuner`` around one function trainable, and writes ``trials.parquet`` and
 ``epochs.parquet`` into ``<storage>/<name>/``. This module does not import Ray.
 """
@@ -19,8 +19,8 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from kd_ray.config import ConfigError, TrialConfig
-from kd_ray.packing import PACK_MODES
-from kd_ray.study_storage import (
+from kd_ray.packs.plan import PACK_MODES
+from kd_ray.study.storage import (
     ABSENT,
     BEGUN,
     TEACHERS_DIR,
@@ -32,7 +32,7 @@ from kd_ray.study_storage import (
 )
 
 if TYPE_CHECKING:
-    from kd_ray.study_runner import RunPlan, StudyResult
+    from kd_ray.study.runner import RunPlan, StudyResult
 
 # The experiment trackers a study can log to besides its tables, each through Ray Tune's own logger
 # callback: the package each needs and how to install it. TensorBoard event files are written always.
@@ -77,7 +77,7 @@ class Study:
     retrain_teachers: bool = False  # delete the needed teacher members first and train them again
     trackers: list[str] = field(default_factory=list)  # names of TRACKERS to log every trial to
     verbose: int = 1
-    pack: str = "auto"  # auto: trials that share a teacher, data and batch stream train as one (kd_ray.packing)
+    pack: str = "auto"  # auto: trials that share a teacher, data and batch stream train as one (kd_ray.packs.plan)
 
     # --- specification ------------------------------------------------------------------------
     @property
@@ -106,7 +106,7 @@ class Study:
 
     def validate(self) -> list[TrialConfig]:
         """Refuse a bad specification before any Ray work: raises ConfigError."""
-        from kd_ray.trial import check_runnable
+        from kd_ray.train.trial import check_runnable
 
         check_study_name(self.name)
         for axis, values in self.axes.items():
@@ -227,7 +227,7 @@ class Study:
         """This study as the plain values the Ray runner takes."""
         # Deferred and downward: the runner imports Ray, which a study that is only validated (or
         # refused) never needs; the runner never imports this module.
-        from kd_ray.study_runner import RunPlan
+        from kd_ray.study.runner import RunPlan
 
         search = self.search
         return RunPlan(
@@ -266,7 +266,7 @@ class Study:
         """A resume must ask for the study that was stored: Ray Tune resumes the trials it saved, so a
         changed setting would be silently ignored. Raises ConfigError naming every difference."""
         # Deferred and downward, as in plan(); only a --resume reads the stored spec.
-        from kd_ray.study_guards import SPEC_FILE, read_spec
+        from kd_ray.study.guards import SPEC_FILE, read_spec
 
         stored = read_spec(self.study_dir)
         if stored is None:
@@ -287,7 +287,7 @@ class Study:
         with study_lock(self.storage_path, self.name):
             begun = self._check_study_dir()
             # Deferred and downward, as in plan(): only a study that passed validation starts Ray.
-            from kd_ray.study_runner import run_study
+            from kd_ray.study.runner import run_study
 
             # A study that never began is run from the start, --resume or not.
             plan = replace(self.plan(), resume=self.resume and begun)
@@ -295,7 +295,7 @@ class Study:
             return run_study(plan, configs if self.search is None else [self.base])
 
     def _check_study_dir(self) -> bool:
-        """Whether the study began (see ``kd_ray.study_storage``). A begun study needs ``--resume`` and
+        """Whether the study began (see ``kd_ray.study.storage``). A begun study needs ``--resume`` and
         must be the one stored; ``--resume`` needs a study; what a run that never began left is cleared."""
         state = study_state(self.study_dir)
         if state == ABSENT and self.resume:

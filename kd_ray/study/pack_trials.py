@@ -1,6 +1,6 @@
 """Packs on Ray Tune: which packs a grid study runs (``choose_packs``) and the trainable's pack path.
 
-A pack (``kd_ray.packs``, grouped by ``kd_ray.packing``) is one Ray Tune trial whose parameter is
+A pack (``kd_ray.packs.run``, grouped by ``kd_ray.packs.plan``) is one Ray Tune trial whose parameter is
 ``{"pack_id", "size", "students": [config, ...]}``; each report holds every evaluated student's
 metrics under ``students/<index>`` (``study_tables.student_rows`` turns them into one row per
 student), and the pack's mean test agreement and accuracy for the progress table.
@@ -21,8 +21,8 @@ from ray import tune
 
 from kd_ray.config import TrialConfig
 from kd_ray.progress import printer
-from kd_ray.study_console import CONSOLE_METRICS
-from kd_ray.study_tables import STUDENTS_KEY
+from kd_ray.study.console import CONSOLE_METRICS
+from kd_ray.study.live_tables import STUDENTS_KEY
 
 PACKS_FILE = "packs.json"  # which students each pack of a packed study trains, in <storage>/<name>/
 UNSEEN_GPU_BYTES = 16 * 2**30  # a GPU the driver cannot see is taken to have this much memory
@@ -53,8 +53,8 @@ def choose_packs(mode: str, search: bool, scheduler: str, slots: int, gpus_per_t
     """The packs of a study as Ray Tune parameters, or None to run one trial per config; logged, and
     listed in packs.json beside the tables. No pack is smaller than needed to keep ``slots`` busy."""
     from kd_ray.atomic import write_text
-    from kd_ray.packing import describe_packs, plan_packs
-    from kd_ray.packs import max_pack_size
+    from kd_ray.packs.plan import describe_packs, plan_packs
+    from kd_ray.packs.run import max_pack_size
 
     if mode == "off" or search:
         return None
@@ -79,8 +79,8 @@ def choose_packs(mode: str, search: bool, scheduler: str, slots: int, gpus_per_t
 def search_pack_size(mode: str, scheduler: str, space: list[str], base: TrialConfig, num_samples: int, slots: int,
                      gpus_per_trial: float) -> int:
     """How many Optuna points each trial of a search asks for (1: a point per trial, unpacked)."""
-    from kd_ray.packing import STUDENT_FIELDS, share_key
-    from kd_ray.packs import max_pack_size
+    from kd_ray.packs.plan import STUDENT_FIELDS, share_key
+    from kd_ray.packs.run import max_pack_size
 
     if mode == "off":
         return 1
@@ -112,7 +112,7 @@ def train_pack(pack: dict[str, Any], report_to_tune: Report, resume: dict | None
                data_dir: str | None, where: dict[str, Any]) -> None:
     """The trainable's body for a pack: its students, each reported under students/<index>; a pack
     of one runs as ``run_trial`` runs it alone."""
-    from kd_ray.trial import run_trial
+    from kd_ray.train.trial import run_trial
 
     configs = [TrialConfig.from_dict(c) for c in pack[STUDENTS_KEY]]
     pack_id = tune.get_context().get_trial_id()
@@ -124,7 +124,7 @@ def train_pack(pack: dict[str, Any], report_to_tune: Report, resume: dict | None
         result.update(pack_id=pack_id, pack_size=1, pack_time_share=1.0)
         results = [result]
     else:
-        from kd_ray.packs import run_pack
+        from kd_ray.packs.run import run_pack
 
         def evaluated(epoch: int, by_student: dict[int, dict[str, Any]], state: dict[str, Any]) -> None:
             students = {str(index): metrics for index, metrics in by_student.items()}

@@ -1,0 +1,13 @@
+"""Packs: several students of one architecture trained at once as one wide network.
+
+Submodules, each importing only those listed before it:
+
+- ``plan``: which trials may share a pack (pure: no torch, no Ray);
+- ``wide``: the students' layers side by side, as one network;
+- ``optim``: each student's own optimizer over the wide parameters;
+- ``run``: ``run_pack``, the students of one pack from data to result rows, and a student's bytes.
+"""
+
+from kd_ray.packs.plan import PACK_MODES, plan_packs
+
+__all__ = ["PACK_MODES", "plan_packs"]

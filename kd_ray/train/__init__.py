@@ -1,0 +1,12 @@
+"""Training: the losses and metrics, teacher members, and one distillation trial end to end.
+
+Submodules, each importing only those listed before it:
+
+- ``losses``, ``metrics``, ``cka``: what a step minimises and what an evaluation measures;
+- ``fastpath``: the execution of a trial's steps (precision, layout) chosen by timing;
+- ``distill``: the one training loop (``fit``) and its schedule;
+- ``teachers``: the content-addressed teacher store and the training of its members;
+- ``trial``: ``run_trial``, one teacher -> student trial, and what packs share with it.
+
+This face imports nothing itself: every submodule imports torch.
+"""
