@@ -202,7 +202,8 @@ def test_no_study_script_is_loaded_by_file_path():
 
 def test_the_plan_needs_only_the_installed_package(tmp_path):
     """As from a non-editable install: the package alone, no studies/ beside it."""
-    shutil.copytree(Path(presets.__file__).parents[1], tmp_path / "kd_ray", ignore=shutil.ignore_patterns("__pycache__"))
+    package = Path(presets.__file__).parents[1]
+    shutil.copytree(package, tmp_path / "kd_ray", ignore=shutil.ignore_patterns("__pycache__"))
     code = ("import kd_ray, kd_ray.reproduction as r; assert kd_ray.__file__.startswith(%r); "
             "print(len(r.paper_plan()))" % str(tmp_path))
     env = {**os.environ, "PYTHONPATH": str(tmp_path)}
