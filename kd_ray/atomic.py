@@ -18,9 +18,14 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 
+def is_uri(path: str) -> bool:
+    """Whether ``path`` names an object store (``s3://``, ``gs://``, ...) rather than a local path."""
+    return "://" in path
+
+
 def filesystem(path: str) -> tuple[pafs.FileSystem, str]:
     """The pyarrow filesystem of ``path`` (a local path or a ``scheme://`` URI) and the path inside it."""
-    if "://" in path:
+    if is_uri(path):
         return pafs.FileSystem.from_uri(path)
     return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(path))
 
@@ -28,7 +33,7 @@ def filesystem(path: str) -> tuple[pafs.FileSystem, str]:
 def write_atomic(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> str:
     """Call ``write(stream)`` on a temporary file beside ``path``, then rename it to ``path``."""
     path = os.fspath(path)
-    if "://" in path:
+    if is_uri(path):
         return _write_uri(path, write)
     directory, name = os.path.split(os.path.abspath(os.path.expanduser(path)))
     os.makedirs(directory, exist_ok=True)

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from kd_ray.atomic import is_uri
 from kd_ray.config import EXIT_BAD_INPUT, ConfigError, TrialConfig, parse_set
 from kd_ray.progress import printer
 
@@ -71,7 +72,7 @@ def cmd_trial(args: argparse.Namespace) -> int:
             TeacherStore(args.store)  # an unknown URI scheme fails here, before any compute
         except (OSError, ValueError) as exc:
             return _fail(f"--store {args.store}: {exc}")
-        if "://" not in args.store and Path(args.store).exists() and not Path(args.store).is_dir():
+        if not is_uri(args.store) and Path(args.store).exists() and not Path(args.store).is_dir():
             return _fail(f"--store {args.store}: a file, not a directory")
     progress = None if args.quiet else printer(stderr=True)
     if progress:

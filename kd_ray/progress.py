@@ -61,3 +61,7 @@ def trial_done_line(done: int, total: int, outcome: str, arm: dict[str, Any], me
         timing += ", time left not known yet" if left_s is None else f", about {format_duration(left_s)} left"
     parts.append(timing)
     return " | ".join(parts)
+
+
+# The one progress logger of kd_ray's own lines: ``[kd_ray HH:MM:SS] message`` on stdout.
+log = printer("kd_ray")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from kd_ray.atomic import is_uri
 from kd_ray.config import DATASETS, EXIT_BAD_INPUT, EXIT_RAY, ConfigError, TrialConfig, parse_set
 from kd_ray.packs.plan import PACK_MODES
 from kd_ray.study.presets import STUDIES, Preset
@@ -149,7 +150,7 @@ def study_main(name: str, description: str | None = None, argv: list[str] | None
 
     by = list(study.axes) + sorted({k for arm in study.arms for k in arm}) or None
     print(analysis.format_summary(result.trials, by=by))
-    if "://" not in result.study_dir:
+    if not is_uri(result.study_dir):
         try:
             report_path = analysis.report(result.study_dir, by=by)
         except OSError as exc:

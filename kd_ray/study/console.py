@@ -13,8 +13,9 @@ from typing import Any
 from ray import tune
 from ray.tune.experiment import Trial
 
+from kd_ray.atomic import is_uri
 from kd_ray.config import ConfigError
-from kd_ray.progress import printer, time_left_s, trial_done_line
+from kd_ray.progress import log, time_left_s, trial_done_line
 from kd_ray.study.live_tables import ARM_KEY, PACK_KEY, flatten_arm
 from kd_ray.tables import FIDELITY_METRICS, GENERALIZATION_METRICS
 
@@ -22,7 +23,6 @@ from kd_ray.tables import FIDELITY_METRICS, GENERALIZATION_METRICS
 CONSOLE_METRICS = (FIDELITY_METRICS[0], GENERALIZATION_METRICS[0])
 TABLE_EVERY_S = 60  # Ray Tune's progress table at most this often; a line per finished trial between
 
-log = printer("kd_ray")
 
 
 def arm_columns(search_space: dict[str, tuple] | None, axes: dict[str, list], arms: list[dict[str, Any]],
@@ -108,7 +108,7 @@ def tracker_callbacks(trackers: tuple[str, ...], name: str, study_dir: str) -> l
             project = os.environ.get("WANDB_PROJECT", "kd_ray")
             # Run files go to WANDB_DIR, else beside the tables: not into the trial directories, whose
             # last sync to storage comes before W&B's logging actors have finished writing.
-            run_dir = os.environ.get("WANDB_DIR") or (study_dir if "://" not in study_dir else None)
+            run_dir = os.environ.get("WANDB_DIR") or (study_dir if not is_uri(study_dir) else None)
             if run_dir:
                 os.makedirs(run_dir, exist_ok=True)
             # The logging actors run in the raylet's environment, not the driver's: pass the mode on.

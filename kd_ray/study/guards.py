@@ -28,9 +28,9 @@ from typing import Any
 import pyarrow.fs as pafs
 from ray import tune
 
-from kd_ray.atomic import filesystem, write_text
+from kd_ray.atomic import filesystem, is_uri, write_text
 from kd_ray.config import ConfigError
-from kd_ray.progress import printer
+from kd_ray.progress import log
 
 SPEC_FILE = "spec.json"  # the study's specification, in <storage>/<name>/ beside its tables
 # Ray's switch between a single-machine instance bound to the loopback (its default on macOS and
@@ -38,7 +38,6 @@ SPEC_FILE = "spec.json"  # the study's specification, in <storage>/<name>/ besid
 LOOPBACK_SWITCH = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 INTERRUPTING_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 
-log = printer("kd_ray")
 
 
 # --- a local Ray: loopback only, a token made for the run, its files private ---------------------
@@ -201,7 +200,7 @@ def storage_error(error: BaseException, where: str) -> StorageError | None:
         if isinstance(exc, StorageError):
             return exc
         if isinstance(exc, OSError) and exc.errno in STORAGE_FAULTS:
-            if exc.errno == errno.ENOENT and ("://" in where or os.path.isdir(where)):
+            if exc.errno == errno.ENOENT and (is_uri(where) or os.path.isdir(where)):
                 continue  # a file that is missing, not a storage that is
             filename = os.fspath(exc.filename) if exc.filename else None
             detail = (exc.strerror or os.strerror(exc.errno)) + (f": {filename}" if filename else "")

@@ -20,14 +20,13 @@ from typing import Any, Callable
 from ray import tune
 
 from kd_ray.config import TrialConfig
-from kd_ray.progress import printer
+from kd_ray.progress import log
 from kd_ray.study.console import CONSOLE_METRICS
 from kd_ray.study.live_tables import STUDENTS_KEY
 
 PACKS_FILE = "packs.json"  # which students each pack of a packed study trains, in <storage>/<name>/
 UNSEEN_GPU_BYTES = 16 * 2**30  # a GPU the driver cannot see is taken to have this much memory
 
-log = printer("kd_ray")
 Report = Callable[[dict[str, Any], dict[str, Any] | None], None]  # (metrics, checkpoint) to Ray Tune
 
 
@@ -52,7 +51,7 @@ def choose_packs(mode: str, search: bool, scheduler: str, slots: int, gpus_per_t
                  configs: list[TrialConfig]) -> list[dict[str, Any]] | None:
     """The packs of a study as Ray Tune parameters, or None to run one trial per config; logged, and
     listed in packs.json beside the tables. No pack is smaller than needed to keep ``slots`` busy."""
-    from kd_ray.atomic import write_text
+    from kd_ray.atomic import is_uri, write_text
     from kd_ray.packs.plan import describe_packs, plan_packs
     from kd_ray.packs.run import max_pack_size
 
@@ -69,7 +68,7 @@ def choose_packs(mode: str, search: bool, scheduler: str, slots: int, gpus_per_t
         return None
     space = [{"pack_id": pack.pack_id, "size": pack.size, STUDENTS_KEY: [configs[i].to_dict() for i in pack.members]}
              for pack in packs]
-    if "://" not in study_dir:
+    if not is_uri(study_dir):
         os.makedirs(study_dir, exist_ok=True)
         write_text(os.path.join(study_dir, PACKS_FILE), json.dumps(space, indent=1, sort_keys=True))
     log(f"packs: {describe_packs(packs)}, at most {limit} students each; listed in {study_dir}/{PACKS_FILE}")

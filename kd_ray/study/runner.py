@@ -24,10 +24,10 @@ from typing import Any
 import ray
 from ray import tune
 
-from kd_ray.atomic import atomic_local_filesystem
+from kd_ray.atomic import atomic_local_filesystem, is_uri
 from kd_ray.config import EXIT_RAY, ConfigError, TrialConfig
 from kd_ray.data.datasets import DataError
-from kd_ray.progress import printer
+from kd_ray.progress import log
 from kd_ray.study.console import TrialsDone, arm_columns, progress_table, tracker_callbacks
 from kd_ray.study.guards import (
     StorageWatch,
@@ -47,7 +47,6 @@ STATE_FILE = "state.pt"  # the trial's checkpoint inside each Ray Tune checkpoin
 REPORT_KEY = "report"  # in a checkpoint: the report it came with, made again by a trial restored from it
 OPTUNA_JOURNAL = "optuna.journal"  # the Optuna study of a search, in <storage>/<name>/
 
-log = printer("kd_ray")
 
 
 @dataclass(frozen=True)
@@ -325,7 +324,7 @@ def _build_tuner(plan: RunPlan, configs: list[TrialConfig], live_tables: LiveTab
         {"cpu": plan.cpus_per_trial, "gpu": plan.gpus_per_trial},
     )
     # A local study's files are written through a filesystem whose failed writes leave the old file.
-    storage = atomic_local_filesystem(plan.study_dir) if "://" not in plan.study_dir else None
+    storage = atomic_local_filesystem(plan.study_dir) if not is_uri(plan.study_dir) else None
     if plan.resume and tune.Tuner.can_restore(plan.study_dir, storage_filesystem=storage):
         log(f"resuming {plan.study_dir}")
         return restore_tuner(plan.study_dir, trainable, storage)

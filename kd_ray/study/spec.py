@@ -18,6 +18,7 @@ import sys
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
+from kd_ray.atomic import is_uri
 from kd_ray.config import ConfigError, TrialConfig
 from kd_ray.packs.plan import PACK_MODES
 from kd_ray.study.storage import (
@@ -82,7 +83,7 @@ class Study:
     # --- specification ------------------------------------------------------------------------
     @property
     def storage_path(self) -> str:
-        return self.storage if "://" in self.storage else os.path.abspath(os.path.expanduser(self.storage))
+        return self.storage if is_uri(self.storage) else os.path.abspath(os.path.expanduser(self.storage))
 
     @property
     def study_dir(self) -> str:

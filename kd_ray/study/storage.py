@@ -26,7 +26,7 @@ from collections.abc import Iterator
 
 import pyarrow.fs as pafs
 
-from kd_ray.atomic import filesystem
+from kd_ray.atomic import filesystem, is_uri
 from kd_ray.config import ConfigError
 
 # The storage's own folders: the teacher store every study shares, and the study locks.
@@ -61,7 +61,7 @@ def check_study_name(name: str) -> None:
 def check_storage(storage_path: str) -> None:
     """A local storage must be a directory this user can write, or one that can be made: else one
     ConfigError line naming it. A URI (``s3://``, ``gs://``) is left to its filesystem."""
-    if "://" in storage_path:
+    if is_uri(storage_path):
         return
     try:
         os.makedirs(storage_path, exist_ok=True)
@@ -82,7 +82,7 @@ def check_storage(storage_path: str) -> None:
 def lock_path(storage_path: str, name: str) -> str:
     """The lock of study ``name``: in the storage's ``locks/`` folder, or, for a URI storage (where no
     file lock exists), in this user's cache, which keeps out a second driver on this machine only."""
-    if "://" not in storage_path:
+    if not is_uri(storage_path):
         return os.path.join(storage_path, LOCKS_DIR, f"{name}.lock")
     digest = hashlib.sha256(f"{storage_path.rstrip('/')}/{name}".encode()).hexdigest()[:24]
     return os.path.join(os.path.expanduser("~/.cache/kd_ray"), LOCKS_DIR, f"{name}-{digest}.lock")

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from kd_ray import __version__
-from kd_ray.atomic import write_bytes
+from kd_ray.atomic import is_uri, write_bytes
 from kd_ray.config import Streams, TrialConfig, content_hash, network_streams
 from kd_ray.data.datasets import DATASET_INFO, Arrays
 from kd_ray.data.splits import split_indices
@@ -63,7 +63,7 @@ class TeacherStore:
         import pyarrow.fs as pafs
 
         root = str(root)
-        if "://" in root:
+        if is_uri(root):
             self.fs, self.root = pafs.FileSystem.from_uri(root)
             self.local = False
         else:
