@@ -245,6 +245,22 @@ def write_document(storage: Path, out: Path, runs: dict, seeds: int, figures_dir
     results = findings.judge_findings(storage)
     rel = Path("figures") / figures_dir.name
     lines = [
+        *_introduction_section(seeds),
+        *_experiments_section(),
+        *_rules_section(),
+        *_scale_section(),
+        *_verdicts_section(results),
+        *_changes_section(results, runs),
+        *_findings_section(results, storage, figures_dir, rel),
+        *_loss_surface_section(storage, figures_dir, rel),
+        *_runs_section(storage, runs),
+        *_paper_plan_section(),
+    ]
+    write_text(out, "\n".join(lines))
+
+
+def _introduction_section(seeds: int) -> list[str]:
+    return [
         "# Reproduction at laptop scale",
         "",
         "Every study of the reproduction (`kd_ray.study.presets.REPRODUCTION`) run at its `local` preset (mnist1d",
@@ -253,8 +269,11 @@ def write_document(storage: Path, out: Path, runs: dict, seeds: int, figures_dir
         "`kd_ray/reproduction.py` from the trial tables; the verdicts come from the claims in",
         "`kd_ray/findings/`, and none is set by hand.",
         "",
-        *_experiments_section(),
-        *_rules_section(),
+    ]
+
+
+def _scale_section() -> list[str]:
+    return [
         "## Scale and difficulty",
         "",
         "The paper's CIFAR-100 teachers reach about 70–77% accuracy, so fidelity is far from perfect. The local",
@@ -263,17 +282,22 @@ def write_document(storage: Path, out: Path, runs: dict, seeds: int, figures_dir
         "100% everywhere and the effects vanish. Students get twice the teacher's optimizer steps (60 epochs",
         "against its 30; the paper gives 3x), and arms that compare data get one step budget (1,920 steps).",
         "",
-        "## Verdicts",
-        "",
-        "| # | finding | studies | verdict |",
-        "|---|---|---|---|",
     ]
+
+
+def _verdicts_section(results) -> list[str]:
+    """One row per finding, then how many findings got each verdict."""
+    lines = ["## Verdicts", "", "| # | finding | studies | verdict |", "|---|---|---|---|"]
     for finding, verdict in results:
         studies = ", ".join(finding.studies) or "—"
         lines.append(f"| {finding.number} | {finding.claim} | {studies} | **{verdict.verdict}** |")
     counts = pd.Series([v.verdict for _, v in results]).value_counts()
-    lines += ["", "Totals: " + ", ".join(f"{k}: {v}" for k, v in counts.items()) + ".", ""]
-    lines += _changes_section(results, runs)
+    return lines + ["", "Totals: " + ", ".join(f"{k}: {v}" for k, v in counts.items()) + ".", ""]
+
+
+def _findings_section(results, storage: Path, figures_dir: Path, rel: Path) -> list[str]:
+    """Per finding: its studies, setting and rule, the arms, each claim's evidence and the study's figure."""
+    lines = []
     for finding, verdict in results:
         lines += [f"### Finding {finding.number}: {verdict.verdict}", "", finding.claim, ""]
         if not finding.studies or verdict.verdict == findings.NOT_COVERED:
@@ -288,23 +312,32 @@ def write_document(storage: Path, out: Path, runs: dict, seeds: int, figures_dir
         if figure:
             lines += ["", f"![{finding.studies[0]}]({rel / figure})"]
         lines.append("")
-    lines += _loss_surface_section(storage, figures_dir, rel)
-    lines += ["## Runs", "",
-              "Each study's trials with the code that produced them; a study complete before this run was "
-              "resumed, not run again. Ray Tune trials: the packs that trained them (a pack trains several "
-              "students at once; trial-hours split a pack's time among its students).", "",
-              "| study | trials | Ray Tune trials | trial-hours | git sha | this run | exit code |",
-              "|---|---|---|---|---|---|---|"]
+    return lines
+
+
+def _runs_section(storage: Path, runs: dict) -> list[str]:
+    """Each study's trials, Ray Tune trials, trial-hours and code, then the provenance of them all."""
+    lines = ["## Runs", "",
+             "Each study's trials with the code that produced them; a study complete before this run was "
+             "resumed, not run again. Ray Tune trials: the packs that trained them (a pack trains several "
+             "students at once; trial-hours split a pack's time among its students).", "",
+             "| study | trials | Ray Tune trials | trial-hours | git sha | this run | exit code |",
+             "|---|---|---|---|---|---|---|"]
     for name in dict.fromkeys([*REPRODUCTION, *runs]):
         run = runs.get(name, {"wall_s": None, "exit": "—"})
         wall = "complete before" if run["wall_s"] is None else f"{run['wall_s'] / 60:.1f} min"
         trials, packs, hours, shas = _study_provenance(storage / name)
         lines.append(f"| {name} | {trials} | {packs} | {hours} | {shas} | {wall} | {run['exit']} |")
-    lines += ["", f"Provenance: {_provenance(storage)}. Written {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} "
-              f"by kd_ray {versions()['kd_ray_version']}.", ""]
+    return lines + ["", f"Provenance: {_provenance(storage)}. Written "
+                    f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} by kd_ray {versions()['kd_ray_version']}.",
+                    ""]
+
+
+def _paper_plan_section() -> list[str]:
+    """The paper preset's studies with their trial counts and estimated GPU-hours."""
     plan = paper_plan()
     total = sum(row["GPU-hours (est.)"] for row in plan)
-    lines += [
+    lines = [
         "## The paper preset on a GPU cluster",
         "",
         "CIFAR-100, PreResNet-56 ensembles (PreResNet-20 where the paper uses it), the paper's recipes. Start the",
@@ -321,5 +354,4 @@ def write_document(storage: Path, out: Path, runs: dict, seeds: int, figures_dir
     for row in plan:
         lines.append(f"| {row['study']} | {row['trials']} | {row['teacher members']} | "
                      f"{row['GPU-hours (est.)']:.0f} | `{row['command']}` |")
-    lines += ["", f"Total: about {total:.0f} GPU-hours.", ""]
-    write_text(out, "\n".join(lines))
+    return lines + ["", f"Total: about {total:.0f} GPU-hours.", ""]

@@ -30,6 +30,7 @@ from kd_ray.analysis._load import (
 from kd_ray.analysis._stats import check_objectives, control_gap, default_objectives, pareto_front, summarize
 from kd_ray.analysis._text import SUMMARY_METRICS, fmt_metric, markdown_table, metric_header, summary_rows
 from kd_ray.atomic import write_text
+from kd_ray.tables import Completeness
 
 REPORT_FILE = "report.md"
 FIGURES_DIR = "figures"
@@ -163,6 +164,7 @@ def report(
     doubts (copies of trials dropped, trials sharing an id kept, long text cells shortened), which the
     report says too.
     """
+    # --- load and check the tables ---
     directories = study_dirs(paths)
     trials, trial_notes = read_trials(directories)
     epochs, epoch_notes = read_epochs(directories)
@@ -176,26 +178,62 @@ def report(
     if message:
         print(message)
     partial = partial_studies(directories)
-    for directory, completeness in partial:
-        print(f"partial study {directory}: {completeness.finished} of {completeness.expected} trials in "
-              "(still running, or interrupted)", file=sys.stderr)
+    _print_partial_studies(partial)
     kept = trials[trials["usable"]]
 
+    # --- statistics and figures ---
     summary = summarize(trials, by=by, verbose=False)
-    main_metrics = [m for m in SUMMARY_METRICS if has_values(kept, m)]
-    header, rows = summary_rows(summary[summary["metric"].isin(main_metrics)], by, main_metrics)
     correlation_text, correlation_table = _correlation_section(kept, by, n_boot, seed)
     figure_paths = figures(trials, epochs, out / FIGURES_DIR, by=by, objectives=objectives)
 
+    # --- the document, section by section ---
+    parts = [
+        *_heading_section(trials, kept, directories, notes, partial, by),
+        *_summary_section(summary, kept, by),
+        "## Fidelity vs generalization",
+        correlation_text,
+        *_control_section(kept, by),
+        *_pareto_section(kept, by, objectives),
+        *_figures_section(figure_paths, out),
+        "## Excluded trials",
+        _excluded_section(trials),
+        "## Provenance",
+        _provenance_section(trials),
+    ]
+
+    # --- write ---
+    report_path = out / REPORT_FILE
+    write_text(report_path, "\n\n".join(parts) + "\n")
+    write_text(out / "summary.csv", summary.to_csv(index=False))
+    if not correlation_table.empty:
+        write_text(out / "correlations.csv", correlation_table.to_csv(index=False))
+    return report_path
+
+
+def _print_partial_studies(partial: Sequence[tuple[Path, Completeness]]) -> None:
+    for directory, completeness in partial:
+        print(f"partial study {directory}: {completeness.finished} of {completeness.expected} trials in "
+              "(still running, or interrupted)", file=sys.stderr)
+
+
+def _heading_section(
+    trials: pd.DataFrame,
+    kept: pd.DataFrame,
+    directories: Sequence[Path],
+    notes: Sequence[str],
+    partial: Sequence[tuple[Path, Completeness]],
+    by: Sequence[str],
+) -> list[str]:
+    """The title, what was loaded and left out, and what the arms vary."""
     names = ", ".join(f"`{s}`" for s in trials["study"].drop_duplicates())
+    n_excluded = len(trials) - len(kept)
     replicates = [c for c in ("seed",) if c in trials.columns and trials[c].nunique() > 1]
     searched = search_dims(trials)
-    detail_rows = _detail_rows(summary, by)
-    parts = [
+    return [
         f"# kd_ray report: {names}",
         f"{len(trials)} trials loaded from {', '.join(f'`{d}`' for d in directories)}; "
-        f"{len(kept)} usable, {len(trials) - len(kept)} excluded from the statistics"
-        + (f" ({exclusion_counts(trials)})." if message else "."),
+        f"{len(kept)} usable, {n_excluded} excluded from the statistics"
+        + (f" ({exclusion_counts(trials)})." if n_excluded else "."),
         *[f"**Loading note**: {note}." for note in notes],
         *[
             f"**Partial study** `{directory.name}`: {c.finished} of {c.expected} trials are in (it is still "
@@ -206,6 +244,15 @@ def report(
         + (f"; replicates over {', '.join(f'`{c}`' for c in replicates)}" if replicates else "")
         + (f"; searched (not arms): {', '.join(f'`{c}`' for c in searched)}" if searched else "")
         + ".",
+    ]
+
+
+def _summary_section(summary: pd.DataFrame, kept: pd.DataFrame, by: Sequence[str]) -> list[str]:
+    """Mean ± sd per arm of the main metrics, then every metric with its confidence interval."""
+    main_metrics = [m for m in SUMMARY_METRICS if has_values(kept, m)]
+    header, rows = summary_rows(summary[summary["metric"].isin(main_metrics)], by, main_metrics)
+    detail_rows = _detail_rows(summary, by)
+    return [
         "## Summary",
         "Mean ± sd per arm; fractions in percent, KL and NLL in nats; n = usable trials.",
         markdown_table(header, rows) if rows else "No usable trials.",
@@ -214,46 +261,50 @@ def report(
         markdown_table([*by, "metric", "n", "mean", "sd", "95% CI"], detail_rows)
         if detail_rows
         else "No usable trials.",
-        "## Fidelity vs generalization",
-        correlation_text,
     ]
-    gap = control_gap(kept, verbose=False)
-    if not gap.empty:
-        gap_metrics = ["test_agreement", "control_test_agreement", CONTROL_GAP]
-        gap_summary = summarize(gap, by=by, metrics=gap_metrics, verbose=False)
-        gap_header, gap_rows = summary_rows(gap_summary, by, gap_metrics)
-        parts += [
-            "## Independent-student control",
-            "control_gap = test_agreement − control_test_agreement: the agreement a student owes to its "
-            "own teacher beyond what a student distilled from an independent teacher shares with it "
-            "(paper §3.2).",
-            markdown_table(gap_header, gap_rows),
-        ]
-    objectives = objectives if objectives is not None else default_objectives(kept)
-    if objectives and has_values(kept, *objectives):
-        maximize = [c for c, d in objectives.items() if d == "max"]
-        minimize = [c for c, d in objectives.items() if d == "min"]
-        front = pareto_front(kept, maximize=maximize, minimize=minimize, verbose=False)
-        dims = search_dims(kept)
-        columns = [c for c in ("study", "trial_id", *by, *dims) if c in front.columns] + list(objectives)
-        front_rows = [
-            [fmt_metric(c, row[c]) if c in objectives else fmt_level(row[c]) for c in columns]
-            for _, row in front.iterrows()
-        ]
-        parts += [
-            "## Pareto front",
-            "Non-dominated trials on " + ", ".join(f"{c} ({d})" for c, d in objectives.items()) + ".",
-            markdown_table([metric_header(c) if c in objectives else c for c in columns], front_rows),
-        ]
-    if figure_paths:
-        parts.append("## Figures")
-        for path in figure_paths:
-            parts.append(f"![{path.stem}]({path.relative_to(out).as_posix()})")
-    parts += ["## Excluded trials", _excluded_section(trials), "## Provenance", _provenance_section(trials)]
 
-    report_path = out / REPORT_FILE
-    write_text(report_path, "\n\n".join(parts) + "\n")
-    write_text(out / "summary.csv", summary.to_csv(index=False))
-    if not correlation_table.empty:
-        write_text(out / "correlations.csv", correlation_table.to_csv(index=False))
-    return report_path
+
+def _control_section(kept: pd.DataFrame, by: Sequence[str]) -> list[str]:
+    """The independent-student control gap per arm; nothing where the control did not run."""
+    gap = control_gap(kept, verbose=False)
+    if gap.empty:
+        return []
+    gap_metrics = ["test_agreement", "control_test_agreement", CONTROL_GAP]
+    gap_summary = summarize(gap, by=by, metrics=gap_metrics, verbose=False)
+    gap_header, gap_rows = summary_rows(gap_summary, by, gap_metrics)
+    return [
+        "## Independent-student control",
+        "control_gap = test_agreement − control_test_agreement: the agreement a student owes to its "
+        "own teacher beyond what a student distilled from an independent teacher shares with it "
+        "(paper §3.2).",
+        markdown_table(gap_header, gap_rows),
+    ]
+
+
+def _pareto_section(kept: pd.DataFrame, by: Sequence[str], objectives: dict[str, str] | None) -> list[str]:
+    """The non-dominated trials on the given objectives (a searched study's by default); nothing
+    without objectives or values for them."""
+    objectives = objectives if objectives is not None else default_objectives(kept)
+    if not objectives or not has_values(kept, *objectives):
+        return []
+    maximize = [c for c, d in objectives.items() if d == "max"]
+    minimize = [c for c, d in objectives.items() if d == "min"]
+    front = pareto_front(kept, maximize=maximize, minimize=minimize, verbose=False)
+    dims = search_dims(kept)
+    columns = [c for c in ("study", "trial_id", *by, *dims) if c in front.columns] + list(objectives)
+    front_rows = [
+        [fmt_metric(c, row[c]) if c in objectives else fmt_level(row[c]) for c in columns]
+        for _, row in front.iterrows()
+    ]
+    return [
+        "## Pareto front",
+        "Non-dominated trials on " + ", ".join(f"{c} ({d})" for c, d in objectives.items()) + ".",
+        markdown_table([metric_header(c) if c in objectives else c for c in columns], front_rows),
+    ]
+
+
+def _figures_section(figure_paths: Sequence[Path], out: Path) -> list[str]:
+    """A link per figure, relative to the report; nothing without figures."""
+    if not figure_paths:
+        return []
+    return ["## Figures", *[f"![{path.stem}]({path.relative_to(out).as_posix()})" for path in figure_paths]]

@@ -31,34 +31,13 @@ from __future__ import annotations
 
 import difflib
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-POLICIES: tuple[str, ...] = (
-    "none", "baseline", "rotation", "vflip", "colorjitter", "combaug", "mixup", "cutmix", "noise",
-)
-# 1-D analogues of the image policies; signals only, so each name keeps one meaning.
-SIGNAL_POLICIES: tuple[str, ...] = ("reversal", "amplitude", "jitter", "combaug1d")
-ALL_POLICIES: tuple[str, ...] = POLICIES + SIGNAL_POLICIES
 KINDS: tuple[str, ...] = ("signal", "gray", "rgb")
-
-_ALL = KINDS
-_IMAGES = ("gray", "rgb")
-# The data kinds each policy is meaningful for.
-SUPPORTED_KINDS: dict[str, tuple[str, ...]] = {
-    "none": _ALL,
-    "baseline": _ALL,
-    "rotation": _IMAGES,
-    "vflip": _IMAGES,
-    "colorjitter": ("rgb",),
-    "combaug": _IMAGES,
-    "mixup": _ALL,
-    "cutmix": _ALL,
-    "noise": _ALL,
-    **dict.fromkeys(SIGNAL_POLICIES, ("signal",)),
-}
 
 ROTATION_DEGREES = 20.0
 JITTER_STRENGTH = 0.2  # brightness, contrast, saturation and hue alike
@@ -82,6 +61,133 @@ class AugmentedBatch:
     x: torch.Tensor
     mix_index: torch.Tensor | None
     lam: float
+
+
+# --- policies: one function per name, given the batch after baseline (none: the input itself) --
+
+
+@dataclass(frozen=True)
+class _PolicyInput:
+    """What a policy sees: the input batch as given (for the scales some policies take from it),
+    its data kind, the generator every draw comes from, and the Beta parameter of the mixing ones."""
+
+    x: torch.Tensor
+    kind: str
+    generator: torch.Generator
+    mixup_alpha: float
+
+
+def _unchanged(out: torch.Tensor, batch: _PolicyInput) -> AugmentedBatch:
+    """``none`` (given the input itself) and ``baseline`` (given the shifted batch)."""
+    return AugmentedBatch(out, None, 1.0)
+
+
+def _apply_rotation(out: torch.Tensor, batch: _PolicyInput) -> AugmentedBatch:
+    return AugmentedBatch(_rotate(out, batch.generator), None, 1.0)
+
+
+def _apply_vflip(out: torch.Tensor, batch: _PolicyInput) -> AugmentedBatch:
+    return AugmentedBatch(random_flip(out, batch.generator, dim=-2), None, 1.0)
+
+
+def _apply_colorjitter(out: torch.Tensor, batch: _PolicyInput) -> AugmentedBatch:
+    return AugmentedBatch(_color_jitter(out, batch.generator), None, 1.0)
+
+
+def _apply_combaug(out: torch.Tensor, batch: _PolicyInput) -> AugmentedBatch:
+    out = random_flip(_rotate(out, batch.generator), batch.generator, dim=-2)
+    # Saturation and hue do not exist on gray images.
+    if batch.kind == "rgb":
+        out = _color_jitter(out, batch.generator)
+    return AugmentedBatch(out, None, 1.0)
+
+
+def _apply_mixup(out: torch.Tensor, batch: _PolicyInput) -> AugmentedBatch:
+    x, generator = batch.x, batch.generator
+    lam = _beta(batch.mixup_alpha, generator, x.device)
+    perm = torch.randperm(x.shape[0], generator=generator, device=x.device)
+    # lerp is exact where a sample meets an identical partner; clamping guards the last ulp.
+    mixed = torch.lerp(out[perm], out, lam)
+    if batch.kind != "signal":
+        mixed = mixed.clamp(0.0, 1.0)
+    return AugmentedBatch(mixed, perm, lam)
+
+
+def _apply_cutmix(out: torch.Tensor, batch: _PolicyInput) -> AugmentedBatch:
+    return _cutmix(out, batch.generator, batch.mixup_alpha)
+
+
+def _apply_noise(out: torch.Tensor, batch: _PolicyInput) -> AugmentedBatch:
+    x, generator = batch.x, batch.generator
+    is_image = batch.kind != "signal"
+    if is_image:
+        low, high = 0.0, 1.0
+    else:
+        # The input's range, not the translated batch's: zero padding could widen it.
+        low, high = float(x.min()), float(x.max())
+    replace = torch.rand(x.shape[0], generator=generator, device=x.device) < NOISE_P
+    noise = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    noise = low + (high - low) * noise
+    if is_image:
+        noise = noise.clamp(0.0, 1.0)
+    mask = replace.view(-1, *([1] * (x.dim() - 1)))
+    return AugmentedBatch(torch.where(mask, noise, out), None, 1.0)
+
+
+def _apply_reversal(out: torch.Tensor, batch: _PolicyInput) -> AugmentedBatch:
+    return AugmentedBatch(random_flip(out, batch.generator, dim=-1), None, 1.0)
+
+
+def _apply_amplitude(out: torch.Tensor, batch: _PolicyInput) -> AugmentedBatch:
+    return AugmentedBatch(scale_amplitude(out, batch.generator), None, 1.0)
+
+
+def _apply_jitter(out: torch.Tensor, batch: _PolicyInput) -> AugmentedBatch:
+    return AugmentedBatch(add_jitter(out, batch.generator, reference=batch.x), None, 1.0)
+
+
+def _apply_combaug1d(out: torch.Tensor, batch: _PolicyInput) -> AugmentedBatch:
+    out = scale_amplitude(random_flip(out, batch.generator, dim=-1), batch.generator)
+    return AugmentedBatch(add_jitter(out, batch.generator, reference=batch.x), None, 1.0)
+
+
+@dataclass(frozen=True)
+class _Policy:
+    apply: Callable[[torch.Tensor, _PolicyInput], AugmentedBatch]
+    kinds: tuple[str, ...]  # the data kinds the policy is meaningful for
+    after_baseline: bool = True  # every policy but ``none`` starts with baseline
+    mixes: bool = False  # draws its label weight from Beta(mixup_alpha, mixup_alpha)
+
+
+_ALL = KINDS
+_IMAGES = ("gray", "rgb")
+_SIGNAL = ("signal",)
+# Every policy, its function and its data kinds, in the order they are listed to users. Validation
+# and dispatch both read this table, so a policy cannot be listed without being implemented.
+_POLICY_TABLE: dict[str, _Policy] = {
+    "none": _Policy(_unchanged, _ALL, after_baseline=False),
+    "baseline": _Policy(_unchanged, _ALL),
+    "rotation": _Policy(_apply_rotation, _IMAGES),
+    "vflip": _Policy(_apply_vflip, _IMAGES),
+    "colorjitter": _Policy(_apply_colorjitter, ("rgb",)),
+    "combaug": _Policy(_apply_combaug, _IMAGES),
+    "mixup": _Policy(_apply_mixup, _ALL, mixes=True),
+    "cutmix": _Policy(_apply_cutmix, _ALL, mixes=True),
+    "noise": _Policy(_apply_noise, _ALL),
+    # 1-D analogues of the image policies; signals only, so each name keeps one meaning.
+    "reversal": _Policy(_apply_reversal, _SIGNAL),
+    "amplitude": _Policy(_apply_amplitude, _SIGNAL),
+    "jitter": _Policy(_apply_jitter, _SIGNAL),
+    "combaug1d": _Policy(_apply_combaug1d, _SIGNAL),
+}
+# The data kinds each policy is meaningful for.
+SUPPORTED_KINDS: dict[str, tuple[str, ...]] = {name: policy.kinds for name, policy in _POLICY_TABLE.items()}
+SIGNAL_POLICIES: tuple[str, ...] = tuple(name for name, kinds in SUPPORTED_KINDS.items() if kinds == _SIGNAL)
+POLICIES: tuple[str, ...] = tuple(name for name in SUPPORTED_KINDS if name not in SIGNAL_POLICIES)
+ALL_POLICIES: tuple[str, ...] = POLICIES + SIGNAL_POLICIES
+
+
+# --- the public face ---------------------------------------------------------------------------
 
 
 def policies_for(kind: str) -> tuple[str, ...]:
@@ -150,60 +256,11 @@ def augment(
     """
     check_policy(name, kind)
     _check_batch(x, generator, kind=kind, crop_pad=crop_pad)
-    if name in ("mixup", "cutmix") and not (math.isfinite(mixup_alpha) and mixup_alpha > 0):
+    policy = _POLICY_TABLE[name]
+    if policy.mixes and not (math.isfinite(mixup_alpha) and mixup_alpha > 0):
         raise ValueError(f"mixup_alpha={mixup_alpha!r} must be a finite number > 0")
-    is_image = kind != "signal"
-
-    if name == "none":
-        return AugmentedBatch(x, None, 1.0)
-
-    out = shift_and_flip(x, generator, crop_pad=crop_pad, hflip=hflip)
-    if name == "baseline":
-        return AugmentedBatch(out, None, 1.0)
-    if name == "rotation":
-        return AugmentedBatch(_rotate(out, generator), None, 1.0)
-    if name == "vflip":
-        return AugmentedBatch(random_flip(out, generator, dim=-2), None, 1.0)
-    if name == "colorjitter":
-        return AugmentedBatch(_color_jitter(out, generator), None, 1.0)
-    if name == "combaug":
-        out = random_flip(_rotate(out, generator), generator, dim=-2)
-        if kind == "rgb":
-            out = _color_jitter(out, generator)
-        return AugmentedBatch(out, None, 1.0)
-    if name == "mixup":
-        lam = _beta(mixup_alpha, generator, x.device)
-        perm = torch.randperm(x.shape[0], generator=generator, device=x.device)
-        # lerp is exact where a sample meets an identical partner; clamping guards the last ulp.
-        mixed = torch.lerp(out[perm], out, lam)
-        if is_image:
-            mixed = mixed.clamp(0.0, 1.0)
-        return AugmentedBatch(mixed, perm, lam)
-    if name == "cutmix":
-        return _cutmix(out, generator, mixup_alpha)
-    if name == "reversal":
-        return AugmentedBatch(random_flip(out, generator, dim=-1), None, 1.0)
-    if name == "amplitude":
-        return AugmentedBatch(scale_amplitude(out, generator), None, 1.0)
-    if name == "jitter":
-        return AugmentedBatch(add_jitter(out, generator, reference=x), None, 1.0)
-    if name == "combaug1d":
-        out = scale_amplitude(random_flip(out, generator, dim=-1), generator)
-        return AugmentedBatch(add_jitter(out, generator, reference=x), None, 1.0)
-    if name == "noise":
-        if is_image:
-            low, high = 0.0, 1.0
-        else:
-            # The input's range, not the translated batch's: zero padding could widen it.
-            low, high = float(x.min()), float(x.max())
-        replace = torch.rand(x.shape[0], generator=generator, device=x.device) < NOISE_P
-        noise = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-        noise = low + (high - low) * noise
-        if is_image:
-            noise = noise.clamp(0.0, 1.0)
-        mask = replace.view(-1, *([1] * (x.dim() - 1)))
-        return AugmentedBatch(torch.where(mask, noise, out), None, 1.0)
-    raise AssertionError(f"policy {name!r} is listed but not implemented")
+    out = shift_and_flip(x, generator, crop_pad=crop_pad, hflip=hflip) if policy.after_baseline else x
+    return policy.apply(out, _PolicyInput(x, kind, generator, mixup_alpha))
 
 
 # --- checks ------------------------------------------------------------------------------------

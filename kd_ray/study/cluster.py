@@ -45,8 +45,20 @@ def load_cluster_config(path: str) -> dict[str, Any]:
 
 def validate_cluster_config(config: dict[str, Any], path: str = "cluster.yaml") -> list[str]:
     """Raise ClusterConfigError on the first problem; return notes on what was checked."""
+    _check_with_ray(config, path)
+    local = config["provider"]["type"] == "local"
+    return [
+        "Ray's schema and validate_config: ok",
+        _check_head(config, path, local),
+        _check_dashboard(config, path),
+        _check_token_authentication(config, path, local),
+        _check_ray_version(config, path),
+    ]
+
+
+def _check_with_ray(config: dict[str, Any], path: str) -> None:
+    """Ray's JSON schema, then Ray's own prepare_config and validate_config, in kd_ray's words."""
     import jsonschema
-    import ray
     from ray.autoscaler._private.util import prepare_config, validate_config
 
     try:
@@ -54,8 +66,7 @@ def validate_cluster_config(config: dict[str, Any], path: str = "cluster.yaml") 
     except jsonschema.ValidationError as exc:
         where = "/".join(str(p) for p in exc.absolute_path) or "(top level)"
         raise ClusterConfigError(f"{path}: field '{where}': {exc.message}") from None
-    local = config["provider"]["type"] == "local"
-    if local:
+    if config["provider"]["type"] == "local":
         # Before Ray's prepare_config, which aborts on these with a log line of its own.
         check_local_provider(config, path)
     try:
@@ -65,20 +76,24 @@ def validate_cluster_config(config: dict[str, Any], path: str = "cluster.yaml") 
         message = getattr(exc, "message", None) or str(exc)
         raise ClusterConfigError(f"{path}: Ray refuses the config: {message}") from None
 
-    notes = ["Ray's schema and validate_config: ok"]
+
+def _check_head(config: dict[str, Any], path: str, local: bool) -> str:
+    """The head of a cloud cluster runs no trials; a local provider's head runs trials too."""
     if local:
         workers = config["provider"]["worker_ips"]
-        notes.append(f"local provider: head {config['provider']['head_ip']} and {len(workers)} workers over SSH "
-                     f"as {config['auth']['ssh_user']}; the head runs trials too: ok")
-    else:
-        head = config.get("head_node_type")
-        head_resources = config.get("available_node_types", {}).get(head, {}).get("resources", {})
-        if head_resources.get("CPU") != 0:
-            raise ClusterConfigError(
-                f"{path}: available_node_types/{head}/resources must set CPU: 0 so the head runs no "
-                f"trials; got {head_resources!r}"
-            )
-        notes.append("head runs no trials (CPU: 0): ok")
+        return (f"local provider: head {config['provider']['head_ip']} and {len(workers)} workers over SSH "
+                f"as {config['auth']['ssh_user']}; the head runs trials too: ok")
+    head = config.get("head_node_type")
+    head_resources = config.get("available_node_types", {}).get(head, {}).get("resources", {})
+    if head_resources.get("CPU") != 0:
+        raise ClusterConfigError(
+            f"{path}: available_node_types/{head}/resources must set CPU: 0 so the head runs no "
+            f"trials; got {head_resources!r}"
+        )
+    return "head runs no trials (CPU: 0): ok"
+
+
+def _check_dashboard(config: dict[str, Any], path: str) -> str:
     starts = " ".join(config.get("head_start_ray_commands", []))
     host = re.search(r"--dashboard-host[= ](\S+)", starts)
     if host is None or host.group(1) not in ("127.0.0.1", "localhost"):
@@ -86,7 +101,11 @@ def validate_cluster_config(config: dict[str, Any], path: str = "cluster.yaml") 
             f"{path}: head_start_ray_commands must keep the dashboard on localhost "
             f"(--dashboard-host=127.0.0.1); reach it with `ray dashboard {os.path.basename(path)}`"
         )
-    notes.append("dashboard on localhost: ok")
+    return "dashboard on localhost: ok"
+
+
+def _check_token_authentication(config: dict[str, Any], path: str, local: bool) -> str:
+    """Ray's token authentication on every node, and on a local provider the token mounted on each."""
     docker = config.get("docker") or {}
     if local and not docker:
         # Without docker no run option carries the mode: each `ray start` sets it itself.
@@ -110,7 +129,13 @@ def validate_cluster_config(config: dict[str, Any], path: str = "cluster.yaml") 
             f"{path}: file_mounts must copy the shared token to every node: add "
             f"'~/.ray/auth_token: ~/.ray/auth_token' (create it once with `ray get-auth-token --generate`)"
         )
-    notes.append("token authentication on: ok")
+    return "token authentication on: ok"
+
+
+def _check_ray_version(config: dict[str, Any], path: str) -> str:
+    """The cluster's Ray, pinned by its docker image or a pip pin, is this machine's."""
+    import ray
+
     image = (config.get("docker") or {}).get("image", "")
     pinned = re.search(r"rayproject/ray(?:-ml)?:(\d+\.\d+\.\d+)", image)
     setup = " ".join(config.get("setup_commands", []))
@@ -125,8 +150,7 @@ def validate_cluster_config(config: dict[str, Any], path: str = "cluster.yaml") 
         raise ClusterConfigError(
             f"{path}: the cluster runs Ray {version} but this machine has Ray {ray.__version__}; they must match"
         )
-    notes.append(f"Ray pinned to {version}, matching this machine: ok")
-    return notes
+    return f"Ray pinned to {version}, matching this machine: ok"
 
 
 def check_local_provider(config: dict[str, Any], path: str) -> None:
