@@ -14,7 +14,7 @@ import pytest
 
 from kd_ray.progress import format_duration, time_left_s, trial_done_line
 from kd_ray.study.console import arm_columns
-from kd_ray.study.live_tables import ARM_KEY
+from kd_ray.study.plan import ARM_KEY
 from kd_ray.study.presets import STUDIES
 from kd_ray.study.runner import CHECKPOINTS_KEPT
 

@@ -16,13 +16,12 @@ from ray.tune.experiment import Trial
 from kd_ray.atomic import is_uri
 from kd_ray.config import ConfigError
 from kd_ray.progress import log, time_left_s, trial_done_line
-from kd_ray.study.live_tables import ARM_KEY, PACK_KEY, flatten_arm
+from kd_ray.study.plan import ARM_KEY, PACK_KEY, flatten_arm
 from kd_ray.tables import FIDELITY_METRICS, GENERALIZATION_METRICS
 
 # What a person watches a study for: the student's test agreement and test accuracy.
 CONSOLE_METRICS = (FIDELITY_METRICS[0], GENERALIZATION_METRICS[0])
 TABLE_EVERY_S = 60  # Ray Tune's progress table at most this often; a line per finished trial between
-
 
 
 def arm_columns(search_space: dict[str, tuple] | None, axes: dict[str, list], arms: list[dict[str, Any]],

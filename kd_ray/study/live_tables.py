@@ -20,20 +20,10 @@ from ray.tune.experiment import Trial
 
 from kd_ray import tables
 from kd_ray.config import TrialConfig
+from kd_ray.study.plan import PACK_KEY, STUDENTS_KEY, flatten_arm
 from kd_ray.tables import ERROR, STOPPED
 
-ARM_KEY = "arm"  # an explicit arm travels through Tune's grid as one dict-valued parameter
-# A pack (kd_ray.packs.run) travels as one parameter too: {"pack_id", "size", "students": [config, ...]};
-# its reports hold each student's metrics under "students/<index>".
-PACK_KEY = "pack"
-STUDENTS_KEY = "students"
 RESULT_FILE = "result.json"  # Ray Tune's log of a trial's reports, one JSON object a line
-
-
-def flatten_arm(config: dict[str, Any]) -> dict[str, Any]:
-    config = dict(config)
-    arm = config.pop(ARM_KEY, None) or {}  # pop first: {**config, **config.pop(...)} keeps the key
-    return {**config, **arm}
 
 
 def _nan_to_none(value: Any) -> Any:

@@ -1,10 +1,9 @@
 """Runs a validated study on Ray: teacher members as Ray tasks, trials through a Ray Tune Tuner.
 
-Only this module, ``study_tables`` (the tables from Ray Tune's trials) and ``study_guards`` (the
-local Ray's settings, signals, storage faults, what a resume is held to) import Ray. It takes the
-study as a ``RunPlan`` of plain values, owns the files it writes beside the tables (``state.pt``
-checkpoints, ``optuna.journal``) and its ``StudyResult``, and never imports ``kd_ray.study.spec``. The
-trainable is a plain function around ``trial.run_trial``.
+It takes the study as a ``RunPlan`` of plain values and gives back a ``StudyResult`` (both
+``kd_ray.study.plan``), owns the ``state.pt`` checkpoints it writes beside the tables, and never
+imports ``kd_ray.study.spec``, which sits above it. The trainable is a plain function around
+``kd_ray.train.trial.run_trial``. Every module of ``kd_ray/study`` may import Ray; nothing outside it does.
 """
 
 from __future__ import annotations
@@ -18,12 +17,13 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
+import pandas as pd
 import ray
 from ray import tune
 
+from kd_ray import tables
 from kd_ray.atomic import atomic_local_filesystem, is_uri
 from kd_ray.config import EXIT_RAY, ConfigError, TrialConfig
 from kd_ray.data.datasets import DataError
@@ -38,62 +38,14 @@ from kd_ray.study.guards import (
     storage_error,
     write_spec,
 )
-from kd_ray.study.live_tables import ARM_KEY, PACK_KEY, LiveTables, flatten_arm, record_finished_trials
+from kd_ray.study.live_tables import LiveTables, record_finished_trials
 from kd_ray.study.pack_trials import choose_packs, pack_dirname, search_pack_size, train_pack
+from kd_ray.study.plan import ARM_KEY, PACK_KEY, RunPlan, StudyResult, flatten_arm
 from kd_ray.study.storage import rerun_hint
 from kd_ray.train.teachers import TeacherStoreError
 
 STATE_FILE = "state.pt"  # the trial's checkpoint inside each Ray Tune checkpoint directory
 REPORT_KEY = "report"  # in a checkpoint: the report it came with, made again by a trial restored from it
-OPTUNA_JOURNAL = "optuna.journal"  # the Optuna study of a search, in <storage>/<name>/
-
-
-
-@dataclass(frozen=True)
-class RunPlan:
-    """What the runner needs of a validated study, as plain values.
-
-    A grid study has ``search_space=None`` and ``num_samples=1``; ``metrics`` and ``modes`` are then
-    the ones ASHA stops trials on. An Optuna search samples ``num_samples`` trials from
-    ``search_space`` (TPE for one metric, NSGA-II for several)."""
-
-    name: str
-    study_dir: str
-    storage_path: str
-    teacher_store: str
-    base: TrialConfig
-    axes: dict[str, list[Any]] = field(default_factory=dict)
-    arms: list[dict[str, Any]] = field(default_factory=list)
-    seeds: list[int] = field(default_factory=lambda: [0])
-    search_space: dict[str, tuple] | None = None
-    metrics: tuple[str, ...] = ("test_agreement",)
-    modes: tuple[str, ...] = ("max",)
-    num_samples: int = 1
-    search_seed: int = 0
-    scheduler: str = "fifo"
-    asha_grace_epochs: int = 2
-    cpus_per_trial: float = 1.0
-    gpus_per_trial: float = 0.0
-    max_concurrent_trials: int | None = None
-    max_failures: int = 2
-    resume: bool = False
-    address: str | None = None
-    data_dir: str | None = None
-    retrain_teachers: bool = False
-    trackers: tuple[str, ...] = ()  # tensorboard | mlflow | wandb, through Ray Tune's logger callbacks
-    pack: str = "auto"  # off | auto: trials that share a teacher, data and batch stream train as one (packing)
-    verbose: int = 1
-    spec: dict[str, Any] | None = None  # what decides the trials, stored beside the tables (study_guards)
-
-
-@dataclass
-class StudyResult:
-    study_dir: str
-    trials: Any  # pandas.DataFrame
-    epochs: Any  # pandas.DataFrame
-    partial: bool
-    finished: int
-    expected: int
 
 
 def _set_threads() -> None:
@@ -216,43 +168,14 @@ def _trainable(config: dict[str, Any], store_uri: str, data_dir: str | None) -> 
 # --- the tuner ----------------------------------------------------------------------------------
 
 
-def _optuna_search(plan: RunPlan, pack_size: int = 1):
-    import optuna
-    from optuna.storages import JournalStorage
-    from optuna.storages.journal import JournalFileBackend
-    from ray.tune.search.optuna import OptunaSearch
+def _searcher(plan: RunPlan, pack_size: int):
+    """The Optuna searcher of a search (``pack_size`` points to a trial), None for a grid study."""
+    if plan.search_space is None:
+        return None
+    # Deferred and downward: Optuna loads only for a study that searches.
+    from kd_ray.study.search import optuna_searcher
 
-    from kd_ray.study.search import PackedOptunaSearch, PicklableNSGAIISampler
-
-    assert plan.search_space is not None
-    space = {}
-    for name, dim in plan.search_space.items():
-        kind = dim[0]
-        if kind == "choice":
-            space[name] = optuna.distributions.CategoricalDistribution(list(dim[1]))
-        elif kind == "int":
-            space[name] = optuna.distributions.IntDistribution(int(dim[1]), int(dim[2]))
-        else:
-            space[name] = optuna.distributions.FloatDistribution(float(dim[1]), float(dim[2]), log=kind == "logfloat")
-    multi = len(plan.metrics) > 1
-    if multi:
-        sampler = PicklableNSGAIISampler(seed=plan.search_seed)
-    else:
-        # A pack asks for several points before any is told: a constant liar keeps them apart.
-        sampler = optuna.samplers.TPESampler(seed=plan.search_seed, constant_liar=pack_size > 1)
-    journal = os.path.join(plan.study_dir, OPTUNA_JOURNAL)
-    os.makedirs(plan.study_dir, exist_ok=True)
-    storage = JournalStorage(JournalFileBackend(journal))
-    metric = list(plan.metrics) if multi else plan.metrics[0]
-    mode = list(plan.modes) if multi else plan.modes[0]
-    optuna_name = f"{plan.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    log(f"optuna: study '{optuna_name}' in {journal} "
-        f"(optuna.load_study(study_name=..., storage=JournalStorage(...)))")
-    if pack_size > 1:
-        directions = ["maximize" if m == "max" else "minimize" for m in plan.modes]
-        study = optuna.create_study(storage=storage, sampler=sampler, study_name=optuna_name, directions=directions)
-        return PackedOptunaSearch(study, space, plan.base.to_dict(), list(plan.metrics), plan.num_samples, pack_size)
-    return OptunaSearch(space=space, metric=metric, mode=mode, sampler=sampler, storage=storage, study_name=optuna_name)
+    return optuna_searcher(plan, pack_size)
 
 
 def _scheduler(plan: RunPlan):
@@ -293,18 +216,20 @@ def _param_space(plan: RunPlan, packs: list[dict[str, Any]] | None = None) -> di
 CHECKPOINTS_KEPT = 10
 
 
-def slots(plan: RunPlan) -> int:
-    """How many trials the cluster runs at once."""
+def slots(plan: RunPlan, count_gpus: bool = True) -> int:
+    """How many trials the cluster runs at once: ``max_concurrent_trials`` if set, else as many as its
+    CPUs hold and, with ``count_gpus``, as many as its GPUs hold."""
     if plan.max_concurrent_trials:
         return plan.max_concurrent_trials
     resources = ray.cluster_resources()
     count = int(resources.get("CPU", 1) // plan.cpus_per_trial)
-    if plan.gpus_per_trial > 0:
+    if count_gpus and plan.gpus_per_trial > 0:
         count = min(count, int(resources.get("GPU", 0) // plan.gpus_per_trial))
     return max(1, count)
 
 
 def _check_cluster(plan: RunPlan) -> None:
+    """Refuse a trial larger than the cluster, unless an autoscaler (``--address``) may add the nodes it needs."""
     resources = ray.cluster_resources()
     cpus, gpus = resources.get("CPU", 0.0), resources.get("GPU", 0.0)
     autoscaling = plan.address is not None
@@ -316,7 +241,9 @@ def _check_cluster(plan: RunPlan) -> None:
         log(f"cluster has {cpus:g} CPUs / {gpus:g} GPUs now; waiting for the autoscaler to add nodes")
 
 
-def _build_tuner(plan: RunPlan, configs: list[TrialConfig], live_tables: LiveTables):
+def _build_tuner(plan: RunPlan, configs: list[TrialConfig], live_tables: LiveTables) -> tune.Tuner:
+    """The study's Tuner: restored from its saved state on a resume, else a new one, its trials packed
+    where they can be."""
     # Ray Tune's newer console ignores a progress reporter; the classic one prints CLIReporter's table.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     trainable = tune.with_resources(
@@ -327,28 +254,51 @@ def _build_tuner(plan: RunPlan, configs: list[TrialConfig], live_tables: LiveTab
     storage = atomic_local_filesystem(plan.study_dir) if not is_uri(plan.study_dir) else None
     if plan.resume and tune.Tuner.can_restore(plan.study_dir, storage_filesystem=storage):
         log(f"resuming {plan.study_dir}")
+        # A resumed study keeps the packs its saved Tuner holds.
         return restore_tuner(plan.study_dir, trainable, storage)
-    columns = arm_columns(plan.search_space, plan.axes, plan.arms, plan.seeds)
-    # A resumed study keeps the packs its saved Tuner holds (restored above).
-    packs = choose_packs(plan.pack, plan.search_space is not None, plan.scheduler, slots(plan), plan.gpus_per_trial,
-                         plan.study_dir, configs)
-    search_pack = 1 if plan.search_space is None else search_pack_size(
-        plan.pack, plan.scheduler, list(plan.search_space), plan.base, plan.num_samples, slots(plan),
-        plan.gpus_per_trial)
+    packs, search_pack = _packs(plan, configs)
     packed = packs is not None or search_pack > 1
+    tune_config = _tune_config(plan, packed, search_pack)
+    run_config = _run_config(plan, storage, live_tables, _progress_columns(plan, packed))
+    # A packed search's searcher gives each trial its whole parameter: every student's config.
+    space = _param_space(plan, packs) if search_pack == 1 else {}
+    return tune.Tuner(trainable, param_space=space, tune_config=tune_config, run_config=run_config)
+
+
+def _packs(plan: RunPlan, configs: list[TrialConfig]) -> tuple[list[dict[str, Any]] | None, int]:
+    """A grid study's packs as Ray Tune parameters (None: a trial per config), and how many Optuna
+    points each trial of a search asks for (1: a point per trial)."""
+    trial_slots = slots(plan)
+    packs = choose_packs(plan.pack, plan.search_space is not None, plan.scheduler, trial_slots, plan.gpus_per_trial,
+                         plan.study_dir, configs)
+    if plan.search_space is None:
+        return packs, 1
+    search_pack = search_pack_size(plan.pack, plan.scheduler, list(plan.search_space), plan.base, plan.num_samples,
+                                   trial_slots, plan.gpus_per_trial)
+    return packs, search_pack
+
+
+def _progress_columns(plan: RunPlan, packed: bool) -> dict[str, str]:
+    """The Tune config keys that tell the trials apart on the console, and their labels."""
     if packed:
-        columns = {f"{PACK_KEY}/pack_id": "pack", f"{PACK_KEY}/size": "students"}
-    cpus = ray.cluster_resources().get("CPU", 1)
-    max_concurrent = plan.max_concurrent_trials or max(1, int(cpus // plan.cpus_per_trial))
-    tune_config = tune.TuneConfig(
+        return {f"{PACK_KEY}/pack_id": "pack", f"{PACK_KEY}/size": "students"}
+    return arm_columns(plan.search_space, plan.axes, plan.arms, plan.seeds)
+
+
+def _tune_config(plan: RunPlan, packed: bool, search_pack: int) -> tune.TuneConfig:
+    return tune.TuneConfig(
         trial_dirname_creator=pack_dirname if packed else None,
-        search_alg=_optuna_search(plan, search_pack) if plan.search_space is not None else None,
+        search_alg=_searcher(plan, search_pack),
         scheduler=_scheduler(plan),
-        num_samples=-(-plan.num_samples // search_pack),
-        max_concurrent_trials=max_concurrent,
+        num_samples=-(-plan.num_samples // search_pack),  # a search's points, search_pack to a trial
+        # CPUs only: each trial's GPU request already holds the trials to the GPUs there are.
+        max_concurrent_trials=slots(plan, count_gpus=False),
         reuse_actors=plan.gpus_per_trial == 0,
     )
-    run_config = tune.RunConfig(
+
+
+def _run_config(plan: RunPlan, storage, live_tables: LiveTables, columns: dict[str, str]) -> tune.RunConfig:
+    return tune.RunConfig(
         name=plan.name,
         storage_path=plan.storage_path,
         storage_filesystem=storage,
@@ -359,17 +309,13 @@ def _build_tuner(plan: RunPlan, configs: list[TrialConfig], live_tables: LiveTab
         progress_reporter=progress_table(columns),
         verbose=plan.verbose,
     )
-    # A packed search's searcher gives each trial its whole parameter: every student's config.
-    space = _param_space(plan, packs) if search_pack == 1 else {}
-    return tune.Tuner(trainable, param_space=space, tune_config=tune_config, run_config=run_config)
+
+
+# --- the study ----------------------------------------------------------------------------------
 
 
 def run_study(plan: RunPlan, configs: list[TrialConfig]) -> StudyResult:
     """Run the validated ``configs`` of ``plan`` (for a search, ``[plan.base]``) and write the tables."""
-    import pandas as pd
-
-    from kd_ray import tables
-
     check_teacher_store(plan, configs)
     if plan.resume:
         check_saved_state(plan.study_dir)  # Ray Tune's saved state must be whole, before any compute
@@ -384,6 +330,11 @@ def run_study(plan: RunPlan, configs: list[TrialConfig]) -> StudyResult:
         if problem is None:
             raise
         raise problem from None
+    return _study_result(plan, expected)
+
+
+def _study_result(plan: RunPlan, expected: int) -> StudyResult:
+    """The tables as the run left them, and a line saying so: a PARTIAL study's says how to finish it."""
     completeness = tables.read_completeness(plan.study_dir)
     finished = completeness.finished if completeness else 0
     trials_path, epochs_path = f"{plan.study_dir}/{tables.TRIALS_FILE}", f"{plan.study_dir}/{tables.EPOCHS_FILE}"
@@ -474,15 +425,12 @@ def head_watch(plan: RunPlan) -> Iterator[None]:
 
 
 def _teachers_trials_tables(plan: RunPlan, configs: list[TrialConfig], expected: int) -> None:
-    from kd_ray import tables
-
     _check_cluster(plan)
     log(f"study {plan.name}: {expected} trials, {plan.cpus_per_trial:g} CPU / {plan.gpus_per_trial:g} GPU "
         f"each, storage {plan.study_dir}")
     prepare_teachers(plan, configs)
-    if plan.spec is not None:
-        # The study directory begins here: a study refused before (bad data, say) leaves none.
-        write_spec(plan.study_dir, plan.spec)
+    # The study directory begins here: a study refused before (bad data, say) leaves none.
+    write_spec(plan.study_dir, plan.spec)
     # Trials that a killed driver left as parts go into the tables before the study goes on.
     tables.compact_trial_parts(plan.study_dir, expected)
     tuner_started = time.perf_counter()

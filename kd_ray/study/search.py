@@ -1,25 +1,36 @@
-"""An Optuna search whose Ray Tune trials are packs: each asks Optuna for several points at once.
+"""Optuna on Ray Tune: the searcher a study's Optuna search runs with (``optuna_searcher``), its
+sampler, and the journal that holds the Optuna study.
 
-Used when every dimension of the search space is a student field (``packing.STUDENT_FIELDS``:
-temperature, alpha, learning rate, ...), so the points of one pack share the base's teacher, data
-and batch stream. TPE asks them with a constant liar (a point asked but not yet told counts as a
-poor one), so the points of a pack spread out rather than repeat; NSGA-II asks them from its current
-generation. Each student's values are told to its own Optuna trial when the pack completes; a
-student without a finite value is told as failed. The journal holds the Optuna study, as for an
-unpacked search.
+A search samples its trials as it goes: TPE for one metric, NSGA-II for several (made picklable,
+``PicklableNSGAIISampler``). When every dimension of the search space is a student field
+(``kd_ray.packs.plan.STUDENT_FIELDS``: temperature, alpha, learning rate, ...), its Ray Tune trials
+are packs (``PackedOptunaSearch``): each asks Optuna for several points at once, points that share
+the base's teacher, data and batch stream. TPE asks them with a constant liar (a point asked but not
+yet told counts as a poor one), so the points of a pack spread out rather than repeat; NSGA-II asks
+them from its current generation. Each student's values are told to its own Optuna trial when the
+pack completes; a student without a finite value is told as failed. The journal holds the Optuna
+study, packed or not.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import threading
+import time
 from typing import Any
 
 import optuna
+from optuna.storages import JournalStorage
+from optuna.storages.journal import JournalFileBackend
 from ray.tune.search import Searcher
+from ray.tune.search.optuna import OptunaSearch
 
-from kd_ray.study.live_tables import PACK_KEY, STUDENTS_KEY
+from kd_ray.progress import log
+from kd_ray.study.plan import PACK_KEY, STUDENTS_KEY, RunPlan
+
+OPTUNA_JOURNAL = "optuna.journal"  # the Optuna study of a search, in <storage>/<name>/
 
 
 class PackedOptunaSearch(Searcher):
@@ -69,7 +80,6 @@ class PackedOptunaSearch(Searcher):
         self.asked, self.pending = int(state["asked"]), {k: list(v) for k, v in state["pending"].items()}
 
 
-
 # Each lock type, and how to make a new one.
 _LOCK_TYPES = {type(threading.Lock()): threading.Lock, type(threading.RLock()): threading.RLock}
 
@@ -88,3 +98,51 @@ class PicklableNSGAIISampler(optuna.samplers.NSGAIISampler):
         for name, value in vars(optuna.samplers.NSGAIISampler(seed=0)).items():
             if type(value) in _LOCK_TYPES:
                 setattr(self, name, _LOCK_TYPES[type(value)]())
+
+
+def optuna_searcher(plan: RunPlan, pack_size: int = 1) -> Searcher:
+    """The Ray Tune searcher of ``plan``'s Optuna search, its Optuna study kept in a journal beside the
+    tables: Ray Tune's own ``OptunaSearch``, or a ``PackedOptunaSearch`` when each trial is a pack of
+    ``pack_size`` points."""
+    assert plan.search_space is not None
+    distributions = _distributions(plan.search_space)
+    sampler = _sampler(plan, pack_size)
+    journal = os.path.join(plan.study_dir, OPTUNA_JOURNAL)
+    os.makedirs(plan.study_dir, exist_ok=True)
+    storage = JournalStorage(JournalFileBackend(journal))
+    optuna_name = f"{plan.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    log(f"optuna: study '{optuna_name}' in {journal} "
+        f"(optuna.load_study(study_name=..., storage=JournalStorage(...)))")
+    if pack_size > 1:
+        directions = ["maximize" if mode == "max" else "minimize" for mode in plan.modes]
+        study = optuna.create_study(storage=storage, sampler=sampler, study_name=optuna_name, directions=directions)
+        return PackedOptunaSearch(study, distributions, plan.base.to_dict(), list(plan.metrics), plan.num_samples,
+                                  pack_size)
+    multi = len(plan.metrics) > 1
+    metric = list(plan.metrics) if multi else plan.metrics[0]
+    mode = list(plan.modes) if multi else plan.modes[0]
+    return OptunaSearch(space=distributions, metric=metric, mode=mode, sampler=sampler, storage=storage,
+                        study_name=optuna_name)
+
+
+def _distributions(search_space: dict[str, tuple]) -> dict[str, optuna.distributions.BaseDistribution]:
+    """A study's search space (``kd_ray.study.spec.OptunaSpec.space``) as Optuna distributions."""
+    distributions = {}
+    for name, dim in search_space.items():
+        kind = dim[0]
+        if kind == "choice":
+            distributions[name] = optuna.distributions.CategoricalDistribution(list(dim[1]))
+        elif kind == "int":
+            distributions[name] = optuna.distributions.IntDistribution(int(dim[1]), int(dim[2]))
+        else:
+            distributions[name] = optuna.distributions.FloatDistribution(float(dim[1]), float(dim[2]),
+                                                                         log=kind == "logfloat")
+    return distributions
+
+
+def _sampler(plan: RunPlan, pack_size: int) -> optuna.samplers.BaseSampler:
+    """NSGA-II for several metrics, TPE for one."""
+    if len(plan.metrics) > 1:
+        return PicklableNSGAIISampler(seed=plan.search_seed)
+    # A pack asks for several points before any is told: a constant liar keeps them apart.
+    return optuna.samplers.TPESampler(seed=plan.search_seed, constant_liar=pack_size > 1)

@@ -16,11 +16,12 @@ import json
 import os
 import sys
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from kd_ray.atomic import is_uri
 from kd_ray.config import ConfigError, TrialConfig
 from kd_ray.packs.plan import PACK_MODES
+from kd_ray.study.plan import RunPlan, StudyResult
 from kd_ray.study.storage import (
     ABSENT,
     BEGUN,
@@ -31,9 +32,6 @@ from kd_ray.study.storage import (
     study_lock,
     study_state,
 )
-
-if TYPE_CHECKING:
-    from kd_ray.study.runner import RunPlan, StudyResult
 
 # The experiment trackers a study can log to besides its tables, each through Ray Tune's own logger
 # callback: the package each needs and how to install it. TensorBoard event files are written always.
@@ -226,23 +224,7 @@ class Study:
     # --- running --------------------------------------------------------------------------------
     def plan(self) -> RunPlan:
         """This study as the plain values the Ray runner takes."""
-        # Deferred and downward: the runner imports Ray, which a study that is only validated (or
-        # refused) never needs; the runner never imports this module.
-        from kd_ray.study.runner import RunPlan
-
-        search = self.search
-        return RunPlan(
-            name=self.name, study_dir=self.study_dir, storage_path=self.storage_path,
-            teacher_store=self.teacher_store, base=self.base, axes=dict(self.axes), arms=list(self.arms),
-            seeds=list(self.seeds), search_space=dict(search.space) if search else None,
-            metrics=search.metrics if search else ("test_agreement",), modes=search.modes if search else ("max",),
-            num_samples=search.num_samples if search else 1, search_seed=search.seed if search else 0,
-            scheduler=self.scheduler, asha_grace_epochs=self.asha_grace_epochs, cpus_per_trial=self.cpus_per_trial,
-            gpus_per_trial=self.gpus_per_trial, max_concurrent_trials=self.max_concurrent_trials,
-            max_failures=self.max_failures, resume=self.resume, address=self.address, data_dir=self.data_dir,
-            retrain_teachers=self.retrain_teachers, trackers=tuple(dict.fromkeys(self.trackers)),
-            verbose=self.verbose, spec=self.spec(), pack=self.pack,
-        )
+        return RunPlan.from_study(self)
 
     def spec(self) -> dict[str, Any]:
         """What decides this study's trials, as JSON values: stored beside the tables by its first run
@@ -266,7 +248,7 @@ class Study:
     def check_resume(self) -> None:
         """A resume must ask for the study that was stored: Ray Tune resumes the trials it saved, so a
         changed setting would be silently ignored. Raises ConfigError naming every difference."""
-        # Deferred and downward, as in plan(); only a --resume reads the stored spec.
+        # Deferred and downward: guards imports Ray, and only a --resume reads the stored spec.
         from kd_ray.study.guards import SPEC_FILE, read_spec
 
         stored = read_spec(self.study_dir)
@@ -287,7 +269,7 @@ class Study:
         check_storage(self.storage_path)
         with study_lock(self.storage_path, self.name):
             begun = self._check_study_dir()
-            # Deferred and downward, as in plan(): only a study that passed validation starts Ray.
+            # Deferred and downward: the runner imports Ray, which only a study that passed validation needs.
             from kd_ray.study.runner import run_study
 
             # A study that never began is run from the start, --resume or not.
