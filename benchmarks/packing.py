@@ -34,11 +34,12 @@ from torch import nn
 from kd_ray.config import TrialConfig
 from kd_ray.data.datasets import DATASET_INFO
 from kd_ray.models.archs import build_model
-from kd_ray.packs.run import Pack, PackTeacher, Student, build_students, run_pack, sub_ensemble, train_pack
+from kd_ray.packs.run import PackTeacher, Student, WidePack, build_students, run_pack, sub_ensemble, train_wide_pack
 from kd_ray.provenance import versions
 from kd_ray.study.presets import STUDIES
+from kd_ray.train.setup import TrialData, student_recipe
 from kd_ray.train.teachers import TeacherStore, ensure_members, load_ensemble
-from kd_ray.train.trial import TrialData, run_trial, student_recipe
+from kd_ray.train.trial import run_trial
 
 MATMUL = 1024  # the side of the square fp32 matmul whose rate is the peak
 
@@ -100,10 +101,10 @@ def step_rate(configs: list[TrialConfig], store: TeacherStore) -> tuple[float, f
     ensembles = [sub_ensemble(full, cfg) for cfg in configs]
     students = [Student(cfg.replace(epochs=1), _one_epoch(cfg, data)) for cfg in configs]
     models = build_students(configs, ensembles, data, torch.device("cpu"), "student")
-    pack = Pack(students, models, list(range(len(configs))), PackTeacher(full, [c.teacher_members for c in configs]),
-                torch.device("cpu"), base.seed, "student")
+    pack = WidePack(students, models, list(range(len(configs))),
+                    PackTeacher(full, [c.teacher_members for c in configs]), torch.device("cpu"), base.seed, "student")
     started = time.perf_counter()
-    train_pack(pack, data)
+    train_wide_pack(pack, data)
     seconds = time.perf_counter() - started
     steps = students[0].plan.total_steps
     info = DATASET_INFO[base.dataset]

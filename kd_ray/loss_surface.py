@@ -42,8 +42,9 @@ from kd_ray.tables import LOSS_SURFACE_FILE, LOSS_SURFACE_SCHEMA, PLANE_POINTS, 
 from kd_ray.train.distill import fit, predict
 from kd_ray.train.losses import kd_loss
 from kd_ray.train.metrics import agreement
+from kd_ray.train.setup import TrialData, check_runnable, resolve_device, student_recipe
 from kd_ray.train.teachers import TeacherStore, default_store, ensure_members, load_ensemble
-from kd_ray.train.trial import TrialData, build_student_state, check_runnable, resolve_device, student_recipe
+from kd_ray.train.trial import build_student_state
 
 FIGURE_FILE = "loss_surface.png"
 State = dict[str, torch.Tensor]

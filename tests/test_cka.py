@@ -15,7 +15,8 @@ from kd_ray.models.archs import build_model, stage_modules
 from kd_ray.study.live_tables import trial_rows
 from kd_ray.tables import CKA_METRICS, EPOCHS_SCHEMA, TRIALS_SCHEMA, to_table, write_table
 from kd_ray.train.cka import CKA_TEST_INPUTS, centred_gram, chosen_stages, linear_cka, stage_cka, stage_outputs
-from kd_ray.train.trial import FINAL_METRICS, run_trial
+from kd_ray.train.setup import FINAL_METRICS
+from kd_ray.train.trial import run_trial
 
 
 def numpy_cka(x: np.ndarray, y: np.ndarray) -> float:

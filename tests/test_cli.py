@@ -15,8 +15,8 @@ import pytest
 import kd_ray.train.trial
 from kd_ray.cli import main
 from kd_ray.config import TrialConfig
+from kd_ray.train.setup import FINAL_METRICS
 from kd_ray.train.teachers import WEIGHTS, TeacherStore
-from kd_ray.train.trial import FINAL_METRICS
 
 
 def _command() -> list[str]:

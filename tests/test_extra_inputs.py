@@ -14,7 +14,8 @@ from kd_ray.data.datasets import DATASET_INFO, load_arrays
 from kd_ray.data.extra_inputs import UNLABELLED, gmm_samples, ood_pool, read_extra_npz
 from kd_ray.models.archs import build_model
 from kd_ray.train.distill import AugmentSpec, ExtraBatches, Recipe, TrainState, fit, schedule
-from kd_ray.train.trial import check_runnable, run_trial
+from kd_ray.train.setup import check_runnable
+from kd_ray.train.trial import run_trial
 
 SIGNALS = DATASET_INFO["mnist1d"]
 

@@ -153,8 +153,9 @@ def test_a_tiny_run_writes_the_plane_table_and_figure(tmp_path, session_store):
     assert teacher_row["loss"] == pytest.approx(frame["loss"].min(), rel=1e-6)
 
     # The teacher is the stored member, the initial student the trial's own start.
+    from kd_ray.train.setup import TrialData, student_recipe
     from kd_ray.train.teachers import load_ensemble
-    from kd_ray.train.trial import TrialData, build_student_state, student_recipe
+    from kd_ray.train.trial import build_student_state
 
     data = TrialData(cfg, torch.device("cpu"), None)
     ensemble = load_ensemble(cfg, session_store, torch.device("cpu"))

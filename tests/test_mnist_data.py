@@ -275,7 +275,7 @@ def test_distill_dataset_is_validated(changes: dict, words: list[str]) -> None:
 
 
 def test_distill_dataset_needs_the_teachers_input_shape_and_classes() -> None:
-    from kd_ray.train.trial import check_runnable
+    from kd_ray.train.setup import check_runnable
 
     cfg = TrialConfig(dataset="mnist", teacher_arch="lenet5", student_arch="lenet5", distill_dataset="digits")
     with pytest.raises(ConfigError) as excinfo:
@@ -290,8 +290,9 @@ def test_distill_dataset_needs_the_teachers_input_shape_and_classes() -> None:
 
 def test_a_trial_distils_on_another_datasets_inputs(subset_cache: Path, tmp_path: Path,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    from kd_ray.train.setup import TrialData
     from kd_ray.train.teachers import TeacherStore, ensure_members, load_ensemble
-    from kd_ray.train.trial import TrialData, run_trial
+    from kd_ray.train.trial import run_trial
 
     root = tmp_path / "data"
     root.mkdir()

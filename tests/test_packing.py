@@ -17,8 +17,8 @@ def grid(**axes) -> list[TrialConfig]:
     return [TrialConfig.from_dict(dict(zip(names, values))) for values in itertools.product(*axes.values())]
 
 
-def members(packs) -> list[tuple[int, ...]]:
-    return [pack.members for pack in packs]
+def trial_indices(packs) -> list[tuple[int, ...]]:
+    return [pack.trial_indices for pack in packs]
 
 
 def test_student_fields_share_a_pack_and_the_rest_do_not():
@@ -40,9 +40,9 @@ def test_student_fields_share_a_pack_and_the_rest_do_not():
 def test_a_temperature_by_ensemble_grid_packs_per_seed_in_order():
     configs = grid(seed=[0, 1], teacher_members=[1, 3, 5], temperature=[1.0, 4.0])
     packs = plan_packs(configs)
-    assert members(packs) == [tuple(range(0, 6)), tuple(range(6, 12))]
+    assert trial_indices(packs) == [tuple(range(0, 6)), tuple(range(6, 12))]
     assert [p.pack_id for p in packs] == ["pack0000", "pack0001"]
-    assert {configs[i].seed for i in packs[1].members} == {1}
+    assert {configs[i].seed for i in packs[1].trial_indices} == {1}
     assert describe_packs(packs) == "12 students in 2 Ray Tune trials (packs: 2 of 6)"
 
 
@@ -57,15 +57,15 @@ def test_packs_are_capped_and_split_evenly():
 
 def test_packs_are_halved_until_every_slot_has_one():
     configs = grid(temperature=[1.0, 4.0, 8.0, 16.0])
-    assert members(plan_packs(configs, min_packs=2)) == [(0, 1), (2, 3)]
-    assert members(plan_packs(configs, min_packs=3)) == [(0,), (1,), (2, 3)]
-    assert members(plan_packs(configs, min_packs=9)) == [(0,), (1,), (2,), (3,)]  # no pack is cut below one
+    assert trial_indices(plan_packs(configs, min_packs=2)) == [(0, 1), (2, 3)]
+    assert trial_indices(plan_packs(configs, min_packs=3)) == [(0,), (1,), (2, 3)]
+    assert trial_indices(plan_packs(configs, min_packs=9)) == [(0,), (1,), (2,), (3,)]  # no pack is cut below one
 
 
 def test_configs_that_share_nothing_stay_alone():
     configs = grid(seed=[0, 1, 2]) + [TrialConfig(compile=True), TrialConfig(compile=True)]
     packs = plan_packs(configs)
-    assert members(packs) == [(0,), (1,), (2,), (3,), (4,)]
+    assert trial_indices(packs) == [(0,), (1,), (2,), (3,), (4,)]
 
 
 @pytest.mark.parametrize("max_size, min_packs", [(0, 1), (1, 0)])

@@ -14,7 +14,8 @@ from kd_ray.models.archs import build_model
 from kd_ray.packs.run import FUSED, run_pack
 from kd_ray.packs.wide import student_state, widen
 from kd_ray.tables import CKA_METRICS, TRIALS_SCHEMA
-from kd_ray.train.trial import FINAL_METRICS, run_trial
+from kd_ray.train.setup import FINAL_METRICS
+from kd_ray.train.trial import run_trial
 
 TINY = dict(dataset="mnist1d", teacher_arch="mlp", student_arch="mlp", teacher_epochs=2, teacher_members=2,
             epochs=3, eval_every=1, batch_size=256, device="cpu", precision="fp32")

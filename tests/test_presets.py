@@ -95,7 +95,7 @@ def test_the_capacity_study_varies_depth_and_width_around_the_teacher():
 
 def test_the_small_teacher_sees_200_images_and_every_arm_the_same_step_budget():
     from kd_ray.data.splits import split_indices
-    from kd_ray.train.trial import check_runnable
+    from kd_ray.train.setup import check_runnable
 
     study = STUDIES["small_teacher"]
     local, paper = study.presets["local"], study.presets["paper"]

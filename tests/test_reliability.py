@@ -23,8 +23,9 @@ from ray_results import acting_on_a_report, epoch_reports, reports
 from kd_ray import analysis
 from kd_ray.config import TrialConfig
 from kd_ray.study import Study
+from kd_ray.train.setup import FINAL_METRICS
 from kd_ray.train.teachers import WEIGHTS, TeacherStore
-from kd_ray.train.trial import FINAL_METRICS, run_trial
+from kd_ray.train.trial import run_trial
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = dict(dataset="mnist1d", teacher_arch="mlp", student_arch="mlp", teacher_epochs=2, teacher_members=1,

@@ -21,8 +21,9 @@ from kd_ray.config import STREAM_KINDS, network_streams, seed_stream
 from kd_ray.tables import TRIALS_SCHEMA, to_table
 from kd_ray.train import teachers
 from kd_ray.train import trial as trial_module
+from kd_ray.train.setup import CONVERGED_WITHIN, TrialData, student_recipe
 from kd_ray.train.teachers import ensure_members, load_ensemble, member_key, member_streams
-from kd_ray.train.trial import TrialData, build_student_state, run_trial, student_recipe
+from kd_ray.train.trial import build_student_state, run_trial
 
 CPU = torch.device("cpu")
 SEEDS = range(5)
@@ -261,7 +262,7 @@ def test_steps_fix_the_optimizer_steps_whatever_the_data_size(base_cfg, shared_t
 def test_convergence_columns_reach_the_trials_table(base_cfg, shared_teacher) -> None:
     result = run_trial(base_cfg.replace(epochs=3, eval_every=3, precision="fp32"))
     assert math.isfinite(result["convergence_delta"]) and isinstance(result["converged"], bool)
-    assert result["converged"] == (abs(result["convergence_delta"]) < trial_module.CONVERGED_WITHIN)
+    assert result["converged"] == (abs(result["convergence_delta"]) < CONVERGED_WITHIN)
     row = {"study": "s", "trial_id": "t", **base_cfg.to_dict(), **result}
     table = to_table([row], TRIALS_SCHEMA).to_pylist()[0]
     for name in ("convergence_delta", "converged", "student_steps", "teacher_steps"):

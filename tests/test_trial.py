@@ -1,4 +1,5 @@
-"""Tests for kd_ray.train.trial: one distillation trial end to end, resuming, control, divergence, refusals."""
+"""Tests for kd_ray.train.trial and kd_ray.train.setup: one distillation trial end to end, resuming, control,
+divergence, refusals."""
 
 from __future__ import annotations
 
@@ -17,10 +18,10 @@ from kd_ray.data.splits import split_indices
 from kd_ray.models.archs import build_model
 from kd_ray.packs.run import run_pack
 from kd_ray.tables import EPOCHS_SCHEMA, METRICS
+from kd_ray.train import setup
 from kd_ray.train import trial as trial_module
 from kd_ray.train.distill import AugmentSpec, Recipe, TrainState, batches_per_epoch, fit, make_optimizer, training_batch
-from kd_ray.train.teachers import member_key, member_steps, teacher_indices
-from kd_ray.train.trial import (
+from kd_ray.train.setup import (
     FINAL_METRICS,
     TrialData,
     check_runnable,
@@ -28,8 +29,9 @@ from kd_ray.train.trial import (
     fast_path,
     full_batch_notes,
     probe_batch_size,
-    run_trial,
 )
+from kd_ray.train.teachers import member_key, member_steps, teacher_indices
+from kd_ray.train.trial import run_trial
 
 PROVENANCE = ("teacher_key", "kd_ray_version", "git_sha", "torch_version", "ray_version", "config_json")
 STUDENT_METRICS = tuple(k for k in FINAL_METRICS if not k.startswith("teacher_"))
@@ -87,17 +89,17 @@ def test_step_counts_and_convergence_are_recorded(full_run, mnist1d_arrays) -> N
     assert all("convergence_reference" not in c or c["convergence_reference"] is None
                for m, c in reports if m["epoch"] < 3)
     assert result["convergence_delta"] == pytest.approx(result["train_agreement"] - references[0], abs=1e-6)
-    assert result["converged"] == (abs(result["convergence_delta"]) < trial_module.CONVERGED_WITHIN)
+    assert result["converged"] == (abs(result["convergence_delta"]) < setup.CONVERGED_WITHIN)
 
 
 def test_convergence_rule() -> None:
     # A delta of exactly the threshold (20 of 1000 samples, in float32) is not converged; within it is.
-    assert trial_module.CONVERGED_WITHIN == 0.02
-    assert trial_module.convergence(0.8909999847412109, 0.8709999918937683) == (0.02, False)
-    assert trial_module.convergence(0.871, 0.8909999847412109) == (-0.02, False)
-    assert trial_module.convergence(0.9, 0.885) == (0.015, True)
+    assert setup.CONVERGED_WITHIN == 0.02
+    assert setup.convergence(0.8909999847412109, 0.8709999918937683) == (0.02, False)
+    assert setup.convergence(0.871, 0.8909999847412109) == (-0.02, False)
+    assert setup.convergence(0.9, 0.885) == (0.015, True)
     for final, reference in ((float("nan"), 0.5), (None, 0.5), (0.5, None)):
-        delta, converged = trial_module.convergence(final, reference)
+        delta, converged = setup.convergence(final, reference)
         assert math.isnan(delta) and converged is None
 
 

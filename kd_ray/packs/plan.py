@@ -31,11 +31,11 @@ class Pack:
     """Students (indices into the study's configs, in their order) that train as one Ray Tune trial."""
 
     pack_id: str
-    members: tuple[int, ...]
+    trial_indices: tuple[int, ...]
 
     @property
     def size(self) -> int:
-        return len(self.members)
+        return len(self.trial_indices)
 
 
 def share_key(cfg: TrialConfig) -> tuple[tuple[str, Any], ...] | None:
@@ -45,13 +45,13 @@ def share_key(cfg: TrialConfig) -> tuple[tuple[str, Any], ...] | None:
     return tuple((name, value) for name, value in sorted(cfg.to_dict().items()) if name not in STUDENT_FIELDS)
 
 
-def _split(members: list[int], parts: int) -> list[list[int]]:
-    """``members`` in ``parts`` runs of sizes that differ by one at most, in order."""
-    size, extra = divmod(len(members), parts)
+def _split(indices: list[int], parts: int) -> list[list[int]]:
+    """``indices`` in ``parts`` runs of sizes that differ by one at most, in order."""
+    size, extra = divmod(len(indices), parts)
     runs, start = [], 0
     for part in range(parts):
         end = start + size + (1 if part < extra else 0)
-        runs.append(members[start:end])
+        runs.append(indices[start:end])
         start = end
     return runs
 
@@ -67,9 +67,9 @@ def plan_packs(configs: Iterable[TrialConfig], max_size: int = PACK_LIMIT, min_p
         key = share_key(cfg)
         groups.setdefault(("alone", index) if key is None else key, []).append(index)
     runs: list[list[int]] = []
-    for members in groups.values():
-        parts = -(-len(members) // max_size)
-        runs += _split(members, parts)
+    for indices in groups.values():
+        parts = -(-len(indices) // max_size)
+        runs += _split(indices, parts)
     while len(runs) < min_packs:
         largest = max(range(len(runs)), key=lambda i: len(runs[i]))
         if len(runs[largest]) < 2:

@@ -28,30 +28,40 @@ from kd_ray.config import TrialConfig, network_streams
 from kd_ray.data.datasets import DATASET_INFO
 from kd_ray.models.ensembles import ensemble_log_probs
 from kd_ray.packs.optim import PackOptimizer, pack_kd_loss
-from kd_ray.packs.plan import PACK_LIMIT, share_key
+from kd_ray.packs.plan import share_key
 from kd_ray.packs.wide import feature_major_applies, fold_batch_norms, narrow, wide_forward, widen
 from kd_ray.progress import Progress
 from kd_ray.provenance import versions
-from kd_ray.tables import AFTER_TRAINING_METRICS, CKA_METRICS, DIVERGED, METRICS, TERMINATED
-from kd_ray.train.cka import CKA_TEST_INPUTS, stage_cka
-from kd_ray.train.distill import Schedule, build_seeded, initialize_student, lr_at, predict, schedule, training_batch
+from kd_ray.tables import DIVERGED, TERMINATED
+from kd_ray.train.distill import (
+    Recipe,
+    Schedule,
+    build_seeded,
+    initialize_student,
+    lr_at,
+    predict,
+    schedule,
+    training_batch,
+)
 from kd_ray.train.metrics import agreement, student_metrics, teacher_metrics
-from kd_ray.train.teachers import Ensemble, TeacherStore, default_store, ensure_members, load_ensemble, member_steps
-from kd_ray.train.trial import (
+from kd_ray.train.setup import (
+    TrainClock,
     TrialData,
     augmented_pass,
     check_runnable,
-    convergence,
     convergence_epoch,
+    device_name,
     extra_batches_seed,
     fast_path,
+    precision_used,
     resolve_device,
+    result_row,
     student_recipe,
 )
+from kd_ray.train.teachers import Ensemble, TeacherStore, default_store, ensure_members, load_ensemble, member_steps
 
 # (epoch, metrics by student index, checkpoint) at each epoch where a student is evaluated
 PackEvalCallback = Callable[[int, dict[int, dict[str, Any]], dict[str, Any]], None]
-FINAL_METRICS = tuple(m for m in METRICS if m not in AFTER_TRAINING_METRICS)
 FUSED = "teacher and students fused"  # a pack's fast_path: precision, this, then the students' layout
 EVAL_CHUNK = 1024  # inputs per stacked evaluation pass (measured: 12 folded MLPs on 18k inputs, 1024 ~ 512 < 2048)
 
@@ -68,22 +78,22 @@ class PackTeacher:
     """The largest ensemble of the pack as one wide network; the log-probabilities of each student's
     m-member prefix on a batch, computed once per distinct m."""
 
-    def __init__(self, ensemble: Ensemble, members: list[int]) -> None:
+    def __init__(self, ensemble: Ensemble, ensemble_sizes: list[int]) -> None:
         self.wide = fold_batch_norms(widen(ensemble.models).eval())
-        self.members = members  # per student
-        self.sizes = sorted(set(members))
+        self.ensemble_sizes = ensemble_sizes  # per student: how many members its teacher has
+        self.distinct_sizes = sorted(set(ensemble_sizes))
 
     @torch.inference_mode()
     def log_probs(self, x: torch.Tensor, class_major: bool = False) -> torch.Tensor:
         """``[K, batch, classes]`` (``class_major``: ``[K, classes, batch]``): student k's teacher on ``x``."""
         logits = wide_forward(self.wide, x, class_major)
-        by_size = {m: ensemble_log_probs(logits[:m], class_dim=1 if class_major else -1) for m in self.sizes}
-        return torch.stack([by_size[m] for m in self.members])
+        by_size = {m: ensemble_log_probs(logits[:m], class_dim=1 if class_major else -1) for m in self.distinct_sizes}
+        return torch.stack([by_size[m] for m in self.ensemble_sizes])
 
     def keep(self, keep: list[int]) -> "PackTeacher":
         other = PackTeacher.__new__(PackTeacher)
-        other.wide, other.members = self.wide, [self.members[i] for i in keep]
-        other.sizes = sorted(set(other.members))
+        other.wide, other.ensemble_sizes = self.wide, [self.ensemble_sizes[i] for i in keep]
+        other.distinct_sizes = sorted(set(other.ensemble_sizes))
         return other
 
 
@@ -103,6 +113,19 @@ class Student:
     @property
     def reference_epoch(self) -> int:
         return convergence_epoch(self.plan)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"status": self.status, "error": self.error, "epoch": self.epoch, "last": dict(self.last),
+                "reference": self.reference, "final": None if self.model is None else self.model.state_dict()}
+
+    def load_state_dict(self, saved: dict[str, Any], template: torch.nn.Module) -> None:
+        """Its progress from a checkpoint; a final network is loaded into a copy of ``template``."""
+        self.status, self.error, self.epoch = saved["status"], saved["error"], int(saved["epoch"])
+        self.last, self.reference = dict(saved["last"]), saved["reference"]
+        if saved["final"] is not None:
+            self.model = copy.deepcopy(template)
+            self.model.load_state_dict(saved["final"])
+            self.model.eval()
 
 
 def choose_layout(cfg: TrialConfig, models: list[torch.nn.Module], device: torch.device) -> bool:
@@ -130,12 +153,13 @@ def choose_layout(cfg: TrialConfig, models: list[torch.nn.Module], device: torch
     return seconds(True) <= seconds(False)
 
 
-class Pack:
-    """The live students of a pack as one wide network, its optimizer and the shared generators."""
+class WidePack:
+    """The live students of a pack as one wide network, its optimizer and the shared generators
+    (``extra_batches``: one that picks the extra inputs of each batch, from the stream of ``network``)."""
 
     def __init__(self, students: list[Student], models: list[torch.nn.Module], active: list[int],
                  teacher: PackTeacher, device: torch.device, seed: int, network: str,
-                 feature_major: bool = True, bf16: bool = False) -> None:
+                 feature_major: bool = True, bf16: bool = False, *, extra_batches: bool = False) -> None:
         self.students, self.active, self.template = students, active, models[0]
         self.feature_major, self.bf16 = feature_major, bf16
         self.wide = widen(models, feature_major).train()
@@ -147,6 +171,8 @@ class Pack:
         self.generator = torch.Generator(device=device).manual_seed(streams.batches)
         self.augment_generator = torch.Generator(device=device).manual_seed(streams.augment)
         self.extra_generator: torch.Generator | None = None
+        if extra_batches:
+            self.extra_generator = torch.Generator(device=device).manual_seed(extra_batches_seed(network, seed))
         self.epoch = 0
 
     def keep(self, keep: list[int]) -> None:
@@ -160,6 +186,15 @@ class Pack:
         self.optimizer = self.optimizer.keep(where, list(self.wide.parameters()))
         self.teacher = self.teacher.keep(where)
         self.active = keep
+
+    def release(self, leaving: list[int]) -> None:
+        """The students ``leaving`` leave the pack; each that finished its schedule keeps its final network."""
+        for index in leaving:
+            student = self.students[index]
+            if student.status == TERMINATED:
+                student.model = narrow(self.wide, self.template, self.active.index(index)).eval()
+        if leaving:
+            self.keep([i for i in self.active if i not in leaving])
 
     def state_dict(self) -> dict[str, Any]:
         state = {
@@ -179,6 +214,20 @@ class Pack:
         if self.extra_generator is not None:
             self.extra_generator.set_state(state["extra_generator"])
         self.epoch = int(state["epoch"])
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Continue from a checkpoint's pack (``state_dict``, or only its active students and epoch when none
+        was left), once the students' own progress is restored."""
+        active = list(state["active"])
+        if active != self.active:
+            self.keep(active)
+        if active:
+            self.load_state_dict(state)
+        self.epoch = int(state["epoch"])
+        # A checkpoint is taken before the students done (or diverged) at its epoch leave the pack.
+        students = self.students
+        self.release([i for i in self.active
+                      if students[i].status != TERMINATED or students[i].epoch >= students[i].plan.epochs])
 
 
 def check_pack(configs: list[TrialConfig]) -> None:
@@ -201,60 +250,68 @@ def build_students(configs: list[TrialConfig], ensembles: list[Ensemble], data: 
     return models
 
 
-def train_pack(pack: Pack, data: TrialData, on_epoch: Callable[[int, list[float]], None] | None = None) -> None:
+def train_wide_pack(pack: WidePack, data: TrialData,
+                    on_epoch: Callable[[int, list[float]], None] | None = None) -> None:
     """Run the pack's students to the end of their schedules; ``on_epoch(epoch, losses)`` after each
     epoch with the mean loss of every active student. Non-finite or finished students leave the pack."""
-    students = pack.students
-    cfg = students[pack.active[0]].cfg
-    recipe = student_recipe(cfg)
-    x, y, spec = data.x, data.y, data.augment_spec
-    n = x.shape[0]
+    # Batch size, augmentation and mixup are fields the students share: any one's recipe draws the batches.
+    batch_recipe = student_recipe(pack.students[pack.active[0]].cfg)
+    last_epoch = max(pack.students[i].plan.epochs for i in pack.active)
+    while pack.active and pack.epoch < last_epoch:
+        mean_losses = train_epoch(pack, data, batch_recipe)
+        leaving = close_epoch(pack, mean_losses)
+        if on_epoch is not None:
+            on_epoch(pack.epoch, mean_losses)
+        pack.release(leaving)
+
+
+def train_epoch(pack: WidePack, data: TrialData, batch_recipe: Recipe) -> list[float]:
+    """One epoch of the pack's active students: each step one augmented batch and one teacher forward,
+    shared by all, and each student's own loss and learning rate. Each student's mean loss."""
+    students, x, y = pack.students, data.x, data.y
+    epoch = pack.epoch
+    plans = [students[i].plan for i in pack.active]
+    recipes = [student_recipe(students[i].cfg) for i in pack.active]
+    temperature = torch.tensor([r.temperature for r in recipes], device=x.device)
+    alpha = torch.tensor([r.alpha for r in recipes], device=x.device)
+    loss_sum = torch.zeros(len(pack.active), device=x.device)
+    order = torch.randperm(x.shape[0], device=x.device, generator=pack.generator)
+    steps = max(plan.steps_in(epoch) for plan in plans)
+    steps_per_epoch = students[0].plan.steps_per_epoch
     # As a trial alone: bf16 autocast for the forward passes when the fast path says so; losses in float32.
     autocast = torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=pack.bf16)
-    steps_per_epoch = students[0].plan.steps_per_epoch
-    last_epoch = max(students[i].plan.epochs for i in pack.active)
-    while pack.active and pack.epoch < last_epoch:
-        epoch = pack.epoch
-        plans = [students[i].plan for i in pack.active]
-        recipes = [student_recipe(students[i].cfg) for i in pack.active]
-        temperature = torch.tensor([r.temperature for r in recipes], device=x.device)
-        alpha = torch.tensor([r.alpha for r in recipes], device=x.device)
-        loss_sum = torch.zeros(len(pack.active), device=x.device)
-        order = torch.randperm(n, device=x.device, generator=pack.generator)
-        steps = max(plan.steps_in(epoch) for plan in plans)
-        for i in range(steps):
-            step = epoch * steps_per_epoch + i
-            lr = torch.tensor([lr_at(r, step, p.total_steps) for r, p in zip(recipes, plans)], device=x.device)
-            batch, y_batch = training_batch(x, y, order, i, recipe, spec, pack.augment_generator, data.extra,
-                                            pack.extra_generator)
-            with autocast:
-                logits = wide_forward(pack.wide, batch.x, class_major=True)
-                teacher_log_probs = pack.teacher.log_probs(batch.x, class_major=True)
-            losses = pack_kd_loss(logits, teacher_log_probs, y_batch, temperature, alpha, batch.mix_index, batch.lam)
-            pack.optimizer.zero_grad()
-            losses.sum().backward()
-            pack.optimizer.step(lr)
-            loss_sum += losses.detach()
-        pack.epoch = epoch + 1
-        mean_losses = (loss_sum / steps).tolist()
-        finished = []
-        for j, index in enumerate(pack.active):
-            student = students[index]
-            if not math.isfinite(mean_losses[j]):
-                student.status = DIVERGED
-                student.error = f"non-finite mean training loss ({mean_losses[j]}) in epoch {epoch + 1}"
-                finished.append(index)
-            else:
-                student.epoch = epoch + 1
-                if student.epoch >= student.plan.epochs:
-                    finished.append(index)
-        if on_epoch is not None:
-            on_epoch(epoch + 1, mean_losses)
-        for index in finished:
-            if students[index].status == TERMINATED:
-                students[index].model = narrow(pack.wide, pack.template, pack.active.index(index)).eval()
-        if finished:
-            pack.keep([i for i in pack.active if i not in finished])
+    for i in range(steps):
+        step = epoch * steps_per_epoch + i
+        lr = torch.tensor([lr_at(r, step, p.total_steps) for r, p in zip(recipes, plans)], device=x.device)
+        batch, y_batch = training_batch(x, y, order, i, batch_recipe, data.augment_spec, pack.augment_generator,
+                                        data.extra, pack.extra_generator)
+        with autocast:
+            logits = wide_forward(pack.wide, batch.x, class_major=True)
+            teacher_log_probs = pack.teacher.log_probs(batch.x, class_major=True)
+        losses = pack_kd_loss(logits, teacher_log_probs, y_batch, temperature, alpha, batch.mix_index, batch.lam)
+        pack.optimizer.zero_grad()
+        losses.sum().backward()
+        pack.optimizer.step(lr)
+        loss_sum += losses.detach()
+    pack.epoch = epoch + 1
+    return (loss_sum / steps).tolist()
+
+
+def close_epoch(pack: WidePack, mean_losses: list[float]) -> list[int]:
+    """The end of the pack's epoch for each active student: DIVERGED when its mean loss is not finite,
+    else one more epoch completed. The students that leave the pack now: diverged, or done."""
+    leaving = []
+    for j, index in enumerate(pack.active):
+        student = pack.students[index]
+        if not math.isfinite(mean_losses[j]):
+            student.status = DIVERGED
+            student.error = f"non-finite mean training loss ({mean_losses[j]}) in epoch {pack.epoch}"
+            leaving.append(index)
+        else:
+            student.epoch = pack.epoch
+            if student.epoch >= student.plan.epochs:
+                leaving.append(index)
+    return leaving
 
 
 class PackMeasures:
@@ -268,7 +325,7 @@ class PackMeasures:
         self.teacher_aug = torch.cat([teacher.log_probs(x) for x in self.augmented], dim=1)  # [K, N, C]
 
     @torch.inference_mode()
-    def _stacked(self, pack: Pack, *inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+    def _stacked(self, pack: WidePack, *inputs: list[torch.Tensor]) -> list[torch.Tensor]:
         """``[K, N, classes]`` logits of the pack's students on each list of input parts, from one
         evaluation copy of the wide network."""
         was_training = pack.wide.training
@@ -277,7 +334,7 @@ class PackMeasures:
         pack.wide.train(was_training)
         return out
 
-    def measure(self, pack: Pack, which: list[int]) -> dict[int, dict[str, float]]:
+    def measure(self, pack: WidePack, which: list[int]) -> dict[int, dict[str, float]]:
         """Metrics of the students ``which`` (indices into the pack's students, all active)."""
         x, x_test = self.data.x, self.data.x_test
         test, train, aug = self._stacked(pack, list(x_test.split(EVAL_CHUNK)), list(x.split(EVAL_CHUNK)),
@@ -291,9 +348,57 @@ class PackMeasures:
             out[index] = metrics
         return out
 
-    def train_agreement(self, pack: Pack, index: int) -> float:
+    def train_agreement(self, pack: WidePack, index: int) -> float:
         (train,) = self._stacked(pack, list(self.data.x.split(EVAL_CHUNK)))
         return agreement(self.teacher_distill[index], train[pack.active.index(index)])
+
+
+class PackEvaluations:
+    """The pack's epoch boundaries (``train_wide_pack``'s ``on_epoch``): the students due are evaluated
+    (every ``eval_every`` epochs and at the last of each), each one's train agreement at the start of
+    its convergence window is kept, and ``on_eval`` gets the evaluations with a checkpoint of the pack."""
+
+    def __init__(self, pack: WidePack, measures: PackMeasures, teacher_summaries: list[dict[str, float]],
+                 clock: TrainClock, on_eval: PackEvalCallback | None, progress: Progress | None) -> None:
+        self.pack, self.measures, self.teacher_summaries = pack, measures, teacher_summaries
+        self.clock, self.on_eval, self.progress = clock, on_eval, progress
+
+    def on_epoch(self, epoch: int, losses: list[float]) -> None:
+        pack, students = self.pack, self.pack.students
+        loss_of = dict(zip(pack.active, losses))
+        due = [i for i in pack.active if students[i].status == TERMINATED
+               and (epoch % students[i].cfg.eval_every == 0 or epoch == students[i].plan.epochs)]
+        for index in pack.active:
+            student = students[index]
+            if student.status == TERMINATED and epoch == student.reference_epoch and index not in due:
+                student.reference = self.measures.train_agreement(pack, index)
+        if not due:
+            return
+        report = {}
+        for index, metrics in self.measures.measure(pack, due).items():
+            student = students[index]
+            if epoch == student.reference_epoch:
+                student.reference = metrics["train_agreement"]
+            lr = lr_at(student_recipe(student.cfg), epoch * student.plan.steps_per_epoch - 1, student.plan.total_steps)
+            row = {"epoch": epoch, "lr": lr, "train_loss": loss_of[index], **metrics, **self.teacher_summaries[index],
+                   "train_time_s": self.clock.seconds()}
+            student.last = row
+            report[index] = row
+        self.report(epoch, report)
+
+    def report(self, epoch: int, report: dict[int, dict[str, Any]]) -> None:
+        """The evaluations' progress line, and ``on_eval`` with the checkpoint that resumes from them."""
+        if self.progress:
+            mean = sum(r["test_agreement"] for r in report.values()) / len(report)
+            self.progress(f"pack epoch {epoch}: {len(report)} students evaluated, mean test agreement {mean:.3f}")
+        if self.on_eval is not None:
+            self.on_eval(epoch, report, self.checkpoint())
+
+    def checkpoint(self) -> dict[str, Any]:
+        pack = self.pack
+        pack_state = pack.state_dict() if pack.active else {"active": [], "epoch": pack.epoch}
+        return {"pack": pack_state, "students": [s.state_dict() for s in pack.students],
+                "train_time_s": self.clock.seconds()}
 
 
 def run_pack(
@@ -317,130 +422,68 @@ def run_pack(
     store = store if isinstance(store, TeacherStore) else TeacherStore(store or default_store())
     base = cfgs[0]
     device = resolve_device(base.device)
-    started = time.perf_counter()
-    elapsed_before = float(resume["train_time_s"]) if resume else 0.0
+    clock = TrainClock(resume)
 
+    # --- data and teacher: the largest ensemble asked for, whose first m members are each m-member one ---
     data = TrialData(base, device, data_dir)
     largest = base.replace(teacher_members=max(c.teacher_members for c in cfgs))
     ensure_members(largest, store, data.arrays, device, progress=progress)
     full = load_ensemble(largest, store, device)
     ensembles = [sub_ensemble(full, cfg) for cfg in cfgs]
     teacher = PackTeacher(full, [c.teacher_members for c in cfgs])
+
+    # --- students: one wide network, built from the replicate's streams, or restored from the checkpoint ---
     students = [Student(cfg, schedule(student_recipe(cfg), data.x.shape[0])) for cfg in cfgs]
     models = build_students(cfgs, ensembles, data, device, "student")
     measures = PackMeasures(data, ensembles, teacher, base)
     teacher_summaries = [teacher_metrics(test, data.y_test) for test in measures.teacher_test]
-
-    active = list(range(len(cfgs)))
     if resume:
         for student, saved in zip(students, resume["students"]):
-            student.status, student.error, student.epoch = saved["status"], saved["error"], int(saved["epoch"])
-            student.last, student.reference = dict(saved["last"]), saved["reference"]
-            if saved["final"] is not None:
-                student.model = copy.deepcopy(models[0])
-                student.model.load_state_dict(saved["final"])
-                student.model.eval()
-        active = list(resume["pack"]["active"])
+            student.load_state_dict(saved, models[0])
     feature_major = choose_layout(base, models, device)
     bf16 = fast_path(base, data.info, device).bf16  # measured under precision=auto, as for a trial alone
-    pack = Pack(students, models, list(range(len(cfgs))), teacher, device, base.seed, "student", feature_major, bf16)
-    if data.extra is not None:
-        pack.extra_generator = torch.Generator(device=device).manual_seed(extra_batches_seed("student", base.seed))
+    pack = WidePack(students, models, list(range(len(cfgs))), teacher, device, base.seed, "student", feature_major,
+                    bf16, extra_batches=data.extra is not None)
     if resume:
-        if active != pack.active:
-            pack.keep(active)
-        if active:
-            pack.load_state_dict(resume["pack"])
-        pack.epoch = int(resume["pack"]["epoch"])
-        # A checkpoint is taken before the students done (or diverged) at its epoch leave the pack.
-        leaving = [i for i in pack.active
-                   if students[i].status != TERMINATED or students[i].epoch >= students[i].plan.epochs]
-        for index in leaving:
-            if students[index].status == TERMINATED:
-                students[index].model = narrow(pack.wide, pack.template, pack.active.index(index)).eval()
-        if leaving:
-            stay = [i for i in pack.active if i not in leaving]
-            pack.keep(stay)
+        pack.restore(resume["pack"])
     else:
         for index, student in enumerate(students):
             if student.reference_epoch == 0:
                 student.reference = measures.train_agreement(pack, index)
 
-    def checkpoint() -> dict[str, Any]:
-        saved = [{"status": s.status, "error": s.error, "epoch": s.epoch, "last": dict(s.last),
-                  "reference": s.reference, "final": None if s.model is None else s.model.state_dict()}
-                 for s in students]
-        pack_state = pack.state_dict() if pack.active else {"active": [], "epoch": pack.epoch}
-        return {"pack": pack_state, "students": saved, "train_time_s": elapsed_before + time.perf_counter() - started}
-
-    def on_epoch(epoch: int, losses: list[float]) -> None:
-        loss_of = dict(zip(pack.active, losses))
-        due = [i for i in pack.active if students[i].status == TERMINATED
-               and (epoch % students[i].cfg.eval_every == 0 or epoch == students[i].plan.epochs)]
-        for index in pack.active:
-            student = students[index]
-            if student.status == TERMINATED and epoch == student.reference_epoch and index not in due:
-                student.reference = measures.train_agreement(pack, index)
-        if not due:
-            return
-        measured = measures.measure(pack, due)
-        report = {}
-        for index, metrics in measured.items():
-            student = students[index]
-            if epoch == student.reference_epoch:
-                student.reference = metrics["train_agreement"]
-            lr = lr_at(student_recipe(student.cfg), epoch * student.plan.steps_per_epoch - 1, student.plan.total_steps)
-            row = {"epoch": epoch, "lr": lr, "train_loss": loss_of[index], **metrics, **teacher_summaries[index],
-                   "train_time_s": elapsed_before + time.perf_counter() - started}
-            student.last = row
-            report[index] = row
-        if progress:
-            mean = sum(r["test_agreement"] for r in report.values()) / len(report)
-            progress(f"pack epoch {epoch}: {len(report)} students evaluated, mean test agreement {mean:.3f}")
-        if on_eval is not None:
-            on_eval(epoch, report, checkpoint())
-
+    # --- fit ---
+    evaluations = PackEvaluations(pack, measures, teacher_summaries, clock, on_eval, progress)
     if pack.active:
-        train_pack(pack, data, on_epoch)
+        train_wide_pack(pack, data, evaluations.on_epoch)
+
+    # --- result rows, and each student's control ---
     teacher_steps = [member_steps(cfg, data.arrays.y_train) for cfg in cfgs]
-    results = finish(students, ensembles, teacher_summaries, data, teacher_steps, feature_major, bf16)
+    results = student_rows(students, ensembles, teacher_summaries, data, teacher_steps, feature_major, bf16)
     controls = [i for i, cfg in enumerate(cfgs) if cfg.control and results[i]["status"] == TERMINATED]
     if controls:
         run_controls(students, results, controls, store, data, measures, device, largest, progress, bf16)
-    pack_time = elapsed_before + time.perf_counter() - started
-    steps = [s.epoch * s.plan.steps_per_epoch if s.status != TERMINATED else s.plan.total_steps for s in students]
-    for result, student_steps in zip(results, steps):
-        share = student_steps / max(1, sum(steps))
-        result.update(pack_id=pack_id, pack_size=len(cfgs), pack_time_share=share, train_time_s=pack_time * share)
-        result["device_name"] = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-        result.update(versions())
+
+    # --- how the pack ran ---
+    add_pack_provenance(results, students, pack_id, clock.seconds(), device)
     return results
 
 
-def finish(students: list[Student], ensembles: list[Ensemble], teacher_summaries: list[dict],
-           data: TrialData, y_train_steps: list[int], feature_major: bool, bf16: bool) -> list[dict[str, Any]]:
-    """Each student's result from its last evaluation, as ``run_trial`` writes it."""
-    results = []
-    cka_inputs = data.x_test[:CKA_TEST_INPUTS]
-    for student, ensemble, summary, teacher_steps in zip(students, ensembles, teacher_summaries, y_train_steps):
-        result: dict[str, Any] = {"status": student.status, "error": student.error, "teacher_key": ensemble.key}
-        result.update(summary)
-        result.update({k: student.last.get(k, float("nan")) for k in FINAL_METRICS if k not in summary})
-        result["epochs_completed"] = student.epoch
-        result["student_steps"] = student.plan.total_steps
-        result["teacher_steps"] = teacher_steps
-        finished = student.status == TERMINATED
-        result["convergence_delta"], result["converged"] = convergence(
-            student.last.get("train_agreement") if finished else None, student.reference
+def student_rows(students: list[Student], ensembles: list[Ensemble], teacher_summaries: list[dict],
+                 data: TrialData, teacher_steps: list[int], feature_major: bool, bf16: bool) -> list[dict[str, Any]]:
+    """Each student's result row from its last evaluation (``setup.result_row``), with the pack's fast path."""
+    rows = []
+    layout = "feature-major" if feature_major else "channel blocks"
+    for student, ensemble, summary, steps in zip(students, ensembles, teacher_summaries, teacher_steps):
+        row = result_row(
+            status=student.status, error=student.error, ensemble=ensemble, teacher_summary=summary,
+            last_metrics=student.last, epochs_completed=student.epoch, plan=student.plan, teacher_steps=steps,
+            reference=student.reference, student=student.model, data=data,
         )
-        result.update(stage_cka(student.model, ensemble.models[0], cka_inputs) if finished and student.model
-                      else dict.fromkeys(CKA_METRICS, float("nan")))
-        precision = "bf16" if bf16 else "fp32"
-        result["precision_used"] = precision
-        result["fast_path"] = f"{precision}, {FUSED} ({'feature-major' if feature_major else 'channel blocks'})"
-        result["config_json"] = student.cfg.to_json()
-        results.append(result)
-    return results
+        row["precision_used"] = precision_used(bf16)
+        row["fast_path"] = f"{precision_used(bf16)}, {FUSED} ({layout})"
+        row["config_json"] = student.cfg.to_json()
+        rows.append(row)
+    return rows
 
 
 def run_controls(students: list[Student], results: list[dict[str, Any]], controls: list[int], store: TeacherStore,
@@ -456,12 +499,10 @@ def run_controls(students: list[Student], results: list[dict[str, Any]], control
     ensembles = [sub_ensemble(full, cfg, "control") for cfg in cfgs]
     controls_of = [Student(cfg, students[i].plan) for cfg, i in zip(cfgs, controls)]
     models = build_students(cfgs, ensembles, data, device, "control_student")
-    pack = Pack(controls_of, models, list(range(len(cfgs))), PackTeacher(full, [c.teacher_members for c in cfgs]),
-                device, cfgs[0].seed, "control_student", choose_layout(cfgs[0], models, device), bf16)
-    if data.extra is not None:
-        pack.extra_generator = torch.Generator(device=device).manual_seed(
-            extra_batches_seed("control_student", cfgs[0].seed))
-    train_pack(pack, data)
+    pack = WidePack(controls_of, models, list(range(len(cfgs))), PackTeacher(full, [c.teacher_members for c in cfgs]),
+                    device, cfgs[0].seed, "control_student", choose_layout(cfgs[0], models, device), bf16,
+                    extra_batches=data.extra is not None)
+    train_wide_pack(pack, data)
     for index, control in zip(controls, controls_of):
         if control.status == DIVERGED:
             results[index].update(status=DIVERGED, error=f"control student: {control.error}")
@@ -471,22 +512,13 @@ def run_controls(students: list[Student], results: list[dict[str, Any]], control
                                                              predict(control.model, data.x_test))
 
 
-def student_bytes(cfg: TrialConfig) -> int:
-    """Memory one student adds to a pack: weights, gradients and two optimizer states, plus the
-    activations of one training batch kept for the backward pass (measured by a forward pass)."""
-    info = DATASET_INFO[cfg.dataset]
-    model = build_seeded(cfg.student_arch, info.input_shape, info.num_classes, cfg.norm, 0).train()
-    outputs: list[int] = []
-    hooks = [m.register_forward_hook(lambda _m, _i, out: outputs.append(out.numel()))
-             for m in model.modules() if not list(m.children())]
-    with torch.no_grad():
-        model(torch.zeros(cfg.batch_size, *info.input_shape))
-    for hook in hooks:
-        hook.remove()
-    parameters = sum(p.numel() for p in model.parameters())
-    return 4 * (4 * parameters + 2 * sum(outputs))
-
-
-def max_pack_size(cfg: TrialConfig, budget_bytes: float, limit: int = PACK_LIMIT) -> int:
-    """The most students of ``cfg``'s shape a pack may hold within ``budget_bytes`` (1 at least)."""
-    return max(1, min(limit, int(budget_bytes // student_bytes(cfg))))
+def add_pack_provenance(results: list[dict[str, Any]], students: list[Student], pack_id: str, pack_time: float,
+                        device: torch.device) -> None:
+    """How the pack ran, in each student's row: the pack, its share of the pack's optimizer steps (by
+    which the pack's time is split), the device and the versions."""
+    steps = [s.epoch * s.plan.steps_per_epoch if s.status != TERMINATED else s.plan.total_steps for s in students]
+    for result, student_steps in zip(results, steps):
+        share = student_steps / max(1, sum(steps))
+        result.update(pack_id=pack_id, pack_size=len(students), pack_time_share=share, train_time_s=pack_time * share)
+        result["device_name"] = device_name(device)
+        result.update(versions())

@@ -22,10 +22,9 @@ from ray import tune
 from kd_ray.config import TrialConfig
 from kd_ray.progress import log
 from kd_ray.study.console import CONSOLE_METRICS
-from kd_ray.study.live_tables import STUDENTS_KEY
+from kd_ray.study.plan import STUDENTS_KEY
 
 PACKS_FILE = "packs.json"  # which students each pack of a packed study trains, in <storage>/<name>/
-UNSEEN_GPU_BYTES = 16 * 2**30  # a GPU the driver cannot see is taken to have this much memory
 
 Report = Callable[[dict[str, Any], dict[str, Any] | None], None]  # (metrics, checkpoint) to Ray Tune
 
@@ -35,25 +34,13 @@ def pack_dirname(trial) -> str:
     return f"pack_{trial.trial_id}"
 
 
-def memory_budget(gpus_per_trial: float, slots: int) -> float:
-    """Bytes a pack's students may take: half the trial's share of a GPU, or half this machine's free
-    memory over the trials that run at once."""
-    import torch
-
-    if gpus_per_trial > 0:
-        total = torch.cuda.mem_get_info()[1] if torch.cuda.is_available() else UNSEEN_GPU_BYTES
-        return 0.5 * total * min(1.0, gpus_per_trial)
-    free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    return 0.5 * free / slots
-
-
 def choose_packs(mode: str, search: bool, scheduler: str, slots: int, gpus_per_trial: float, study_dir: str,
                  configs: list[TrialConfig]) -> list[dict[str, Any]] | None:
     """The packs of a study as Ray Tune parameters, or None to run one trial per config; logged, and
     listed in packs.json beside the tables. No pack is smaller than needed to keep ``slots`` busy."""
     from kd_ray.atomic import is_uri, write_text
+    from kd_ray.packs.memory import max_pack_size, memory_budget
     from kd_ray.packs.plan import describe_packs, plan_packs
-    from kd_ray.packs.run import max_pack_size
 
     if mode == "off" or search:
         return None
@@ -66,8 +53,8 @@ def choose_packs(mode: str, search: bool, scheduler: str, slots: int, gpus_per_t
     if all(pack.size == 1 for pack in packs):
         log("packs: none: no two trials share a teacher, distillation data and batch stream")
         return None
-    space = [{"pack_id": pack.pack_id, "size": pack.size, STUDENTS_KEY: [configs[i].to_dict() for i in pack.members]}
-             for pack in packs]
+    space = [{"pack_id": pack.pack_id, "size": pack.size,
+              STUDENTS_KEY: [configs[i].to_dict() for i in pack.trial_indices]} for pack in packs]
     if not is_uri(study_dir):
         os.makedirs(study_dir, exist_ok=True)
         write_text(os.path.join(study_dir, PACKS_FILE), json.dumps(space, indent=1, sort_keys=True))
@@ -78,8 +65,8 @@ def choose_packs(mode: str, search: bool, scheduler: str, slots: int, gpus_per_t
 def search_pack_size(mode: str, scheduler: str, space: list[str], base: TrialConfig, num_samples: int, slots: int,
                      gpus_per_trial: float) -> int:
     """How many Optuna points each trial of a search asks for (1: a point per trial, unpacked)."""
+    from kd_ray.packs.memory import max_pack_size, memory_budget
     from kd_ray.packs.plan import STUDENT_FIELDS, share_key
-    from kd_ray.packs.run import max_pack_size
 
     if mode == "off":
         return 1

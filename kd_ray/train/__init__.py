@@ -6,7 +6,9 @@ Submodules, each importing only those listed before it:
 - ``fastpath``: the execution of a trial's steps (precision, layout) chosen by timing;
 - ``distill``: the one training loop (``fit``) and its schedule;
 - ``teachers``: the content-addressed teacher store and the training of its members;
-- ``trial``: ``run_trial``, one teacher -> student trial, and what packs share with it.
+- ``setup``: what a trial and a pack share: the data (``TrialData``), the checks (``check_runnable``), the fast
+  path, the student's recipe, the convergence rule and the result row (``result_row``);
+- ``trial``: ``run_trial``, one teacher -> student trial, in named steps.
 
 This face imports nothing itself: every submodule imports torch.
 """

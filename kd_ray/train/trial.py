@@ -1,50 +1,33 @@
 """One distillation trial end to end: teacher -> student -> metrics. No Ray in here.
 
-``run_trial`` is what ``kd-ray trial`` calls directly and what the Ray Tune trainable wraps.
+``run_trial`` is what ``kd-ray trial`` calls directly and what the Ray Tune trainable wraps. It reads
+top to bottom: the data (``setup.TrialData``), the teacher (``TrialTeacher``), the student
+(``build_student_state``), the fit and its evaluations (``StudentEvaluations``), the result row
+(``setup.result_row``), the control (``distil_control``) and how the trial ran.
 
 Every random draw has its own stream (``config.seed_stream``): the student's initial weights, batch
 order and augmentation draws are keyed by the replicate ``seed`` (so the arms of one replicate share
 them, and no student starts where a teacher member started), the control student's by kinds of
-its own, and the augmented evaluation pass by another.
-
-Convergence: ``convergence_delta`` is the student's train agreement at the end minus its train
-agreement at the last epoch boundary at or before the start of the second half of its optimizer
-steps (``CONVERGENCE_WINDOW``; the untrained student when that boundary is step 0); ``converged``
-is ``|convergence_delta| < CONVERGED_WITHIN`` (2 percentage points), null when the trial did not
-finish. The window is half the schedule because a cosine schedule's last quarter runs at under 15%
-of the peak learning rate and is flat by construction: measured on the local mnist1d MLP, a student
-of 20 epochs (0.67x the teacher's steps) still gains 3 pp over its second half and reads as not
-converged; one of 90 epochs (3x) gains about 1.5 pp and one of 180 about 0.5 pp. ``student_steps`` and
-``teacher_steps`` are the optimizer steps of the student's schedule and of one teacher member's.
+its own, and the augmented evaluation pass by another. Convergence (``convergence_delta``,
+``converged``) is defined in ``kd_ray.train.setup``.
 """
 
 from __future__ import annotations
 
-import math
-import time
-from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 
-from kd_ray.config import ConfigError, TrialConfig, network_streams, seed_stream
-from kd_ray.data.augment import augment, check_policy
-from kd_ray.data.datasets import DATASET_INFO, DatasetInfo, check_distill_dataset, load_arrays
-from kd_ray.data.extra_inputs import check_extra_inputs, extra_inputs
-from kd_ray.data.splits import split_indices
-from kd_ray.models.archs import build_model, check_arch
-from kd_ray.models.ensembles import LoopEnsemble, StackedEnsemble, ensemble_log_probs
+from kd_ray.config import TrialConfig, network_streams
 from kd_ray.progress import Progress
 from kd_ray.provenance import versions
-from kd_ray.tables import AFTER_TRAINING_METRICS, CKA_METRICS, DIVERGED, METRICS, TERMINATED
-from kd_ray.train import fastpath
-from kd_ray.train.cka import CKA_TEST_INPUTS, stage_cka
+from kd_ray.tables import DIVERGED, TERMINATED
 from kd_ray.train.distill import (
-    AugmentSpec,
     Diverged,
-    ExtraBatches,
+    EpochCallback,
     Recipe,
     Schedule,
+    TeacherFn,
     TrainState,
     build_seeded,
     fit,
@@ -55,290 +38,25 @@ from kd_ray.train.distill import (
 )
 from kd_ray.train.fastpath import FastPath
 from kd_ray.train.metrics import agreement, student_metrics, teacher_metrics
+from kd_ray.train.setup import (
+    TrainClock,
+    TrialData,
+    augmented_pass,
+    check_runnable,
+    convergence_epoch,
+    device_name,
+    extra_batches_seed,
+    fast_path,
+    full_batch_notes,
+    precision_used,
+    resolve_device,
+    result_row,
+    student_recipe,
+    training_teacher,
+)
 from kd_ray.train.teachers import Ensemble, TeacherStore, default_store, ensure_members, load_ensemble, member_steps
 
 EvalCallback = Callable[[dict[str, Any], dict[str, Any] | None], None]  # (metrics, checkpoint) per evaluation
-
-# The metrics every evaluation measures (the control's agreement and CKA are measured once, after training).
-FINAL_METRICS = tuple(m for m in METRICS if m not in AFTER_TRAINING_METRICS)
-CONVERGED_WITHIN = 0.02  # a converged student's train agreement moved less than this over the window
-CONVERGENCE_WINDOW = 0.5  # the last fraction of the optimizer steps that convergence_delta spans
-# The networks that draw extra batches, in the order that keys their extra_batches streams.
-NETWORKS_WITH_EXTRA_BATCHES = ("student", "control_student")
-
-
-def extra_batches_seed(network: str, seed: int) -> int:
-    """The seed of the stream that picks the extra inputs of each batch of ``network`` (student or
-    control_student) in replicate ``seed``, alone or in a pack."""
-    return seed_stream("extra_batches", seed, NETWORKS_WITH_EXTRA_BATCHES.index(network))
-
-
-def convergence_epoch(plan: Schedule) -> int:
-    """The last epoch boundary at or before the start of the convergence window (0: before training)."""
-    start = math.floor((1.0 - CONVERGENCE_WINDOW) * plan.total_steps)
-    return start // plan.steps_per_epoch
-
-
-def convergence(final: float | None, reference: float | None) -> tuple[float, bool | None]:
-    """``(convergence_delta, converged)`` from the final and the three-quarter train agreement."""
-    if final is None or reference is None or not (math.isfinite(final) and math.isfinite(reference)):
-        return float("nan"), None
-    # Agreements are float32 fractions of a count: rounding puts a delta of exactly the threshold
-    # (say 10 of 1000 samples) on the side the counts say, whatever the float32 error.
-    delta = round(final - reference, 6)
-    return delta, abs(delta) < CONVERGED_WITHIN
-
-
-MIN_DISTILL_EXAMPLES = 2  # a training batch of one sample cannot train batch norm; one example is no data set
-
-
-def _subset_size(fraction: float, n: int) -> int:
-    """How many of ``n`` examples a stratified ``fraction`` keeps: ``splits.split_indices``' rule."""
-    return n if float(fraction) == 1.0 else min(n, max(1, int(round(float(fraction) * n))))
-
-
-@dataclass(frozen=True)
-class DataSizes:
-    """How many examples each part of a trial's data holds, from each dataset's ``train_size`` and the split fields
-    alone (``splits.split_indices`` draws exactly these many)."""
-
-    teacher_base: int  # the teacher's split (all train examples, or the half D0) before teacher_fraction
-    teacher: int  # the examples a teacher member trains on, batched by teacher_batch_size
-    distill_base: int  # the split distill_fraction draws from
-    distill_subset: int  # what distill_fraction keeps of it
-    distill: int  # the set the student batches: the subset, and any extra inputs that join it
-    distill_most: int  # the most a distillation set of this dataset (and joined extras) can hold
-
-
-def data_sizes(cfg: TrialConfig) -> DataSizes:
-    """The sizes of ``cfg``'s teacher and distillation sets, as ``TrialData`` and the teachers draw them."""
-    n = DATASET_INFO[cfg.dataset].train_size
-    if cfg.teacher_split == "full":
-        teacher_base, distill_base = n, n
-    else:
-        d0 = n // 2  # the stratified half D0; D1 is the rest
-        teacher_base, distill_base = d0, {"train": d0, "holdout": n - d0, "both": n}[cfg.distill_split]
-    teacher = _subset_size(cfg.teacher_fraction, teacher_base)
-    if cfg.teacher_fraction < 1.0 and cfg.distill_split == "train":
-        distill_base = teacher  # 'train' is then exactly the teacher's own subset
-    if cfg.distill_dataset:
-        distill_base = DATASET_INFO[cfg.distill_dataset].train_size  # the other dataset's whole train split
-    subset = _subset_size(cfg.distill_fraction, distill_base)
-    joined = cfg.extra_data if cfg.extra_ratio == 0 else 0  # with extra_ratio > 0 extras ride along instead
-    most = DATASET_INFO[cfg.distill_dataset or cfg.dataset].train_size + joined
-    return DataSizes(teacher_base, teacher, distill_base, subset, subset + joined, most)
-
-
-def _has_batch_norm(arch: str, info: DatasetInfo, norm: str) -> bool:
-    """Whether ``arch`` under ``norm`` has batch norm layers (lenet5 and vgg16 ignore ``norm``). Built on
-    the meta device: no weights are allocated and no random number is drawn."""
-    with torch.device("meta"):
-        model = build_model(arch, info.input_shape, info.num_classes, norm)
-    return any(isinstance(m, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d)) for m in model.modules())
-
-
-def _minimum_fraction(n: int) -> str:
-    """The smallest fraction of ``n`` examples that keeps ``MIN_DISTILL_EXAMPLES``, rounded up to 3
-    significant digits so that the printed value itself is allowed."""
-    exact = MIN_DISTILL_EXAMPLES / n
-    digits = 2 - math.floor(math.log10(exact))
-    return f"{math.ceil(exact * 10**digits) / 10**digits:g}"
-
-
-def check_data_sizes(cfg: TrialConfig, info: DatasetInfo) -> None:
-    """Refuse batch sizes and fractions that the trial's data cannot meet, from ``data_sizes`` alone: a
-    teacher or distillation set of fewer than 2 examples, a batch of one sample under batch norm (which
-    needs more than one sample per channel in training), and a batch size larger than every training
-    example of the dataset. A batch size between the set a trial batches and that is one batch of the
-    whole set per epoch (``full_batch_notes``): one ``--set batch_size`` then serves a study's arms of
-    every distillation fraction. The remainder of an epoch never leaves a batch of one
-    (``distill.batches_per_epoch``)."""
-    sizes = data_sizes(cfg)
-    teacher_source = f"dataset={cfg.dataset!r}, teacher_split={cfg.teacher_split!r}"
-    distill_source = (f"distill_dataset={cfg.distill_dataset!r}" if cfg.distill_dataset
-                      else f"{teacher_source}, distill_split={cfg.distill_split!r}")
-    if sizes.teacher < MIN_DISTILL_EXAMPLES:
-        raise ConfigError(
-            f"teacher_fraction={cfg.teacher_fraction!r} leaves the teacher {sizes.teacher} of the "
-            f"{sizes.teacher_base} training examples of its split ({teacher_source}); allowed: teacher_fraction >= "
-            f"{_minimum_fraction(sizes.teacher_base)} (at least {MIN_DISTILL_EXAMPLES} examples)"
-        )
-    if sizes.distill_subset < MIN_DISTILL_EXAMPLES:
-        raise ConfigError(
-            f"distill_fraction={cfg.distill_fraction!r} leaves {sizes.distill_subset} of the {sizes.distill_base} "
-            f"examples of the distillation split ({distill_source}) to distil on; allowed: distill_fraction >= "
-            f"{_minimum_fraction(sizes.distill_base)} (at least {MIN_DISTILL_EXAMPLES} examples)"
-        )
-    extras = f" and extra_data={cfg.extra_data}" if sizes.distill > sizes.distill_subset else ""
-    batched = (
-        ("teacher_batch_size", "teacher_arch", sizes.teacher, DATASET_INFO[cfg.dataset].train_size,
-         "a teacher member trains on", f"dataset={cfg.dataset!r}"),
-        ("batch_size", "student_arch", sizes.distill, sizes.distill_most, "the student distils on",
-         f"{'distill_dataset=' + repr(cfg.distill_dataset) if cfg.distill_dataset else f'dataset={cfg.dataset!r}'}"
-         f"{extras}"),
-    )
-    for field, arch_field, n, most, what, source in batched:
-        value, arch = getattr(cfg, field), getattr(cfg, arch_field)
-        if 1 < value <= most:
-            continue
-        # Only a batch size of 1 or one above every example builds the network, to ask whether it has batch norm.
-        smallest = 2 if _has_batch_norm(arch, info, cfg.norm) else 1
-        allowed = f"allowed: {smallest} <= {field} <= {most}"
-        if value < smallest:
-            raise ConfigError(
-                f"{field}={value} with {arch_field}={arch!r} and norm={cfg.norm!r}: batch norm needs more than one "
-                f"sample per channel in training; {allowed}, or norm='group' or 'none'"
-            )
-        if value > most:
-            whole = f" (from {n + 1} on, the {n} examples {what} are one batch per epoch)" if n < most else ""
-            raise ConfigError(f"{field}={value} is larger than all {most} training examples of {source}; "
-                              f"{allowed}{whole}")
-
-
-def full_batch_notes(cfg: TrialConfig) -> list[str]:
-    """A line for each batch size above the set it batches: each epoch is then one batch of the whole set."""
-    sizes = data_sizes(cfg)
-    notes = []
-    for field, n, what in (("teacher_batch_size", sizes.teacher, "a teacher member trains on"),
-                           ("batch_size", sizes.distill, "the student distils on")):
-        value = getattr(cfg, field)
-        if value > n:
-            notes.append(f"{field}={value} is more than the {n} examples {what}: each epoch is one batch of all {n}")
-    return notes
-
-
-def check_runnable(cfg: TrialConfig, check_device: bool = True) -> None:
-    """Refuse combinations that only the model, data and augmentation registries can judge, and sizes
-    that the data cannot meet (``check_data_sizes``).
-
-    ``check_device=False`` skips the CUDA check, for a driver that schedules GPU trials elsewhere."""
-    info = DATASET_INFO[cfg.dataset]
-    for field in ("teacher_arch", "student_arch"):
-        try:
-            check_arch(getattr(cfg, field), info.input_shape, cfg.norm)
-        except ValueError as exc:
-            raise ConfigError(f"{field}={getattr(cfg, field)!r} with dataset={cfg.dataset!r}: {exc}") from None
-    try:
-        check_policy(cfg.augmentation, info.kind)
-    except ValueError as exc:
-        raise ConfigError(f"augmentation={cfg.augmentation!r} with dataset={cfg.dataset!r}: {exc}") from None
-    check_extra_inputs(cfg)
-    check_distill_dataset(cfg.dataset, cfg.distill_dataset)
-    check_data_sizes(cfg, info)
-    if check_device and cfg.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device={cfg.device!r} but no CUDA device is visible; use device=cpu or auto")
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def probe_batch_size(cfg: TrialConfig) -> int:
-    """The batch the fast path is timed on: the trial's, never more than the set it batches."""
-    return min(cfg.batch_size, data_sizes(cfg).distill)
-
-
-def fast_path(cfg: TrialConfig, info: DatasetInfo, device: torch.device) -> FastPath:
-    """The measured fastest bf16 / layout / teacher-execution choice for this trial's shapes."""
-    return fastpath.choose(
-        cfg.student_arch, cfg.teacher_arch, info.input_shape, info.num_classes, cfg.norm, cfg.teacher_members,
-        probe_batch_size(cfg), str(device), cfg.precision,
-    )
-
-
-def student_recipe(cfg: TrialConfig, path: FastPath | None = None) -> Recipe:
-    path = path or FastPath()
-    return Recipe(
-        epochs=cfg.epochs, batch_size=cfg.batch_size, optimizer=cfg.optimizer, lr=float(cfg.lr),
-        weight_decay=cfg.weight_decay, lr_schedule=cfg.lr_schedule, augmentation=cfg.augmentation,
-        mixup_alpha=cfg.mixup_alpha, temperature=cfg.temperature, alpha=cfg.alpha, nesterov=True,
-        final_lr=1e-6 if cfg.lr_schedule == "cosine" else float(cfg.lr),
-        bf16=path.bf16, channels_last=path.channels_last, steps=cfg.steps,
-    )
-
-
-def training_teacher(ensemble: Ensemble, path: FastPath) -> StackedEnsemble | LoopEnsemble:
-    """The ensemble that labels training batches, run as ``path`` says; metrics use the float32 one."""
-    if path.stacked_teacher:
-        runner = ensemble.stacked
-    else:
-        layout = torch.channels_last if path.channels_last else torch.contiguous_format
-        runner = LoopEnsemble([m.to(memory_format=layout) for m in ensemble.models])
-    return runner.cast(torch.bfloat16) if path.bf16 else runner
-
-
-class TrialData:
-    """The trial's tensors on its device: distillation set, test set, and the teacher's cached logits."""
-
-    def __init__(self, cfg: TrialConfig, device: torch.device, data_dir: str | None) -> None:
-        self.info: DatasetInfo = DATASET_INFO[cfg.dataset]
-        self.arrays = load_arrays(cfg.dataset, data_dir)
-        teacher_idx, distill_idx = split_indices(
-            self.arrays.y_train, teacher_split=cfg.teacher_split, distill_split=cfg.distill_split,
-            distill_fraction=cfg.distill_fraction, data_seed=cfg.data_seed, seed=cfg.seed,
-            teacher_fraction=cfg.teacher_fraction,
-        )
-        self.distill_idx = torch.as_tensor(distill_idx, device=device)
-        x_train = torch.as_tensor(self.arrays.x_train, device=device)
-        y_train = torch.as_tensor(self.arrays.y_train, device=device)
-        self.x = x_train[self.distill_idx]
-        self.y = y_train[self.distill_idx]
-        self.distill_elsewhere = bool(cfg.distill_dataset)
-        if self.distill_elsewhere:
-            # Another dataset's train inputs (a stratified distill_fraction of them) replace the teacher's.
-            other = load_arrays(cfg.distill_dataset, data_dir)
-            _, other_idx = split_indices(other.y_train, teacher_split="full", distill_split="train",
-                                         distill_fraction=cfg.distill_fraction, data_seed=cfg.data_seed, seed=cfg.seed)
-            self.x = torch.as_tensor(other.x_train[other_idx], device=device)
-            self.y = torch.as_tensor(other.y_train[other_idx], device=device)
-        # Extra inputs either join the distillation set (its last n_extra rows) or, with extra_ratio,
-        # are mixed into every batch, leaving the distillation set and its step count as they are.
-        self.n_extra = 0
-        self.extra: ExtraBatches | None = None
-        if cfg.extra_data > 0:
-            x_extra, y_extra = (torch.as_tensor(a, device=device)
-                                for a in extra_inputs(cfg, self.arrays, teacher_idx, data_dir))
-            if cfg.extra_ratio > 0:
-                self.extra = ExtraBatches(x_extra, y_extra, max(1, round(cfg.extra_ratio * cfg.batch_size)))
-            else:
-                self.n_extra = cfg.extra_data
-                self.x = torch.cat([self.x, x_extra])
-                self.y = torch.cat([self.y, y_extra])
-        self.x_test = torch.as_tensor(self.arrays.x_test, device=device)
-        self.y_test = torch.as_tensor(self.arrays.y_test, device=device)
-        self.augment_spec = AugmentSpec(self.info.kind, self.info.crop_pad, self.info.hflip)
-
-    def teacher_log_probs(self, ensemble: Ensemble) -> tuple[torch.Tensor, torch.Tensor]:
-        """Teacher log-probabilities on (test set, clean distillation set), from the cached logits."""
-        test = ensemble_log_probs(ensemble.test_logits)
-        if self.distill_elsewhere:
-            # Another dataset's inputs (and any extras) are not in the store's cache: labelled live.
-            return test, torch.cat([ensemble.log_probs(self.x[i : i + 1024]) for i in range(0, len(self.x), 1024)])
-        distill = ensemble_log_probs(ensemble.train_logits[:, self.distill_idx])
-        if self.n_extra:
-            # Extra in-domain samples are not in the store's cache; they vary with extra_data.
-            extra = self.x[-self.n_extra :]
-            extra_lp = torch.cat([ensemble.log_probs(extra[i : i + 1024]) for i in range(0, self.n_extra, 1024)])
-            distill = torch.cat([distill, extra_lp])
-        return test, distill
-
-
-def augmented_pass(data: TrialData, cfg: TrialConfig) -> list[torch.Tensor]:
-    """One augmented pass over the distillation set with the trial's policy, in chunks of 1,024: the
-    same pass (the eval_augment stream of the replicate) at every evaluation, alone or in a pack."""
-    generator = torch.Generator(device=data.x.device).manual_seed(seed_stream("eval_augment", cfg.seed))
-    spec = data.augment_spec
-    return [augment(cfg.augmentation, data.x[i : i + 1024], generator, kind=spec.kind, crop_pad=spec.crop_pad,
-                    hflip=spec.hflip, mixup_alpha=cfg.mixup_alpha).x for i in range(0, data.x.shape[0], 1024)]
-
-
-def aug_agreement(student: torch.nn.Module, ensemble: Ensemble, data: TrialData, cfg: TrialConfig) -> float:
-    """Agreement on the replicate's augmented pass over the distillation set (``augmented_pass``)."""
-    chunks = augmented_pass(data, cfg)
-    teacher = torch.cat([ensemble.log_probs(x) for x in chunks])
-    return agreement(teacher, torch.cat([predict(student, x) for x in chunks]))
 
 
 def run_trial(
@@ -360,110 +78,62 @@ def run_trial(
     check_runnable(cfg)
     store = store if isinstance(store, TeacherStore) else TeacherStore(store or default_store())
     device = resolve_device(cfg.device)
-    started = time.perf_counter()
-    elapsed_before = float(resume["train_time_s"]) if resume else 0.0
+    clock = TrainClock(resume)
 
+    # --- data: the distillation and test sets on the device ---
     if progress:
         for note in full_batch_notes(cfg):
             progress(note)
     data = TrialData(cfg, device, data_dir)
+
+    # --- teacher: its stored members (trained when missing), run on the fastest path measured ---
     ensure_members(cfg, store, data.arrays, device, progress=progress, retrain=retrain_teachers)
     ensemble = load_ensemble(cfg, store, device)
     path = fast_path(cfg, data.info, device)
     recipe = student_recipe(cfg, path)
-    teacher_for_training = training_teacher(ensemble, path)
-    teacher_test, teacher_distill = data.teacher_log_probs(ensemble)
-    teacher_summary = teacher_metrics(teacher_test, data.y_test)
+    teacher = TrialTeacher(ensemble, path, data)
 
-    result: dict[str, Any] = {"status": TERMINATED, "error": None, "teacher_key": ensemble.key}
-    result.update(teacher_summary)
-    last_metrics: dict[str, Any] = {}
+    # --- student: built from its own streams, or restored from the checkpoint ---
     state = build_student_state(cfg, recipe, ensemble, data, device, resume["train_state"] if resume else None)
     plan = schedule(recipe, data.x.shape[0])
-    reference_epoch = convergence_epoch(plan)
-    # The train agreement at the three-quarter point; a checkpoint carries it past a restart.
-    reference: dict[str, float | None] = {"train_agreement": resume.get("convergence_reference") if resume else None}
+    evaluations = StudentEvaluations(cfg, state, plan, data, teacher, clock, on_eval, progress, resume)
 
-    def measure_student() -> dict[str, float]:
-        model = state.model
-        metrics = student_metrics(
-            predict(model, data.x_test), teacher_test, data.y_test, predict(model, data.x), teacher_distill
-        )
-        metrics["aug_train_agreement"] = aug_agreement(model, ensemble, data, cfg)
-        return metrics
-
-    if state.epoch == 0 and reference_epoch == 0:
-        reference["train_agreement"] = agreement(teacher_distill, predict(state.model, data.x))
-
-    def on_epoch(epoch: int, loss: float, lr: float) -> None:
-        evaluate = epoch % cfg.eval_every == 0 or epoch == plan.epochs
-        student = measure_student() if evaluate else None
-        if epoch == reference_epoch:
-            reference["train_agreement"] = (
-                student["train_agreement"] if student is not None
-                else agreement(teacher_distill, predict(state.model, data.x))
-            )
-        if student is None:
-            return
-        metrics = {"epoch": epoch, "lr": lr, "train_loss": loss, **student, **teacher_summary}
-        metrics["train_time_s"] = elapsed_before + time.perf_counter() - started
-        last_metrics.clear()
-        last_metrics.update(metrics)
-        if progress:
-            progress(
-                f"student epoch {epoch}/{plan.epochs}: loss {loss:.4f} test acc {metrics['test_acc']:.3f} "
-                f"test agreement {metrics['test_agreement']:.3f} "
-                f"train agreement {metrics['train_agreement']:.3f}"
-            )
-        if on_eval is not None:
-            checkpoint = {
-                "train_state": state.state_dict(), "train_time_s": metrics["train_time_s"],
-                "convergence_reference": reference["train_agreement"],
-            }
-            on_eval(metrics, checkpoint)
-
-    try:
-        fit(state, data.x, data.y, recipe, data.augment_spec, teacher=teacher_for_training.log_probs, on_epoch=on_epoch,
-            extra=data.extra)
-    except Diverged as exc:
-        result.update(status=DIVERGED, error=str(exc))
-    if state.epoch > 0 and not last_metrics and result["status"] == TERMINATED:
+    # --- fit ---
+    status, error = fit_student(state, data, recipe, teacher.for_training.log_probs, evaluations.on_epoch)
+    if state.epoch > 0 and not evaluations.last_metrics and status == TERMINATED:
         # Resumed from the checkpoint of the last epoch (the process died after it, before the final
         # report): nothing is left to train, so the final metrics are those of the restored student.
-        last_metrics.update(measure_student())
-    result.update({k: last_metrics.get(k, float("nan")) for k in FINAL_METRICS if k not in teacher_summary})
-    result["epochs_completed"] = state.epoch
-    result["student_steps"] = plan.total_steps
-    result["teacher_steps"] = member_steps(cfg, data.arrays.y_train)
-    finished = result["status"] == TERMINATED
-    result["convergence_delta"], result["converged"] = convergence(
-        last_metrics.get("train_agreement") if finished else None, reference["train_agreement"]
+        evaluations.last_metrics = evaluations.measure()
+
+    # --- result row ---
+    row = result_row(
+        status=status, error=error, ensemble=ensemble, teacher_summary=teacher.summary,
+        last_metrics=evaluations.last_metrics, epochs_completed=state.epoch, plan=plan,
+        teacher_steps=member_steps(cfg, data.arrays.y_train), reference=evaluations.reference, student=state.model,
+        data=data,
     )
-    # Once, of the final student: how alike its representations and teacher member 0's are (kd_ray.train.cka).
-    cka_inputs = data.x_test[:CKA_TEST_INPUTS]
-    result.update(stage_cka(state.model, ensemble.models[0], cka_inputs) if finished
-                  else dict.fromkeys(CKA_METRICS, float("nan")))
+    if cfg.control and status == TERMINATED:
+        row.update(distil_control(cfg, store, data, device, recipe, path, teacher.test_log_probs, progress))
 
-    if cfg.control and result["status"] == TERMINATED:
-        if progress:
-            progress("control: distilling from an independent teacher ensemble")
-        ensure_members(cfg, store, data.arrays, device, role="control", progress=progress)
-        independent = load_ensemble(cfg, store, device, role="control")
-        control = build_student_state(cfg, recipe, independent, data, device, None, network="control_student")
-        try:
-            independent_teacher = training_teacher(independent, path).log_probs
-            fit(control, data.x, data.y, recipe, data.augment_spec, teacher=independent_teacher, extra=data.extra)
-            result["control_test_agreement"] = agreement(teacher_test, predict(control.model, data.x_test))
-        except Diverged as exc:
-            result.update(status=DIVERGED, error=f"control student: {exc}")
+    # --- how it ran ---
+    row["train_time_s"] = clock.seconds()
+    row["precision_used"] = precision_used(path.bf16)
+    row["fast_path"] = path.describe()
+    row["device_name"] = device_name(device)
+    row.update(versions())
+    row["config_json"] = cfg.to_json()
+    return row
 
-    result["train_time_s"] = elapsed_before + time.perf_counter() - started
-    result["precision_used"] = "bf16" if path.bf16 else "fp32"
-    result["fast_path"] = path.describe()
-    result["device_name"] = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    result.update(versions())
-    result["config_json"] = cfg.to_json()
-    return result
+
+class TrialTeacher:
+    """The trial's teacher ensemble: the float32 one that metrics use, the one that labels training
+    batches (run as ``path`` says), its log-probabilities on the test and distillation sets, and its metrics."""
+
+    def __init__(self, ensemble: Ensemble, path: FastPath, data: TrialData) -> None:
+        self.ensemble = ensemble
+        self.for_training = training_teacher(ensemble, path)
+        self.test_log_probs, self.distill_log_probs = data.teacher_log_probs(ensemble)
+        self.summary = teacher_metrics(self.test_log_probs, data.y_test)
 
 
 def build_student_state(
@@ -489,3 +159,92 @@ def build_student_state(
     if cfg.compile:
         state.forward = torch.compile(student)
     return state
+
+
+def aug_agreement(student: torch.nn.Module, ensemble: Ensemble, data: TrialData, cfg: TrialConfig) -> float:
+    """Agreement on the replicate's augmented pass over the distillation set (``augmented_pass``)."""
+    chunks = augmented_pass(data, cfg)
+    teacher = torch.cat([ensemble.log_probs(x) for x in chunks])
+    return agreement(teacher, torch.cat([predict(student, x) for x in chunks]))
+
+
+class StudentEvaluations:
+    """The student's epoch boundaries (``fit``'s ``on_epoch``): an evaluation every ``eval_every`` epochs
+    and at the last, with a progress line and a checkpoint for ``on_eval``; and the train agreement at
+    the start of the convergence window (``reference``), which a checkpoint carries past a restart."""
+
+    def __init__(self, cfg: TrialConfig, state: TrainState, plan: Schedule, data: TrialData, teacher: TrialTeacher,
+                 clock: TrainClock, on_eval: EvalCallback | None, progress: Progress | None,
+                 resume: dict[str, Any] | None) -> None:
+        self.cfg, self.state, self.plan, self.data, self.teacher = cfg, state, plan, data, teacher
+        self.clock, self.on_eval, self.progress = clock, on_eval, progress
+        self.reference_epoch = convergence_epoch(plan)
+        self.reference: float | None = resume.get("convergence_reference") if resume else None
+        self.last_metrics: dict[str, Any] = {}  # the last evaluation's
+        if state.epoch == 0 and self.reference_epoch == 0:
+            self.reference = self.train_agreement()
+
+    def train_agreement(self) -> float:
+        return agreement(self.teacher.distill_log_probs, predict(self.state.model, self.data.x))
+
+    def measure(self) -> dict[str, float]:
+        """The student's metrics as it is now."""
+        model, data, teacher = self.state.model, self.data, self.teacher
+        metrics = student_metrics(predict(model, data.x_test), teacher.test_log_probs, data.y_test,
+                                  predict(model, data.x), teacher.distill_log_probs)
+        metrics["aug_train_agreement"] = aug_agreement(model, teacher.ensemble, data, self.cfg)
+        return metrics
+
+    def on_epoch(self, epoch: int, loss: float, lr: float) -> None:
+        evaluate = epoch % self.cfg.eval_every == 0 or epoch == self.plan.epochs
+        student = self.measure() if evaluate else None
+        if epoch == self.reference_epoch:
+            self.reference = student["train_agreement"] if student is not None else self.train_agreement()
+        if student is None:
+            return
+        metrics = {"epoch": epoch, "lr": lr, "train_loss": loss, **student, **self.teacher.summary}
+        metrics["train_time_s"] = self.clock.seconds()
+        self.last_metrics = dict(metrics)
+        self.report(metrics)
+
+    def report(self, metrics: dict[str, Any]) -> None:
+        """The evaluation's progress line, and ``on_eval`` with the checkpoint that resumes from it."""
+        if self.progress:
+            self.progress(
+                f"student epoch {metrics['epoch']}/{self.plan.epochs}: loss {metrics['train_loss']:.4f} "
+                f"test acc {metrics['test_acc']:.3f} test agreement {metrics['test_agreement']:.3f} "
+                f"train agreement {metrics['train_agreement']:.3f}"
+            )
+        if self.on_eval is not None:
+            checkpoint = {
+                "train_state": self.state.state_dict(), "train_time_s": metrics["train_time_s"],
+                "convergence_reference": self.reference,
+            }
+            self.on_eval(metrics, checkpoint)
+
+
+def fit_student(state: TrainState, data: TrialData, recipe: Recipe, teacher: TeacherFn,
+                on_epoch: EpochCallback | None = None) -> tuple[str, str | None]:
+    """Distil ``state``'s student from ``teacher`` to the end of its schedule: ``(TERMINATED, None)``, or
+    ``(DIVERGED, why)`` when its loss stopped being finite."""
+    try:
+        fit(state, data.x, data.y, recipe, data.augment_spec, teacher=teacher, on_epoch=on_epoch, extra=data.extra)
+    except Diverged as exc:
+        return DIVERGED, str(exc)
+    return TERMINATED, None
+
+
+def distil_control(cfg: TrialConfig, store: TeacherStore, data: TrialData, device: torch.device, recipe: Recipe,
+                   path: FastPath, teacher_test: torch.Tensor, progress: Progress | None) -> dict[str, Any]:
+    """The control: a student of its own streams distilled alike from an independent teacher ensemble.
+    Its agreement with the trial's teacher on the test set (``teacher_test``: log-probabilities), or
+    the DIVERGED status and why."""
+    if progress:
+        progress("control: distilling from an independent teacher ensemble")
+    ensure_members(cfg, store, data.arrays, device, role="control", progress=progress)
+    independent = load_ensemble(cfg, store, device, role="control")
+    control = build_student_state(cfg, recipe, independent, data, device, None, network="control_student")
+    status, error = fit_student(control, data, recipe, training_teacher(independent, path).log_probs)
+    if status == DIVERGED:
+        return {"status": DIVERGED, "error": f"control student: {error}"}
+    return {"control_test_agreement": agreement(teacher_test, predict(control.model, data.x_test))}
