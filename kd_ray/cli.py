@@ -58,7 +58,8 @@ def format_trial_table(result: dict[str, Any]) -> str:
 def cmd_trial(args: argparse.Namespace) -> int:
     try:
         cfg = TrialConfig.from_dict(parse_set(args.set or []))
-        from kd_ray.train.trial import check_runnable, run_trial
+        from kd_ray.train.setup import check_runnable
+        from kd_ray.train.trial import run_trial
 
         check_runnable(cfg)
     except ConfigError as exc:

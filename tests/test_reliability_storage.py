@@ -26,6 +26,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from kd_ray.study.guards import SPEC_FILE, check_saved_state
+from kd_ray.study.storage import LOCKS_DIR
 from kd_ray.train.teachers import TeacherStore
 
 pytestmark = pytest.mark.slow
@@ -80,6 +81,13 @@ def tmpfs(tmp_path):
     for point in mounted:
         _mount("-o", "remount,rw", str(point))
         subprocess.run(["umount", "-l", str(point)], capture_output=True)
+
+
+def files_and_digests(storage: Path) -> dict[str, str]:
+    """Every file of a storage and its digest, but the study locks (``locks/``), which each run rewrites
+    with its driver's pid: they are the storage's bookkeeping, not a study's files."""
+    return {str(p): digest(p) for p in sorted(storage.rglob("*"))
+            if p.is_file() and p.relative_to(storage).parts[0] != LOCKS_DIR}
 
 
 def finished_trials(study_dir: Path) -> int:
@@ -236,12 +244,27 @@ def test_a_study_directory_moved_away_mid_study_is_one_line_and_resume_finishes_
     assert_complete(study_dir, seen["trials"])
 
 
-def test_a_teacher_store_that_cannot_be_written_is_one_line_naming_it(ray_local, tmpfs, capsys):
+def test_a_teacher_store_that_cannot_be_written_is_one_line_naming_it(ray_local, tmpfs, tmp_path, capsys):
+    storage = tmp_path / "storage"
+    teachers = tmpfs("8m")
+    storage.mkdir()
+    (storage / "teachers").symlink_to(teachers)  # the teacher store on a filesystem of its own
+    assert _mount("-o", "remount,ro", str(teachers)).returncode == 0
+    code, errors = run([*ARGS, "--set", "temperature=4", "--storage", str(storage)], capsys)
+    assert code == 4 and len(errors) == 1, errors
+    assert f"the storage {storage / 'teachers'} turned read-only" in errors[0], errors[0]
+    # The study had not begun: the way on is the same command, not --resume (which needs a study).
+    assert errors[0].endswith("then rerun the same command"), errors[0]
+    assert list(teachers.iterdir()) == [] and not (storage / "temperature_sweep").exists()
+
+
+def test_a_read_only_storage_is_one_line_before_any_compute(tmpfs, capsys):
     storage = tmpfs("8m")
     assert _mount("-o", "remount,ro", str(storage)).returncode == 0
     code, errors = run([*ARGS, "--set", "temperature=4", "--storage", str(storage)], capsys)
     assert code == 4 and len(errors) == 1, errors
-    assert f"the storage {storage / 'teachers'} turned read-only" in errors[0] and "--resume" in errors[0], errors[0]
+    assert f"the storage {storage} turned read-only" in errors[0], errors[0]
+    assert errors[0].endswith("then rerun the same command"), errors[0]
     assert list(storage.iterdir()) == []
 
 
@@ -280,13 +303,13 @@ def test_a_resume_refuses_a_saved_state_it_cannot_read_and_changes_nothing(finis
     shutil.copytree(finished_study, storage)
     study_dir = storage / NAME
     damaged = damage(study_dir)
-    before = {str(p): digest(p) for p in sorted(storage.rglob("*")) if p.is_file()}
+    before = files_and_digests(storage)
     code, errors = run([*ARGS, "--set", "temperature=4", "--storage", str(storage), "--resume"], capsys)
     assert code == 2 and len(errors) == 1, errors
     assert f"cannot resume the study in {study_dir}" in errors[0], errors[0]
     assert (damaged.name in errors[0]) or ("Tuner" in errors[0]), errors[0]
     assert "another --name" in errors[0]
-    after = {str(p): digest(p) for p in sorted(storage.rglob("*")) if p.is_file()}
+    after = files_and_digests(storage)
     assert after == before  # nothing written, nothing deleted: the finished trial's files are all there
     assert len(pd.read_parquet(study_dir / "trials.parquet")) == 1
 
@@ -304,13 +327,27 @@ CHANGES = [
 ]
 
 
+def changed(argv: list[str], change: list[str]) -> list[str]:
+    """``argv`` with ``change`` applied: a ``--set KEY=...`` in it replaces the one for KEY (each key is
+    given once), other flags are added."""
+    keys = {value.split("=")[0] for flag, value in zip(change, change[1:]) if flag == "--set"}
+    kept, i = [], 0
+    while i < len(argv):
+        if argv[i] == "--set" and argv[i + 1].split("=")[0] in keys:
+            i += 2
+            continue
+        kept.append(argv[i])
+        i += 1
+    return [*kept, *change]
+
+
 @pytest.mark.parametrize("case_id, change, needles", CHANGES, ids=[c[0] for c in CHANGES])
 def test_a_resume_that_changes_the_study_is_refused_naming_each_difference(finished_study, case_id, change, needles,
                                                                            capsys):
     """Ray Tune would resume the stored trials and ignore the change: refused before any compute."""
-    before = {str(p): digest(p) for p in sorted(finished_study.rglob("*")) if p.is_file()}
+    before = files_and_digests(finished_study)
     started = time.perf_counter()
-    code, errors = run([*FINISHED, *change, "--storage", str(finished_study), "--resume"], capsys)
+    code, errors = run([*changed(FINISHED, change), "--storage", str(finished_study), "--resume"], capsys)
     assert code == 2 and len(errors) == 1, errors
     line = errors[0]
     assert f"stored in {finished_study / NAME / SPEC_FILE}" in line, line
@@ -318,7 +355,7 @@ def test_a_resume_that_changes_the_study_is_refused_naming_each_difference(finis
         assert needle in line, (needle, line)
     assert "Drop the change" in line and "another --name" in line, line
     assert time.perf_counter() - started < 20
-    assert {str(p): digest(p) for p in sorted(finished_study.rglob("*")) if p.is_file()} == before
+    assert files_and_digests(finished_study) == before
 
 
 def test_a_resume_of_the_same_study_runs_nothing_again(finished_study, tmp_path, capsys):

@@ -31,6 +31,7 @@ from ray import tune
 from kd_ray.atomic import filesystem, is_uri, write_text
 from kd_ray.config import ConfigError
 from kd_ray.progress import log
+from kd_ray.study.storage import STORAGE_FAULTS, StorageError
 
 SPEC_FILE = "spec.json"  # the study's specification, in <storage>/<name>/ beside its tables
 # Ray's switch between a single-machine instance bound to the loopback (its default on macOS and
@@ -159,26 +160,7 @@ def signals_as_interrupt() -> Iterator[None]:
 # --- storage faults -------------------------------------------------------------------------------
 
 # errno -> (what happened to the storage, what to do before --resume)
-STORAGE_FAULTS = {
-    errno.ENOSPC: ("ran out of space", "free space there"),
-    errno.EDQUOT: ("is over its disk quota", "free space there or raise the quota"),
-    errno.EROFS: ("turned read-only", "make it writable again"),
-    errno.EACCES: ("refused a write (permission denied)", "make it writable again"),
-    errno.EPERM: ("refused a write (operation not permitted)", "make it writable again"),
-    errno.ENOENT: ("disappeared (deleted, moved or unmounted)", "put it back"),
-    errno.ESTALE: ("went stale (its network filesystem lost it)", "mount it again"),
-    errno.EIO: ("failed with an I/O error", "check the disk"),
-}
 _ERRNO_TEXT = re.compile(r"\[Errno (\d+)\] ([^:\n]+)(?:: '([^'\n]*)')?")
-
-
-class StorageError(RuntimeError):
-    """The storage failed while the study ran: the message is one line naming it and the way on."""
-
-
-def storage_fault(where: str, code: int, detail: str) -> StorageError:
-    what, fix = STORAGE_FAULTS[code]
-    return StorageError(f"{where} {what} ({detail}); {fix}, then rerun the same command with --resume")
 
 
 def _chain(error: BaseException) -> Iterator[BaseException]:
@@ -207,7 +189,7 @@ def storage_error(error: BaseException, where: str) -> StorageError | None:
             # A file outside the storage (a worker's temporary directory, say) is named as itself.
             storage = os.path.dirname(where.rstrip("/")) + "/"
             outside = filename is not None and os.path.isabs(filename) and not filename.startswith(storage)
-            return storage_fault(filename if outside else f"the storage {where}", exc.errno, detail)
+            return StorageError(filename if outside else f"the storage {where}", exc.errno, detail)
     return None
 
 
@@ -244,7 +226,7 @@ class StorageWatch(tune.Callback):
             self.study_dir = os.path.dirname(trials[0].path)
             self.identity = _identity(self.study_dir)
         elif _identity(self.study_dir) != self.identity:
-            raise storage_fault(f"the storage {self.study_dir}", errno.ENOENT,
+            raise StorageError(f"the storage {self.study_dir}", errno.ENOENT,
                                 "the study directory is gone or is no longer the one the study began in")
 
     def on_trial_recover(self, iteration: int, trials: list, trial, **info) -> None:

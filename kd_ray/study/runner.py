@@ -62,8 +62,8 @@ def _set_threads() -> None:
 @ray.remote
 def _train_member(cfg_dict: dict, member: int, role: str, store_uri: str, data_dir: str | None) -> str:
     from kd_ray.data.datasets import load_arrays
+    from kd_ray.train.setup import resolve_device
     from kd_ray.train.teachers import TeacherStore, ensure_members
-    from kd_ray.train.trial import resolve_device
 
     _set_threads()
     cfg = TrialConfig.from_dict(cfg_dict)

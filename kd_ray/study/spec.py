@@ -105,7 +105,7 @@ class Study:
 
     def validate(self) -> list[TrialConfig]:
         """Refuse a bad specification before any Ray work: raises ConfigError."""
-        from kd_ray.train.trial import check_runnable
+        from kd_ray.train.setup import check_runnable
 
         check_study_name(self.name)
         for axis, values in self.axes.items():

@@ -58,20 +58,52 @@ def check_study_name(name: str) -> None:
         raise ConfigError(f"study name {name!r} is the storage's own folder; allowed: {allowed}")
 
 
+# How a storage fails, and what the user does about it: (what happened, the fix).
+STORAGE_FAULTS = {
+    errno.ENOSPC: ("ran out of space", "free space there"),
+    errno.EDQUOT: ("is over its disk quota", "free space there or raise the quota"),
+    errno.EROFS: ("turned read-only", "make it writable again"),
+    errno.EACCES: ("refused a write (permission denied)", "make it writable again"),
+    errno.EPERM: ("refused a write (operation not permitted)", "make it writable again"),
+    errno.ENOENT: ("disappeared (deleted, moved or unmounted)", "put it back"),
+    errno.ESTALE: ("went stale (its network filesystem lost it)", "mount it again"),
+    errno.EIO: ("failed with an I/O error", "check the disk"),
+}
+
+
+class StorageError(RuntimeError):
+    """The storage failed: one line naming it, what happened and the way on (exit code 4). ``line``
+    gives it with another way to rerun, for a study that does not exist yet (``rerun_hint``)."""
+
+    def __init__(self, where: str, code: int, detail: str) -> None:
+        self.where, self.code, self.detail = where, code, detail
+        super().__init__(self.line("rerun the same command with --resume"))
+
+    def line(self, rerun: str) -> str:
+        what, fix = STORAGE_FAULTS[self.code]
+        return f"{self.where} {what} ({self.detail}); {fix}, then {rerun}"
+
+    def __reduce__(self):
+        return StorageError, (self.where, self.code, self.detail)
+
+
 def check_storage(storage_path: str) -> None:
-    """A local storage must be a directory this user can write, or one that can be made: else one
-    ConfigError line naming it. A URI (``s3://``, ``gs://``) is left to its filesystem."""
+    """A local storage must be a directory, or a path where one can be made, and must take the study
+    locks' folder: else one line, a ConfigError for a path that cannot be a directory, a StorageError
+    for a storage that refuses writes. A URI (``s3://``, ``gs://``) is left to its filesystem."""
     if is_uri(storage_path):
         return
     try:
         os.makedirs(storage_path, exist_ok=True)
         if not os.path.isdir(storage_path):
             raise NotADirectoryError(errno.ENOTDIR, "a file, not a directory")
-        if not os.access(storage_path, os.W_OK | os.X_OK):
-            raise PermissionError(errno.EACCES, "not writable by this user")
+        os.makedirs(os.path.join(storage_path, LOCKS_DIR), exist_ok=True)
     except OSError as exc:
         if os.path.islink(storage_path) and not os.path.exists(storage_path):
             reason = "a symbolic link that leads nowhere (a loop, or a missing target)"
+        elif exc.errno in STORAGE_FAULTS and exc.errno != errno.ENOENT:
+            detail = (exc.strerror or os.strerror(exc.errno)) + (f": {exc.filename}" if exc.filename else "")
+            raise StorageError(f"the storage {storage_path}", exc.errno, detail) from None
         else:
             reason = {errno.EEXIST: "a file, not a directory", errno.ENOTDIR: "a part of its path is a file",
                       errno.ELOOP: "a loop of symbolic links"}.get(exc.errno, exc.strerror or str(exc))
@@ -94,27 +126,32 @@ def study_lock(storage_path: str, name: str) -> Iterator[None]:
     refused with one ConfigError line naming that driver."""
     path = lock_path(storage_path, name)
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    with open(path, "a"):
+        pass  # the lock file exists from here on; it is never removed, so every driver locks one inode
+    # Locked through a read-only descriptor: a file open for writing would keep its filesystem from
+    # being remounted read-only (a storage fault a study must still meet as one, not as "busy").
+    fd = os.open(path, os.O_RDONLY)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise ConfigError(
-                f"study {name} is being run by another driver ({_holder(fd)}; lock {path}): one driver per "
+                f"study {name} is being run by another driver ({_holder(path)}; lock {path}): one driver per "
                 f"study. Wait for it to end, then rerun with --resume, or pass another --name"
             ) from None
         # Who holds it, for the message a second driver prints.
         holder = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(holder).encode(), 0)
+        with open(path, "w") as handle:
+            handle.write(json.dumps(holder))
         yield
     finally:
         os.close(fd)  # closing drops the flock
 
 
-def _holder(fd: int) -> str:
+def _holder(path: str) -> str:
     try:
-        holder = json.loads(os.pread(fd, 4096, 0).decode())
+        with open(path) as handle:
+            holder = json.loads(handle.read())
         return f"pid {holder['pid']} on {holder['host']}, since {holder['since']}"
     except (OSError, ValueError, KeyError, TypeError):
         return "a driver that is starting"  # its lock is taken, its details not yet written
