@@ -18,7 +18,7 @@ from kd_ray.study.plan import ARM_KEY
 from kd_ray.study.presets import STUDIES
 from kd_ray.study.runner import CHECKPOINTS_KEPT
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 SNAPSHOT_WARNING = "Experiment state snapshotting has been triggered multiple times"
 
 

@@ -31,13 +31,13 @@ from kd_ray.train.teachers import TeacherStore
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 EPOCHS = 4
 # temperature_sweep with one teacher member: four temperatures, one trial at a time, four evaluations
 # (and checkpoints) each.
 ARGS = ["--set", "teacher_members=1", "--set", "teacher_epochs=2", "--set", f"epochs={EPOCHS}",
         "--set", "eval_every=1", "--set", "batch_size=256", "--seeds", "1", "--max-concurrent", "1", "--quiet",
-        "--pack", "off"]  # a Ray Tune trial per config, one after another (packs: tests/test_packs_on_ray.py)
+        "--pack", "off"]  # a Ray Tune trial per config, one after another (packs: tests/packs/test_packs_on_ray.py)
 NAME = "temperature_sweep"
 
 

@@ -24,7 +24,7 @@ from kd_ray.study.storage import lock_path
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds processes through /proc")
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "studies" / "temperature_sweep.py"
 # temperature_sweep with one small teacher member: four temperatures, one trial at a time.
 TRIALS = 4

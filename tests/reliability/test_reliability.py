@@ -27,7 +27,7 @@ from kd_ray.train.setup import FINAL_METRICS
 from kd_ray.train.teachers import WEIGHTS, TeacherStore
 from kd_ray.train.trial import run_trial
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 TINY = dict(dataset="mnist1d", teacher_arch="mlp", student_arch="mlp", teacher_epochs=2, teacher_members=1,
             epochs=2, eval_every=1, batch_size=256, device="cpu")
 # A one-trial temperature_sweep: one teacher member, a 2-epoch student evaluated every epoch.

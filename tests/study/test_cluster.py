@@ -11,7 +11,7 @@ import yaml
 
 from kd_ray.study.cluster import ClusterConfigError, load_cluster_config, validate_cluster_config
 
-CLUSTER_YAML = Path(__file__).resolve().parent.parent / "cluster.yaml"
+CLUSTER_YAML = Path(__file__).resolve().parents[2] / "cluster.yaml"
 
 
 @pytest.fixture

@@ -25,7 +25,7 @@ from kd_ray.config import TrialConfig
 from kd_ray.data.datasets import CIFAR_ARCHIVES, DATASET_VERSIONS
 from kd_ray.train.teachers import LOGITS, MANIFEST, WEIGHTS, TeacherStore
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 SCRIPTS = sorted(p.stem for p in (REPO / "studies").glob("*.py") if not p.name.startswith("_"))
 # reproduce runs the other scripts; loss_surface evaluates one trial's loss plane (its own flags, tested
 # in tests/test_loss_surface.py).
@@ -530,7 +530,7 @@ def _keyword(call: ast.Call, name: str):
 
 
 def test_every_checkpoint_load_is_weights_only_and_no_pickle_is_read():
-    sources = sorted((REPO / "kd_ray").glob("*.py")) + sorted((REPO / "studies").glob("*.py"))
+    sources = sorted((REPO / "kd_ray").rglob("*.py")) + sorted((REPO / "studies").glob("*.py"))
     torch_loads = 0
     for path in sources:
         tree = ast.parse(path.read_text(), str(path))

@@ -186,7 +186,7 @@ def test_live_rows_are_the_rows_of_ray_tunes_results_errors_included(ray_local, 
 
 # --- a study of a few hundred tiny trials, as a real driver -----------------------------------------
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "studies" / "temperature_sweep.py"
 TEMPERATURES = (1.0, 4.0, 8.0, 16.0)
 SEEDS = 50

@@ -33,7 +33,7 @@ pytestmark = [
     pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="reads command lines from /proc"),
 ]
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "studies" / "temperature_sweep.py"
 # Four temperatures of one seed, packed into one Ray Tune trial: a real study, kept short.
 ARGS = ["--set", "teacher_members=1", "--set", "teacher_epochs=2", "--set", "epochs=2", "--set", "eval_every=1",

@@ -315,7 +315,7 @@ def test_optuna_search_writes_rows_and_a_loadable_journal(ray_local, storage, me
     name = f"optuna_{len(metrics)}"
     search = OptunaSpec(space={"temperature": ("logfloat", 1, 8)}, metrics=metrics, modes=("max",) * len(metrics),
                         num_samples=3, seed=1)
-    # A point per Ray Tune trial (a packed search over student fields: tests/test_packs_on_ray.py).
+    # A point per Ray Tune trial (a packed search over student fields: tests/packs/test_packs_on_ray.py).
     result = run_study(name=name, base=tiny(), search=search, storage=storage, pack="off")
     assert (result.partial, result.expected) == (False, 3)
     study_dir = Path(storage) / name

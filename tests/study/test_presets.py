@@ -24,7 +24,7 @@ from kd_ray.study.presets import (
     keep_applicable_policies,
 )
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _configs(preset: Preset) -> list[TrialConfig]:

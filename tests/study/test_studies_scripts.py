@@ -16,7 +16,7 @@ import pytest
 from kd_ray.config import TrialConfig
 from kd_ray.study.presets import STUDIES, Preset
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 STUDIES_DIR = REPO / "studies"
 # reproduce.py runs all the others; tests/test_findings.py covers the document it writes. loss_surface.py
 # evaluates one trial's loss plane, no grid of trials; tests/test_loss_surface.py runs it.

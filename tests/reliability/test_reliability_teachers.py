@@ -13,7 +13,7 @@ from pathlib import Path
 from kd_ray.config import TrialConfig
 from kd_ray.train.teachers import TeacherStore, member_key
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 # Two 2-epoch teacher members and a 1-epoch student: seconds on a CPU.
 TRIAL_SETS = {"teacher_members": 2, "teacher_epochs": 2, "epochs": 1, "eval_every": 1, "batch_size": 256,
               "temperature": 4}

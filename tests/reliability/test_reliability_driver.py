@@ -23,14 +23,14 @@ from kd_ray.tables import PARTS_DIR, TRIAL_PART, Completeness, read_completeness
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds processes through /proc")
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "studies" / "temperature_sweep.py"
 # temperature_sweep with one teacher member: four temperatures, one trial each, run one at a time so
 # that a finished trial is followed by a running one. 120 epochs, evaluated and checkpointed every 10.
 EPOCHS, EVERY = 120, 10
 ARGS = ["--set", "teacher_members=1", "--set", "teacher_epochs=2", "--set", f"epochs={EPOCHS}",
         "--set", f"eval_every={EVERY}", "--set", "batch_size=256", "--seeds", "1", "--max-concurrent", "1", "--quiet",
-        "--pack", "off"]  # a Ray Tune trial per config, one after another (packs: tests/test_packs_on_ray.py)
+        "--pack", "off"]  # a Ray Tune trial per config, one after another (packs: tests/packs/test_packs_on_ray.py)
 TEMPERATURES = {1.0, 4.0, 8.0, 16.0}
 RAY_CORE = ("gcs_server", "raylet", "ray::ImplicitFunc", "default_worker.py")
 

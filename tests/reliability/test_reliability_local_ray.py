@@ -31,13 +31,13 @@ pytestmark = [
     pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="reads processes and sockets from /proc"),
 ]
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "studies" / "temperature_sweep.py"
 EPOCHS, EVERY = 60, 10
 # Four temperatures, one trial each, run one at a time; each trial checkpoints every 10 epochs.
 ARGS = ["--set", "teacher_members=1", "--set", "teacher_epochs=2", "--set", f"epochs={EPOCHS}",
         "--set", f"eval_every={EVERY}", "--set", "batch_size=256", "--seeds", "1", "--max-concurrent", "1", "--quiet",
-        "--pack", "off"]  # a Ray Tune trial per config, one after another (packs: tests/test_packs_on_ray.py)
+        "--pack", "off"]  # a Ray Tune trial per config, one after another (packs: tests/packs/test_packs_on_ray.py)
 # What a user's shell may hold that would change what kd_ray decides: none of it here.
 RAY_SETTINGS = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_ADDRESS",
                 "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")

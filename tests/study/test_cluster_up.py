@@ -32,7 +32,7 @@ from kd_ray.study.cluster import load_cluster_config, validate_cluster_config
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not sys.platform.startswith("linux"), reason="uses Linux PID namespaces and /proc")]
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent  # where this Python's `ray` lives
 SSH_PORT = 22  # Ray's SSH command runner always connects to port 22
 SEEDS = 2
