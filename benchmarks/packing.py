@@ -5,11 +5,11 @@ The grid is the local preset's (mnist1d MLPs, teacher ensembles of 1, 3 and 5 me
 1, 4, 8 and 16: 12 students). By default both are real studies on a local Ray of one CPU: "alone"
 with ``--pack off`` (twelve Ray Tune trials, one after another, actors reused), "pack" with
 ``--pack auto`` (one Ray Tune trial of twelve students); the wall time of ``Study.run()`` is timed,
-teachers already in the store. ``--no-ray`` times ``trial.run_trial`` for each student in turn
-against ``packs.run_pack`` on all twelve, in this process: the same comparison without Ray's cost per
-trial. Both use one thread (a trial's allotment of one CPU). The two are interleaved (alone, pack,
-pack, alone, ...) and each is timed ``--repeats`` times; the median and the spread (min to max)
-are printed.
+teachers already in the store. ``--no-ray`` times ``kd_ray.train.trial.run_trial`` for each student
+in turn against ``kd_ray.packs.run.run_pack`` on all twelve, in this process: the same comparison
+without Ray's cost per trial. Both use one thread (a trial's allotment of one CPU). The two are
+interleaved (alone, pack, pack, alone, ...) and each is timed ``--repeats`` times; the median and
+the spread (min to max) are printed.
 
 ``fraction_of_peak`` is the useful FLOP/s of the pack's training step (the teacher's forward
 counted once, each student's forward and backward as three forwards) over the fp32 matmul peak

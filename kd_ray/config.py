@@ -18,8 +18,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-# Names known without importing torch; data.py, models.py and augment.py hold the real registries
-# and a test keeps these in step with them.
+# Names known without importing torch; data/datasets.py, models/archs.py and data/augment.py hold the
+# real registries and a test keeps these in step with them.
 DATASETS = ("mnist1d", "digits", "mnist", "cifar10", "cifar100", "mnist_full", "emnist_digits")
 OPTIMIZERS = ("sgd", "adam")
 LR_SCHEDULES = ("cosine", "constant")
@@ -35,7 +35,7 @@ EXTRA_SOURCES = ("generator", "gmm", "ood", "npz")
 TEACHER_SHARINGS = ("per_seed", "shared")
 TEACHER_ROLES = ("reference", "control")  # the trial's own teacher ensemble | the control's independent one
 DEFAULT_LR = {"sgd": 0.05, "adam": 1e-3}
-# The version of each dataset's arrays (data.py's cache version): part of a teacher member's identity,
+# The version of each dataset's arrays (data/datasets.py's cache version): part of a teacher member's identity,
 # because a member stores its logits on the test set.
 DATASET_VERSIONS = {"mnist1d": 2, "digits": 1, "mnist": 1, "cifar10": 1, "cifar100": 1, "mnist_full": 1,
                     "emnist_digits": 1}
@@ -54,7 +54,7 @@ EXIT_RAY = 5  # a study's Ray did not start, or its head (the GCS) was lost mid-
 # Every random draw of a trial has its own kind of stream. A teacher member or student takes three:
 # its initial weights, its batch order and its augmentation draws.
 STREAM_KINDS = (
-    "data_half", "teacher_subset", "distill_subset",  # the D0/D1 split and the fractions (splits.py)
+    "data_half", "teacher_subset", "distill_subset",  # the D0/D1 split and the fractions (data/splits.py)
     "member_init", "member_batches", "member_augment",  # a member of the reference teacher ensemble
     "control_member_init", "control_member_batches", "control_member_augment",  # of the control's ensemble
     "student_init", "student_batches", "student_augment",
@@ -303,7 +303,7 @@ def _check_extra_inputs(cfg: TrialConfig) -> None:
 
 def _check_distill_dataset(cfg: TrialConfig) -> None:
     """Another dataset's train inputs as the distillation set; its input shape and classes must be the
-    teacher's dataset's (``trial.check_runnable`` judges that from the data registry)."""
+    teacher's dataset's (``setup.check_runnable`` judges that from the data registry)."""
     _check_type(cfg, "distill_dataset", (str,), "a string")
     if not cfg.distill_dataset:
         return

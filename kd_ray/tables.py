@@ -56,7 +56,7 @@ FRACTION_METRICS = frozenset(m for m in METRICS if m.endswith(("_acc", "_agreeme
 # Per trial, once: the optimizer steps of the student's schedule and of one teacher member's.
 STEP_COUNTS = ("student_steps", "teacher_steps")
 # Per trial, once: the change of train agreement over the second half of training, and whether it
-# stayed within the threshold (trial.CONVERGED_WITHIN); null for a trial that did not finish.
+# stayed within the threshold (kd_ray.train.setup.CONVERGED_WITHIN); null for a trial that did not finish.
 CONVERGENCE = ("convergence_delta", "converged")
 
 # Per trial, once: the pack it trained in (kd_ray.packs.run; a trial trained alone is a pack of one, its own

@@ -38,9 +38,9 @@ ANALYSIS_MAY_IMPORT = {"kd_ray.atomic", "kd_ray.config", "kd_ray.tables"}
 # Third-party private modules used on purpose, with the reason.
 ALLOWED_FOREIGN_PRIVATE = {
     "ray.autoscaler._private.util",  # Ray's offline cluster-config validation; ray is pinned for it
-    # A study's own Ray on the loopback: the switch Ray reads once, at import (study_guards)
+    # A study's own Ray on the loopback: the switch Ray reads once, at import (kd_ray.study.guards)
     "ray._private.ray_constants",
-    # Ray caches its auth mode and token per process: re-read for the token made for a run (study_guards)
+    # Ray caches its auth mode and token per process: re-read for the token made for a run (kd_ray.study.guards)
     "ray._raylet",
 }
 

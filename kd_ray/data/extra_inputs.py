@@ -1,6 +1,6 @@
 """Extra distillation inputs: ``extra_data`` samples beyond the distillation split, from ``extra_source``.
 
-- ``generator``: mnist1d's own generator (``data.generate_extra``): perfect in-domain samples, the
+- ``generator``: mnist1d's own generator (``datasets.generate_extra``): perfect in-domain samples, the
   best a generative model could do.
 - ``gmm``: synthetic samples from a class-conditional Gaussian mixture fitted to the teacher's own
   training inputs (the paper's E1 adds GAN samples). A mixture rather than a small VAE: it is fitted

@@ -2,11 +2,11 @@
 
 A pack (``kd_ray.packs.run``, grouped by ``kd_ray.packs.plan``) is one Ray Tune trial whose parameter is
 ``{"pack_id", "size", "students": [config, ...]}``; each report holds every evaluated student's
-metrics under ``students/<index>`` (``study_tables.student_rows`` turns them into one row per
+metrics under ``students/<index>`` (``live_tables.student_rows`` turns them into one row per
 student), and the pack's mean test agreement and accuracy for the progress table.
 
 ``--pack auto`` (the default) packs a grid study run by the FIFO scheduler, and an Optuna search
-whose every dimension is a student field (``study_search``: a pack asks for several points at
+whose every dimension is a student field (``kd_ray.study.search``: a pack asks for several points at
 once). ASHA stops students one by one, so a study under it runs unpacked (logged); so does a search
 over a dimension that decides the teacher, data or batch stream.
 """

@@ -12,7 +12,7 @@ are computed in float64; the Gram form, whose cost grows with n rather than with
 d1 + d2 > n (convolutional stages flattened per input).
 
 A trial's CKA columns (``tables.CKA_METRICS``) compare its final student with teacher member 0 (the
-teacher itself at m = 1) on the first ``CKA_TEST_INPUTS`` test inputs. ``models.stage_modules`` names
+teacher itself at m = 1) on the first ``CKA_TEST_INPUTS`` test inputs. ``archs.stage_modules`` names
 each network's stages; column j pairs the student's j-th chosen stage with the teacher's j-th
 (``chosen_stages``): a network of at most three stages gives them in order, one of more gives its
 first, its middle (index ``count // 2``: the third of vgg16's five blocks, of conv1d's and
@@ -107,7 +107,7 @@ def module_outputs(
 
 
 def stage_outputs(model: nn.Module, x: torch.Tensor, batch_size: int = 1024) -> list[torch.Tensor]:
-    """``model``'s per-stage outputs on ``x`` (``models.stage_modules``), input side first."""
+    """``model``'s per-stage outputs on ``x`` (``archs.stage_modules``), input side first."""
     return module_outputs(model, stage_modules(model), x, batch_size)
 
 

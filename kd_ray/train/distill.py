@@ -168,7 +168,7 @@ def training_batch(
 ):
     """Batch ``step_in_epoch`` of the epoch's permutation ``order``, with its extra inputs (``extra``,
     drawn by ``extra_generator``) after the batch's own, augmented by the recipe's policy. Returns the
-    augmented batch (``augment.Batch``) and its labels. The epoch's last batch runs to the end of
+    augmented batch (``augment.AugmentedBatch``) and its labels. The epoch's last batch runs to the end of
     ``order``: with a single sample left over, that sample joins it (``batches_per_epoch``)."""
     n = len(order)
     start = step_in_epoch * recipe.batch_size

@@ -18,7 +18,7 @@ from kd_ray.study.presets import STUDIES, Preset
 
 REPO = Path(__file__).resolve().parents[2]
 STUDIES_DIR = REPO / "studies"
-# reproduce.py runs all the others; tests/test_findings.py covers the document it writes. loss_surface.py
+# reproduce.py runs all the others; tests/findings/test_document.py covers the document it writes. loss_surface.py
 # evaluates one trial's loss plane, no grid of trials; tests/test_loss_surface.py runs it.
 SCRIPTS = sorted(p.stem for p in STUDIES_DIR.glob("*.py")
                  if not p.name.startswith("_") and p.stem not in ("reproduce", "loss_surface"))
