@@ -21,6 +21,9 @@ import numpy as np
 # Names known without importing torch; data/datasets.py, models/archs.py and data/augment.py hold the
 # real registries and a test keeps these in step with them.
 DATASETS = ("mnist1d", "digits", "mnist", "cifar10", "cifar100", "mnist_full", "emnist_digits")
+# Each dataset's class count: chance agreement and accuracy are one over it (the findings use it).
+NUM_CLASSES = {"mnist1d": 10, "digits": 10, "mnist": 10, "cifar10": 10, "cifar100": 100, "mnist_full": 10,
+               "emnist_digits": 10}
 OPTIMIZERS = ("sgd", "adam")
 LR_SCHEDULES = ("cosine", "constant")
 INITS = ("random", "teacher_init", "interpolate")

@@ -51,6 +51,7 @@ def test_dataset_names_match_data_registry() -> None:
     from kd_ray.data.datasets import DATASET_INFO
 
     assert config.DATASETS == tuple(DATASET_INFO)
+    assert config.NUM_CLASSES == {name: info.num_classes for name, info in DATASET_INFO.items()}
 
 
 def test_norm_names_match_model_registry() -> None:

@@ -71,7 +71,8 @@ class Sample:
 
 def sample(trials: pd.DataFrame, metric: str, label: str, **where) -> Sample:
     """The usable rows of ``trials`` matching ``where`` (column=value), as a per-seed sample of ``metric``."""
-    rows = trials[trials["usable"]] if "usable" in trials else trials
+    # astype(bool): an empty sample's column is of object dtype, which pandas would take for column labels.
+    rows = trials[trials["usable"].astype(bool)] if "usable" in trials else trials
     for column, value in where.items():
         if isinstance(value, float):
             rows = rows[(rows[column] - value).abs() < 1e-9]

@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from kd_ray.analysis import CKA_METRICS
+from kd_ray.config import NUM_CLASSES
 from kd_ray.findings._claims import Claim, Sample, above, below, higher, lower, no_gain, no_loss, same, sample
 
 Tables = dict[str, pd.DataFrame]
@@ -37,7 +38,7 @@ class Finding:
 
 
 def usable(t: pd.DataFrame) -> pd.DataFrame:
-    return t[t["usable"]] if "usable" in t else t
+    return t[t["usable"].astype(bool)] if "usable" in t else t
 
 
 def levels(t: pd.DataFrame, column: str) -> list:
@@ -266,16 +267,22 @@ def larger_student_gains_little(tables: Tables) -> list[Claim]:
     return claims
 
 
-def with_control_share(t: pd.DataFrame, chance: float) -> pd.DataFrame:
+def with_control_share(t: pd.DataFrame, chance: pd.Series | float) -> pd.DataFrame:
     above_chance = t["test_agreement"] - chance
     share = ((t["control_test_agreement"] - chance) / above_chance).where(above_chance > 0)
     return t.assign(control_share=share)
 
 
+def chance_agreement(t: pd.DataFrame) -> pd.Series | float:
+    """Each row's chance agreement: one over its dataset's class count (ten where no row says which)."""
+    if "dataset" not in t:
+        return 0.1
+    return 1.0 / t["dataset"].map(NUM_CLASSES).fillna(10).astype(float)
+
+
 def independent_student_explains_most_agreement(tables: Tables) -> list[Claim]:
     t = tables["alpha_sweep"]
-    chance = 1.0 / 10  # every local dataset has ten classes
-    t = with_control_share(t, chance)
+    t = with_control_share(t, chance_agreement(t))
     real = sample(t, "test_agreement", "student of the reference teacher", alpha=0.0)
     control = sample(t, "control_test_agreement", "student of an independent teacher", alpha=0.0)
     share = sample(t, "control_share", "(control - chance) / (real - chance)", alpha=0.0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from planted import augmentation_rows, row, write_study
 
 from kd_ray import findings
@@ -193,3 +194,28 @@ def test_small_teacher_rule_reads_the_arm_distilled_on_all_training_images(tmp_p
     assert "distilled on all training images" in verdict.evidence[0]
     write_study(tmp_path / "short", "small_teacher", small_teacher(0.97))
     assert dict((f.number, v) for f, v in findings.judge_findings(tmp_path / "short"))[2].verdict == findings.FAILS
+
+
+def test_calibration_rule_without_three_varying_arms_in_any_seed_is_inconclusive_not_a_crash(tmp_path):
+    # Two arms per seed: no seed gives a rank correlation, so the rule's sample is empty.
+    rows = [row("temperature_sweep", seed, teacher_members=1, temperature=tau, test_agreement=0.8 + 0.01 * tau,
+                test_ece=0.1 - 0.001 * tau, test_acc=0.7, teacher_test_acc=0.77)
+            for seed in range(4) for tau in (1.0, 4.0)]
+    write_study(tmp_path, "temperature_sweep", rows)
+    verdicts = dict((f.number, v) for f, v in findings.judge_findings(tmp_path))
+    assert verdicts[17].verdict == findings.INCONCLUSIVE
+
+
+def alpha_rows(dataset: str, real: float, control: float, seeds: int = 8) -> list[dict]:
+    rng = np.random.default_rng(5)
+    return [row("alpha_sweep", seed, dataset=dataset, alpha=0.0, test_agreement=real + rng.normal(0, 0.002),
+                control_test_agreement=control + rng.normal(0, 0.002)) for seed in range(seeds)]
+
+
+@pytest.mark.parametrize("dataset, verdict", [("cifar100", "HOLDS"), ("cifar10", "FAILS")])
+def test_the_control_share_is_measured_above_the_dataset_s_own_chance(tmp_path, dataset, verdict):
+    # control 0.24 of real 0.40: above chance 1/100 that is 0.23 / 0.39 = 0.59 of the real student's
+    # agreement (more than half); above chance 1/10 it is 0.14 / 0.30 = 0.47 (less than half).
+    write_study(tmp_path, "alpha_sweep", alpha_rows(dataset, real=0.40, control=0.24))
+    verdicts = dict((f.number, v) for f, v in findings.judge_findings(tmp_path))
+    assert verdicts[15].verdict == getattr(findings, verdict)
