@@ -10,7 +10,6 @@ Exit codes: 0 done, 1 some trials failed, 2 bad input (nothing ran), 3 interrupt
 from __future__ import annotations
 
 import argparse
-import errno
 import sys
 
 from kd_ray.atomic import is_uri
@@ -143,10 +142,7 @@ def study_main(name: str, description: str | None = None, argv: list[str] | None
         problem = storage_error(exc, study.study_dir)
         if problem is None:
             raise
-        # --resume only where the study's folder exists (a fault before it began is rerun as it was), or
-        # will again once the fix puts back the storage that disappeared.
-        rerun = "rerun the same command with --resume" if problem.code == errno.ENOENT else rerun_hint(study.study_dir)
-        print(f"{name}: error: {problem.line(rerun)}", file=sys.stderr)
+        print(f"{name}: error: {problem.line_for(study.study_dir)}", file=sys.stderr)
         return EXIT_STORAGE
     if result.partial:
         return EXIT_PARTIAL

@@ -31,9 +31,15 @@ from ray import tune
 from kd_ray.atomic import filesystem, is_uri, write_text
 from kd_ray.config import ConfigError
 from kd_ray.progress import log
-from kd_ray.study.storage import STORAGE_FAULTS, StorageError
+from kd_ray.study.storage import (
+    SPEC_FILE,
+    STORAGE_FAULTS,
+    TUNER_FILE,
+    StorageError,
+    is_experiment_state,
+    os_error_detail,
+)
 
-SPEC_FILE = "spec.json"  # the study's specification, in <storage>/<name>/ beside its tables
 # Ray's switch between a single-machine instance bound to the loopback (its default on macOS and
 # Windows) and one that other machines can join (its default on Linux).
 LOOPBACK_SWITCH = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
@@ -185,7 +191,7 @@ def storage_error(error: BaseException, where: str) -> StorageError | None:
             if exc.errno == errno.ENOENT and (is_uri(where) or os.path.isdir(where)):
                 continue  # a file that is missing, not a storage that is
             filename = os.fspath(exc.filename) if exc.filename else None
-            detail = (exc.strerror or os.strerror(exc.errno)) + (f": {filename}" if filename else "")
+            detail = os_error_detail(exc, filename)
             # A file outside the storage (a worker's temporary directory, say) is named as itself.
             storage = os.path.dirname(where.rstrip("/")) + "/"
             outside = filename is not None and os.path.isabs(filename) and not filename.startswith(storage)
@@ -289,7 +295,7 @@ def check_saved_state(study_dir: str) -> None:
     take a cut-off state for an empty one and run every trial again."""
     fs, path = filesystem(study_dir)
     names = [info.base_name for info in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))]
-    states = sorted(n for n in names if n.startswith("experiment_state-") and n.endswith(".json"))
+    states = sorted(n for n in names if is_experiment_state(n))
     if not states:
         return
     newest = f"{path}/{states[-1]}"
@@ -310,6 +316,6 @@ def restore_tuner(study_dir: str, trainable, storage_filesystem: pafs.FileSystem
         return tune.Tuner.restore(study_dir, trainable=trainable, resume_unfinished=True, resume_errored=True,
                                   storage_filesystem=storage_filesystem)
     except Exception as exc:  # tuner.pkl cut off or not a pickle: EOFError, UnpicklingError, ...
-        saved = f"{study_dir.rstrip('/')}/tuner.pkl"
+        saved = f"{study_dir.rstrip('/')}/{TUNER_FILE}"
         problem = f"Ray Tune cannot restore its saved Tuner {saved} ({type(exc).__name__}: {exc})"
         raise _unresumable(study_dir, problem) from None

@@ -405,10 +405,9 @@ def head_watch(plan: RunPlan) -> Iterator[None]:
             try:
                 socket.create_connection((host, int(port)), timeout=GCS_PROBE_EVERY_S).close()
                 silent_since = None
-                continue
             except OSError:
-                silent_since = silent_since if silent_since is not None else time.monotonic()
-            if time.monotonic() - silent_since >= GCS_SILENCE_LIMIT_S and not stop.is_set():
+                silent_since = silent_since or time.monotonic()
+            if silent_since and time.monotonic() - silent_since >= GCS_SILENCE_LIMIT_S and not stop.is_set():
                 print(f"{plan.name}: error: lost Ray's head: its GCS at {host}:{port} has not answered for "
                       f"{GCS_SILENCE_LIMIT_S:.0f} s (killed, or its node lost); the study stopped, finished trials "
                       f"are in {plan.study_dir}. Restart Ray (or the cluster), then {rerun_hint(plan.study_dir)}",

@@ -29,8 +29,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from kd_ray.progress import log
 from kd_ray.study.plan import PACK_KEY, STUDENTS_KEY, RunPlan
-
-OPTUNA_JOURNAL = "optuna.journal"  # the Optuna study of a search, in <storage>/<name>/
+from kd_ray.study.storage import OPTUNA_JOURNAL
 
 
 class PackedOptunaSearch(Searcher):

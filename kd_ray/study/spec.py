@@ -25,6 +25,7 @@ from kd_ray.study.plan import RunPlan, StudyResult
 from kd_ray.study.storage import (
     ABSENT,
     BEGUN,
+    SPEC_FILE,
     TEACHERS_DIR,
     check_storage,
     check_study_name,
@@ -249,7 +250,7 @@ class Study:
         """A resume must ask for the study that was stored: Ray Tune resumes the trials it saved, so a
         changed setting would be silently ignored. Raises ConfigError naming every difference."""
         # Deferred and downward: guards imports Ray, and only a --resume reads the stored spec.
-        from kd_ray.study.guards import SPEC_FILE, read_spec
+        from kd_ray.study.guards import read_spec
 
         stored = read_spec(self.study_dir)
         if stored is None:

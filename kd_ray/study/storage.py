@@ -28,6 +28,7 @@ import pyarrow.fs as pafs
 
 from kd_ray.atomic import filesystem, is_uri
 from kd_ray.config import ConfigError
+from kd_ray.tables import EPOCHS_FILE, PARTS_DIR, TRIALS_FILE
 
 # The storage's own folders: the teacher store every study shares, and the study locks.
 TEACHERS_DIR = "teachers"
@@ -37,11 +38,17 @@ RESERVED_NAMES = (TEACHERS_DIR, LOCKS_DIR)
 # its trials; 100 characters leaves room for those within a file name's 255 bytes.
 MAX_NAME_LENGTH = 100
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+=,-]*")
+# The files of <storage>/<name>/ beside the tables: what decides the study's trials, Ray Tune's saved
+# Tuner and the prefix of its saved experiment states, and an Optuna search's study.
+SPEC_FILE = "spec.json"
+TUNER_FILE = "tuner.pkl"
+EXPERIMENT_STATE_PREFIX = "experiment_state-"
+OPTUNA_JOURNAL = "optuna.journal"
 # What only a study that began holds: Ray Tune's saved experiment state, the tables, trial parts.
-_BEGUN_MARKERS = ("trials.parquet", "epochs.parquet", "trial_parts")
+_BEGUN_MARKERS = (TRIALS_FILE, EPOCHS_FILE, PARTS_DIR)
 # What a run that ended before its first saved state can leave: its spec, Ray Tune's Tuner (cut off when
 # pickling it failed) and an Optuna journal with no trial told. A rerun replaces them.
-_NOT_BEGUN_LEFTOVERS = ("spec.json", "tuner.pkl", "optuna.journal")
+_NOT_BEGUN_LEFTOVERS = (SPEC_FILE, TUNER_FILE, OPTUNA_JOURNAL)
 
 ABSENT, NOT_BEGUN, BEGUN = "absent", "not begun", "begun"
 
@@ -83,6 +90,17 @@ class StorageError(RuntimeError):
         what, fix = STORAGE_FAULTS[self.code]
         return f"{self.where} {what} ({self.detail}); {fix}, then {rerun}"
 
+    def line_for(self, study_dir: str) -> str:
+        """The line, saying --resume only where the study's folder exists (a fault before the study began
+        is rerun as it was) or will again, once the fix puts back the storage that disappeared."""
+        return self.line("rerun the same command with --resume" if self.code == errno.ENOENT
+                         else rerun_hint(study_dir))
+
+
+def os_error_detail(error: OSError, filename: str | None) -> str:
+    """``Read-only file system: /mnt/s/locks``: what the OS said, and of which file."""
+    return (error.strerror or os.strerror(error.errno)) + (f": {filename}" if filename else "")
+
     def __reduce__(self):
         return StorageError, (self.where, self.code, self.detail)
 
@@ -102,7 +120,7 @@ def check_storage(storage_path: str) -> None:
         if os.path.islink(storage_path) and not os.path.exists(storage_path):
             reason = "a symbolic link that leads nowhere (a loop, or a missing target)"
         elif exc.errno in STORAGE_FAULTS and exc.errno != errno.ENOENT:
-            detail = (exc.strerror or os.strerror(exc.errno)) + (f": {exc.filename}" if exc.filename else "")
+            detail = os_error_detail(exc, exc.filename)
             raise StorageError(f"the storage {storage_path}", exc.errno, detail) from None
         else:
             reason = {errno.EEXIST: "a file, not a directory", errno.ENOTDIR: "a part of its path is a file",
@@ -167,8 +185,13 @@ def study_state(study_dir: str) -> str:
         raise ConfigError(f"study directory {study_dir} is a file, not a directory; allowed: a directory, or no "
                           f"such path. Move the file, or pass another --name")
     names = {entry.base_name for entry in fs.get_file_info(pafs.FileSelector(path))}
-    begun = any(n in _BEGUN_MARKERS or (n.startswith("experiment_state-") and n.endswith(".json")) for n in names)
+    begun = any(n in _BEGUN_MARKERS or is_experiment_state(n) for n in names)
     return BEGUN if begun else NOT_BEGUN
+
+
+def is_experiment_state(name: str) -> bool:
+    """Whether ``name`` is one of Ray Tune's saved experiment states (``experiment_state-<time>.json``)."""
+    return name.startswith(EXPERIMENT_STATE_PREFIX) and name.endswith(".json")
 
 
 def clear_not_begun(study_dir: str) -> None:

@@ -71,6 +71,12 @@ class TeacherStore:
             self.local = True
         self.uri = root if not self.local else self.root
 
+    @property
+    def fix(self) -> str:
+        """The way on from a bad member, said by every refusal of one."""
+        return (f"Run `kd-ray teachers verify --store {self.uri} --delete-bad` to remove the member, or pass "
+                f"--retrain-teachers; it is then trained again.")
+
     def member_path(self, key: str) -> str:
         return f"{self.root}/members/{key}"
 
@@ -99,8 +105,7 @@ class TeacherStore:
             return json.loads(self._read(path))
         except ValueError as exc:  # truncated or corrupted JSON (or bytes that are not UTF-8)
             raise TeacherStoreError(
-                f"cannot parse {path}: {exc}. Run `kd-ray teachers verify --store {self.uri} "
-                f"--delete-bad` to remove the member, or pass --retrain-teachers; it is then trained again."
+                f"cannot parse {path}: {exc}. {self.fix}"
             ) from None
 
     def misplaced(self, key: str, manifest: object) -> str | None:
@@ -114,11 +119,7 @@ class TeacherStore:
         recorded = manifest.get("key") if isinstance(manifest, dict) else None
         spec = manifest.get("spec") if isinstance(manifest, dict) else None
         if not isinstance(recorded, str) or not isinstance(spec, dict):
-            return (
-                f"{path} records no key or no spec, so the member's address cannot be checked. Run "
-                f"`kd-ray teachers verify --store {self.uri} --delete-bad` to remove the member, or pass "
-                f"--retrain-teachers; it is then trained again."
-            )
+            return f"{path} records no key or no spec, so the member's address cannot be checked. {self.fix}"
         spec_key = content_hash(spec)
         if recorded == key and spec_key == key:
             return None
@@ -126,8 +127,7 @@ class TeacherStore:
         return (
             f"teacher member misplaced: it sits at {self.member_path(key)} but its manifest says it belongs at "
             f"{self.member_path(belongs)} (manifest key {recorded}, its spec hashes to {spec_key}), as when a "
-            f"member directory is copied over another. Run `kd-ray teachers verify --store {self.uri} "
-            f"--delete-bad` to remove it, or pass --retrain-teachers; the member is then trained again."
+            f"member directory is copied over another. {self.fix}"
         )
 
     def save(self, key: str, spec: dict, weights: dict, logits: dict, metrics: dict) -> None:
@@ -186,11 +186,7 @@ class TeacherStore:
         except (OSError, FileNotFoundError) as exc:
             raise TeacherStoreError(f"cannot read {path}: {exc}") from None
         if _sha256(data) != expected:
-            raise TeacherStoreError(
-                f"checksum mismatch in {path}: the file is truncated or corrupted. Run "
-                f"`kd-ray teachers verify --store {self.uri} --delete-bad` to remove it, or pass "
-                f"--retrain-teachers; the member is then trained again."
-            )
+            raise TeacherStoreError(f"checksum mismatch in {path}: the file is truncated or corrupted. {self.fix}")
         return data
 
     def load(self, key: str, name: str) -> dict:
@@ -199,11 +195,8 @@ class TeacherStore:
         try:
             return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
         except Exception as exc:  # e.g. an UnpicklingError for objects other than tensors and containers
-            raise TeacherStoreError(
-                f"cannot load {self.member_path(key)}/{name} as weights only: {exc}. Run `kd-ray teachers "
-                f"verify --store {self.uri} --delete-bad` to remove the member, or pass --retrain-teachers; it "
-                f"is then trained again."
-            ) from None
+            problem = f"cannot load {self.member_path(key)}/{name} as weights only: {exc}"
+            raise TeacherStoreError(f"{problem}. {self.fix}") from None
 
     def check(self, key: str) -> list[str]:
         """Address and checksum problems of one stored member, without unpickling anything (cheap)."""

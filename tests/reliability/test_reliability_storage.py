@@ -25,8 +25,8 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from kd_ray.study.guards import SPEC_FILE, check_saved_state
-from kd_ray.study.storage import LOCKS_DIR
+from kd_ray.study.guards import check_saved_state
+from kd_ray.study.storage import LOCKS_DIR, SPEC_FILE
 from kd_ray.train.teachers import TeacherStore
 
 pytestmark = pytest.mark.slow

@@ -16,7 +16,7 @@ import kd_ray
 from kd_ray.config import ConfigError, TrialConfig
 from kd_ray.study import OptunaSpec, Study
 from kd_ray.study.plan import RunPlan
-from kd_ray.study.search import OPTUNA_JOURNAL
+from kd_ray.study.storage import OPTUNA_JOURNAL
 from kd_ray.tables import EPOCHS_SCHEMA, PROVENANCE, TRIALS_SCHEMA
 from kd_ray.train.teachers import TeacherStore, needed_members
 
