@@ -22,7 +22,9 @@ from kd_ray.config import TrialConfig
 from kd_ray.study import Study
 from kd_ray.train.teachers import TeacherStore, needed_members
 
-EPOCHS, EVERY = 60, 10
+# 120 epochs, evaluated every 10: result.json reaches the storage in bursts under load, and the node may be
+# lost at any of the ten evaluations from epoch 10 to 100 (at 60 epochs the four of its window were once all missed).
+EPOCHS, EVERY = 120, 10
 BASE = TrialConfig(dataset="mnist1d", teacher_arch="mlp", student_arch="mlp", teacher_epochs=2, teacher_members=2,
                    epochs=EPOCHS, eval_every=EVERY, batch_size=128, device="cpu")
 
