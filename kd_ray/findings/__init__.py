@@ -1,12 +1,13 @@
-"""The paper's findings as claims over trial tables, judged by paired tests with stated power.
+"""The paper's findings as claims over trial tables, each decided by paired tests against its minimum effect.
 
     from kd_ray import findings
     for finding, verdict in findings.judge_findings("results/reproduction"):
         print(finding.number, verdict.verdict)
 
-Every claim of every finding is measured first; Holm's correction then runs across all difference
-tests of the whole set, and only then is each claim decided (see ``_claims`` for the rules). Like
-``kd_ray.analysis``, this package needs neither torch nor Ray.
+Each finding is judged on its own: its claims form one family (every claim must hold; Holm's correction
+over the tests that can fail it), its preconditions another (see ``_claims`` for the rules), so no
+finding's verdict depends on which other studies exist. Like ``kd_ray.analysis``, this package needs
+neither torch nor Ray.
 """
 
 from __future__ import annotations
@@ -19,39 +20,40 @@ import pandas as pd
 from kd_ray import analysis
 from kd_ray.findings._claims import (
     ALPHA,
+    CLAIM,
     FAILS,
     HOLDS,
     INCONCLUSIVE,
     MIN_EFFECT,
+    MIN_EFFECT_WHY,
     NOT_COVERED,
     PERCENT_METRICS,
-    POWER,
+    PRECONDITION,
+    RELATIVE_MIN_EFFECT,
     Claim,
     Sample,
     above,
     below,
-    combine,
-    decide,
     describe_claim,
     describe_sample,
     higher,
     holm,
+    judge_finding,
     lower,
-    measure,
     no_gain,
     no_loss,
     paired_differences,
-    refuse_unconverged,
+    per_seed,
     same,
     sample,
 )
 from kd_ray.findings._rules import FINDINGS, Finding
 
 __all__ = [
-    "ALPHA", "FAILS", "FINDINGS", "HOLDS", "INCONCLUSIVE", "MIN_EFFECT", "NOT_COVERED", "PERCENT_METRICS", "POWER",
-    "Claim", "Finding", "Sample", "Verdict",
+    "ALPHA", "CLAIM", "FAILS", "FINDINGS", "HOLDS", "INCONCLUSIVE", "MIN_EFFECT", "MIN_EFFECT_WHY", "NOT_COVERED",
+    "PERCENT_METRICS", "PRECONDITION", "RELATIVE_MIN_EFFECT", "Claim", "Finding", "Sample", "Verdict",
     "above", "below", "describe_claim", "describe_sample", "higher", "holm", "judge_claims", "judge_findings",
-    "lower", "no_gain", "no_loss", "paired_differences", "same", "sample",
+    "lower", "no_gain", "no_loss", "paired_differences", "per_seed", "same", "sample",
 ]
 
 
@@ -64,14 +66,8 @@ class Verdict:
 
 
 def judge_claims(claims: list[Claim]) -> list[Claim]:
-    """Measure every claim, adjust the difference tests together (Holm), then decide each."""
-    for claim in claims:
-        measure(claim)
-    for claim, adjusted in zip(claims, holm([c.p_difference for c in claims])):
-        claim.p_adjusted = adjusted
-    for claim in claims:
-        claim.verdict = decide(claim)
-        refuse_unconverged(claim)
+    """Judge ``claims`` as the claims (and preconditions) of one finding; each claim gets its verdict."""
+    judge_finding(claims)
     return claims
 
 
@@ -86,28 +82,22 @@ def load_study_tables(storage: Path, studies: tuple[str, ...]) -> dict[str, pd.D
     return tables
 
 
+def judge_rule(finding: Finding, storage: Path) -> Verdict:
+    """One finding's verdict: its rule's claims over its studies' tables, judged as one family."""
+    if not finding.studies or finding.rule is None:
+        return Verdict(NOT_COVERED, [finding.why_not_covered])
+    tables = load_study_tables(storage, finding.studies)
+    if isinstance(tables, str):
+        return Verdict(NOT_COVERED, [tables])
+    claims = finding.rule(tables)
+    if isinstance(claims, str):  # the tables cannot test the finding at this scale, and say why
+        return Verdict(NOT_COVERED, [claims])
+    verdict, note = judge_finding(claims)
+    arms = [describe_sample(s) for claim in claims for s in (claim.a, claim.b) if s is not None]
+    evidence = [describe_claim(c) for c in claims] + ([note] if note else [])
+    return Verdict(verdict, evidence, claims, list(dict.fromkeys(arms)))
+
+
 def judge_findings(storage: str | Path) -> list[tuple[Finding, Verdict]]:
-    """Apply every finding's rule to the study tables under ``storage``."""
-    storage = Path(storage)
-    pending: list[tuple[Finding, list[Claim] | None, str]] = []
-    for finding in FINDINGS:
-        if not finding.studies or finding.rule is None:
-            pending.append((finding, None, finding.why_not_covered))
-            continue
-        tables = load_study_tables(storage, finding.studies)
-        if isinstance(tables, str):
-            pending.append((finding, None, tables))
-            continue
-        pending.append((finding, finding.rule(tables), ""))
-    judge_claims([c for _, claims, _ in pending if claims for c in claims])
-    out = []
-    for finding, claims, reason in pending:
-        if claims is None:
-            out.append((finding, Verdict(NOT_COVERED, [reason])))
-            continue
-        arms = []
-        for claim in claims:
-            arms += [describe_sample(s) for s in (claim.a, claim.b) if s is not None]
-        verdict = combine([c.verdict for c in claims]) if claims else INCONCLUSIVE
-        out.append((finding, Verdict(verdict, [describe_claim(c) for c in claims], claims, list(dict.fromkeys(arms)))))
-    return out
+    """Apply every finding's rule to the study tables under ``storage``; each finding is its own family."""
+    return [(finding, judge_rule(finding, Path(storage))) for finding in FINDINGS]
