@@ -38,6 +38,8 @@ EXTRA_SOURCES = ("generator", "gmm", "ood", "npz")
 TEACHER_SHARINGS = ("per_seed", "shared")
 TEACHER_ROLES = ("reference", "control")  # the trial's own teacher ensemble | the control's independent one
 DEFAULT_LR = {"sgd": 0.05, "adam": 1e-3}
+# The most of the train split a validation split may take: the rest must still be most of the training data.
+MAX_VAL_FRACTION = 0.5
 # The version of each dataset's arrays (data/datasets.py's cache version): part of a teacher member's identity,
 # because a member stores its logits on the test set.
 DATASET_VERSIONS = {"mnist1d": 2, "digits": 1, "mnist": 1, "cifar10": 1, "cifar100": 1, "mnist_full": 1,
@@ -57,6 +59,7 @@ EXIT_RAY = 5  # a study's Ray did not start, or its head (the GCS) was lost mid-
 # Every random draw of a trial has its own kind of stream. A teacher member or student takes three:
 # its initial weights, its batch order and its augmentation draws.
 STREAM_KINDS = (
+    "val_holdout",  # the validation examples held out of the train split (data/splits.py)
     "data_half", "teacher_subset", "distill_subset",  # the D0/D1 split and the fractions (data/splits.py)
     "member_init", "member_batches", "member_augment",  # a member of the reference teacher ensemble
     "control_member_init", "control_member_batches", "control_member_augment",  # of the control's ensemble
@@ -115,7 +118,10 @@ class TrialConfig:
     extra_path: str = ""  # the .npz of extra_source='npz'
     extra_ratio: float = 0.0  # 0: extras join the distillation set; > 0: this many per distillation input in a batch
     teacher_fraction: float = 1.0  # stratified, seeded fraction of its split the teacher trains on
-    data_seed: int = 0  # seeds the D0/D1 split; part of the teacher's identity
+    # Stratified fraction of the train split held out as validation data (val_* metrics), drawn first and
+    # seen by no teacher or student; 0: none held out, the val_* metrics are NaN.
+    val_fraction: float = 0.1
+    data_seed: int = 0  # seeds the validation split and the D0/D1 split; part of the teacher's identity
     # teacher
     teacher_arch: str = "mlp"
     teacher_members: int = 3
@@ -199,6 +205,7 @@ class TrialConfig:
         spec = {
             "dataset": self.dataset,
             "data_version": DATASET_VERSIONS[self.dataset],
+            "val_fraction": float(self.val_fraction),  # 0 and 0.0 hold out the same examples: one key
             "teacher_split": self.teacher_split,
             "teacher_fraction": self.teacher_fraction,
             "data_seed": self.data_seed,
@@ -368,8 +375,8 @@ def _validate(cfg: TrialConfig) -> None:
             "epochs", "steps", "batch_size", "seed", "eval_every")
     for name in ints:
         _check_type(cfg, name, (int,), "an integer")
-    floats = ("distill_fraction", "teacher_fraction", "extra_ratio", "teacher_lr", "temperature", "alpha",
-              "mixup_alpha", "lr", "weight_decay", "init_lambda")
+    floats = ("distill_fraction", "teacher_fraction", "val_fraction", "extra_ratio", "teacher_lr", "temperature",
+              "alpha", "mixup_alpha", "lr", "weight_decay", "init_lambda")
     for name in floats:
         _check_type(cfg, name, (int, float), "a number")
     for name in ("control", "compile"):
@@ -378,6 +385,7 @@ def _validate(cfg: TrialConfig) -> None:
     inf = math.inf
     _check_range(cfg, "distill_fraction", 0, 1, True, False)
     _check_range(cfg, "teacher_fraction", 0, 1, True, False)
+    _check_range(cfg, "val_fraction", 0, MAX_VAL_FRACTION, False, False)
     _check_range(cfg, "temperature", 0, inf, True, True)
     _check_range(cfg, "alpha", 0, 1, False, False)
     _check_range(cfg, "mixup_alpha", 0, inf, True, True)

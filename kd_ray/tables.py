@@ -20,7 +20,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from kd_ray.atomic import filesystem, write_atomic
-from kd_ray.config import TrialConfig
+from kd_ray.config import ConfigError, TrialConfig
 
 TRIALS_FILE = "trials.parquet"
 EPOCHS_FILE = "epochs.parquet"
@@ -41,7 +41,13 @@ STATUSES = (TERMINATED, ERROR, DIVERGED, STOPPED)
 GENERALIZATION_METRICS = ("test_acc", "test_nll", "test_ece")
 # How closely the student matches its teacher.
 FIDELITY_METRICS = ("test_agreement", "test_kl", "train_agreement", "train_kl", "aug_train_agreement")
-TEACHER_METRICS = ("teacher_test_acc", "teacher_test_nll", "teacher_test_ece")
+# The student's metrics on the validation examples held out of the train split (TrialConfig.val_fraction),
+# defined as the test_* ones; NaN where none are held out. Searches and ASHA select on these.
+VALIDATION_METRICS = ("val_acc", "val_nll", "val_ece", "val_agreement", "val_kl")
+# The teacher ensemble's own: on the test set, its accuracy on its own (clean) training examples, and its
+# mean max predicted probability on the test set (how confident it is).
+TEACHER_METRICS = ("teacher_test_acc", "teacher_test_nll", "teacher_test_ece", "teacher_train_acc",
+                   "teacher_test_confidence")
 # Measured only by trials that run the independent-student control; absent from epochs.parquet.
 CONTROL_METRICS = ("control_test_agreement",)
 # How alike the final student's and teacher member 0's representations are: linear CKA at up to three
@@ -50,11 +56,18 @@ CKA_METRICS = ("cka_stage1", "cka_stage2", "cka_stage3")
 # Measured once per trial, after training: absent from epochs.parquet.
 AFTER_TRAINING_METRICS = CONTROL_METRICS + CKA_METRICS
 # In the column order of the tables.
-METRICS = GENERALIZATION_METRICS + FIDELITY_METRICS + TEACHER_METRICS + CONTROL_METRICS + CKA_METRICS
+METRICS = (GENERALIZATION_METRICS + FIDELITY_METRICS + VALIDATION_METRICS + TEACHER_METRICS + CONTROL_METRICS
+           + CKA_METRICS)
 # Fractions in [0, 1]; the other metrics (KL, NLL) are in nats.
-FRACTION_METRICS = frozenset(m for m in METRICS if m.endswith(("_acc", "_agreement", "_ece")))
+FRACTION_METRICS = frozenset(m for m in METRICS if m.endswith(("_acc", "_agreement", "_ece", "_confidence")))
+# What an Optuna search optimises and ASHA stops trials on: hyperparameters are chosen on validation data,
+# and the test metrics are only reported, so that they stay an unbiased estimate of the chosen trials.
+SELECTION_METRICS = VALIDATION_METRICS
 # Per trial, once: the optimizer steps of the student's schedule and of one teacher member's.
 STEP_COUNTS = ("student_steps", "teacher_steps")
+# Per trial, once: the inputs a teacher member trained on and the inputs the student distilled on (extra
+# inputs included), so that a table says how large its distillation set was against its teacher's.
+DATA_SIZES = ("teacher_train_size", "distill_size")
 # Per trial, once: the change of train agreement over the second half of training, and whether it
 # stayed within the threshold (kd_ray.train.setup.CONVERGED_WITHIN); null for a trial that did not finish.
 CONVERGENCE = ("convergence_delta", "converged")
@@ -66,6 +79,15 @@ PACK = ("pack_id", "pack_size", "pack_time_share")
 # Which code, and which device, produced a row.
 PRODUCED_BY = ("kd_ray_version", "git_sha", "torch_version", "ray_version", "device_name")
 PROVENANCE = ("teacher_key", *PRODUCED_BY, "precision_used", "fast_path", "config_json")
+
+
+def check_selection_metric(what: str, metric: str) -> None:
+    """Refuse ``metric`` as what a search or scheduler selects on (``what`` names that setting) unless it
+    is one of ``SELECTION_METRICS``: one ConfigError line naming the setting, the value and what is allowed."""
+    if metric not in SELECTION_METRICS:
+        raise ConfigError(f"{what}={metric!r} is not allowed: trials are selected on the validation split and test "
+                          f"metrics are only reported; allowed: {', '.join(SELECTION_METRICS)}")
+
 
 _ARROW_TYPES = {
     "str": pa.string(), "int": pa.int64(), "float": pa.float64(), "float | None": pa.float64(), "bool": pa.bool_(),
@@ -82,7 +104,7 @@ TRIALS_SCHEMA = pa.schema(
     + _config_fields()
     + [pa.field(m, pa.float64()) for m in METRICS]
     + [pa.field("epochs_completed", pa.int64()), pa.field("train_time_s", pa.float64())]
-    + [pa.field(name, pa.int64()) for name in STEP_COUNTS]
+    + [pa.field(name, pa.int64()) for name in STEP_COUNTS + DATA_SIZES]
     + [pa.field("convergence_delta", pa.float64()), pa.field("converged", pa.bool_())]
     + [pa.field(p, pa.string()) for p in PROVENANCE]
     + [pa.field("pack_id", pa.string()), pa.field("pack_size", pa.int64()), pa.field("pack_time_share", pa.float64())]

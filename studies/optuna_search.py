@@ -1,7 +1,8 @@
-"""Multi-objective Optuna search: maximise test agreement and test accuracy together.
+"""Multi-objective Optuna search: maximise validation agreement and validation accuracy together.
 
 Searches temperature, alpha, augmentation, mixup alpha, learning rate and the distillation fraction
-with NSGA-II; the Pareto front of fidelity against accuracy is the paper's question. The Optuna
+with NSGA-II on the validation split held out of the train data (val_fraction); the test metrics
+are only reported. The Pareto front of fidelity against accuracy is the paper's question. The Optuna
 study is kept in <storage>/<name>/optuna.journal for optuna.load_study and optuna-dashboard.
 """
 

@@ -31,6 +31,7 @@ from kd_ray.tables import (
     STATUSES,
     TEACHER_METRICS,
     TRIALS_FILE,
+    VALIDATION_METRICS,
 )
 from kd_ray.analysis._columns import CONFIG_COLUMNS, FRACTION_METRICS
 from kd_ray.analysis._load import (
@@ -60,6 +61,7 @@ __all__ = [
     "METRICS",
     "FIDELITY_METRICS",
     "GENERALIZATION_METRICS",
+    "VALIDATION_METRICS",
     "TEACHER_METRICS",
     "CONTROL_METRICS",
     "CKA_METRICS",

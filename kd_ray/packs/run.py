@@ -43,7 +43,7 @@ from kd_ray.train.distill import (
     schedule,
     training_batch,
 )
-from kd_ray.train.metrics import agreement, student_metrics, teacher_metrics
+from kd_ray.train.metrics import agreement, student_metrics, validation_metrics
 from kd_ray.train.setup import (
     TrainClock,
     TrialData,
@@ -315,12 +315,13 @@ def close_epoch(pack: WidePack, mean_losses: list[float]) -> list[int]:
 
 
 class PackMeasures:
-    """Every student's metrics from one stacked pass over the test set, the distillation set and the
-    replicate's augmented pass; the teacher's side of each computed once per ensemble size."""
+    """Every student's metrics from one stacked pass over the test set, the distillation set, the validation
+    set and the replicate's augmented pass; the teacher's side of each computed once per ensemble size."""
 
     def __init__(self, data: TrialData, ensembles: list[Ensemble], teacher: PackTeacher, cfg: TrialConfig) -> None:
         self.data = data
         self.teacher_test, self.teacher_distill = zip(*(data.teacher_log_probs(e) for e in ensembles))
+        self.teacher_val = [data.teacher_val_log_probs(e) for e in ensembles]
         self.augmented = augmented_pass(data, cfg)
         self.teacher_aug = torch.cat([teacher.log_probs(x) for x in self.augmented], dim=1)  # [K, N, C]
 
@@ -336,14 +337,17 @@ class PackMeasures:
 
     def measure(self, pack: WidePack, which: list[int]) -> dict[int, dict[str, float]]:
         """Metrics of the students ``which`` (indices into the pack's students, all active)."""
-        x, x_test = self.data.x, self.data.x_test
-        test, train, aug = self._stacked(pack, list(x_test.split(EVAL_CHUNK)), list(x.split(EVAL_CHUNK)),
-                                         self.augmented)
+        data = self.data
+        # Without validation examples there is no validation pass, and the val_* metrics are NaN.
+        val_parts = [list(data.x_val.split(EVAL_CHUNK))] if data.has_val else []
+        test, train, aug, *val = self._stacked(pack, list(data.x_test.split(EVAL_CHUNK)),
+                                               list(data.x.split(EVAL_CHUNK)), self.augmented, *val_parts)
         out = {}
         for index in which:
             j = pack.active.index(index)
-            metrics = student_metrics(test[j], self.teacher_test[index], self.data.y_test, train[j],
+            metrics = student_metrics(test[j], self.teacher_test[index], data.y_test, train[j],
                                       self.teacher_distill[index])
+            metrics.update(validation_metrics(val[0][j] if val else None, self.teacher_val[index], data.y_val))
             metrics["aug_train_agreement"] = agreement(self.teacher_aug[index], aug[j])
             out[index] = metrics
         return out
@@ -436,7 +440,7 @@ def run_pack(
     students = [Student(cfg, schedule(student_recipe(cfg), data.x.shape[0])) for cfg in cfgs]
     models = build_students(cfgs, ensembles, data, device, "student")
     measures = PackMeasures(data, ensembles, teacher, base)
-    teacher_summaries = [teacher_metrics(test, data.y_test) for test in measures.teacher_test]
+    teacher_summaries = [data.teacher_summary(e, test) for e, test in zip(ensembles, measures.teacher_test)]
     if resume:
         for student, saved in zip(students, resume["students"]):
             student.load_state_dict(saved, models[0])

@@ -1,6 +1,10 @@
 """Optuna on Ray Tune: the searcher a study's Optuna search runs with (``optuna_searcher``), its
 sampler, and the journal that holds the Optuna study.
 
+A search optimises validation metrics only (``val_agreement``, ``val_acc``, ...: measured on the split
+held out of the train data), so that the test metrics of the trials it chose stay unbiased; a plan
+that names a test metric is refused before Ray starts (``kd_ray.study.plan.check_selection``).
+
 A search samples its trials as it goes: TPE for one metric, NSGA-II for several (made picklable,
 ``PicklableNSGAIISampler``). When every dimension of the search space is a student field
 (``kd_ray.packs.plan.STUDENT_FIELDS``: temperature, alpha, learning rate, ...), its Ray Tune trials
@@ -37,7 +41,9 @@ class PackedOptunaSearch(Searcher):
 
     def __init__(self, study, distributions: dict[str, Any], base: dict[str, Any], metrics: list[str],
                  num_points: int, pack_size: int) -> None:
-        super().__init__(metric=metrics[0], mode=None)
+        # No metric for Ray Tune to require at the top of a pack's report: the values told to Optuna are each
+        # student's own (students/<index>/<metric>), and the top holds only the pack's console means.
+        super().__init__(metric=None, mode=None)
         self.study, self.distributions, self.base = study, distributions, base
         self.metrics, self.num_points, self.pack_size = metrics, num_points, pack_size
         self.asked = 0

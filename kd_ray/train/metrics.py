@@ -70,13 +70,35 @@ def prediction_metrics(
     return out
 
 
-def teacher_metrics(teacher_log_probs: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-    """The teacher's own test metrics, named as in the trial tables (``teacher_test_acc``, ...)."""
+def confidence(logits: torch.Tensor) -> float:
+    """Mean over inputs of the max predicted probability, a fraction."""
+    return _log_probs(logits).exp().max(-1).values.mean().item()
+
+
+def teacher_metrics(
+    teacher_test: torch.Tensor, test_labels: torch.Tensor, teacher_own: torch.Tensor, own_labels: torch.Tensor
+) -> dict[str, float]:
+    """The teacher's own metrics, named as in the trial tables: on the test set (``teacher_test_acc``, ...,
+    ``teacher_test_confidence``) and on its own training examples (``teacher_train_acc``, clean inputs),
+    so that a teacher that overfits or is confident can be told apart."""
     return {
-        "teacher_test_acc": accuracy(teacher_log_probs, labels),
-        "teacher_test_nll": nll(teacher_log_probs, labels),
-        "teacher_test_ece": ece(teacher_log_probs, labels),
+        "teacher_test_acc": accuracy(teacher_test, test_labels),
+        "teacher_test_nll": nll(teacher_test, test_labels),
+        "teacher_test_ece": ece(teacher_test, test_labels),
+        "teacher_train_acc": accuracy(teacher_own, own_labels),
+        "teacher_test_confidence": confidence(teacher_test),
     }
+
+
+def validation_metrics(
+    student_val: torch.Tensor | None, teacher_val: torch.Tensor, val_labels: torch.Tensor
+) -> dict[str, float]:
+    """A student's metrics on the validation set, named as in the trial tables (``val_acc``, ``val_agreement``,
+    ...) and defined as the ``test_*`` ones. ``student_val`` None: no validation examples were held out
+    (``val_fraction`` 0), and every one is NaN."""
+    if student_val is None:
+        return {f"val_{k}": float("nan") for k in ("acc", "nll", "ece", "agreement", "kl")}
+    return {f"val_{k}": v for k, v in prediction_metrics(student_val, teacher_val, val_labels).items()}
 
 
 def student_metrics(

@@ -29,7 +29,7 @@ from kd_ray.config import ConfigError, TrialConfig, seed_stream
 from kd_ray.data.augment import augment, check_policy
 from kd_ray.data.datasets import DATASET_INFO, DatasetInfo, check_distill_dataset, load_arrays
 from kd_ray.data.extra_inputs import check_extra_inputs, extra_inputs
-from kd_ray.data.splits import split_indices
+from kd_ray.data.splits import split_indices, val_indices, val_size
 from kd_ray.models.archs import build_model, check_arch
 from kd_ray.models.ensembles import LoopEnsemble, StackedEnsemble, ensemble_log_probs
 from kd_ray.tables import AFTER_TRAINING_METRICS, CKA_METRICS, METRICS, TERMINATED
@@ -37,6 +37,7 @@ from kd_ray.train import fastpath
 from kd_ray.train.cka import CKA_TEST_INPUTS, stage_cka
 from kd_ray.train.distill import AugmentSpec, ExtraBatches, Recipe, Schedule
 from kd_ray.train.fastpath import FastPath
+from kd_ray.train.metrics import teacher_metrics
 from kd_ray.train.teachers import Ensemble
 
 # The metrics every evaluation measures (the control's agreement and CKA are measured once, after training).
@@ -83,7 +84,9 @@ class DataSizes:
     """How many examples each part of a trial's data holds, from each dataset's ``train_size`` and the split fields
     alone (``splits.split_indices`` draws exactly these many)."""
 
-    teacher_base: int  # the teacher's split (all train examples, or the half D0) before teacher_fraction
+    val: int  # the validation examples held out of the train split (val_fraction), seen by no network
+    pool: int  # the train examples left beside them, which every other part is drawn from
+    teacher_base: int  # the teacher's split (the whole pool, or the half D0) before teacher_fraction
     teacher: int  # the examples a teacher member trains on, batched by teacher_batch_size
     distill_base: int  # the split distill_fraction draws from
     distill_subset: int  # what distill_fraction keeps of it
@@ -92,8 +95,9 @@ class DataSizes:
 
 
 def data_sizes(cfg: TrialConfig) -> DataSizes:
-    """The sizes of ``cfg``'s teacher and distillation sets, as ``TrialData`` and the teachers draw them."""
-    n = DATASET_INFO[cfg.dataset].train_size
+    """The sizes of ``cfg``'s validation, teacher and distillation sets, as ``TrialData`` and the teachers draw them."""
+    val = val_size(cfg.val_fraction, DATASET_INFO[cfg.dataset].train_size)
+    n = DATASET_INFO[cfg.dataset].train_size - val  # the pool every other part is drawn from
     if cfg.teacher_split == "full":
         teacher_base, distill_base = n, n
     else:
@@ -106,8 +110,10 @@ def data_sizes(cfg: TrialConfig) -> DataSizes:
         distill_base = DATASET_INFO[cfg.distill_dataset].train_size  # the other dataset's whole train split
     subset = _subset_size(cfg.distill_fraction, distill_base)
     joined = cfg.extra_data if cfg.extra_ratio == 0 else 0  # with extra_ratio > 0 extras ride along instead
-    most = DATASET_INFO[cfg.distill_dataset or cfg.dataset].train_size + joined
-    return DataSizes(teacher_base, teacher, distill_base, subset, subset + joined, most)
+    most = (DATASET_INFO[cfg.distill_dataset].train_size if cfg.distill_dataset else n) + joined
+    return DataSizes(val, n, teacher_base, teacher, distill_base, subset, subset + joined, most)
+
+
 def _has_batch_norm(arch: str, info: DatasetInfo, norm: str) -> bool:
     """Whether ``arch`` under ``norm`` has batch norm layers (lenet5 and vgg16 ignore ``norm``). Built on
     the meta device: no weights are allocated and no random number is drawn."""
@@ -128,12 +134,15 @@ def check_data_sizes(cfg: TrialConfig, info: DatasetInfo) -> None:
     """Refuse batch sizes and fractions that the trial's data cannot meet, from ``data_sizes`` alone: a
     teacher or distillation set of fewer than 2 examples, a batch of one sample under batch norm (which
     needs more than one sample per channel in training), and a batch size larger than every training
-    example of the dataset. A batch size between the set a trial batches and that is one batch of the
-    whole set per epoch (``full_batch_notes``): one ``--set batch_size`` then serves a study's arms of
-    every distillation fraction. The remainder of an epoch never leaves a batch of one
-    (``distill.batches_per_epoch``)."""
+    example of the dataset left beside the validation split. A batch size between the set a trial batches
+    and that is one batch of the whole set per epoch (``full_batch_notes``): one ``--set batch_size`` then
+    serves a study's arms of every distillation fraction. The remainder of an epoch never leaves a batch
+    of one (``distill.batches_per_epoch``)."""
     sizes = data_sizes(cfg)
-    teacher_source = f"dataset={cfg.dataset!r}, teacher_split={cfg.teacher_split!r}"
+    # The validation examples are named wherever they shrink the train split a size is judged against.
+    held_out = f" less the {sizes.val} validation examples of val_fraction={cfg.val_fraction!r}" if sizes.val else ""
+    own = f"dataset={cfg.dataset!r}{held_out}"
+    teacher_source = f"{own}, teacher_split={cfg.teacher_split!r}"
     distill_source = (f"distill_dataset={cfg.distill_dataset!r}" if cfg.distill_dataset
                       else f"{teacher_source}, distill_split={cfg.distill_split!r}")
     if sizes.teacher < MIN_DISTILL_EXAMPLES:
@@ -150,11 +159,9 @@ def check_data_sizes(cfg: TrialConfig, info: DatasetInfo) -> None:
         )
     extras = f" and extra_data={cfg.extra_data}" if sizes.distill > sizes.distill_subset else ""
     batched = (
-        ("teacher_batch_size", "teacher_arch", sizes.teacher, DATASET_INFO[cfg.dataset].train_size,
-         "a teacher member trains on", f"dataset={cfg.dataset!r}"),
+        ("teacher_batch_size", "teacher_arch", sizes.teacher, sizes.pool, "a teacher member trains on", own),
         ("batch_size", "student_arch", sizes.distill, sizes.distill_most, "the student distils on",
-         f"{'distill_dataset=' + repr(cfg.distill_dataset) if cfg.distill_dataset else f'dataset={cfg.dataset!r}'}"
-         f"{extras}"),
+         f"{'distill_dataset=' + repr(cfg.distill_dataset) if cfg.distill_dataset else own}{extras}"),
     )
     for field, arch_field, n, most, what, source in batched:
         value, arch = getattr(cfg, field), getattr(cfg, arch_field)
@@ -251,7 +258,9 @@ def training_teacher(ensemble: Ensemble, path: FastPath) -> StackedEnsemble | Lo
 
 
 class TrialData:
-    """The trial's tensors on its device: distillation set, test set, and the teacher's cached logits."""
+    """The trial's tensors on its device: distillation set, validation set, test set, and the teacher's cached
+    logits. The validation examples (``splits.val_indices``) are in neither the teacher's nor the distillation
+    indices, nor among the inputs extras are drawn from."""
 
     def __init__(self, cfg: TrialConfig, device: torch.device, data_dir: str | None) -> None:
         self.info: DatasetInfo = DATASET_INFO[cfg.dataset]
@@ -259,19 +268,28 @@ class TrialData:
         teacher_idx, distill_idx = split_indices(
             self.arrays.y_train, teacher_split=cfg.teacher_split, distill_split=cfg.distill_split,
             distill_fraction=cfg.distill_fraction, data_seed=cfg.data_seed, seed=cfg.seed,
-            teacher_fraction=cfg.teacher_fraction,
+            val_fraction=cfg.val_fraction, teacher_fraction=cfg.teacher_fraction,
         )
+        self.teacher_idx = torch.as_tensor(teacher_idx, device=device)
         self.distill_idx = torch.as_tensor(distill_idx, device=device)
+        self.val_idx = torch.as_tensor(val_indices(self.arrays.y_train, val_fraction=cfg.val_fraction,
+                                                   data_seed=cfg.data_seed), device=device)
         x_train = torch.as_tensor(self.arrays.x_train, device=device)
         y_train = torch.as_tensor(self.arrays.y_train, device=device)
         self.x = x_train[self.distill_idx]
         self.y = y_train[self.distill_idx]
+        self.x_val = x_train[self.val_idx]
+        self.y_val = y_train[self.val_idx]
+        self.has_val = len(self.val_idx) > 0  # without validation examples the val_* metrics are NaN
+        self.y_teacher = y_train[self.teacher_idx]
         self.distill_elsewhere = bool(cfg.distill_dataset)
         if self.distill_elsewhere:
-            # Another dataset's train inputs (a stratified distill_fraction of them) replace the teacher's.
+            # Another dataset's train inputs (a stratified distill_fraction of them) replace the teacher's. None of
+            # them is a validation example of the teacher's dataset, so none is held out of the other one.
             other = load_arrays(cfg.distill_dataset, data_dir)
             _, other_idx = split_indices(other.y_train, teacher_split="full", distill_split="train",
-                                         distill_fraction=cfg.distill_fraction, data_seed=cfg.data_seed, seed=cfg.seed)
+                                         distill_fraction=cfg.distill_fraction, data_seed=cfg.data_seed, seed=cfg.seed,
+                                         val_fraction=0.0)
             self.x = torch.as_tensor(other.x_train[other_idx], device=device)
             self.y = torch.as_tensor(other.y_train[other_idx], device=device)
         # Extra inputs either join the distillation set (its last n_extra rows) or, with extra_ratio,
@@ -290,6 +308,22 @@ class TrialData:
         self.x_test = torch.as_tensor(self.arrays.x_test, device=device)
         self.y_test = torch.as_tensor(self.arrays.y_test, device=device)
         self.augment_spec = AugmentSpec(self.info.kind, self.info.crop_pad, self.info.hflip)
+
+    def sizes(self) -> dict[str, int]:
+        """The ``DATA_SIZES`` columns: the inputs a teacher member trained on, and the inputs the student
+        distils on (its distillation set and every extra input, joined or mixed into batches)."""
+        mixed = len(self.extra.x) if self.extra is not None else 0
+        return {"teacher_train_size": len(self.teacher_idx), "distill_size": len(self.x) + mixed}
+
+    def teacher_val_log_probs(self, ensemble: Ensemble) -> torch.Tensor:
+        """Teacher log-probabilities on the validation set, from the cached logits on the whole train set."""
+        return ensemble_log_probs(ensemble.train_logits[:, self.val_idx])
+
+    def teacher_summary(self, ensemble: Ensemble, test_log_probs: torch.Tensor) -> dict[str, float]:
+        """The teacher's metrics of every row (``metrics.teacher_metrics``): on the test set (``test_log_probs``)
+        and on its own training examples, from the cached logits."""
+        own = ensemble_log_probs(ensemble.train_logits[:, self.teacher_idx])
+        return teacher_metrics(test_log_probs, self.y_test, own, self.y_teacher)
 
     def teacher_log_probs(self, ensemble: Ensemble) -> tuple[torch.Tensor, torch.Tensor]:
         """Teacher log-probabilities on (test set, clean distillation set), from the cached logits."""
@@ -353,6 +387,7 @@ def result_row(
     row["epochs_completed"] = epochs_completed
     row["student_steps"] = plan.total_steps
     row["teacher_steps"] = teacher_steps
+    row.update(data.sizes())
     finished = status == TERMINATED
     row["convergence_delta"], row["converged"] = convergence(
         last_metrics.get("train_agreement") if finished else None, reference

@@ -277,11 +277,12 @@ def member_streams(cfg: TrialConfig, member: int, role: str = "reference") -> St
 def teacher_indices(cfg: TrialConfig, y_train: np.ndarray) -> np.ndarray:
     """The sorted train indices a teacher member of ``cfg`` is trained on.
 
-    Decided by the teacher's fields alone (split, fraction, data seed), never by the student's
-    distillation split or fraction: every trial that shares a teacher trains it on the same data."""
+    Decided by the teacher's fields alone (validation fraction, split, fraction, data seed: all in its
+    ``teacher_spec``), never by the student's distillation split or fraction: every trial that shares a
+    teacher trains it on the same data, and none of it is a validation example."""
     indices, _ = split_indices(
         y_train, teacher_split=cfg.teacher_split, distill_split="train", distill_fraction=1.0,
-        data_seed=cfg.data_seed, seed=0, teacher_fraction=cfg.teacher_fraction,
+        data_seed=cfg.data_seed, seed=0, val_fraction=cfg.val_fraction, teacher_fraction=cfg.teacher_fraction,
     )
     return indices
 

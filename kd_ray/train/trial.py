@@ -37,7 +37,7 @@ from kd_ray.train.distill import (
     schedule,
 )
 from kd_ray.train.fastpath import FastPath
-from kd_ray.train.metrics import agreement, student_metrics, teacher_metrics
+from kd_ray.train.metrics import agreement, student_metrics, validation_metrics
 from kd_ray.train.setup import (
     TrainClock,
     TrialData,
@@ -127,13 +127,15 @@ def run_trial(
 
 class TrialTeacher:
     """The trial's teacher ensemble: the float32 one that metrics use, the one that labels training
-    batches (run as ``path`` says), its log-probabilities on the test and distillation sets, and its metrics."""
+    batches (run as ``path`` says), its log-probabilities on the test, distillation and validation sets, and its
+    metrics."""
 
     def __init__(self, ensemble: Ensemble, path: FastPath, data: TrialData) -> None:
         self.ensemble = ensemble
         self.for_training = training_teacher(ensemble, path)
         self.test_log_probs, self.distill_log_probs = data.teacher_log_probs(ensemble)
-        self.summary = teacher_metrics(self.test_log_probs, data.y_test)
+        self.val_log_probs = data.teacher_val_log_probs(ensemble)
+        self.summary = data.teacher_summary(ensemble, self.test_log_probs)
 
 
 def build_student_state(
@@ -192,6 +194,8 @@ class StudentEvaluations:
         model, data, teacher = self.state.model, self.data, self.teacher
         metrics = student_metrics(predict(model, data.x_test), teacher.test_log_probs, data.y_test,
                                   predict(model, data.x), teacher.distill_log_probs)
+        student_val = predict(model, data.x_val) if data.has_val else None
+        metrics.update(validation_metrics(student_val, teacher.val_log_probs, data.y_val))
         metrics["aug_train_agreement"] = aug_agreement(model, teacher.ensemble, data, self.cfg)
         return metrics
 

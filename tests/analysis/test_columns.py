@@ -13,6 +13,7 @@ def test_metric_groups_partition_the_metrics() -> None:
     groups = (
         analysis.FIDELITY_METRICS
         + analysis.GENERALIZATION_METRICS
+        + analysis.VALIDATION_METRICS
         + analysis.TEACHER_METRICS
         + analysis.CONTROL_METRICS
         + analysis.CKA_METRICS

@@ -1,4 +1,5 @@
-"""Tests for kd_ray.data.splits: the D0/D1 halves, teacher and distillation fractions, seeded strata."""
+"""Tests for kd_ray.data.splits: the validation split, the D0/D1 halves, teacher and distillation fractions,
+seeded strata."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import numpy as np
 import pytest
 
 from kd_ray.config import ConfigError
-from kd_ray.data.splits import split_indices
+from kd_ray.data.splits import split_indices, val_indices
 
 
 def _labels() -> np.ndarray:
@@ -23,6 +24,7 @@ def _split(y: np.ndarray, **kwargs: object) -> tuple[np.ndarray, np.ndarray]:
         "distill_fraction": 1.0,
         "data_seed": 0,
         "seed": 0,
+        "val_fraction": 0.0,
     }
     args.update(kwargs)
     return split_indices(y, **args)  # type: ignore[arg-type]
@@ -106,3 +108,60 @@ def test_teacher_fraction_is_a_stratified_subset_and_train_means_exactly_it() ->
     assert np.array_equal(both, np.arange(len(y)))
     with pytest.raises(ConfigError, match="teacher_fraction"):
         _split(y, teacher_fraction=0.0)
+
+
+# --- the validation split -------------------------------------------------------------------------------------------
+
+COMBINATIONS = [("full", "train"), ("full", "both"), ("half", "train"), ("half", "holdout"), ("half", "both")]
+
+
+@pytest.mark.parametrize("teacher_split, distill_split", COMBINATIONS)
+@pytest.mark.parametrize("teacher_fraction", [1.0, 0.3])
+@pytest.mark.parametrize("distill_fraction", [1.0, 0.4])
+def test_no_validation_example_is_a_teacher_or_distillation_example(
+    teacher_split: str, distill_split: str, teacher_fraction: float, distill_fraction: float
+) -> None:
+    y = _labels()
+    val = val_indices(y, val_fraction=0.1, data_seed=4)
+    teacher, distill = _split(y, teacher_split=teacher_split, distill_split=distill_split, val_fraction=0.1,
+                              teacher_fraction=teacher_fraction, distill_fraction=distill_fraction, data_seed=4, seed=9)
+    assert len(val) == round(0.1 * len(y)) and val.dtype == np.int64 and np.all(np.diff(val) > 0)
+    assert not np.isin(val, teacher).any() and not np.isin(val, distill).any()
+    if (teacher_split, distill_split, teacher_fraction, distill_fraction) == ("full", "train", 1.0, 1.0):
+        # Everything else is training data: the validation split takes nothing more than its share.
+        assert np.array_equal(np.union1d(val, teacher), np.arange(len(y)))
+
+
+def test_the_validation_split_is_stratified_and_fixed_by_the_data_seed_alone() -> None:
+    y = _labels()
+    val = val_indices(y, val_fraction=0.2, data_seed=1)
+    counts, val_counts = np.bincount(y, minlength=10), np.bincount(y[val], minlength=10)
+    assert np.all(np.abs(val_counts - 0.2 * counts) <= 1) and np.all(val_counts[counts > 0] >= 1)
+    assert np.array_equal(val, val_indices(y, val_fraction=0.2, data_seed=1))
+    assert not np.array_equal(val, val_indices(y, val_fraction=0.2, data_seed=2))
+    # Every replicate and arm of a data seed holds out the same examples, whatever its student's seed.
+    for seed, distill_split in ((0, "holdout"), (5, "both")):
+        _, distill = _split(y, teacher_split="half", distill_split=distill_split, distill_fraction=0.5,
+                            val_fraction=0.2, data_seed=1, seed=seed)
+        assert not np.isin(val, distill).any()
+
+
+def test_the_validation_split_is_drawn_first_and_the_halves_from_the_rest() -> None:
+    y = _labels()
+    val = val_indices(y, val_fraction=0.1, data_seed=3)
+    d0, _ = _split(y, teacher_split="half", val_fraction=0.1, data_seed=3)
+    _, d1 = _split(y, teacher_split="half", distill_split="holdout", val_fraction=0.1, data_seed=3)
+    pool = len(y) - len(val)
+    assert len(d0) == pool // 2 and len(d1) == pool - pool // 2
+    assert np.array_equal(np.union1d(np.union1d(d0, d1), val), np.arange(len(y)))
+
+
+def test_val_fraction_zero_holds_out_nothing_and_a_bad_one_is_refused() -> None:
+    y = _labels()
+    assert len(val_indices(y, val_fraction=0.0, data_seed=0)) == 0
+    teacher, _ = _split(y, val_fraction=0.0)
+    assert np.array_equal(teacher, np.arange(len(y)))
+    assert len(val_indices(y, val_fraction=1e-9, data_seed=0)) == 1  # a fraction above 0 holds out one at least
+    for bad in (-0.1, 0.6):
+        with pytest.raises(ConfigError, match=r"val_fraction=.* is out of range; allowed: \[0, 0.5\]"):
+            val_indices(y, val_fraction=bad, data_seed=0)

@@ -13,7 +13,7 @@ from kd_ray.config import TrialConfig
 from kd_ray.models.archs import build_model
 from kd_ray.packs.run import FUSED, run_pack
 from kd_ray.packs.wide import student_state, widen
-from kd_ray.tables import CKA_METRICS, TRIALS_SCHEMA
+from kd_ray.tables import CKA_METRICS, TEACHER_METRICS, TRIALS_SCHEMA, VALIDATION_METRICS
 from kd_ray.train.setup import FINAL_METRICS
 from kd_ray.train.trial import run_trial
 
@@ -83,12 +83,14 @@ def test_a_pack_ends_where_its_students_trained_alone_end(store):
         assert result["teacher_key"] == lone["teacher_key"] == cfg.teacher_key()
         for name in ("epochs_completed", "student_steps", "teacher_steps"):
             assert result[name] == lone[name], name
-        for metric in ("teacher_test_acc", "teacher_test_nll"):
+        for metric in TEACHER_METRICS:
             assert result[metric] == pytest.approx(lone[metric], abs=1e-6), metric
-        for metric in ("test_acc", "test_agreement", "train_agreement", "aug_train_agreement"):
+        for metric in ("test_acc", "test_agreement", "train_agreement", "aug_train_agreement", "val_acc",
+                       "val_agreement"):
             assert result[metric] == pytest.approx(lone[metric], abs=0.02), metric  # run-to-run noise
         assert result["cka_stage1"] == pytest.approx(lone["cka_stage1"], abs=0.02)
         assert set(result) >= set(FINAL_METRICS) | set(CKA_METRICS) | {"pack_id", "pack_size", "pack_time_share"}
+        assert all(math.isfinite(result[metric]) for metric in (*VALIDATION_METRICS, *TEACHER_METRICS))
         assert set(result) - {"error"} <= set(TRIALS_SCHEMA.names) | {"epoch"}
         assert result["fast_path"] == f"fp32, {FUSED} (feature-major)" and result["pack_size"] == len(configs)
     assert sum(r["pack_time_share"] for r in packed) == pytest.approx(1.0)
@@ -145,6 +147,20 @@ def test_a_bf16_pack_runs_its_forward_passes_in_bf16(store):
     alone = run_trial(configs[1], store=store)
     assert {r["precision_used"] for r in packed} == {"bf16"} == {alone["precision_used"]}
     assert packed[1]["test_agreement"] == pytest.approx(alone["test_agreement"], abs=0.03)
+
+
+def test_every_evaluation_of_a_pack_reports_the_validation_metrics_and_none_without_a_split(store):
+    reports: list[dict] = []
+    configs = [tiny(temperature=1.0, epochs=2), tiny(temperature=4.0, epochs=2)]
+    run_pack(configs, lambda epoch, by_student, state: reports.extend(by_student.values()), store=store)
+    assert len(reports) == 4
+    for metrics in reports:
+        assert all(0 <= metrics[m] <= 1 for m in ("val_acc", "val_agreement", "val_ece"))
+        assert all(metrics[m] >= 0 for m in ("val_nll", "val_kl"))
+    packed = run_pack([cfg.replace(val_fraction=0.0) for cfg in configs], store=store)
+    for result in packed:
+        assert result["status"] == "TERMINATED" and all(math.isnan(result[m]) for m in VALIDATION_METRICS)
+        assert math.isfinite(result["test_agreement"])
 
 
 def test_configs_that_do_not_share_a_stream_are_refused(store):

@@ -20,7 +20,8 @@ from kd_ray.tables import EPOCHS_SCHEMA, TRIALS_SCHEMA
 TINY = dict(dataset="mnist1d", teacher_arch="mlp", student_arch="mlp", teacher_epochs=2, teacher_members=2,
             epochs=2, eval_every=1, batch_size=256, device="cpu", precision="fp32")
 GRID = dict(base=TrialConfig(**TINY), axes={"temperature": [1.0, 4.0], "teacher_members": [1, 2]}, seeds=[0, 1])
-COMPARED = ["test_acc", "test_agreement", "train_agreement", "aug_train_agreement", "teacher_test_acc"]
+COMPARED = ["test_acc", "test_agreement", "train_agreement", "aug_train_agreement", "teacher_test_acc", "val_acc",
+            "val_agreement", "teacher_train_acc", "teacher_test_confidence"]
 
 
 def pack_dirs(study_dir: Path) -> list[Path]:
@@ -117,7 +118,7 @@ def test_an_optuna_search_over_student_fields_asks_each_pack_for_its_points(ray_
     from kd_ray.study import OptunaSpec
 
     search = OptunaSpec(space={"temperature": ("logfloat", 1.0, 8.0), "alpha": ("float", 0.0, 0.5)},
-                        metrics=("test_agreement",), modes=("max",), num_samples=6, seed=3)
+                        metrics=("val_agreement",), modes=("max",), num_samples=6, seed=3)
     result = Study(name="packed_search", base=TrialConfig(**TINY), search=search, storage=str(tmp_path),
                    verbose=0).run()
     assert (result.partial, result.finished, result.expected) == (False, 6, 6)
@@ -133,7 +134,7 @@ def test_an_optuna_search_over_student_fields_asks_each_pack_for_its_points(ray_
     for trial in told:
         row = by_temperature.loc[trial.params["temperature"]]
         assert row["alpha"] == pytest.approx(trial.params["alpha"])
-        assert trial.value == pytest.approx(row["test_agreement"])
+        assert trial.value == pytest.approx(row["val_agreement"])
 
 
 def test_which_searches_and_schedulers_pack(capsys):

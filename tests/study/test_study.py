@@ -147,13 +147,13 @@ def test_the_plan_hands_the_runner_plain_values(tmp_path):
     assert (plan.name, plan.study_dir, plan.teacher_store) == ("g", f"{tmp_path}/g", f"{tmp_path}/teachers")
     assert (plan.axes, plan.arms, plan.seeds) == ({"temperature": [1.0, 4.0]}, [{"optimizer": "adam"}], [0, 3])
     assert plan.search_space is None and plan.num_samples == 1
-    assert (plan.metrics, plan.modes) == (("test_agreement",), ("max",))  # what ASHA stops a grid on
+    assert (plan.metrics, plan.modes) == (("val_agreement",), ("max",))  # what ASHA stops a grid on
     assert (plan.scheduler, plan.cpus_per_trial, plan.retrain_teachers) == ("asha", 0.5, True)
-    search = OptunaSpec(space={"temperature": ("logfloat", 1, 8)}, metrics=("test_acc",), modes=("min",),
+    search = OptunaSpec(space={"temperature": ("logfloat", 1, 8)}, metrics=("val_acc",), modes=("min",),
                         num_samples=5, seed=9)
     plan = Study(name="s", base=tiny(), search=search, storage=str(tmp_path)).plan()
     assert plan.search_space == search.space and plan.num_samples == 5 and plan.search_seed == 9
-    assert (plan.metrics, plan.modes) == (("test_acc",), ("min",))
+    assert (plan.metrics, plan.modes) == (("val_acc",), ("min",))
 
 
 def test_the_study_module_needs_no_ray_and_the_runner_never_imports_it():
@@ -308,7 +308,7 @@ def _journal_study(study_dir: Path, name: str):
     return optuna.load_study(study_name=names[0], storage=storage)
 
 
-@pytest.mark.parametrize("metrics", [("test_agreement",), ("test_agreement", "test_acc")], ids=["single", "multi"])
+@pytest.mark.parametrize("metrics", [("val_agreement",), ("val_agreement", "val_acc")], ids=["single", "multi"])
 def test_optuna_search_writes_rows_and_a_loadable_journal(ray_local, storage, metrics):
     import optuna
 

@@ -315,16 +315,38 @@ def test_prediction_metrics_with_labels() -> None:
 
 
 def test_teacher_metrics_keys_and_values() -> None:
+    from kd_ray.tables import TEACHER_METRICS
+
     teacher = ensemble_log_probs(torch.randn(2, 30, 4, generator=torch.Generator().manual_seed(19)))
     labels = torch.arange(30) % 4
-    out = teacher_metrics(teacher, labels)
-    assert set(out) == {"teacher_test_acc", "teacher_test_nll", "teacher_test_ece"}
+    own = ensemble_log_probs(torch.randn(2, 12, 4, generator=torch.Generator().manual_seed(20)))
+    own_labels = own.argmax(-1)
+    own_labels[:3] = (own_labels[:3] + 1) % 4  # 9 of its 12 training examples right
+    out = teacher_metrics(teacher, labels, own, own_labels)
+    assert tuple(out) == TEACHER_METRICS
     p = teacher.exp().numpy()
     assert out["teacher_test_acc"] == pytest.approx(float(np.mean(p.argmax(-1) == labels.numpy())))
     assert out["teacher_test_nll"] == pytest.approx(
         float(-np.mean(np.log(p[np.arange(30), labels.numpy()]))), rel=1e-5
     )
     assert out["teacher_test_ece"] == pytest.approx(ece(teacher, labels))
+    assert out["teacher_train_acc"] == pytest.approx(0.75)
+    assert out["teacher_test_confidence"] == pytest.approx(float(p.max(-1).mean()), rel=1e-6)
+
+
+def test_validation_metrics_are_the_test_ones_on_the_validation_set_and_nan_without_one() -> None:
+    from kd_ray.tables import VALIDATION_METRICS
+    from kd_ray.train.metrics import validation_metrics
+
+    student = random_logits(25, 5, seed=21)
+    teacher = torch.log_softmax(random_logits(25, 5, seed=22), -1)
+    labels = torch.arange(25) % 5
+    out = validation_metrics(student, teacher, labels)
+    assert set(out) == set(VALIDATION_METRICS)
+    for name, value in prediction_metrics(student, teacher, labels).items():
+        assert out[f"val_{name}"] == value
+    none = validation_metrics(None, teacher[:0], labels[:0])
+    assert set(none) == set(VALIDATION_METRICS) and all(math.isnan(v) for v in none.values())
 
 
 def test_student_metrics_name_the_table_columns_and_match_the_parts():

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from kd_ray.config import TrialConfig, content_hash
-from kd_ray.data.splits import split_indices
+from kd_ray.data.splits import split_indices, val_indices
 from kd_ray.models.ensembles import ensemble_log_probs
 from kd_ray.train import teachers
 from kd_ray.train.metrics import accuracy
@@ -417,21 +417,35 @@ def _labels(n: int = 400) -> np.ndarray:
 def test_teacher_indices_follow_the_teacher_fields_alone() -> None:
     y = _labels()
     full = teacher_indices(TrialConfig(), y)
-    assert np.array_equal(full, np.arange(len(y)))
+    val = val_indices(y, val_fraction=TrialConfig().val_fraction, data_seed=0)
+    assert len(val) == 40 and np.array_equal(np.union1d(full, val), np.arange(len(y)))
+    assert not np.isin(val, full).any()  # the teacher never trains on a validation example
+    assert np.array_equal(teacher_indices(TrialConfig(val_fraction=0.0), y), np.arange(len(y)))
     half = TrialConfig(teacher_split="half", data_seed=3)
     d0 = teacher_indices(half, y)
-    assert len(d0) == len(y) // 2 and d0.dtype == np.int64 and np.all(np.diff(d0) > 0)
+    assert len(d0) == (len(y) - 40) // 2 and d0.dtype == np.int64 and np.all(np.diff(d0) > 0)
     # The student's distillation split, fraction and seed never move the teacher's data.
     for student in ({"distill_split": "holdout"}, {"distill_split": "both", "distill_fraction": 0.25, "seed": 7}):
         assert np.array_equal(teacher_indices(half.replace(**student), y), d0)
         split_teacher, _ = split_indices(
             y, teacher_split="half", distill_split=student["distill_split"],
             distill_fraction=student.get("distill_fraction", 1.0), data_seed=3, seed=student.get("seed", 0),
+            val_fraction=half.val_fraction,
         )
         assert np.array_equal(split_teacher, d0)
     assert not np.array_equal(teacher_indices(half.replace(data_seed=4), y), d0)
-    small = teacher_indices(TrialConfig(teacher_fraction=0.05), y)
+    small = teacher_indices(TrialConfig(teacher_fraction=0.05, val_fraction=0.0), y)
     assert len(small) == 20 and np.array_equal(np.bincount(y[small]), np.full(10, 2))
+
+
+def test_the_validation_split_is_part_of_a_teacher_s_identity() -> None:
+    base = TrialConfig()
+    y = _labels()
+    for other in (base.replace(val_fraction=0.0), base.replace(val_fraction=0.2)):
+        # Another validation split trains the teacher on other examples: another member, another ensemble.
+        assert not np.array_equal(teacher_indices(other, y), teacher_indices(base, y))
+        assert member_key(other, 0) != member_key(base, 0) and other.teacher_key() != base.teacher_key()
+    assert base.teacher_spec(0)["val_fraction"] == base.val_fraction
 
 
 def test_needed_members_share_members_and_add_the_control() -> None:

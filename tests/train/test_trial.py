@@ -14,10 +14,10 @@ import torch
 import kd_ray
 from kd_ray.config import ConfigError, TrialConfig
 from kd_ray.data.datasets import DATASET_INFO, load_arrays
-from kd_ray.data.splits import split_indices
+from kd_ray.data.splits import split_indices, val_indices
 from kd_ray.models.archs import build_model
 from kd_ray.packs.run import run_pack
-from kd_ray.tables import EPOCHS_SCHEMA, METRICS
+from kd_ray.tables import EPOCHS_SCHEMA, METRICS, TEACHER_METRICS, VALIDATION_METRICS
 from kd_ray.train import setup
 from kd_ray.train import trial as trial_module
 from kd_ray.train.distill import AugmentSpec, Recipe, TrainState, batches_per_epoch, fit, make_optimizer, training_batch
@@ -43,13 +43,14 @@ def test_final_metrics_are_the_tables_epoch_metrics() -> None:
 
 
 def assert_metrics_in_range(m: dict) -> None:
-    for key in ("test_acc", "test_agreement", "train_agreement", "aug_train_agreement", "teacher_test_acc"):
+    for key in ("test_acc", "test_agreement", "train_agreement", "aug_train_agreement", "teacher_test_acc",
+                "val_acc", "val_agreement", "teacher_train_acc", "teacher_test_confidence"):
         assert 0.0 <= m[key] <= 1.0, key
-    for key in ("test_kl", "train_kl"):
+    for key in ("test_kl", "train_kl", "val_kl"):
         assert m[key] >= 0.0, key
-    for key in ("test_nll", "teacher_test_nll"):
+    for key in ("test_nll", "teacher_test_nll", "val_nll"):
         assert m[key] > 0.0 and math.isfinite(m[key]), key
-    for key in ("test_ece", "teacher_test_ece"):
+    for key in ("test_ece", "teacher_test_ece", "val_ece"):
         assert 0.0 <= m[key] <= 1.0, key
 
 
@@ -78,10 +79,13 @@ def test_full_trial_metrics(full_run, kd_dirs) -> None:
 
 def test_step_counts_and_convergence_are_recorded(full_run, mnist1d_arrays) -> None:
     cfg, result, reports = full_run
-    n = len(mnist1d_arrays.y_train)
+    n = data_sizes(cfg).pool  # the train examples left beside the validation split
+    assert n == len(mnist1d_arrays.y_train) - round(cfg.val_fraction * len(mnist1d_arrays.y_train))
     assert result["student_steps"] == cfg.epochs * math.ceil(n / cfg.batch_size)
     assert result["teacher_steps"] == cfg.teacher_epochs * math.ceil(n / cfg.teacher_batch_size)
     assert result["teacher_steps"] == member_steps(cfg, mnist1d_arrays.y_train)
+    assert result["teacher_train_size"] == data_sizes(cfg).teacher == n
+    assert result["distill_size"] == data_sizes(cfg).distill == n
     # 6 epochs: the half-way point is the end of epoch 3, measured then (no evaluation there) and
     # carried in every later checkpoint.
     references = [c["convergence_reference"] for m, c in reports if m["epoch"] > 3]
@@ -90,6 +94,61 @@ def test_step_counts_and_convergence_are_recorded(full_run, mnist1d_arrays) -> N
                for m, c in reports if m["epoch"] < 3)
     assert result["convergence_delta"] == pytest.approx(result["train_agreement"] - references[0], abs=1e-6)
     assert result["converged"] == (abs(result["convergence_delta"]) < setup.CONVERGED_WITHIN)
+
+
+def test_every_report_and_the_row_carry_the_validation_and_teacher_metrics(full_run) -> None:
+    cfg, result, reports = full_run
+    assert cfg.val_fraction > 0
+    for metrics in [m for m, _ in reports] + [result]:
+        for key in (*VALIDATION_METRICS, *TEACHER_METRICS):
+            assert math.isfinite(metrics[key]), key
+    assert {m[key] for m, _ in reports for key in ("teacher_train_acc", "teacher_test_confidence")} == {
+        result["teacher_train_acc"], result["teacher_test_confidence"]}  # measured once per teacher
+
+
+def test_validation_metrics_are_the_test_ones_on_the_validation_examples(base_cfg, session_store,
+                                                                          shared_teacher) -> None:
+    from kd_ray.train.distill import predict, schedule
+    from kd_ray.train.fastpath import FastPath
+    from kd_ray.train.metrics import prediction_metrics
+    from kd_ray.train.teachers import load_ensemble
+
+    cpu = torch.device("cpu")
+    data = TrialData(base_cfg, cpu, None)
+    assert len(data.val_idx) == round(base_cfg.val_fraction * len(data.arrays.y_train))
+    ensemble = load_ensemble(base_cfg, session_store, cpu)
+    recipe = setup.student_recipe(base_cfg)
+    state = trial_module.build_student_state(base_cfg, recipe, ensemble, data, cpu, None)
+    evaluations = trial_module.StudentEvaluations(
+        base_cfg, state, schedule(recipe, data.x.shape[0]), data, trial_module.TrialTeacher(ensemble, FastPath(), data),
+        setup.TrainClock(None), None, None, None,
+    )
+    x_val = torch.as_tensor(data.arrays.x_train)[data.val_idx]
+    y_val = torch.as_tensor(data.arrays.y_train)[data.val_idx]
+    expected = prediction_metrics(predict(state.model, x_val), ensemble.log_probs(x_val), y_val)
+    measured = evaluations.measure()
+    for name, value in expected.items():
+        assert measured[f"val_{name}"] == pytest.approx(value, abs=1e-5), name
+
+
+def test_without_a_validation_split_the_validation_metrics_are_nan() -> None:
+    cfg = TrialConfig(val_fraction=0.0, teacher_arch="mlp", student_arch="mlp", teacher_members=1, teacher_epochs=1,
+                      epochs=1, device="cpu", precision="fp32")
+    result = run_trial(cfg)
+    assert result["status"] == "TERMINATED", result["error"]
+    assert all(math.isnan(result[key]) for key in VALIDATION_METRICS)
+    assert math.isfinite(result["test_agreement"]) and math.isfinite(result["teacher_train_acc"])
+    assert result["teacher_key"] != cfg.replace(val_fraction=0.1).teacher_key()
+
+
+def test_an_overfit_teacher_is_more_accurate_on_its_own_training_examples() -> None:
+    # 180 training examples (teacher_fraction 0.05 of the 3,600 left beside the validation split), 60 epochs.
+    cfg = TrialConfig(teacher_fraction=0.05, teacher_arch="mlp", student_arch="mlp", teacher_members=1,
+                      teacher_epochs=60, epochs=1, device="cpu", precision="fp32")
+    result = run_trial(cfg)
+    assert 0.0 <= result["teacher_test_acc"] <= result["teacher_train_acc"] <= 1.0
+    assert result["teacher_train_acc"] > result["teacher_test_acc"] + 0.2  # well above: it overfits
+    assert 1 / 10 <= result["teacher_test_confidence"] <= 1.0  # the mean max probability is at least chance
 
 
 def test_convergence_rule() -> None:
@@ -240,15 +299,17 @@ def test_holdout_distillation_with_extra_data(base_cfg, kd_dirs: dict[str, Path]
         epochs=2, eval_every=2,
     )
     data = TrialData(cfg, torch.device("cpu"), None)
-    n_train = len(data.arrays.y_train)
+    pool = len(data.arrays.y_train) - len(data.val_idx)
     teacher_idx = teacher_indices(cfg, data.arrays.y_train)
-    assert len(teacher_idx) == n_train // 2
+    assert len(teacher_idx) == pool // 2 and torch.equal(data.teacher_idx, torch.as_tensor(teacher_idx))
     assert set(teacher_idx.tolist()).isdisjoint(data.distill_idx.tolist())
-    assert data.x.shape[0] == data.y.shape[0] == n_train - n_train // 2 + 200
+    assert set(data.val_idx.tolist()).isdisjoint(teacher_idx.tolist() + data.distill_idx.tolist())
+    assert data.x.shape[0] == data.y.shape[0] == pool - pool // 2 + 200
 
     result = run_trial(cfg)
     assert result["status"] == "TERMINATED", result["error"]
     assert result["teacher_key"] == cfg.teacher_key() != base_cfg.teacher_key()
+    assert (result["teacher_train_size"], result["distill_size"]) == (pool // 2, pool - pool // 2 + 200)
     assert_metrics_in_range(result)
     assert any(kd_dirs["data"].glob("mnist1d_extra*_n200_*.npz"))
 
@@ -267,43 +328,52 @@ def test_train_sizes_are_the_offline_datasets_own(dataset: str) -> None:
     {"teacher_fraction": 0.05}, {"teacher_fraction": 0.05, "distill_split": "both", "distill_fraction": 0.5},
     {"teacher_split": "half", "teacher_fraction": 0.2, "distill_fraction": 0.25},
     {"distill_fraction": 1e-9}, {"teacher_fraction": 1e-9},
+    {"val_fraction": 0.0}, {"val_fraction": 0.5, "teacher_split": "half", "distill_split": "holdout"},
+    {"val_fraction": 1e-9, "teacher_fraction": 0.3},
 ])
 def test_data_sizes_are_what_the_splits_draw(changes: dict, mnist1d_arrays) -> None:
     cfg = TrialConfig(**changes)
     teacher_idx, distill_idx = split_indices(
         mnist1d_arrays.y_train, teacher_split=cfg.teacher_split, distill_split=cfg.distill_split,
         distill_fraction=cfg.distill_fraction, data_seed=cfg.data_seed, seed=cfg.seed,
-        teacher_fraction=cfg.teacher_fraction,
+        val_fraction=cfg.val_fraction, teacher_fraction=cfg.teacher_fraction,
     )
+    val_idx = val_indices(mnist1d_arrays.y_train, val_fraction=cfg.val_fraction, data_seed=cfg.data_seed)
     sizes = data_sizes(cfg)
     assert (sizes.teacher, sizes.distill_subset, sizes.distill) == (len(teacher_idx), len(distill_idx),
                                                                      len(distill_idx))
+    assert (sizes.val, sizes.pool) == (len(val_idx), len(mnist1d_arrays.y_train) - len(val_idx))
     joined = data_sizes(cfg.replace(extra_data=300))
     riding = data_sizes(cfg.replace(extra_data=300, extra_ratio=0.25))
     assert joined.distill == len(distill_idx) + 300 and riding.distill == len(distill_idx)
 
 
 # (changes, the field the one line starts with, what else it must say)
+# mnist1d's 4,000 training examples less its default validation split (val_fraction 0.1): 3,600; digits': 1,437 less
+# 144, 1,293.
 REFUSED_SIZES = [
-    ({"batch_size": 1}, "batch_size=1", ["student_arch='mlp'", "norm='batch'", "allowed: 2 <= batch_size <= 4000"]),
-    ({"teacher_batch_size": 1}, "teacher_batch_size=1", ["allowed: 2 <= teacher_batch_size <= 4000"]),
+    ({"batch_size": 1}, "batch_size=1", ["student_arch='mlp'", "norm='batch'", "allowed: 2 <= batch_size <= 3600"]),
+    ({"teacher_batch_size": 1}, "teacher_batch_size=1", ["allowed: 2 <= teacher_batch_size <= 3600"]),
     ({"dataset": "digits", "teacher_arch": "smallcnn", "student_arch": "smallcnn", "batch_size": 1}, "batch_size=1",
-     ["allowed: 2 <= batch_size <= 1437", "norm='group' or 'none'"]),
+     ["allowed: 2 <= batch_size <= 1293", "norm='group' or 'none'"]),
     ({"batch_size": 10**10, "precision": "auto"}, "batch_size=10000000000",
-     ["all 4000 training examples of dataset='mnist1d'", "allowed: 2 <= batch_size <= 4000"]),
-    ({"distill_fraction": 0.01, "batch_size": 4001}, "batch_size=4001",
-     ["allowed: 2 <= batch_size <= 4000", "the 40 examples the student distils on are one batch"]),
-    ({"extra_data": 100, "batch_size": 4101}, "batch_size=4101", ["extra_data=100", "<= 4100"]),
-    ({"teacher_batch_size": 4001}, "teacher_batch_size=4001", ["allowed: 2 <= teacher_batch_size <= 4000"]),
+     ["all 3600 training examples of dataset='mnist1d' less the 400 validation examples of val_fraction=0.1",
+      "allowed: 2 <= batch_size <= 3600"]),
+    ({"batch_size": 4001, "val_fraction": 0.0}, "batch_size=4001",
+     ["all 4000 training examples of dataset='mnist1d';", "allowed: 2 <= batch_size <= 4000"]),
+    ({"distill_fraction": 0.01, "batch_size": 3601}, "batch_size=3601",
+     ["allowed: 2 <= batch_size <= 3600", "the 36 examples the student distils on are one batch"]),
+    ({"extra_data": 100, "batch_size": 3701}, "batch_size=3701", ["extra_data=100", "<= 3700"]),
+    ({"teacher_batch_size": 3601}, "teacher_batch_size=3601", ["allowed: 2 <= teacher_batch_size <= 3600"]),
     ({"dataset": "mnist", "distill_dataset": "mnist_full", "batch_size": 60001}, "batch_size=60001",
      ["distill_dataset='mnist_full'", "<= 60000"]),
     ({"distill_fraction": 1e-9}, "distill_fraction=1e-09",
-     ["leaves 1 of the 4000 examples", "allowed: distill_fraction >= 0.0005"]),
+     ["leaves 1 of the 3600 examples", "allowed: distill_fraction >= 0.000556"]),
     ({"teacher_split": "half", "distill_split": "holdout", "distill_fraction": 0.0007}, "distill_fraction=0.0007",
-     ["leaves 1 of the 2000 examples", "distill_split='holdout'", "allowed: distill_fraction >= 0.001"]),
+     ["leaves 1 of the 1800 examples", "distill_split='holdout'", "allowed: distill_fraction >= 0.00112"]),
     ({"dataset": "digits", "teacher_arch": "smallcnn", "student_arch": "smallcnn", "distill_fraction": 0.001},
-     "distill_fraction=0.001", ["of the 1437 examples", "allowed: distill_fraction >= 0.0014 "]),
-    ({"teacher_fraction": 1e-9}, "teacher_fraction=1e-09", ["allowed: teacher_fraction >= 0.0005"]),
+     "distill_fraction=0.001", ["of the 1293 examples", "allowed: distill_fraction >= 0.00155 "]),
+    ({"teacher_fraction": 1e-9}, "teacher_fraction=1e-09", ["allowed: teacher_fraction >= 0.000556"]),
 ]
 
 
@@ -332,7 +402,7 @@ def test_the_minimum_fraction_a_refusal_names_is_allowed() -> None:
     {"batch_size": 1, "norm": "group"},  # group norm trains on one sample
     {"batch_size": 1, "teacher_batch_size": 1, "norm": "none"},
     {"dataset": "mnist", "teacher_arch": "lenet5", "student_arch": "lenet5", "batch_size": 1},  # lenet5: no norm
-    {"batch_size": 4000}, {"distill_fraction": 0.0005},
+    {"batch_size": 3600}, {"batch_size": 4000, "val_fraction": 0.0}, {"distill_fraction": 0.00056},
 ])
 def test_check_runnable_accepts_sizes_the_data_can_meet(changes: dict) -> None:
     check_runnable(TrialConfig(device="cpu", **changes))
@@ -343,16 +413,16 @@ def test_a_batch_size_above_the_distillation_set_is_one_batch_of_all_of_it() -> 
                       teacher_batch_size=300)
     check_runnable(cfg)  # a study-wide batch size must serve its small-fraction arms too
     assert full_batch_notes(cfg) == [
-        "teacher_batch_size=300 is more than the 200 examples a teacher member trains on: each epoch is one batch "
-        "of all 200",
+        "teacher_batch_size=300 is more than the 180 examples a teacher member trains on: each epoch is one batch "
+        "of all 180",
         "batch_size=256 is more than the 2 examples the student distils on: each epoch is one batch of all 2",
     ]
     assert full_batch_notes(TrialConfig()) == []
 
 
 def test_the_fast_path_is_timed_on_at_most_the_data() -> None:
-    assert probe_batch_size(TrialConfig(batch_size=10**10)) == 4000
-    assert probe_batch_size(TrialConfig(batch_size=256, distill_fraction=0.01)) == 40
+    assert probe_batch_size(TrialConfig(batch_size=10**10)) == 3600  # 4,000 less the validation split
+    assert probe_batch_size(TrialConfig(batch_size=256, distill_fraction=0.01)) == 36
     assert probe_batch_size(TrialConfig(batch_size=64)) == 64
     # Uncapped, this would ask the allocator for 1.6 TB (10**10 x 40 floats).
     path = fast_path(TrialConfig(batch_size=10**10, precision="auto", teacher_members=1), DATASET_INFO["mnist1d"],
@@ -397,8 +467,9 @@ def test_batch_norm_trains_on_a_set_that_leaves_one_sample_over() -> None:
 
 
 def test_a_pack_and_a_lone_trial_merge_the_last_sample_alike(base_cfg, shared_teacher) -> None:
-    # 4,000 distillation inputs at batch 3,999: one step of all 4,000 per epoch, for a pack and alone.
-    configs = [base_cfg.replace(batch_size=3999, epochs=2, precision="fp32", temperature=t) for t in (1.0, 4.0)]
+    # 3,600 distillation inputs (4,000 less the validation split) at batch 3,599: one step of all 3,600 per epoch,
+    # for a pack and alone.
+    configs = [base_cfg.replace(batch_size=3599, epochs=2, precision="fp32", temperature=t) for t in (1.0, 4.0)]
     packed = run_pack(configs)
     alone = run_trial(configs[1])
     for result in (*packed, alone):
