@@ -43,7 +43,9 @@ def study_parser(description: str | None) -> argparse.ArgumentParser:
                         help="local: embedded data, small nets, minutes on a laptop CPU (default); "
                         "paper: CIFAR-100 recipes for a GPU cluster")
     parser.add_argument("--dataset", help=f"override the preset's dataset ({', '.join(DATASETS)})")
-    parser.add_argument("--seeds", default=None, help="number of seeds (3) or a list (0,1,2); default: the preset's")
+    parser.add_argument("--seeds", default=None,
+                        help="number of seeds (3) or a list (0,1,2); default: the preset's. With --resume, more seeds "
+                        "than stored grow the study: only the new seeds' trials run")
     parser.add_argument("--storage", default="results",
                         help="local directory or URI (s3://, gs://) shared by all nodes (default ./results)")
     parser.add_argument("--name", help="study name (default: the script's); tables go to <storage>/<name>/")
@@ -60,7 +62,8 @@ def study_parser(description: str | None) -> argparse.ArgumentParser:
     parser.add_argument("--num-samples", type=int, default=None,
                         help="trials of an Optuna search (default: the preset's)")
     parser.add_argument("--resume", action="store_true",
-                        help="continue an interrupted study without re-running finished trials")
+                        help="continue an interrupted study without re-running finished trials, or grow a study "
+                        "with more --seeds")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a TrialConfig field for every trial")
     parser.add_argument("--data-dir", help="dataset cache directory on each node")

@@ -24,6 +24,10 @@ from kd_ray.study.plan import PACK_KEY, STUDENTS_KEY, flatten_arm
 from kd_ray.tables import ERROR, STOPPED
 
 RESULT_FILE = "result.json"  # Ray Tune's log of a trial's reports, one JSON object a line
+# How many trials each study expects, by its directory, as the newest LiveTables made in this process for
+# it says: a restored Tuner runs the LiveTables it pickled when it began, whose count predates any
+# growth of the study's seeds since.
+_EXPECTED: dict[str, int] = {}
 
 
 def _nan_to_none(value: Any) -> Any:
@@ -148,13 +152,15 @@ class LiveTables(tune.Callback):
     A driver killed between two compactions leaves its newest trials as parts: the next run of the
     study folds them in before it starts. Ray Tune pickles its callbacks with the Tuner and a resumed
     study runs that copy, so this holds only plain values the resumed run shares (same storage and
-    name), and its counters start again in ``setup``."""
+    name), its counters start again in ``setup``, and the count it records is the newest one made in this
+    process for its study (a grown study expects more trials than it did when the copy was pickled)."""
 
     def __init__(self, study_name: str, study_dir: str, expected: int, every_s: float = 2.0,
                  every_parts: int = 64) -> None:
         self.study_name = study_name
         self.study_dir = study_dir
         self.expected = expected
+        _EXPECTED[study_dir] = expected
         self.every_s = every_s
         self.every_parts = every_parts
         self.setup()
@@ -186,15 +192,16 @@ class LiveTables(tune.Callback):
 
     def _compact(self) -> None:
         started = time.monotonic()
-        tables.compact_trial_parts(self.study_dir, self.expected)
+        tables.compact_trial_parts(self.study_dir, _EXPECTED.get(self.study_dir, self.expected))
         self.pending = 0
         # Compacting rewrites both tables: as they grow, it runs less often, a tenth of the time at most.
         self.due = time.monotonic() + max(self.every_s, 10 * (time.monotonic() - started))
 
 
-def record_finished_trials(study_name: str, study_dir: str, expected: int) -> int:
+def record_finished_trials(study_name: str, study_dir: str, expected: int, experiment_dir: str | None = None) -> int:
     """Unless the trials table holds ``expected`` trials already, write a part for each trial that
-    Ray Tune's saved experiment state records as finished and the table lacks; returns how many.
+    Ray Tune's saved experiment state (in ``experiment_dir``, the study's own by default; a growth's in its
+    folder) records as finished and the table lacks; returns how many.
     The state read is the one saved before an interrupt stopped the running trials, so a trial cut
     short is not taken for finished (the Tuner's own ResultGrid marks those terminated).
 
@@ -203,7 +210,7 @@ def record_finished_trials(study_name: str, study_dir: str, expected: int) -> in
     recorded = tables.table_trial_ids(study_dir)
     if len(recorded) >= expected:
         return 0
-    analysis = tune.ExperimentAnalysis(study_dir)
+    analysis = tune.ExperimentAnalysis(experiment_dir or study_dir)
     added = 0
     for trial in analysis.trials:
         if trial.status not in (Trial.TERMINATED, Trial.ERROR):

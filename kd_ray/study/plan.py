@@ -9,16 +9,24 @@ import copy
 from dataclasses import dataclass, fields
 from typing import Any
 
-from kd_ray.config import TrialConfig
+from kd_ray.config import MAX_VAL_FRACTION, ConfigError, TrialConfig
+from kd_ray.tables import check_selection_metric
 
 ARM_KEY = "arm"  # an explicit arm travels through Tune's grid as one dict-valued parameter
 # A pack (kd_ray.packs.run) travels as one parameter too: {"pack_id", "size", "students": [config, ...]};
 # its reports hold each student's metrics under "students/<index>".
 PACK_KEY = "pack"
 STUDENTS_KEY = "students"
-# What ASHA stops a grid study's trials on; a search names its own metrics.
-GRID_METRICS = ("test_agreement",)
+# What ASHA stops a grid study's trials on; a search names its own metrics. Either is a validation metric
+# (kd_ray.tables.SELECTION_METRICS): trials are selected on the validation split, test metrics only reported.
+GRID_METRICS = ("val_agreement",)
 GRID_MODES = ("max",)
+# In a stored spec: the seeds each growth of the study added (``--resume --seeds`` with more seeds), in order,
+# each with the folder of the study directory its own Ray Tune experiment lives in: a saved Tuner cannot
+# take trials it did not begin with.
+GROWTHS_KEY = "growths"
+# (folder, seeds): a Ray Tune experiment of a study; "" is the study directory itself, the first one.
+Experiment = tuple[str, tuple[int, ...]]
 
 
 def flatten_arm(config: dict[str, Any]) -> dict[str, Any]:
@@ -65,6 +73,7 @@ class RunPlan:
     num_samples: int
     search_seed: int
     spec: dict[str, Any]  # what decides the trials, stored beside the tables (kd_ray.study.guards)
+    experiments: tuple[Experiment, ...]  # the first one, then one per growth of its seeds (``experiments``)
 
     @classmethod
     def from_study(cls, study: Any) -> RunPlan:
@@ -72,6 +81,8 @@ class RunPlan:
         is not imported): every field above shares its name with one of the study's, except those made
         here from its search, trackers and spec."""
         search = study.search
+        if search is not None or study.scheduler == "asha":
+            check_selection(study)
         made = {
             "trackers": tuple(dict.fromkeys(study.trackers)),
             "search_space": dict(search.space) if search else None,
@@ -80,10 +91,50 @@ class RunPlan:
             "num_samples": search.num_samples if search else 1,
             "search_seed": search.seed if search else 0,
             "spec": study.spec(),
+            "experiments": (("", tuple(study.seeds)),),
         }
         # Copies: the plan stays as it was made if the study changes afterwards.
         same_name = {f.name: copy.copy(getattr(study, f.name)) for f in fields(cls) if f.name not in made}
         return cls(**same_name, **made)
+
+
+def experiments(spec: dict[str, Any]) -> tuple[Experiment, ...]:
+    """A stored spec's Ray Tune experiments: the first, in the study directory, holds the seeds no growth
+    added; then each growth's, in its folder."""
+    growths = spec.get(GROWTHS_KEY) or []
+    grown = {seed for growth in growths for seed in growth["seeds"]}
+    first = ("", tuple(seed for seed in spec["seeds"] if seed not in grown))
+    return (first, *((growth["folder"], tuple(growth["seeds"])) for growth in growths))
+
+
+def grown_spec(stored: dict[str, Any], requested: dict[str, Any], folder: str) -> dict[str, Any]:
+    """The spec to store for ``requested``, a resume of the study ``stored`` whose seeds are the stored
+    ones, maybe in another order, maybe with more: the stored seeds in their order, then the new ones,
+    which a growth runs in ``folder``; the growths stored before are kept."""
+    added = [seed for seed in requested["seeds"] if seed not in stored["seeds"]]
+    growths = list(stored.get(GROWTHS_KEY) or [])
+    if added:
+        growths.append({"folder": folder, "seeds": added})
+    spec = {**requested, "seeds": [*stored["seeds"], *added]}
+    return {**spec, GROWTHS_KEY: growths} if growths else spec
+
+
+def check_selection(study: Any) -> None:
+    """Refuse a search or ASHA that would select trials on anything but the validation split: a metric
+    that is not a validation one, a config without validation examples (``val_fraction`` 0, whose val_*
+    metrics are NaN), or a search over ``val_fraction`` (its trials would be compared on different
+    validation sets). ``study`` is a ``kd_ray.study.spec.Study``, as in ``RunPlan.from_study``."""
+    search = study.search
+    for metric in search.metrics if search else GRID_METRICS:
+        check_selection_metric("search metric" if search else "ASHA metric", metric)
+    if search is not None and "val_fraction" in search.space:
+        raise ConfigError(f"search space val_fraction={search.space['val_fraction']!r} is not allowed: a search "
+                          "compares its trials on one validation split; allowed: val_fraction fixed in the base")
+    selector = "a search" if search else "scheduler='asha'"
+    for cfg in study.configs():
+        if cfg.val_fraction == 0:
+            raise ConfigError(f"val_fraction={cfg.val_fraction!r} with {selector} leaves no validation data to "
+                              f"select trials on; allowed: 0 < val_fraction <= {MAX_VAL_FRACTION:g}")
 
 
 @dataclass

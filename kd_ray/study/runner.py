@@ -20,11 +20,12 @@ from collections.abc import Iterator
 from typing import Any
 
 import pandas as pd
+import pyarrow.fs as pafs
 import ray
 from ray import tune
 
 from kd_ray import tables
-from kd_ray.atomic import atomic_local_filesystem, is_uri
+from kd_ray.atomic import atomic_local_filesystem, filesystem, is_uri
 from kd_ray.config import EXIT_RAY, ConfigError, TrialConfig
 from kd_ray.data.datasets import DataError
 from kd_ray.progress import log
@@ -40,8 +41,8 @@ from kd_ray.study.guards import (
 )
 from kd_ray.study.live_tables import LiveTables, record_finished_trials
 from kd_ray.study.pack_trials import choose_packs, pack_dirname, search_pack_size, train_pack
-from kd_ray.study.plan import ARM_KEY, PACK_KEY, RunPlan, StudyResult, flatten_arm
-from kd_ray.study.storage import rerun_hint
+from kd_ray.study.plan import ARM_KEY, PACK_KEY, Experiment, RunPlan, StudyResult, flatten_arm
+from kd_ray.study.storage import BEGUN, clear_not_begun, rerun_hint, study_state
 from kd_ray.train.teachers import TeacherStoreError
 
 STATE_FILE = "state.pt"  # the trial's checkpoint inside each Ray Tune checkpoint directory
@@ -192,7 +193,7 @@ def _scheduler(plan: RunPlan):
     )
 
 
-def _param_space(plan: RunPlan, packs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+def _param_space(plan: RunPlan, seeds: tuple[int, ...], packs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     if packs is not None:
         return {PACK_KEY: tune.grid_search(packs)}
     base = plan.base.to_dict()
@@ -204,7 +205,7 @@ def _param_space(plan: RunPlan, packs: list[dict[str, Any]] | None = None) -> di
         base[axis] = tune.grid_search(list(values))
     if plan.arms:
         base[ARM_KEY] = tune.grid_search(list(plan.arms))
-    base["seed"] = tune.grid_search(list(plan.seeds))
+    base["seed"] = tune.grid_search(list(seeds))
     return base
 
 
@@ -241,9 +242,10 @@ def _check_cluster(plan: RunPlan) -> None:
         log(f"cluster has {cpus:g} CPUs / {gpus:g} GPUs now; waiting for the autoscaler to add nodes")
 
 
-def _build_tuner(plan: RunPlan, configs: list[TrialConfig], live_tables: LiveTables) -> tune.Tuner:
-    """The study's Tuner: restored from its saved state on a resume, else a new one, its trials packed
-    where they can be."""
+def _build_tuner(plan: RunPlan, experiment: Experiment, configs: list[TrialConfig],
+                 live_tables: LiveTables) -> tune.Tuner:
+    """The Tuner of one of the study's experiments (``configs`` are its trials): restored from its saved
+    state on a resume, else a new one, its trials packed where they can be."""
     # Ray Tune's newer console ignores a progress reporter; the classic one prints CLIReporter's table.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     trainable = tune.with_resources(
@@ -252,25 +254,36 @@ def _build_tuner(plan: RunPlan, configs: list[TrialConfig], live_tables: LiveTab
     )
     # A local study's files are written through a filesystem whose failed writes leave the old file.
     storage = atomic_local_filesystem(plan.study_dir) if not is_uri(plan.study_dir) else None
-    if plan.resume and tune.Tuner.can_restore(plan.study_dir, storage_filesystem=storage):
-        log(f"resuming {plan.study_dir}")
+    folder, seeds = experiment
+    where = experiment_dir(plan, folder)
+    if folder and plan.resume and study_state(where) != BEGUN:
+        clear_not_begun(where)  # a growth that ended before Ray Tune saved its state begins again
+    if plan.resume and tune.Tuner.can_restore(where, storage_filesystem=storage):
+        log(f"resuming {where}")
         # A resumed study keeps the packs its saved Tuner holds.
-        return restore_tuner(plan.study_dir, trainable, storage)
-    packs, search_pack = _packs(plan, configs)
+        return restore_tuner(where, trainable, storage)
+    if folder:
+        log(f"growth: seeds {list(seeds)}, {len(configs)} trials, as an experiment of their own in {where}")
+    packs, search_pack = _packs(plan, configs, where)
     packed = packs is not None or search_pack > 1
     tune_config = _tune_config(plan, packed, search_pack)
-    run_config = _run_config(plan, storage, live_tables, _progress_columns(plan, packed))
+    run_config = _run_config(plan, folder, storage, live_tables, _progress_columns(plan, packed))
     # A packed search's searcher gives each trial its whole parameter: every student's config.
-    space = _param_space(plan, packs) if search_pack == 1 else {}
+    space = _param_space(plan, seeds, packs) if search_pack == 1 else {}
     return tune.Tuner(trainable, param_space=space, tune_config=tune_config, run_config=run_config)
 
 
-def _packs(plan: RunPlan, configs: list[TrialConfig]) -> tuple[list[dict[str, Any]] | None, int]:
-    """A grid study's packs as Ray Tune parameters (None: a trial per config), and how many Optuna
-    points each trial of a search asks for (1: a point per trial)."""
+def experiment_dir(plan: RunPlan, folder: str) -> str:
+    """Where an experiment of the study lives: the study directory, or a growth's folder in it."""
+    return f"{plan.study_dir}/{folder}" if folder else plan.study_dir
+
+
+def _packs(plan: RunPlan, configs: list[TrialConfig], where: str) -> tuple[list[dict[str, Any]] | None, int]:
+    """A grid study's packs as Ray Tune parameters (None: a trial per config), listed in ``where``, and
+    how many Optuna points each trial of a search asks for (1: a point per trial)."""
     trial_slots = slots(plan)
     packs = choose_packs(plan.pack, plan.search_space is not None, plan.scheduler, trial_slots, plan.gpus_per_trial,
-                         plan.study_dir, configs)
+                         where, configs)
     if plan.search_space is None:
         return packs, 1
     search_pack = search_pack_size(plan.pack, plan.scheduler, list(plan.search_space), plan.base, plan.num_samples,
@@ -297,10 +310,12 @@ def _tune_config(plan: RunPlan, packed: bool, search_pack: int) -> tune.TuneConf
     )
 
 
-def _run_config(plan: RunPlan, storage, live_tables: LiveTables, columns: dict[str, str]) -> tune.RunConfig:
+def _run_config(plan: RunPlan, folder: str, storage, live_tables: LiveTables,
+                columns: dict[str, str]) -> tune.RunConfig:
     return tune.RunConfig(
-        name=plan.name,
-        storage_path=plan.storage_path,
+        # Ray Tune's experiment directory is <storage_path>/<name>: the study's, or a growth's folder in it.
+        name=folder or plan.name,
+        storage_path=plan.study_dir if folder else plan.storage_path,
         storage_filesystem=storage,
         failure_config=tune.FailureConfig(max_failures=plan.max_failures),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=CHECKPOINTS_KEPT),
@@ -318,7 +333,8 @@ def run_study(plan: RunPlan, configs: list[TrialConfig]) -> StudyResult:
     """Run the validated ``configs`` of ``plan`` (for a search, ``[plan.base]``) and write the tables."""
     check_teacher_store(plan, configs)
     if plan.resume:
-        check_saved_state(plan.study_dir)  # Ray Tune's saved state must be whole, before any compute
+        for folder, _ in plan.experiments:  # Ray Tune's saved states must be whole, before any compute
+            check_saved_state(experiment_dir(plan, folder))
     expected = plan.num_samples if plan.search_space is not None else len(configs)
     try:
         _run_on_ray(plan, configs, expected)
@@ -428,14 +444,44 @@ def _teachers_trials_tables(plan: RunPlan, configs: list[TrialConfig], expected:
     log(f"study {plan.name}: {expected} trials, {plan.cpus_per_trial:g} CPU / {plan.gpus_per_trial:g} GPU "
         f"each, storage {plan.study_dir}")
     prepare_teachers(plan, configs)
-    # The study directory begins here: a study refused before (bad data, say) leaves none.
+    # The study directory begins here: a study refused before (bad data, say) leaves none. A growth of the
+    # study's seeds is recorded here too, before it runs: a crash mid-growth leaves a study whose stored spec
+    # holds every seed and whose tables are partial, which --resume finishes, the growth's own experiment
+    # resumed in its folder.
     write_spec(plan.study_dir, plan.spec)
     # Trials that a killed driver left as parts go into the tables before the study goes on.
     tables.compact_trial_parts(plan.study_dir, expected)
+    for index, experiment in enumerate(plan.experiments):
+        # The experiments run one after another, each only once every trial before it is in the tables:
+        # after an interrupt (Tuner.fit() returns normally) the study stops partial, as it would alone.
+        seeds_before = {seed for _, seeds in plan.experiments[:index] for seed in seeds}
+        if seeds_before and _rows_of_seeds(plan.study_dir, seeds_before) < len(_trials_of(plan, configs, seeds_before)):
+            return
+        _run_experiment(plan, experiment, configs, expected)
+
+
+def _trials_of(plan: RunPlan, configs: list[TrialConfig], seeds: set[int]) -> list[TrialConfig]:
+    """The configs of a grid study's ``seeds`` (a search's are its base)."""
+    return configs if plan.search_space is not None else [cfg for cfg in configs if cfg.seed in seeds]
+
+
+def _rows_of_seeds(study_dir: str, seeds: set[int]) -> int:
+    """How many rows the trials table holds of ``seeds`` (none without a table)."""
+    path = f"{study_dir}/{tables.TRIALS_FILE}"
+    fs, resolved = filesystem(path)
+    if fs.get_file_info(resolved).type != pafs.FileType.File:
+        return 0
+    return sum(seed in seeds for seed in tables.read_table(path).column("seed").to_pylist())
+
+
+def _run_experiment(plan: RunPlan, experiment: Experiment, configs: list[TrialConfig], expected: int) -> None:
+    """One Ray Tune experiment of the study, its trials into the study's tables (``expected`` of them in all)."""
+    folder, seeds = experiment
     tuner_started = time.perf_counter()
     # Tuner.fit() returns normally after an interrupt too; the tables then hold the trials that
     # finished, and the ResultGrid it returns counts the interrupted ones as terminated.
-    _build_tuner(plan, configs, LiveTables(plan.name, plan.study_dir, expected)).fit()
+    mine = _trials_of(plan, configs, set(seeds))
+    _build_tuner(plan, experiment, mine, LiveTables(plan.name, plan.study_dir, expected)).fit()
     log(f"Ray Tune finished in {time.perf_counter() - tuner_started:.1f} s")
-    record_finished_trials(plan.name, plan.study_dir, expected)
+    record_finished_trials(plan.name, plan.study_dir, expected, experiment_dir(plan, folder))
     tables.compact_trial_parts(plan.study_dir, expected)

@@ -5,7 +5,9 @@ scheduler, resources per trial and a storage location: the specification, and it
 ``Study.run()`` validates every config before any compute, then hands the study to the Ray runner
 (``kd_ray.study.runner``), which prepares the teacher members as parallel Ray tasks, runs a
 ``ray.tune.Tuner`` around one function trainable, and writes ``trials.parquet`` and
-``epochs.parquet`` into ``<storage>/<name>/``. This module does not import Ray.
+``epochs.parquet`` into ``<storage>/<name>/``. A ``--resume`` must ask for the stored study, or for it
+with more seeds: a growth, whose new trials run as a Ray Tune experiment of their own in a folder of the
+study (``check_resume``). This module does not import Ray.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from typing import Any
 from kd_ray.atomic import is_uri
 from kd_ray.config import ConfigError, TrialConfig
 from kd_ray.packs.plan import PACK_MODES
-from kd_ray.study.plan import RunPlan, StudyResult
+from kd_ray.study.plan import GROWTHS_KEY, RunPlan, StudyResult, experiments, grown_spec
 from kd_ray.study.storage import (
     ABSENT,
     BEGUN,
@@ -30,6 +32,7 @@ from kd_ray.study.storage import (
     check_storage,
     check_study_name,
     clear_not_begun,
+    growth_folder,
     study_lock,
     study_state,
 )
@@ -50,7 +53,7 @@ class OptunaSpec:
     ``("choice", [values])``; one metric (TPE) or several (multi-objective, NSGA-II)."""
 
     space: dict[str, tuple]
-    metrics: tuple[str, ...] = ("test_agreement",)
+    metrics: tuple[str, ...] = ("val_agreement",)  # selected on validation data: test metrics are only reported
     modes: tuple[str, ...] = ("max",)
     num_samples: int = 8
     seed: int = 0
@@ -246,21 +249,60 @@ class Study:
         }
         return json.loads(json.dumps(spec))  # as it reads back from the file: tuples become lists
 
-    def check_resume(self) -> None:
+    def check_resume(self) -> dict[str, Any] | None:
         """A resume must ask for the study that was stored: Ray Tune resumes the trials it saved, so a
-        changed setting would be silently ignored. Raises ConfigError naming every difference."""
+        changed setting would be silently ignored. Raises ConfigError naming every difference. The one
+        change allowed is more seeds, which grows the study (``_check_growth``); the stored seeds in
+        another order are the same seeds. Returns the spec to store: the stored seeds first, then the
+        new ones and the growth that runs them (``kd_ray.study.plan.grown_spec``); None for a study
+        stored without a spec."""
         # Deferred and downward: guards imports Ray, and only a --resume reads the stored spec.
         from kd_ray.study.guards import read_spec
 
         stored = read_spec(self.study_dir)
         if stored is None:
-            return  # nothing stored yet, or a study stored before specs were
-        differences = spec_differences(stored, self.spec())
-        if differences:
+            return None
+        requested = self.spec()
+        old = stored.get("seeds")
+        seeds_as_requested = {**stored, "seeds": requested["seeds"]}
+        if isinstance(old, list) and not spec_differences(seeds_as_requested, requested):
+            if sorted(old) != sorted(requested["seeds"]):
+                self._check_growth(old)
+            return grown_spec(stored, requested, growth_folder(len(stored.get(GROWTHS_KEY) or []) + 1))
+        same_seeds = isinstance(old, list) and sorted(old) == sorted(requested["seeds"])
+        differences = spec_differences(seeds_as_requested if same_seeds else stored, requested)
+        raise ConfigError(
+            f"--resume asks for another study than the one stored in {self.study_dir}/{SPEC_FILE}: "
+            + "; ".join(differences) + ". Drop the change to resume the stored study, or pass another "
+            "--name to run the changed study beside it"
+        )
+
+    def _check_growth(self, stored_seeds: list[int]) -> None:
+        """A resume whose seeds are not the stored ones may add seeds, never remove one, and only to a grid
+        study whose trials do not depend on each other: ConfigError otherwise, one line."""
+        where = f"{self.study_dir}/{SPEC_FILE}"
+        missing = [seed for seed in stored_seeds if seed not in self.seeds]
+        if missing:
             raise ConfigError(
-                f"--resume asks for another study than the one stored in {self.study_dir}/{SPEC_FILE}: "
-                + "; ".join(differences) + ". Drop the change to resume the stored study, or pass another "
-                "--name to run the changed study beside it"
+                f"--resume: seeds {list(self.seeds)} lack the stored seeds {missing} ({where} holds seeds "
+                f"{stored_seeds}); allowed: every stored seed, plus new ones to grow the study. A study's seeds "
+                f"cannot be removed: pass them all, or another --name to run these seeds as a study of their own"
+            )
+        added = [seed for seed in self.seeds if seed not in stored_seeds]
+        if self.search is not None:
+            # A search's trials are the points it samples, each at the base's seed: seeds add none.
+            raise ConfigError(
+                f"--resume: seeds {list(self.seeds)} add {added} to the Optuna search stored in {where}, whose "
+                f"trials are the points it samples, not a grid over seeds; allowed: the stored seeds "
+                f"{stored_seeds}. Pass another --name to run another search beside it"
+            )
+        if self.scheduler == "asha":
+            # ASHA stops a trial by comparing it with the trials that ran beside it: the new seeds, run
+            # after the others, would be judged among themselves alone.
+            raise ConfigError(
+                f"--resume: seeds {list(self.seeds)} add {added} to a study under scheduler asha (stored in "
+                f"{where}), which stops trials by comparing them with those run beside them; allowed: the "
+                f"stored seeds {stored_seeds}. Pass another --name to run the new seeds as a study of their own"
             )
 
     def run(self) -> StudyResult:
@@ -269,18 +311,23 @@ class Study:
         configs = self.validate()
         check_storage(self.storage_path)
         with study_lock(self.storage_path, self.name):
-            begun = self._check_study_dir()
+            begun, to_store = self._check_study_dir()
             # Deferred and downward: the runner imports Ray, which only a study that passed validation needs.
             from kd_ray.study.runner import run_study
 
             # A study that never began is run from the start, --resume or not.
             plan = replace(self.plan(), resume=self.resume and begun)
+            if to_store is not None:
+                # The stored study, maybe grown: its seeds in their stored order and a Ray Tune experiment
+                # for each growth, so that the stored trials are resumed where they are, never run again.
+                plan = replace(plan, spec=to_store, experiments=experiments(to_store))
             # A search samples its trials as it goes: the teachers are prepared for the base config.
             return run_study(plan, configs if self.search is None else [self.base])
 
-    def _check_study_dir(self) -> bool:
-        """Whether the study began (see ``kd_ray.study.storage``). A begun study needs ``--resume`` and
-        must be the one stored; ``--resume`` needs a study; what a run that never began left is cleared."""
+    def _check_study_dir(self) -> tuple[bool, dict[str, Any] | None]:
+        """Whether the study began (see ``kd_ray.study.storage``), and the spec to store for a resume of it
+        (``check_resume``). A begun study needs ``--resume`` and must be the one stored, or that one with
+        more seeds; ``--resume`` needs a study; what a run that never began left is cleared."""
         state = study_state(self.study_dir)
         if state == ABSENT and self.resume:
             raise ConfigError(f"--resume: there is no study {self.name} in {self.storage_path} to resume; drop "
@@ -289,11 +336,10 @@ class Study:
             raise ConfigError(f"study directory {self.study_dir} already exists: pass --resume to continue "
                               f"it, or choose another --name or --storage")
         if state == BEGUN:
-            self.check_resume()
-            return True
+            return True, self.check_resume()
         if state != ABSENT:
             clear_not_begun(self.study_dir)
-        return False
+        return False, None
 
 
 def _flat_spec(spec: dict[str, Any]) -> dict[str, Any]:

@@ -7,6 +7,7 @@
   which the kernel drops when its holder dies, so a killed driver never leaves a stale lock behind.
 - ``study_state``: absent, not begun (a run that ended before Ray Tune saved any state: a rerun may
   take the directory over) or begun (only ``--resume`` goes on with it).
+- ``growth_folder``: where a growth of a study's seeds runs its own Ray Tune experiment, inside the study.
 
 This module imports neither Ray nor torch.
 """
@@ -44,6 +45,8 @@ SPEC_FILE = "spec.json"
 TUNER_FILE = "tuner.pkl"
 EXPERIMENT_STATE_PREFIX = "experiment_state-"
 OPTUNA_JOURNAL = "optuna.journal"
+# A growth of the study's seeds runs as a Ray Tune experiment of its own, in <storage>/<name>/grown-<k>/.
+GROWTH_FOLDER = "grown-"
 # What only a study that began holds: Ray Tune's saved experiment state, the tables, trial parts.
 _BEGUN_MARKERS = (TRIALS_FILE, EPOCHS_FILE, PARTS_DIR)
 # What a run that ended before its first saved state can leave: its spec, Ray Tune's Tuner (cut off when
@@ -201,6 +204,11 @@ def clear_not_begun(study_dir: str) -> None:
     for name in _NOT_BEGUN_LEFTOVERS:
         with contextlib.suppress(FileNotFoundError):
             fs.delete_file(f"{path}/{name}")
+
+
+def growth_folder(number: int) -> str:
+    """The folder of the study directory where growth ``number`` (1, 2, ...) of its seeds runs."""
+    return f"{GROWTH_FOLDER}{number}"
 
 
 def rerun_hint(study_dir: str) -> str:

@@ -26,8 +26,13 @@ pytestmark = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="fi
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "studies" / "temperature_sweep.py"
 # temperature_sweep with one teacher member: four temperatures, one trial each, run one at a time so
-# that a finished trial is followed by a running one. 120 epochs, evaluated and checkpointed every 10.
-EPOCHS, EVERY = 120, 10
+# that a finished trial is followed by a running one. 150 epochs, evaluated and checkpointed every 10.
+# result.json reaches the study directory in bursts, with each snapshot of Ray Tune's saved state: at
+# least every 10 s, and whenever a trial has checkpointed ten times since the last one. The fifteen
+# evaluations let the resumed run's next trial be seen mid-run at any of its first twelve, the snapshot
+# of its tenth checkpoint included, whatever the load (at 120 epochs only the first nine, and the
+# snapshots of a whole resumed run once all fell outside them).
+EPOCHS, EVERY = 150, 10
 ARGS = ["--set", "teacher_members=1", "--set", "teacher_epochs=2", "--set", f"epochs={EPOCHS}",
         "--set", f"eval_every={EVERY}", "--set", "batch_size=256", "--seeds", "1", "--max-concurrent", "1", "--quiet",
         "--pack", "off"]  # a Ray Tune trial per config, one after another (packs: tests/packs/test_packs_on_ray.py)
@@ -149,14 +154,17 @@ def test_killed_then_interrupted_driver_resumes_to_complete_tables(tmp_path, dri
     second = drivers([*argv, "--resume"], tmp_path / "run2.log")
 
     def new_finish_and_one_mid_run() -> bool:
-        if not recorded_terminated(study_dir) - set(done_first):
+        recorded = recorded_terminated(study_dir)
+        if not recorded - set(done_first):
             return False
         done = finished(study_dir)
         # Mid-run: evaluated at least once, with room left before its end (Tune records a finished
-        # trial in its saved state only at its next snapshot, which can take a few evaluations).
+        # trial in its saved state only at its next snapshot, which can take a few evaluations). A
+        # trial the saved state records as finished is not mid-run, even while its result.json is
+        # still the one of an earlier snapshot.
         return any(1 <= len(logged) <= EPOCHS // EVERY - 3 for logged in (
             epoch_reports(d) for d in trial_dirs(study_dir)
-            if d.name not in done and (d / "result.json").is_file()))
+            if d.name not in done and d.name not in recorded and (d / "result.json").is_file()))
 
     wait_for(new_finish_and_one_mid_run, 300, second, "a trial finished by the resumed run and one mid-run")
     second.proc.send_signal(signal.SIGINT)

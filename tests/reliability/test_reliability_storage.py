@@ -319,7 +319,9 @@ def test_a_resume_refuses_a_saved_state_it_cannot_read_and_changes_nothing(finis
 FINISHED = [*ARGS, "--set", "temperature=4"]
 CHANGES = [
     ("another-epochs", ["--set", "epochs=5"], [f"epochs: stored {EPOCHS}, requested 5"]),
-    ("more-seeds", ["--seeds", "2"], ["seeds: stored [0], requested [0, 1]"]),
+    # More seeds alone grow the study (tests/study/test_study_growth.py); with another change they are refused.
+    ("more-seeds-and-epochs", ["--seeds", "2", "--set", "epochs=5"],
+     ["seeds: stored [0], requested [0, 1]", f"epochs: stored {EPOCHS}, requested 5"]),
     ("another-scheduler", ["--scheduler", "asha"], ['scheduler: stored "fifo", requested "asha"']),
     ("another-value", ["--set", "temperature=8"], ["temperature: stored 4.0, requested 8.0"]),
     ("two-changes", ["--set", "lr=0.5", "--set", "optimizer=adam"], ["lr: stored ", ", requested 0.5",
