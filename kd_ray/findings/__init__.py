@@ -19,17 +19,24 @@ import pandas as pd
 
 from kd_ray import analysis
 from kd_ray.findings._claims import (
+    ABOVE,
     ALPHA,
+    BELOW,
     CLAIM,
     FAILS,
+    HIGHER,
     HOLDS,
     INCONCLUSIVE,
+    LOWER,
     MIN_EFFECT,
     MIN_EFFECT_WHY,
+    NO_GAIN,
+    NO_LOSS,
     NOT_COVERED,
     PERCENT_METRICS,
     PRECONDITION,
     RELATIVE_MIN_EFFECT,
+    SAME,
     Claim,
     Sample,
     above,
@@ -46,14 +53,18 @@ from kd_ray.findings._claims import (
     per_seed,
     same,
     sample,
+    seeds_to_decide,
 )
+from kd_ray.findings._operating import NOISY, REALISTIC_NOISE, REPORTED_CASES, Case, verdict_rates
 from kd_ray.findings._rules import FINDINGS, Finding
 
 __all__ = [
-    "ALPHA", "CLAIM", "FAILS", "FINDINGS", "HOLDS", "INCONCLUSIVE", "MIN_EFFECT", "MIN_EFFECT_WHY", "NOT_COVERED",
-    "PERCENT_METRICS", "PRECONDITION", "RELATIVE_MIN_EFFECT", "Claim", "Finding", "Sample", "Verdict",
-    "above", "below", "describe_claim", "describe_sample", "higher", "holm", "judge_claims", "judge_findings",
-    "lower", "no_gain", "no_loss", "paired_differences", "per_seed", "same", "sample",
+    "ABOVE", "ALPHA", "BELOW", "CLAIM", "FAILS", "FINDINGS", "HIGHER", "HOLDS", "INCONCLUSIVE", "LOWER", "MIN_EFFECT",
+    "MIN_EFFECT_WHY", "NOISY", "NOT_COVERED", "NO_GAIN", "NO_LOSS", "PERCENT_METRICS", "PRECONDITION",
+    "REALISTIC_NOISE", "RELATIVE_MIN_EFFECT", "REPORTED_CASES", "SAME", "Case", "Claim", "Finding", "Sample",
+    "Verdict", "above", "below", "describe_claim", "describe_sample", "higher", "holm", "judge_claims",
+    "judge_finding", "judge_findings", "lower", "no_gain", "no_loss", "paired_differences", "per_seed", "same",
+    "sample", "seeds_to_decide", "verdict_rates",
 ]
 
 

@@ -105,7 +105,8 @@ def sample(trials: pd.DataFrame, metric: str, label: str, **where) -> Sample:
     values = rows.groupby("seed")[metric].mean().astype(float)
     teachers = rows.groupby("seed")["teacher_key"].first() if "teacher_key" in rows else pd.Series(dtype=object)
     moving = int(rows["converged"].eq(False).sum()) if "converged" in rows else 0
-    delta = float(rows["convergence_delta"].astype(float).mean()) if "convergence_delta" in rows and len(rows) else math.nan
+    has_delta = "convergence_delta" in rows and len(rows)
+    delta = float(rows["convergence_delta"].astype(float).mean()) if has_delta else math.nan
     return Sample(label, metric, values, teachers, moving, len(rows), delta)
 
 
@@ -298,7 +299,8 @@ def seeds_to_decide(claim: Claim) -> int | None:
         se, df = claim.sd / math.sqrt(n), n - 1
         if max(one_sided_p(claim.mean, se, df, null, alt) for null, alt in holding) < ALPHA:
             return n
-        if min(one_sided_p(claim.mean, se, df, null, alt) for null, alt in failing) < ALPHA / claim.family_failing_tests:
+        threshold = ALPHA / claim.family_failing_tests
+        if min(one_sided_p(claim.mean, se, df, null, alt) for null, alt in failing) < threshold:
             return n
     return None
 
@@ -322,7 +324,8 @@ def judge_finding(claims: list[Claim]) -> tuple[str, str]:
     setting = judge_family(preconditions) if preconditions else HOLDS
     verdict = judge_family(claims) if claims else INCONCLUSIVE
     if setting != HOLDS:
-        return INCONCLUSIVE, f"not judged: the setting the finding presumes is {'not met' if setting == FAILS else 'not shown'}"
+        shown = "not met" if setting == FAILS else "not shown"
+        return INCONCLUSIVE, f"not judged: the setting the finding presumes is {shown}"
     return verdict, ""
 
 

@@ -21,10 +21,11 @@ from kd_ray.findings import (
     lower,
     no_gain,
     no_loss,
+    judge_finding,
     paired_differences,
     same,
+    seeds_to_decide,
 )
-from kd_ray.findings._claims import judge_finding
 
 
 def arm(values, metric="test_agreement", label="arm", teachers=None, moving=0, delta=math.nan) -> Sample:
@@ -88,7 +89,7 @@ def test_noisy_difference_is_inconclusive_and_says_how_many_seeds_would_decide_i
     assert claim.verdict == findings.INCONCLUSIVE
     text = findings.describe_claim(claim)
     assert "replicates would" in text
-    needed = findings._claims.seeds_to_decide(claim)
+    needed = seeds_to_decide(claim)
     if needed is not None:  # at that many seeds, the observed mean and sd decide it
         sd, delta = claim.sd, claim.margin
         se = sd / math.sqrt(needed)

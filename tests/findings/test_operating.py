@@ -17,9 +17,20 @@ import math
 
 import pytest
 
-from kd_ray.findings import FAILS, HOLDS
-from kd_ray.findings._claims import HIGHER, LOWER, NO_GAIN, NO_LOSS, SAME
-from kd_ray.findings._operating import NOISY, REALISTIC_NOISE, REPORTED_CASES, Case, verdict_rates
+from kd_ray.findings import (
+    FAILS,
+    HIGHER,
+    HOLDS,
+    LOWER,
+    NO_GAIN,
+    NO_LOSS,
+    NOISY,
+    REALISTIC_NOISE,
+    REPORTED_CASES,
+    SAME,
+    Case,
+    verdict_rates,
+)
 
 DRAWS = 400
 BOUNDARY_DRAWS = 2000
