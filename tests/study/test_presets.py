@@ -93,24 +93,29 @@ def test_the_capacity_study_varies_depth_and_width_around_the_teacher():
     assert "student_capacity" in REPRODUCTION and "augmentation_convnet" in STUDIES
 
 
-def test_the_small_teacher_sees_200_images_and_every_arm_the_same_step_budget():
+def test_the_small_teacher_sees_200_inputs_and_every_arm_the_same_step_budget():
     from kd_ray.data.splits import split_indices
-    from kd_ray.train.setup import check_runnable
+    from kd_ray.train.setup import check_runnable, data_sizes
 
     study = STUDIES["small_teacher"]
     local, paper = study.presets["local"], study.presets["paper"]
-    for preset, train_size in ((local, 4_000), (paper, 60_000)):
+    train_sizes = {"mnist": 4_000, "mnist1d": 4_000, "mnist_full": 60_000}
+    for preset in (local, paper):
         configs = _configs(preset)
-        assert {(c.teacher_arch, c.student_arch) for c in configs} == {("lenet5", "lenet5")}
         assert len({c.steps for c in configs}) == 1 and configs[0].steps > 0  # same optimizer steps for every arm
-        y = np.repeat(np.arange(10), train_size // 10)
-        cfg = configs[0]
-        teacher_idx, _ = split_indices(y, teacher_split=cfg.teacher_split, distill_split="train", distill_fraction=1.0,
-                                       data_seed=0, seed=0, teacher_fraction=cfg.teacher_fraction)
-        assert len(teacher_idx) == 200
-        for c in configs:
-            check_runnable(c, check_device=False)
-    assert local.base["dataset"] == "mnist" and local.axes == {"distill_split": ["train", "both"]}
+        for cfg in configs:
+            y = np.repeat(np.arange(10), train_sizes[cfg.dataset] // 10)
+            teacher_idx, _ = split_indices(y, teacher_split=cfg.teacher_split, distill_split="train",
+                                           distill_fraction=1.0, data_seed=0, seed=0, val_fraction=cfg.val_fraction,
+                                           teacher_fraction=cfg.teacher_fraction)
+            assert len(teacher_idx) == data_sizes(cfg).teacher == 200
+            check_runnable(cfg, check_device=False)
+    lenet = [c for c in _configs(local) if c.dataset == "mnist"]
+    assert {(c.teacher_arch, c.student_arch) for c in lenet} == {("lenet5", "lenet5")}
+    assert sorted(c.distill_split for c in lenet) == ["both", "train"]
+    # The large in-domain arm: 200 mnist1d signals for the teacher, over 200x as many for the student.
+    (large,) = [c for c in _configs(local) if c.dataset == "mnist1d"]
+    assert data_sizes(large).distill == 200 + 40_000 and large.extra_source == "generator"
     assert [(c.distill_dataset, c.distill_split, c.distill_fraction) for c in _configs(paper)] == [
         ("", "both", 1.0), ("emnist_digits", "train", 0.25), ("emnist_digits", "train", 0.5),
         ("emnist_digits", "train", 1.0)]
@@ -161,7 +166,7 @@ def test_the_optuna_search_follows_dataset_and_num_samples():
     assert search("local", None, 3).num_samples == 3
     assert "rotation" not in search("local", None, None).space["augmentation"][1]  # mnist1d: 1-D signals
     assert "rotation" in search("local", "digits", None).space["augmentation"][1]
-    assert search("local", "digits", None).metrics == ("test_agreement", "test_acc")
+    assert search("local", "digits", None).metrics == ("val_agreement", "val_acc")  # selected on validation data
 
 
 def test_the_paper_plan_reads_the_registry_and_counts_control_members():
