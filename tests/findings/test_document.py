@@ -4,9 +4,9 @@ and the loss surface's three points, from planted tables."""
 from __future__ import annotations
 
 import numpy as np
-from planted import augmentation_rows, write_study
+from planted import augmentation_rows, write_every_study, write_study
 
-from kd_ray import reproduction
+from kd_ray import findings, reproduction
 from kd_ray.findings import FINDINGS
 from kd_ray.tables import LOSS_SURFACE_FILE, LOSS_SURFACE_SCHEMA, to_table, write_table
 
@@ -46,3 +46,22 @@ def test_the_document_covers_every_finding_and_experiment(tmp_path):
     # Runs: each study's trials and the code that produced them (planted rows have no git sha).
     assert "| augmentation_ablation | 24 | 24 | 0.00 | unknown | complete before | — |" in text  # a trial per row
     assert "| synthetic_data | — | — | — | — | complete before | — |" in text
+
+
+def test_the_document_states_its_rules_and_no_verdict_contradicts_its_claims(tmp_path):
+    storage = tmp_path / "results"
+    write_every_study(storage)
+    out = tmp_path / "docs" / "reproduction.md"
+    reproduction.write_document(storage, out, {}, 10, figures_dir=tmp_path / "docs" / "figures" / "reproduction")
+    text = out.read_text()
+    # The rules, each metric's margin and why, and the simulated operating characteristics.
+    assert "| raises (higher) | a rise above 0 | a rise below Δ (too small, or the wrong way) |" in text
+    assert "| test_agreement | 0.5 pp | a twentieth of the local disagreement" in text
+    assert "| test_kl | 10% of the reference arm's mean |" in text
+    assert "| no difference, true effect 1.5Δ: holds |" in text
+    assert "no verdict depends on it" in text and "never *fails*" not in text
+    # Every planted study serves findings that hold, and every finding's verdict is its claims' combination.
+    for finding, verdict in findings.judge_findings(storage):
+        assert f"### Finding {finding.number}: holds" in text
+        assert verdict.verdict == findings.HOLDS
+        assert all(claim.verdict == findings.HOLDS for claim in verdict.claims)
