@@ -72,6 +72,9 @@ STREAM_KINDS = (
 # The version of the derivation in seed_stream: part of every teacher member's identity, so members
 # drawn under another derivation are trained again rather than reused.
 STREAM_VERSION = 1
+# The version of how an epoch splits into batches (kd_ray.train.distill.batches_per_epoch): part of every
+# teacher member's identity too, so a member batched another way is trained again rather than reused.
+BATCHING_VERSION = 2
 _KEY_LIMIT = 2**32  # a key word is one uint32 of the SeedSequence entropy
 
 
@@ -217,6 +220,7 @@ class TrialConfig:
             "replicate": self.teacher_replicate,
             "role": role,
             "streams": STREAM_VERSION,
+            "batching": BATCHING_VERSION,
             "norm": self.norm,
         }
         if member is None:

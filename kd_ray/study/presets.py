@@ -58,9 +58,9 @@ LOCAL_STUDENT_EPOCHS = 90
 LOCAL_BASE: dict[str, Any] = dict(
     dataset="mnist1d", teacher_arch="mlp", student_arch="mlp", epochs=LOCAL_STUDENT_EPOCHS, precision="fp32"
 )
-# Arms that compare data share one optimizer-step budget: 3x a full-data teacher's 30 epochs of 29 steps
-# (batches of 128 from the 3,600 training signals left beside the validation split).
-LOCAL_STEP_BUDGET = 3 * 30 * 29
+# Arms that compare data share one optimizer-step budget: 3x a full-data teacher's 30 epochs of 28 steps
+# (batches of 128 from the 3,600 training signals left beside the validation split, the last of 144).
+LOCAL_STEP_BUDGET = 3 * 30 * 28
 
 
 # --- adapting a preset to the chosen dataset ------------------------------------------------------

@@ -70,8 +70,11 @@ def test_over_the_first_steps_a_pack_is_its_students_trained_alone(store):
     for k, cfg in enumerate(configs):
         checkpoints: dict[int, dict] = {}
         run_trial(cfg, lambda metrics, state, c=checkpoints: c.update({metrics["epoch"]: state}), store=store)
+        # Adam divides by the root of the squared-gradient average: a weight whose gradients are near zero
+        # moves on float rounding alone by up to lr a step, so its weights are held to a tenth of lr.
+        atol = 0.1 * cfg.lr if cfg.optimizer == "adam" else 1e-5
         for name, value in checkpoints[1]["train_state"]["model"].items():
-            torch.testing.assert_close(weights[k][name], value, rtol=1e-4, atol=1e-5, msg=f"student {k}: {name}")
+            torch.testing.assert_close(weights[k][name], value, rtol=1e-4, atol=atol, msg=f"student {k}: {name}")
 
 
 def test_a_pack_ends_where_its_students_trained_alone_end(store):

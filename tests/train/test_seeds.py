@@ -21,6 +21,7 @@ from kd_ray.config import STREAM_KINDS, network_streams, seed_stream
 from kd_ray.tables import TRIALS_SCHEMA, to_table
 from kd_ray.train import teachers
 from kd_ray.train import trial as trial_module
+from kd_ray.train.distill import batches_per_epoch
 from kd_ray.train.setup import CONVERGED_WITHIN, TrialData, student_recipe
 from kd_ray.train.teachers import ensure_members, load_ensemble, member_key, member_streams
 from kd_ray.train.trial import build_student_state, run_trial
@@ -243,7 +244,8 @@ def test_steps_fix_the_optimizer_steps_whatever_the_data_size(base_cfg, shared_t
     monkeypatch.setattr(trial_module, "make_optimizer", counting_optimizer)
     cfg = base_cfg.replace(steps=40, epochs=50, eval_every=2, precision="fp32")
     n = len(TrialData(cfg, CPU, None).distill_idx)
-    for fraction, per_epoch in ((1.0, math.ceil(n / cfg.batch_size)), (0.25, math.ceil(n / 4 / cfg.batch_size))):
+    for fraction, per_epoch in ((1.0, batches_per_epoch(n, cfg.batch_size)),
+                                (0.25, batches_per_epoch(round(n / 4), cfg.batch_size))):
         counted.clear()
         reports: list[int] = []
         result = run_trial(

@@ -81,8 +81,8 @@ def test_step_counts_and_convergence_are_recorded(full_run, mnist1d_arrays) -> N
     cfg, result, reports = full_run
     n = data_sizes(cfg).pool  # the train examples left beside the validation split
     assert n == len(mnist1d_arrays.y_train) - round(cfg.val_fraction * len(mnist1d_arrays.y_train))
-    assert result["student_steps"] == cfg.epochs * math.ceil(n / cfg.batch_size)
-    assert result["teacher_steps"] == cfg.teacher_epochs * math.ceil(n / cfg.teacher_batch_size)
+    assert result["student_steps"] == cfg.epochs * batches_per_epoch(n, cfg.batch_size)
+    assert result["teacher_steps"] == cfg.teacher_epochs * batches_per_epoch(n, cfg.teacher_batch_size)
     assert result["teacher_steps"] == member_steps(cfg, mnist1d_arrays.y_train)
     assert result["teacher_train_size"] == data_sizes(cfg).teacher == n
     assert result["distill_size"] == data_sizes(cfg).distill == n
@@ -430,7 +430,7 @@ def test_the_fast_path_is_timed_on_at_most_the_data() -> None:
     assert "teacher" in path.describe()
 
 
-# --- an epoch that would leave one sample over ------------------------------------------------------------------------
+# --- an epoch that would leave a few samples over ---------------------------------------------------------------------
 
 
 def _batches(n: int, batch_size: int) -> list[list[int]]:
@@ -443,15 +443,17 @@ def _batches(n: int, batch_size: int) -> list[list[int]]:
             for i in range(batches_per_epoch(n, batch_size))]
 
 
-def test_a_last_batch_of_one_sample_joins_the_batch_before() -> None:
+def test_a_last_batch_of_fewer_than_half_a_batch_joins_the_batch_before() -> None:
     assert _batches(9, 4) == [[0, 1, 2, 3], [4, 5, 6, 7, 8]]
     assert _batches(4000, 3999) == [list(range(4000))]
-    # Every other split is the plain one, so configurations that never left one sample over keep their numbers.
+    assert _batches(11, 8) == [list(range(11))]  # 3 left over, under half of 8
+    # A last batch of half a batch or more stays its own, every other batch is batch_size.
     assert _batches(10, 4) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
     assert _batches(8, 4) == [[0, 1, 2, 3], [4, 5, 6, 7]]
     assert _batches(3, 1) == [[0], [1], [2]]
     assert _batches(5, 8) == [[0, 1, 2, 3, 4]]
-    assert [batches_per_epoch(n, 128) for n in (4000, 3969, 3970, 129, 1)] == [32, 31, 32, 1, 1]
+    # 900 = 7 x 128 + 4 (a quarter of the local both-halves set): 7 batches, the last of 132.
+    assert [batches_per_epoch(n, 128) for n in (4000, 3969, 3970, 4032, 900, 129, 1)] == [31, 31, 31, 32, 7, 1, 1]
 
 
 def test_batch_norm_trains_on_a_set_that_leaves_one_sample_over() -> None:
