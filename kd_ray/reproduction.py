@@ -136,7 +136,8 @@ PREVIOUS_VERDICTS = {
 }
 # What changed for every finding: the rules (margins both ways, multiplicity per finding, no convergence
 # veto) and the recipes (students at 3x the teacher's steps, hyperparameters chosen on a validation split).
-COMMON_CHANGE = "margins both ways, Holm per finding, no convergence veto; students at 3x the teacher's steps"
+COMMON_CHANGE = ("margins both ways, Holm per finding, no convergence veto; students at 3x the teacher's steps; "
+                 "a tenth of the training data held out for validation")
 RULE_CHANGES = {
     2: "an mnist1d arm: a teacher on 200 signals distilled on tens of thousands of generated ones; "
        "judged only where the distillation set is at least 50x the teacher's",
