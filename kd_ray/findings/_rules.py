@@ -440,7 +440,7 @@ FINDINGS = [
     Finding(2, "A teacher trained on very few examples, distilled on a large in-domain set: test agreement >= 99%.",
             ("small_teacher",), "a teacher on 200 inputs; the student distilled on the arm with the most inputs per "
             "teacher input (locally an MLP on 200 mnist1d signals distilled on tens of thousands of generated "
-            "ones, beside LeNet-5 on 200 MNIST images distilled on 4,000)",
+            "ones, beside LeNet-5 on 200 MNIST images distilled on 3,600)",
             f"the agreement of the arm with at least {LARGE_DISTILLATION_SET}x the teacher's inputs lies above 99%",
             small_teacher_reaches_full_agreement,
             "arms.png"),
