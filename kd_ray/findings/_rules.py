@@ -189,7 +189,6 @@ def self_distilled_student_beats_teacher(tables: Tables) -> RuleResult:
         return NO_EXTRA_ARM
     base = dict(distill_split="train", distill_fraction=1.0)
     overfit = sample(t, "teacher_overfit", "teacher train acc - test acc", **base, extra_data=0)
-    overfit.metric = "teacher_overfit"
     student = sample(t, "test_acc", "student, D0 only", **base, extra_data=0)
     teacher = sample(t, "teacher_test_acc", "its teacher", **base, extra_data=0)
     gap_extra = sample(t, "acc_gap_to_teacher", f"|acc - teacher acc|, D0 + {extra}", **base, extra_data=extra)
@@ -222,12 +221,11 @@ CONFIDENT_TEACHER = 0.8
 
 def temperature_four_beats_one(tables: Tables) -> list[Claim]:
     t = tables["temperature_sweep"]
+    if "teacher_test_confidence" not in t:  # older tables: the setting cannot be shown
+        t = t.assign(teacher_test_confidence=np.nan)
     m = int(max(levels(t, "teacher_members")))
-    metric = "teacher_test_confidence" if "teacher_test_confidence" in t else "teacher_test_acc"
-    confidence = sample(t, metric, f"teacher m={m}: mean top-class probability", teacher_members=m,
-                        temperature=4.0)
-    if metric != "teacher_test_confidence":  # older tables: the setting cannot be shown
-        confidence.values = confidence.values.iloc[:0]
+    confidence = sample(t, "teacher_test_confidence", f"teacher m={m}: mean top-class probability",
+                        teacher_members=m, temperature=4.0)
     arms = {tau: sample(t, "test_agreement", f"m={m}, tau={tau:g}", teacher_members=m, temperature=tau)
             for tau in (1.0, 4.0, 8.0, 16.0)}
     return [above(confidence, CONFIDENT_TEACHER, role=PRECONDITION), higher(arms[4.0], arms[1.0]),
