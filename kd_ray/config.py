@@ -36,6 +36,8 @@ PRECISIONS = ("auto", "fp32", "bf16")
 # out-of-domain inputs (another dataset's, paper E3's OOD policy), or a user's .npz file.
 EXTRA_SOURCES = ("generator", "gmm", "ood", "npz")
 TEACHER_SHARINGS = ("per_seed", "shared")
+# The divergence the student minimises against its teacher (kd_ray.train.losses says each one's direction).
+LOSSES = ("kl", "reverse_kl", "jsd", "symmetric_kl", "soft_ce", "mse_logits")
 TEACHER_ROLES = ("reference", "control")  # the trial's own teacher ensemble | the control's independent one
 DEFAULT_LR = {"sgd": 0.05, "adam": 1e-3}
 # The most of the train split a validation split may take: the rest must still be most of the training data.
@@ -138,6 +140,8 @@ class TrialConfig:
     student_arch: str = "mlp"
     temperature: float = 4.0
     alpha: float = 0.0
+    loss: str = "kl"  # the distillation divergence: one of LOSSES (kl: forward KL(teacher || student))
+    jsd_beta: float = 0.5  # loss='jsd': the mixture weight of the teacher, M = beta * p_t + (1 - beta) * p_s
     augmentation: str = "baseline"
     mixup_alpha: float = 1.0
     epochs: int = 20
@@ -155,6 +159,8 @@ class TrialConfig:
     device: str = "auto"
     precision: str = "auto"  # student forward passes: auto (by measurement per device) | fp32 | bf16
     compile: bool = False  # torch.compile the student
+    # Write each evaluation set's per-example teacher and student predictions (top-k) to Parquet beside the tables.
+    save_predictions: bool = False
 
     def __post_init__(self) -> None:
         if self.lr is None and self.optimizer in DEFAULT_LR:
@@ -361,7 +367,7 @@ def _check_range(cfg: TrialConfig, name: str, low: float, high: float, low_open:
 def _validate(cfg: TrialConfig) -> None:
     strings = ("dataset", "teacher_split", "distill_split", "teacher_arch", "teacher_sharing", "norm",
                "student_arch", "augmentation", "optimizer", "lr_schedule", "init", "device", "precision",
-               "extra_source")
+               "extra_source", "loss")
     for name in strings:
         _check_type(cfg, name, (str,), "a string")
 
@@ -375,15 +381,16 @@ def _validate(cfg: TrialConfig) -> None:
     _check_choice(cfg, "init", INITS)
     _check_choice(cfg, "precision", PRECISIONS)
     _check_choice(cfg, "extra_source", EXTRA_SOURCES)
+    _check_choice(cfg, "loss", LOSSES)
     ints = ("extra_data", "data_seed", "teacher_members", "teacher_epochs", "teacher_batch_size", "teacher_seed",
             "epochs", "steps", "batch_size", "seed", "eval_every")
     for name in ints:
         _check_type(cfg, name, (int,), "an integer")
     floats = ("distill_fraction", "teacher_fraction", "val_fraction", "extra_ratio", "teacher_lr", "temperature",
-              "alpha", "mixup_alpha", "lr", "weight_decay", "init_lambda")
+              "alpha", "mixup_alpha", "lr", "weight_decay", "init_lambda", "jsd_beta")
     for name in floats:
         _check_type(cfg, name, (int, float), "a number")
-    for name in ("control", "compile"):
+    for name in ("control", "compile", "save_predictions"):
         _check_type(cfg, name, (bool,), "true or false")
 
     inf = math.inf
@@ -397,6 +404,7 @@ def _validate(cfg: TrialConfig) -> None:
     _check_range(cfg, "teacher_lr", 0, inf, True, True)
     _check_range(cfg, "weight_decay", 0, inf, False, True)
     _check_range(cfg, "init_lambda", 0, 1, False, False)
+    _check_range(cfg, "jsd_beta", 0, 1, True, True)
     for name in ("teacher_members", "teacher_epochs", "teacher_batch_size", "epochs", "batch_size", "eval_every"):
         _check_range(cfg, name, 1, inf, False, True)
     _check_range(cfg, "extra_data", 0, inf, False, True)
