@@ -1,4 +1,4 @@
-"""The ``kd-ray`` command: trial | analyze | teachers | validate-cluster.
+"""The ``kd-ray`` command: trial | study | analyze | teachers | validate-cluster.
 
 Every bad input is reported as one line on stderr with exit code 2, before any compute starts.
 """
@@ -66,6 +66,16 @@ def cmd_trial(args: argparse.Namespace) -> int:
         return _fail(str(exc))
     if args.data_dir and Path(args.data_dir).exists() and not Path(args.data_dir).is_dir():
         return _fail(f"--data-dir {args.data_dir}: a file, not a directory")
+    predictions_dir = None
+    if cfg.save_predictions:
+        from kd_ray.tables import PREDICTIONS_DIR
+
+        predictions_dir = args.predictions_dir or PREDICTIONS_DIR  # ./predictions by default
+        if not is_uri(predictions_dir) and Path(predictions_dir).exists() and not Path(predictions_dir).is_dir():
+            return _fail(f"--predictions-dir {predictions_dir}: a file, not a directory")
+    elif args.predictions_dir:
+        return _fail(f"--predictions-dir {args.predictions_dir}: predictions are written only with "
+                     "--set save_predictions=true")
     if args.store:
         from kd_ray.train.teachers import TeacherStore
 
@@ -84,9 +94,13 @@ def cmd_trial(args: argparse.Namespace) -> int:
 
     try:
         result = run_trial(cfg, store=args.store, data_dir=args.data_dir, progress=progress,
-                           retrain_teachers=args.retrain_teachers)
+                           retrain_teachers=args.retrain_teachers, predictions_dir=predictions_dir)
     except (DataError, TeacherStoreError) as exc:
         return _fail(str(exc))
+    if progress and predictions_dir and result["status"] == TERMINATED:
+        from kd_ray.train.predictions import default_trial_id, predictions_path
+
+        progress(f"per-example predictions: {predictions_path(predictions_dir, default_trial_id(cfg))}")
     print(format_trial_table(result))
     if args.json:
         clean = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in result.items()}
@@ -158,6 +172,23 @@ def cmd_validate_cluster(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_study(args: argparse.Namespace) -> int:
+    """``study run FILE``: a study file's study, with a script's exit codes; ``study show [NAME]``: a built-in
+    study as a study file on stdout, or the list of them."""
+    from kd_ray.study.cli import show_study, study_file_main, study_listing
+
+    if args.action == "run":
+        return study_file_main(args)
+    if args.name is None:
+        print(study_listing())
+        return 0
+    try:
+        print(show_study(args.name, args.preset, args.format, args.dataset), end="")
+    except ConfigError as exc:
+        return _fail(str(exc), "study")
+    return 0
+
+
 def cmd_analyze(args: argparse.Namespace) -> int:
     # Deferred: pandas, scipy and matplotlib load only for this command.
     from kd_ray import analysis
@@ -200,7 +231,12 @@ def build_parser() -> argparse.ArgumentParser:
     trial.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     trial.add_argument("--retrain-teachers", action="store_true",
                        help="delete and train again the trial's teacher members")
+    trial.add_argument("--predictions-dir",
+                       help="with --set save_predictions=true: where the final student's per-example predictions "
+                            "go, as <dir>/<trial_id>.parquet (default ./predictions)")
     trial.set_defaults(func=cmd_trial)
+
+    add_study_command(sub)
 
     teachers = sub.add_parser("teachers", help="list or verify the teacher store")
     teachers.add_argument("action", choices=("list", "verify"))
@@ -228,6 +264,30 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     analyze.set_defaults(func=cmd_analyze)
     return parser
+
+
+def add_study_command(sub: Any) -> None:
+    """``kd-ray study run FILE [flags]`` and ``kd-ray study show [NAME]``."""
+    from kd_ray.study.cli import add_file_run_flags
+
+    study = sub.add_parser(
+        "study", help="run a study from a YAML or TOML file, or print a built-in study as one",
+        description="Studies as files (docs/study-files.md): `kd-ray study show temperature_sweep > sweep.yaml`, "
+        "edit it, `kd-ray study run sweep.yaml`. Exit codes as the studies/*.py scripts'.",
+    )
+    actions = study.add_subparsers(dest="action", required=True)
+    run = actions.add_parser("run", help="run the study a YAML or TOML file describes",
+                             description="Run a study file's study on Ray Tune, as a studies/*.py script runs its "
+                             "preset: the same tables, summary, report and exit codes.")
+    add_file_run_flags(run)
+    run.set_defaults(func=cmd_study)
+    show = actions.add_parser("show", help="print a built-in study as a study file (no NAME: list them)")
+    show.add_argument("name", nargs="?", metavar="NAME", help="a built-in study (kd-ray study show lists them)")
+    show.add_argument("--preset", choices=("local", "paper"), default="local",
+                      help="the preset to print (default local)")
+    show.add_argument("--format", choices=("yaml", "toml"), default="yaml", help="the file format (default yaml)")
+    show.add_argument("--dataset", help="fit the preset to this dataset, as the study's script does")
+    show.set_defaults(func=cmd_study)
 
 
 def main(argv: list[str] | None = None) -> int:
