@@ -10,8 +10,13 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import hashlib
+import importlib
+import importlib.util
 import json
 import math
+import os
+import re
+import sys
 import zlib
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -128,7 +133,8 @@ class TrialConfig:
     val_fraction: float = 0.1
     data_seed: int = 0  # seeds the validation split and the D0/D1 split; part of the teacher's identity
     # teacher
-    teacher_arch: str = "mlp"
+    teacher_arch: str = "mlp"  # a name of models/archs.py, or a user factory: module:function or file.py:function
+    teacher_arch_args: str = ""  # a user factory's keyword arguments, a JSON object ("": none)
     teacher_members: int = 3
     teacher_epochs: int = 30
     teacher_lr: float = 0.05
@@ -138,6 +144,7 @@ class TrialConfig:
     norm: str = "batch"  # normalisation layers of teacher and student: batch | group | none
     # student and distillation
     student_arch: str = "mlp"
+    student_arch_args: str = ""  # as teacher_arch_args, for the student's factory
     temperature: float = 4.0
     alpha: float = 0.0
     loss: str = "kl"  # the distillation divergence: one of LOSSES (kl: forward KL(teacher || student))
@@ -165,6 +172,8 @@ class TrialConfig:
     def __post_init__(self) -> None:
         if self.lr is None and self.optimizer in DEFAULT_LR:
             object.__setattr__(self, "lr", DEFAULT_LR[self.optimizer])
+        for name in ARCH_ARGS_FIELDS:  # one spelling per set of arguments: the config stays flat and hashable
+            object.__setattr__(self, name, canonical_arch_args(name, getattr(self, name)))
         _validate(self)
 
     # construction -------------------------------------------------------------------------------
@@ -213,7 +222,9 @@ class TrialConfig:
             raise ValueError(f"teacher role {role!r} is not one of {', '.join(TEACHER_ROLES)}")
         spec = {
             "dataset": self.dataset,
-            "data_version": DATASET_VERSIONS[self.dataset],
+            # A user's dataset has no version: the hash of its arrays (or of its .npz file) stands in for one.
+            "data_version": user_dataset_digest(self.dataset) if is_user_dataset(self.dataset)
+            else DATASET_VERSIONS[self.dataset],
             "val_fraction": float(self.val_fraction),  # 0 and 0.0 hold out the same examples: one key
             "teacher_split": self.teacher_split,
             "teacher_fraction": self.teacher_fraction,
@@ -229,6 +240,11 @@ class TrialConfig:
             "batching": BATCHING_VERSION,
             "norm": self.norm,
         }
+        if is_user_function(self.teacher_arch):
+            # Added only for a user's factory, so the keys of the built-in archs stay as they were. The hash of the
+            # factory's source file makes an edited model a new teacher, trained again.
+            spec["teacher_arch_args"] = self.teacher_arch_args
+            spec["teacher_arch_source"] = file_digest(user_source_file("teacher_arch", self.teacher_arch))
         if member is None:
             spec["teacher_members"] = self.teacher_members
         else:
@@ -259,6 +275,166 @@ def parse_set(expressions: list[str]) -> dict[str, Any]:
                               f"key once (to run several values, use a study's axis)")
         values[key] = value.strip()
     return values
+
+
+# --- a user's model or dataset -----------------------------------------------------------------
+
+# A user's factory or dataset function is named as ``package.module:function`` (imported from the Python
+# path) or ``path/to/file.py:function`` (loaded from that file, whatever the Python path); a user's dataset
+# may also be a ``.npz`` file. The value stays as the user wrote it: a relative path is resolved when it is
+# read (``user_path``). Only the syntax is checked here; train/setup.py imports, builds and runs them.
+ARCH_ARGS_FIELDS = ("teacher_arch_args", "student_arch_args")
+USER_FUNCTION_HELP = "package.module:function or path/to/file.py:function"
+ARCH_ARGS_HELP = "a JSON object of the factory's keyword arguments, e.g. '{\"hidden\": 64}'"
+_IDENTIFIER = r"[A-Za-z_][A-Za-z0-9_]*"
+_MODULE_FUNCTION = re.compile(rf"^{_IDENTIFIER}(\.{_IDENTIFIER})*:{_IDENTIFIER}$")
+_FILE_FUNCTION = re.compile(rf"^.+\.py:{_IDENTIFIER}$")
+_DIGESTS: dict[tuple[str, int, int], str] = {}  # file digests of this process, by (path, mtime, size)
+_MODULES: dict[tuple[str, int, int], Any] = {}  # user files loaded by this process, by (path, mtime, size)
+_USER_DATA: dict[tuple[str, str], tuple[dict[str, Any], str]] = {}  # a dataset function's arrays and their hash
+
+
+def is_user_function(value: Any) -> bool:
+    """Whether ``value`` names a user's function (``module:function`` or ``file.py:function``), not a built-in."""
+    return isinstance(value, str) and ":" in value
+
+
+def is_user_dataset(value: Any) -> bool:
+    """Whether the dataset ``value`` is a user's: a ``.npz`` file or a function returning the arrays."""
+    return isinstance(value, str) and (value.endswith(".npz") or is_user_function(value))
+
+
+def check_user_function_syntax(field: str, value: str) -> None:
+    if not (_MODULE_FUNCTION.match(value) or _FILE_FUNCTION.match(value)):
+        raise ConfigError(f"{field}={value!r} does not name a function; allowed: {USER_FUNCTION_HELP}")
+
+
+def user_path(path: str) -> str:
+    """A user's file, absolute: a relative path is taken from the directory the command started in."""
+    if os.path.isabs(path):
+        return path
+    # A Ray Tune trial runs in a directory of its own and names the one its study started in here.
+    return os.path.join(os.environ.get("TUNE_ORIG_WORKING_DIR") or os.getcwd(), path)
+
+
+def canonical_arch_args(field: str, value: Any) -> str:
+    """The one spelling of a factory's keyword arguments: a JSON object with sorted keys ("" for none), from a
+    JSON string (``--set``) or a mapping (YAML, TOML, a dict)."""
+    if isinstance(value, str):
+        text = value.strip()
+        if not text:
+            return ""
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{field}={text!r} is not JSON ({exc.msg}); allowed: {ARCH_ARGS_HELP}") from None
+    if not isinstance(value, dict) or not all(isinstance(key, str) and key.isidentifier() for key in value):
+        raise ConfigError(f"{field}={value!r} is not a JSON object of keyword names; allowed: {ARCH_ARGS_HELP}")
+    try:
+        return json.dumps(value, sort_keys=True) if value else ""
+    except (TypeError, ValueError):
+        raise ConfigError(f"{field}={value!r} holds a value JSON cannot write; allowed: {ARCH_ARGS_HELP}") from None
+
+
+def file_digest(path: str) -> str:
+    """The sha256 of a file's bytes, read once per process while its mtime and size stay the same."""
+    try:
+        stat = os.stat(path)
+        key = (os.path.abspath(path), stat.st_mtime_ns, stat.st_size)
+        if key not in _DIGESTS:
+            digest = hashlib.sha256()
+            with open(path, "rb") as handle:
+                for chunk in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(chunk)
+            _DIGESTS[key] = digest.hexdigest()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path!r} ({exc.strerror or exc}); allowed: an existing, readable file"
+                          ) from None
+    return _DIGESTS[key]
+
+
+def user_source_file(field: str, reference: str) -> str:
+    """The source file of the user's function ``reference``: the named file, or the module's file as the Python
+    path finds it (the module itself is not run)."""
+    where = reference.rsplit(":", 1)[0]
+    if where.endswith(".py"):
+        path = user_path(where)
+        if not os.path.isfile(path):
+            raise ConfigError(f"{field}={reference!r}: there is no file {path}; allowed: {USER_FUNCTION_HELP}")
+        return path
+    try:
+        spec = importlib.util.find_spec(where)
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or not spec.origin or not os.path.isfile(spec.origin):
+        raise ConfigError(f"{field}={reference!r}: module {where!r} is not on the Python path; allowed: "
+                          f"{USER_FUNCTION_HELP}")
+    return spec.origin
+
+
+def _load_file_module(path: str) -> Any:
+    """The module of a user's file, loaded by its path (not the Python path); again only once it changed."""
+    stat = os.stat(path)
+    key = (path, stat.st_mtime_ns, stat.st_size)
+    if key not in _MODULES:
+        name = f"kd_ray_user_{hashlib.sha256(path.encode()).hexdigest()[:12]}"
+        spec = importlib.util.spec_from_file_location(name, path)
+        if spec is None or spec.loader is None:
+            raise ImportError(f"{path} is not a Python source file")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # classes defined in the file then pickle by reference, as any module's
+        spec.loader.exec_module(module)
+        _MODULES[key] = module
+    return _MODULES[key]
+
+
+def import_user_function(field: str, reference: str) -> Any:
+    """The callable ``reference`` names; one ``ConfigError`` line when its module does not import or it is
+    not there."""
+    check_user_function_syntax(field, reference)
+    path = user_source_file(field, reference)
+    where, name = reference.rsplit(":", 1)
+    try:
+        module = _load_file_module(path) if where.endswith(".py") else importlib.import_module(where)
+    except Exception as exc:  # whatever the user's module raises while it is imported
+        raise ConfigError(f"{field}={reference!r}: importing {where} failed ({type(exc).__name__}: {exc}); "
+                          f"allowed: {USER_FUNCTION_HELP} whose module imports") from None
+    function = getattr(module, name, None)
+    if not callable(function):
+        raise ConfigError(f"{field}={reference!r}: {where} has no callable {name!r}; allowed: {USER_FUNCTION_HELP} "
+                          "naming a function of that module")
+    return function
+
+
+def call_user_dataset(reference: str) -> tuple[dict[str, Any], str]:
+    """What the user's dataset function ``reference`` returns, and the sha256 of its arrays' bytes (with their
+    dtypes and shapes): called once per process while its source file stays the same."""
+    key = (reference, file_digest(user_source_file("dataset", reference)))
+    if key not in _USER_DATA:
+        function = import_user_function("dataset", reference)
+        try:
+            arrays = function()
+        except Exception as exc:  # whatever the user's function raises
+            raise ConfigError(f"dataset={reference!r}: calling it failed ({type(exc).__name__}: {exc}); allowed: a "
+                              "function returning a dict of x_train, y_train, x_test, y_test") from None
+        if not isinstance(arrays, dict):
+            raise ConfigError(f"dataset={reference!r} returned {type(arrays).__name__}; allowed: a dict of x_train, "
+                              "y_train, x_test, y_test (and optional num_classes)")
+        digest = hashlib.sha256()
+        for name in sorted(arrays):
+            array = np.ascontiguousarray(arrays[name])
+            digest.update(f"{name}:{array.dtype.str}:{array.shape}".encode())
+            digest.update(array.tobytes())
+        _USER_DATA[key] = (arrays, digest.hexdigest())
+    return _USER_DATA[key]
+
+
+def user_dataset_digest(dataset: str) -> str:
+    """What stands for a user's dataset's version in a teacher's identity: the sha256 of its ``.npz`` file's
+    bytes, or of the arrays its function returns."""
+    if dataset.endswith(".npz"):
+        return "sha256:" + file_digest(user_path(dataset))
+    return "sha256:" + call_user_dataset(dataset)[1]
 
 
 # --- validation --------------------------------------------------------------------------------
@@ -328,13 +504,38 @@ def _check_distill_dataset(cfg: TrialConfig) -> None:
     if not cfg.distill_dataset:
         return
     others = [name for name in DATASETS if name != cfg.dataset]
-    if cfg.distill_dataset not in others:
+    if is_user_dataset(cfg.distill_dataset) and cfg.distill_dataset != cfg.dataset:
+        _check_dataset(cfg, "distill_dataset")
+    elif cfg.distill_dataset not in others:
         raise ConfigError(f"distill_dataset={cfg.distill_dataset!r} is not allowed with dataset={cfg.dataset!r}; "
                           f"choose '' (the teacher's dataset) or another dataset: {', '.join(others)}")
     if cfg.distill_split != "train":
         raise ConfigError(f"distill_split={cfg.distill_split!r} has no meaning with distill_dataset="
                           f"{cfg.distill_dataset!r}: the student distils on (distill_fraction of) that dataset's "
                           "train inputs, not a split of the teacher's; leave distill_split at 'train'")
+
+
+def _check_dataset(cfg: TrialConfig, field: str) -> None:
+    """A built-in dataset's name, a ``.npz`` file or a user's function (data/datasets.py reads and checks them)."""
+    value = getattr(cfg, field)
+    if is_user_function(value) and not value.endswith(".npz"):
+        check_user_function_syntax(field, value)
+    elif value not in DATASETS and not is_user_dataset(value):
+        close = difflib.get_close_matches(str(value), DATASETS, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise ConfigError(f"{field}={value!r} is not allowed{hint}; choose one of: {', '.join(DATASETS)}, a .npz file "
+                          f"or {USER_FUNCTION_HELP}")
+
+
+def _check_archs(cfg: TrialConfig) -> None:
+    """A user's factory has the syntax of one, and only a user's factory takes keyword arguments."""
+    for field in ("teacher_arch", "student_arch"):
+        arch, args = getattr(cfg, field), getattr(cfg, f"{field}_args")
+        if is_user_function(arch):
+            check_user_function_syntax(field, arch)
+        elif args:
+            raise ConfigError(f"{field}_args={args!r} is read only by a user's factory, and {field}={arch!r} is "
+                              f"built in; allowed: {field}_args='' or {field}={USER_FUNCTION_HELP}")
 
 
 def _check_choice(cfg: TrialConfig, name: str, allowed: tuple[str, ...]) -> None:
@@ -371,7 +572,8 @@ def _validate(cfg: TrialConfig) -> None:
     for name in strings:
         _check_type(cfg, name, (str,), "a string")
 
-    _check_choice(cfg, "dataset", DATASETS)
+    _check_dataset(cfg, "dataset")
+    _check_archs(cfg)
     _check_choice(cfg, "teacher_split", TEACHER_SPLITS)
     _check_choice(cfg, "distill_split", DISTILL_SPLITS)
     _check_choice(cfg, "teacher_sharing", TEACHER_SHARINGS)
@@ -422,15 +624,18 @@ def _validate(cfg: TrialConfig) -> None:
         )
     _check_extra_inputs(cfg)
     _check_distill_dataset(cfg)
-    if cfg.init == "interpolate" and cfg.student_arch != cfg.teacher_arch:
+    same_arch = (cfg.student_arch, cfg.student_arch_args) == (cfg.teacher_arch, cfg.teacher_arch_args)
+    if cfg.init == "interpolate" and not same_arch:
         raise ConfigError(
-            f"init='interpolate' needs student_arch == teacher_arch; got student_arch="
-            f"{cfg.student_arch!r}, teacher_arch={cfg.teacher_arch!r}"
+            f"init='interpolate' needs student_arch == teacher_arch (and equal _args); got student_arch="
+            f"{cfg.student_arch!r} ({cfg.student_arch_args or 'no args'}), teacher_arch={cfg.teacher_arch!r} "
+            f"({cfg.teacher_arch_args or 'no args'})"
         )
-    if cfg.init == "teacher_init" and cfg.student_arch != cfg.teacher_arch:
+    if cfg.init == "teacher_init" and not same_arch:
         raise ConfigError(
-            f"init='teacher_init' needs student_arch == teacher_arch; got student_arch="
-            f"{cfg.student_arch!r}, teacher_arch={cfg.teacher_arch!r}"
+            f"init='teacher_init' needs student_arch == teacher_arch (and equal _args); got student_arch="
+            f"{cfg.student_arch!r} ({cfg.student_arch_args or 'no args'}), teacher_arch={cfg.teacher_arch!r} "
+            f"({cfg.teacher_arch_args or 'no args'})"
         )
     if cfg.init == "interpolate" and cfg.norm == "batch":
         raise ConfigError(

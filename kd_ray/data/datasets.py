@@ -19,6 +19,10 @@ labels:
 - ``cifar10`` / ``cifar100``: the official *binary* archives, downloaded into the cache directory,
   verified by md5 and parsed straight from the tar file (no pickle anywhere).
 
+A user's dataset is a ``.npz`` file or a function (``module:function``, ``file.py:function``) giving
+``x_train, y_train, x_test, y_test`` and an optional ``num_classes`` (``load_user_arrays`` checks them);
+``dataset_info`` is the one lookup of a dataset's shape, classes, kind and size, built-in or a user's.
+
 Downloads, their checksums and the ``.npz`` cache files are ``kd_ray.data.archives``' helpers.
 
 The cache directory is ``$KD_RAY_DATA`` when set, else ``~/.cache/kd_ray/data``. Every cache write is
@@ -37,7 +41,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from kd_ray.config import DATASET_VERSIONS, ConfigError
+from kd_ray.config import DATASET_VERSIONS, ConfigError, call_user_dataset, file_digest, is_user_dataset, user_path
 from kd_ray.data.archives import DataError, how_to_fix, read_npz, save_npz, verified_file
 from kd_ray.data.mnist import load_emnist_digits, load_mnist_full, load_mnist_subset
 
@@ -92,6 +96,8 @@ def load_arrays(name: str, cache_dir: str | Path | None = None, download: bool =
     ``download`` only matters for the downloaded datasets (CIFAR, mnist_full, emnist_digits): with
     ``False`` a missing archive raises ``DataError`` instead of being fetched.
     """
+    if is_user_dataset(name):
+        return _load_user_dataset(name)[0]
     _check_name(name)
     if name == "digits":
         return _load_digits()
@@ -108,11 +114,24 @@ def load_arrays(name: str, cache_dir: str | Path | None = None, download: bool =
     return _load_cifar(name, root, download)
 
 
+def dataset_info(name: str) -> DatasetInfo:
+    """What every part of a trial needs to know of a dataset, built-in (``DATASET_INFO``) or a user's (read once
+    per process, see ``load_user_arrays``)."""
+    if not is_user_dataset(name):
+        _check_name(name)
+        return DATASET_INFO[name]
+    arrays, num_classes = _load_user_dataset(name)
+    shape = tuple(int(d) for d in arrays.x_train.shape[1:])
+    kind = "signal" if len(shape) == 2 else {1: "gray", 3: "rgb"}[shape[0]]
+    # No translation or flip: what keeps a user's inputs meaningful is not known, so baseline leaves them as they are.
+    return DatasetInfo(name, shape, num_classes, kind, 0, False, False, len(arrays.y_train))
+
+
 def check_distill_dataset(dataset: str, distill_dataset: str) -> None:
     """Refuse distillation inputs (``distill_dataset``) whose input shape or classes differ from ``dataset``'s."""
     if not distill_dataset:
         return
-    info, other = DATASET_INFO[dataset], DATASET_INFO[distill_dataset]
+    info, other = dataset_info(dataset), dataset_info(distill_dataset)
     shape = (info.input_shape, info.num_classes)
     if (other.input_shape, other.num_classes) != shape:
         fitting = [n for n, i in DATASET_INFO.items() if n != dataset and (i.input_shape, i.num_classes) == shape]
@@ -190,6 +209,97 @@ def _to_float(pixels: np.ndarray) -> np.ndarray:
     out = pixels.astype(np.float32)
     out /= 255.0
     return out
+
+
+# --- a user's dataset --------------------------------------------------------------------------
+
+USER_KEYS = ("x_train", "y_train", "x_test", "y_test")
+USER_LAYOUT = ("x_train, y_train, x_test, y_test (x float [N, *shape]; y integer class indices in [0, C)), "
+               "optional num_classes")
+_USER_SHAPES = "(F,) features, (C, L) signals, or (1 or 3, H, W) images in [0, 1]"
+_USER_ARRAYS: dict[tuple[str, str], tuple[Arrays, int]] = {}  # by (dataset, its content hash): read once per process
+
+
+def _load_user_dataset(name: str) -> tuple[Arrays, int]:
+    """A user's ``.npz`` file or dataset function, checked (``load_user_arrays``) and kept for this process."""
+    if name.endswith(".npz"):
+        path = user_path(name)
+        if not os.path.isfile(path):
+            raise ConfigError(f"dataset={name!r}: there is no file {path}; allowed: a .npz file holding {USER_LAYOUT}")
+        key = (name, file_digest(path))
+        if key not in _USER_ARRAYS:
+            try:
+                with np.load(path, allow_pickle=False) as npz:
+                    raw = {k: npz[k] for k in npz.files}
+            except Exception as exc:  # a truncated file, not a zip, an object array
+                raise ConfigError(f"dataset={name!r}: {path} is not a readable .npz ({type(exc).__name__}: {exc}); "
+                                  f"allowed: a file numpy.savez wrote, holding {USER_LAYOUT}") from None
+            _USER_ARRAYS[key] = load_user_arrays(name, raw)
+        return _USER_ARRAYS[key]
+    raw, digest = call_user_dataset(name)
+    key = (name, digest)
+    if key not in _USER_ARRAYS:
+        _USER_ARRAYS[key] = load_user_arrays(name, raw)
+    return _USER_ARRAYS[key]
+
+
+def _user_labels(name: str, raw: dict[str, Any], key: str, x: np.ndarray) -> np.ndarray:
+    y = np.asarray(raw[key])
+    if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
+        raise ConfigError(f"dataset={name!r}: {key} has shape {list(y.shape)} of {y.dtype}; allowed: integer class "
+                          f"indices of shape [N]")
+    if len(y) != len(x):
+        x_key = key.replace("y_", "x_")
+        raise ConfigError(f"dataset={name!r}: {key} holds {len(y)} labels but {x_key} {len(x)} inputs; allowed: one "
+                          "label per input")
+    return y.astype(np.int64)
+
+
+def _user_inputs(name: str, raw: dict[str, Any], key: str) -> np.ndarray:
+    x = np.asarray(raw[key])
+    if x.ndim < 2 or not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)):
+        raise ConfigError(f"dataset={name!r}: {key} has shape {list(x.shape)} of {x.dtype}; allowed: numbers of shape "
+                          f"[N, *shape] with shape {_USER_SHAPES}")
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if not np.isfinite(x).all():
+        raise ConfigError(f"dataset={name!r}: {key} holds NaN or infinite values; allowed: finite numbers")
+    if x.ndim == 2:  # feature vectors are one-channel signals: the signal augmentations then apply to them
+        x = x.reshape(len(x), 1, -1)
+    images = x.ndim == 4 and x.shape[1] in (1, 3) and x.size and 0.0 <= x.min() and x.max() <= 1.0
+    if x.ndim > 3 and not images:
+        raise ConfigError(f"dataset={name!r}: {key} has inputs of shape {list(x.shape[1:])}; allowed: "
+                          f"{_USER_SHAPES}")
+    return x
+
+
+def load_user_arrays(name: str, raw: dict[str, Any]) -> tuple[Arrays, int]:
+    """The ``Arrays`` and class count of a user's dataset ``name`` from its raw arrays (the ``.npz`` file's or
+    what its function returned), checked: ``ConfigError`` names the key, its value and what is allowed.
+
+    Inputs become float32 (a sample of shape ``(F,)`` becomes a one-channel signal ``(1, F)``), labels int64;
+    ``num_classes`` defaults to the largest label + 1."""
+    for key in USER_KEYS:
+        if key not in raw:
+            held = ", ".join(sorted(raw)) or "no key"
+            raise ConfigError(f"dataset={name!r}: key {key!r} is missing (it holds {held}); allowed: {USER_LAYOUT}")
+    x_train, x_test = _user_inputs(name, raw, "x_train"), _user_inputs(name, raw, "x_test")
+    if x_train.shape[1:] != x_test.shape[1:]:
+        raise ConfigError(f"dataset={name!r}: x_test has inputs of shape {list(x_test.shape[1:])}, x_train of "
+                          f"{list(x_train.shape[1:])}; allowed: the same shape in both")
+    y_train, y_test = _user_labels(name, raw, "y_train", x_train), _user_labels(name, raw, "y_test", x_test)
+    if len(y_train) == 0 or len(y_test) == 0:
+        raise ConfigError(f"dataset={name!r}: x_train holds {len(y_train)} inputs and x_test {len(y_test)}; allowed: "
+                          "at least one in each")
+    largest = int(max(y_train.max(), y_test.max()))
+    num_classes = raw.get("num_classes", largest + 1)
+    if np.ndim(num_classes) != 0 or not np.issubdtype(np.asarray(num_classes).dtype, np.integer):
+        raise ConfigError(f"dataset={name!r}: num_classes={num_classes!r}; allowed: one integer >= 2")
+    num_classes = int(num_classes)
+    smallest = int(min(y_train.min(), y_test.min()))
+    if num_classes < 2 or smallest < 0 or largest >= num_classes:
+        raise ConfigError(f"dataset={name!r}: labels span [{smallest}, {largest}] with num_classes={num_classes}; "
+                          "allowed: num_classes >= 2 and labels in [0, num_classes)")
+    return Arrays(x_train, y_train, x_test, y_test), num_classes
 
 
 # --- mnist1d -----------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from kd_ray.config import ConfigError, TrialConfig, seed_stream
-from kd_ray.data.datasets import DATASET_INFO, Arrays, DataError, DatasetInfo, generate_extra, load_arrays
+from kd_ray.data.datasets import Arrays, DataError, DatasetInfo, dataset_info, generate_extra, load_arrays
 
 UNLABELLED = -1
 GMM_COMPONENTS = 4  # per class, fewer where a class has few examples (at least GMM_MIN_PER_COMPONENT each)
@@ -37,7 +37,7 @@ def extra_inputs(cfg: TrialConfig, arrays: Arrays, teacher_idx: np.ndarray,
                  data_dir: str | Path | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The ``cfg.extra_data`` extra inputs ``(x float32 [n, *input_shape], y int64 [n])`` of a trial."""
     n = cfg.extra_data
-    info = DATASET_INFO[cfg.dataset]
+    info = dataset_info(cfg.dataset)
     if cfg.extra_source == "generator":
         return generate_extra(cfg.dataset, n, data_dir)
     if cfg.extra_source == "gmm":
@@ -127,7 +127,7 @@ def check_extra_inputs(cfg: TrialConfig) -> None:
     unlabelled inputs with a hard-label loss."""
     if cfg.extra_data == 0:
         return
-    info = DATASET_INFO[cfg.dataset]
+    info = dataset_info(cfg.dataset)
     if cfg.extra_source == "npz":
         try:
             _, y = read_extra_npz(cfg.extra_path, cfg.extra_data, info)

@@ -29,6 +29,11 @@ another's, e.g. by CKA), input side first: ``mlp``, each hidden layer after its 
 ``vgg16``, each conv block after its max-pooling (2 and 5 blocks); ``preresnet``, its three stages
 ``layer1``..``layer3`` (the residual stream, before the final norm).
 
+A user's factory (``module:function`` or ``file.py:function``) is built as
+``factory(input_shape=..., num_classes=..., **args)`` and must return an ``nn.Module`` mapping
+``[N, *input_shape]`` to ``[N, num_classes]`` logits (``check_user_model``); ``norm`` does not apply to it,
+and its stages are those its ``stage_names`` attribute names (none: its CKA columns are NaN).
+
 Initialisation uses PyTorch's defaults (plus He init for ``vgg16``, see ``_VGG16``) and draws only
 from torch's global generator, so ``torch.manual_seed(s)`` before ``build_model`` fixes the weights.
 """
@@ -36,11 +41,14 @@ from torch's global generator, so ``torch.manual_seed(s)`` before ``build_model`
 from __future__ import annotations
 
 import difflib
+import json
 import math
 import re
 
 import torch
 from torch import nn
+
+from kd_ray.config import ConfigError, import_user_function, is_user_function
 
 ARCHS: tuple[str, ...] = ("mlp", "conv1d", "smallcnn", "lenet5", "vgg16", "preresnet")
 NORMS: tuple[str, ...] = ("batch", "group", "none")
@@ -54,6 +62,8 @@ _MLP_RE = re.compile(r"^mlp(\d+)(?:-w(\d+(?:\.\d+)?))?$")
 MLP_DEPTH, MLP_HIDDEN = 2, 256  # ``mlp``: hidden layers, and units per hidden layer at width 1
 _ARCH_HELP = ("mlp, conv1d, smallcnn, lenet5, vgg16, preresnet<D>[-w<K>] (e.g. preresnet20, preresnet56-w2), "
               "mlp<D>[-w<K>] (e.g. mlp4, mlp2-w0.5)")
+USER_FACTORY_CONTRACT = ("factory(input_shape=..., num_classes=..., **args) returning a torch.nn.Module that maps "
+                         "[batch, *input_shape] to [batch, num_classes] logits")
 _VGG16_CFG: tuple[int | str, ...] = (
     64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M",
 )
@@ -125,8 +135,11 @@ def _parse(name: str, input_shape: tuple[int, ...]) -> tuple[str, int, float]:
 
 
 def check_arch(name: str, input_shape: tuple[int, ...], norm: str = "batch") -> None:
-    """Raise ValueError with one clear message when ``name`` cannot be built for ``input_shape``."""
+    """Raise ValueError with one clear message when ``name`` cannot be built for ``input_shape``; a user's
+    factory is judged by building it (``check_user_model``)."""
     input_shape = tuple(input_shape)
+    if is_user_function(name):
+        return
     if not input_shape or not all(isinstance(d, int) and d >= 1 for d in input_shape):
         raise ValueError(
             f"arch {name!r}: input shape {input_shape} must be a non-empty tuple of positive ints "
@@ -397,11 +410,37 @@ class PreResNet(nn.Module):
 # public entry points
 
 
-def build_model(
-    name: str, input_shape: tuple[int, ...], num_classes: int, norm: str = "batch"
+def build_user_model(
+    reference: str, input_shape: tuple[int, ...], num_classes: int, args: str = "", field: str = "arch"
 ) -> nn.Module:
-    """A freshly initialised float32 model mapping ``[N, *input_shape]`` to ``[N, num_classes]``."""
+    """The model a user's factory builds: ``factory(input_shape=..., num_classes=..., **json.loads(args))``.
+
+    Raises ``ConfigError`` naming the factory when it does not import, fails, or returns no ``nn.Module``. Its
+    stages are the submodules its ``stage_names`` attribute names, if it has one, else none (CKA is then NaN)."""
+    factory = import_user_function(field, reference)
+    kwargs = json.loads(args) if args else {}
+    try:
+        model = factory(input_shape=tuple(input_shape), num_classes=num_classes, **kwargs)
+    except Exception as exc:  # whatever the user's factory raises
+        raise ConfigError(f"{field}={reference!r} with args {args or '{}'} failed to build "
+                          f"({type(exc).__name__}: {exc}); allowed: {USER_FACTORY_CONTRACT}") from None
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"{field}={reference!r} returned {type(model).__name__}, not a torch.nn.Module; allowed: "
+                          f"{USER_FACTORY_CONTRACT}")
+    model.stage_names = tuple(getattr(model, "stage_names", ()))
+    return model
+
+
+def build_model(
+    name: str, input_shape: tuple[int, ...], num_classes: int, norm: str = "batch", args: str = ""
+) -> nn.Module:
+    """A freshly initialised float32 model mapping ``[N, *input_shape]`` to ``[N, num_classes]``.
+
+    ``name`` may be a user's factory (``module:function`` or ``file.py:function``, see ``build_user_model``),
+    built with the keyword arguments ``args`` (a JSON object); ``norm`` does not apply to it."""
     input_shape = tuple(input_shape)
+    if is_user_function(name):
+        return build_user_model(name, input_shape, num_classes, args)
     check_arch(name, input_shape, norm)
     if not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"arch {name!r}: num_classes must be a positive int; got {num_classes!r}")
@@ -422,6 +461,34 @@ def build_model(
     # Names, not modules: they survive copies and moves of the model unchanged.
     model.stage_names = _stage_names(base, model)
     return model
+
+
+def check_user_model(
+    reference: str, input_shape: tuple[int, ...], num_classes: int, args: str = "", field: str = "arch"
+) -> None:
+    """Build the user's factory ``reference`` with ``args`` and run it on 2 zero inputs: it must give
+    ``[2, num_classes]`` float logits. Raises ``ConfigError`` saying what it gave instead. Torch's global
+    generator is left as it was."""
+    with torch.random.fork_rng(devices=[]):
+        model = build_user_model(reference, input_shape, num_classes, args, field)
+        try:
+            with torch.no_grad():
+                out = model.eval()(torch.zeros(2, *input_shape))
+        except Exception as exc:  # whatever the user's forward raises
+            raise ConfigError(f"{field}={reference!r} with args {args or '{}'}: the forward pass on zeros of shape "
+                              f"[2, {', '.join(map(str, input_shape))}] failed ({type(exc).__name__}: {exc}); "
+                              f"allowed: {USER_FACTORY_CONTRACT}") from None
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, num_classes) or not out.is_floating_point():
+        got = f"shape {list(out.shape)} of {out.dtype}" if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ConfigError(f"{field}={reference!r} with args {args or '{}'}: the forward pass on 2 inputs of shape "
+                          f"{list(input_shape)} gave {got}; allowed: float logits of shape [2, {num_classes}] "
+                          f"({USER_FACTORY_CONTRACT})")
+    for stage in model.stage_names:
+        try:
+            model.get_submodule(stage)
+        except AttributeError:
+            raise ConfigError(f"{field}={reference!r}: stage_names names {stage!r}, no submodule of the model; "
+                              "allowed: names of model.named_modules()") from None
 
 
 def _stage_names(base: str, model: nn.Module) -> tuple[str, ...]:

@@ -8,7 +8,7 @@ import os
 import torch
 
 from kd_ray.config import TrialConfig
-from kd_ray.data.datasets import DATASET_INFO
+from kd_ray.data.datasets import dataset_info
 from kd_ray.packs.plan import PACK_LIMIT
 from kd_ray.train.distill import build_seeded
 
@@ -28,8 +28,9 @@ def memory_budget(gpus_per_trial: float, slots: int) -> float:
 def student_bytes(cfg: TrialConfig) -> int:
     """Memory one student adds to a pack: weights, gradients and two optimizer states, plus the
     activations of one training batch kept for the backward pass (measured by a forward pass)."""
-    info = DATASET_INFO[cfg.dataset]
-    model = build_seeded(cfg.student_arch, info.input_shape, info.num_classes, cfg.norm, 0).train()
+    info = dataset_info(cfg.dataset)
+    model = build_seeded(cfg.student_arch, info.input_shape, info.num_classes, cfg.norm, 0,
+                         cfg.student_arch_args).train()
     outputs: list[int] = []
     hooks = [m.register_forward_hook(lambda _m, _i, out: outputs.append(out.numel()))
              for m in model.modules() if not list(m.children())]

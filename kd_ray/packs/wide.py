@@ -13,8 +13,9 @@ evaluation its batch norms fold into the linear layers before them (``fold_batch
 Every parameter and buffer of the wide network keeps its name; ``tensor.view(K, *shape)[k]`` is
 student k's (``shape`` that of the narrow network), so a student is taken out (``narrow``) or left
 out (``keep``) by slicing. A scalar buffer (BatchNorm's step count) is shared: the students step
-together. Only the layers below, inside networks of ``kd_ray.models.archs``, are widened; any other
-layer raises ``NotFusable``, and the pack then runs its students one after another.
+together. Only the layers below, inside networks of ``kd_ray.models.archs`` or torch's containers, are
+widened; any other layer raises ``NotFusable``. A user's factory may build such layers: a study asks
+``unwidened_students`` before it plans its packs, and runs those students one per trial, unpacked.
 """
 
 from __future__ import annotations
@@ -24,6 +25,10 @@ import copy
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from kd_ray.config import TrialConfig, is_user_function
+from kd_ray.data.datasets import dataset_info
+from kd_ray.train.distill import build_seeded
 
 # Layers that act on each channel (or element) alone, whatever the number of channels.
 _CHANNELWISE = (nn.ReLU, nn.MaxPool1d, nn.MaxPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.Identity)
@@ -297,3 +302,38 @@ def narrow(wide: nn.Module, template: nn.Module, k: int) -> nn.Module:
 def blocks(tensor: torch.Tensor, k: int) -> torch.Tensor:
     """``tensor`` of a wide network as ``[K, -1]``, one row per student (a view)."""
     return tensor.reshape(k, -1)
+
+
+def can_widen(model: nn.Module, x: torch.Tensor | None = None) -> str | None:
+    """None when two copies of ``model`` widen into one network (and, given inputs ``x``, it computes what each
+    copy computes); else why not, in a few words."""
+    models = [copy.deepcopy(model).eval(), copy.deepcopy(model).eval()]
+    try:
+        wide = widen(models).eval()
+    except NotFusable as exc:
+        return str(exc)
+    if x is not None:
+        with torch.no_grad():
+            alone = torch.stack([m(x) for m in models])
+            together = wide_forward(fold_batch_norms(copy.deepcopy(wide)), x)
+        if together.shape != alone.shape or not torch.allclose(together, alone, rtol=1e-3, atol=1e-4):
+            return f"{type(model).__name__} widened does not compute what its students compute"
+    return None
+
+
+def unwidened_students(configs: list[TrialConfig]) -> dict[tuple[str, str, str], str]:
+    """Why ``widen`` cannot fuse the students of each user's factory among ``configs`` that it cannot fuse, by
+    (student_arch, student_arch_args, dataset); built-in architectures always widen. Each factory is built
+    twice (two seeds) and checked on a few seeded random inputs."""
+    reasons = {}
+    for key, cfg in {(c.student_arch, c.student_arch_args, c.dataset): c for c in configs}.items():
+        if not is_user_function(cfg.student_arch):
+            continue
+        info = dataset_info(cfg.dataset)
+        first, second = (build_seeded(cfg.student_arch, info.input_shape, info.num_classes, cfg.norm, seed,
+                                      cfg.student_arch_args) for seed in (0, 1))
+        x = torch.randn(4, *info.input_shape, generator=torch.Generator().manual_seed(0))
+        reason = can_widen(first, x) or (None if type(first) is type(second) else "the factory builds different types")
+        if reason:
+            reasons[key] = reason
+    return reasons

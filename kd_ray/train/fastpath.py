@@ -77,7 +77,7 @@ def time_candidate(fn: Callable[[], object], repeats: int, device: torch.device,
 @functools.lru_cache(maxsize=None)
 def choose(
     arch: str, teacher_arch: str, input_shape: tuple[int, ...], num_classes: int, norm: str, members: int,
-    batch_size: int, device_name: str, precision: str, repeats: int = 3,
+    batch_size: int, device_name: str, precision: str, repeats: int = 3, student_args: str = "", teacher_args: str = "",
 ) -> FastPath:
     if precision != "auto":
         return FastPath(bf16=precision == "bf16", channels_last=False, stacked_teacher=True)
@@ -85,7 +85,8 @@ def choose(
     torch_state = torch.random.get_rng_state()  # throwaway models must not move the trial's RNG
     try:
         return _measure(
-            arch, teacher_arch, input_shape, num_classes, norm, members, batch_size, device, precision, repeats
+            arch, teacher_arch, input_shape, num_classes, norm, members, batch_size, device, precision, repeats,
+            student_args, teacher_args,
         )
     finally:
         torch.random.set_rng_state(torch_state)
@@ -108,7 +109,8 @@ def _student_step(
 
 
 def _measure(
-    arch, teacher_arch, input_shape, num_classes, norm, members, batch_size, device, precision, repeats
+    arch, teacher_arch, input_shape, num_classes, norm, members, batch_size, device, precision, repeats,
+    student_args="", teacher_args="",
 ) -> FastPath:
     x = torch.rand(batch_size, *input_shape, device=device)
     image = len(input_shape) == 3
@@ -116,7 +118,7 @@ def _measure(
     layouts = [False, True] if image else [False]
     steps = {}
     for channels_last in layouts:
-        student = build_model(arch, input_shape, num_classes, norm).to(device)
+        student = build_model(arch, input_shape, num_classes, norm, student_args).to(device)
         if channels_last:
             student = student.to(memory_format=torch.channels_last)
         optimizer = torch.optim.SGD(student.parameters(), lr=1e-3)
@@ -142,7 +144,8 @@ def _measure(
     channels_last = min((t, cl) for (bf16, cl), t in student_times.items() if bf16 == use_bf16)[1]
     path = FastPath(bf16=use_bf16, channels_last=channels_last)
 
-    teachers = [build_model(teacher_arch, input_shape, num_classes, norm).to(device).eval() for _ in range(members)]
+    teachers = [build_model(teacher_arch, input_shape, num_classes, norm, teacher_args).to(device).eval()
+                for _ in range(members)]
     if channels_last:
         teachers = [t.to(memory_format=torch.channels_last) for t in teachers]
     dtype = torch.bfloat16 if use_bf16 else torch.float32

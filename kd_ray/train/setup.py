@@ -25,12 +25,12 @@ from typing import Any
 
 import torch
 
-from kd_ray.config import ConfigError, TrialConfig, seed_stream
+from kd_ray.config import ConfigError, TrialConfig, is_user_function, seed_stream
 from kd_ray.data.augment import augment, check_policy
-from kd_ray.data.datasets import DATASET_INFO, DatasetInfo, check_distill_dataset, load_arrays
+from kd_ray.data.datasets import DatasetInfo, check_distill_dataset, dataset_info, load_arrays
 from kd_ray.data.extra_inputs import check_extra_inputs, extra_inputs
 from kd_ray.data.splits import split_indices, val_indices, val_size
-from kd_ray.models.archs import build_model, check_arch
+from kd_ray.models.archs import build_model, check_arch, check_user_model
 from kd_ray.models.ensembles import LoopEnsemble, StackedEnsemble, ensemble_log_probs
 from kd_ray.tables import AFTER_TRAINING_METRICS, CKA_METRICS, METRICS, TERMINATED
 from kd_ray.train import fastpath
@@ -96,8 +96,9 @@ class DataSizes:
 
 def data_sizes(cfg: TrialConfig) -> DataSizes:
     """The sizes of ``cfg``'s validation, teacher and distillation sets, as ``TrialData`` and the teachers draw them."""
-    val = val_size(cfg.val_fraction, DATASET_INFO[cfg.dataset].train_size)
-    n = DATASET_INFO[cfg.dataset].train_size - val  # the pool every other part is drawn from
+    train_size = dataset_info(cfg.dataset).train_size
+    val = val_size(cfg.val_fraction, train_size)
+    n = train_size - val  # the pool every other part is drawn from
     if cfg.teacher_split == "full":
         teacher_base, distill_base = n, n
     else:
@@ -107,18 +108,22 @@ def data_sizes(cfg: TrialConfig) -> DataSizes:
     if cfg.teacher_fraction < 1.0 and cfg.distill_split == "train":
         distill_base = teacher  # 'train' is then exactly the teacher's own subset
     if cfg.distill_dataset:
-        distill_base = DATASET_INFO[cfg.distill_dataset].train_size  # the other dataset's whole train split
+        distill_base = dataset_info(cfg.distill_dataset).train_size  # the other dataset's whole train split
     subset = _subset_size(cfg.distill_fraction, distill_base)
     joined = cfg.extra_data if cfg.extra_ratio == 0 else 0  # with extra_ratio > 0 extras ride along instead
-    most = (DATASET_INFO[cfg.distill_dataset].train_size if cfg.distill_dataset else n) + joined
+    most = (dataset_info(cfg.distill_dataset).train_size if cfg.distill_dataset else n) + joined
     return DataSizes(val, n, teacher_base, teacher, distill_base, subset, subset + joined, most)
 
 
-def _has_batch_norm(arch: str, info: DatasetInfo, norm: str) -> bool:
-    """Whether ``arch`` under ``norm`` has batch norm layers (lenet5 and vgg16 ignore ``norm``). Built on
-    the meta device: no weights are allocated and no random number is drawn."""
-    with torch.device("meta"):
-        model = build_model(arch, info.input_shape, info.num_classes, norm)
+def _has_batch_norm(arch: str, info: DatasetInfo, norm: str, args: str = "") -> bool:
+    """Whether ``arch`` under ``norm`` has batch norm layers (lenet5 and vgg16 ignore ``norm``, a user's factory
+    builds what it builds). Built on the meta device: no weights are allocated and no random number is drawn."""
+    if is_user_function(arch):  # a user's factory may compute with real tensors while it builds
+        with torch.random.fork_rng(devices=[]):
+            model = build_model(arch, info.input_shape, info.num_classes, norm, args)
+    else:
+        with torch.device("meta"):
+            model = build_model(arch, info.input_shape, info.num_classes, norm)
     return any(isinstance(m, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d)) for m in model.modules())
 
 
@@ -168,7 +173,7 @@ def check_data_sizes(cfg: TrialConfig, info: DatasetInfo) -> None:
         if 1 < value <= most:
             continue
         # Only a batch size of 1 or one above every example builds the network, to ask whether it has batch norm.
-        smallest = 2 if _has_batch_norm(arch, info, cfg.norm) else 1
+        smallest = 2 if _has_batch_norm(arch, info, cfg.norm, getattr(cfg, f"{arch_field}_args")) else 1
         allowed = f"allowed: {smallest} <= {field} <= {most}"
         if value < smallest:
             raise ConfigError(
@@ -198,12 +203,16 @@ def check_runnable(cfg: TrialConfig, check_device: bool = True) -> None:
     that the data cannot meet (``check_data_sizes``).
 
     ``check_device=False`` skips the CUDA check, for a driver that schedules GPU trials elsewhere."""
-    info = DATASET_INFO[cfg.dataset]
+    info = dataset_info(cfg.dataset)
     for field in ("teacher_arch", "student_arch"):
+        arch = getattr(cfg, field)
+        if is_user_function(arch):  # imported, built with its arguments and run on zeros of the dataset's shape
+            check_user_model(arch, info.input_shape, info.num_classes, getattr(cfg, f"{field}_args"), field)
+            continue
         try:
-            check_arch(getattr(cfg, field), info.input_shape, cfg.norm)
+            check_arch(arch, info.input_shape, cfg.norm)
         except ValueError as exc:
-            raise ConfigError(f"{field}={getattr(cfg, field)!r} with dataset={cfg.dataset!r}: {exc}") from None
+            raise ConfigError(f"{field}={arch!r} with dataset={cfg.dataset!r}: {exc}") from None
     try:
         check_policy(cfg.augmentation, info.kind)
     except ValueError as exc:
@@ -232,6 +241,7 @@ def fast_path(cfg: TrialConfig, info: DatasetInfo, device: torch.device) -> Fast
     return fastpath.choose(
         cfg.student_arch, cfg.teacher_arch, info.input_shape, info.num_classes, cfg.norm, cfg.teacher_members,
         probe_batch_size(cfg), str(device), cfg.precision,
+        student_args=cfg.student_arch_args, teacher_args=cfg.teacher_arch_args,
     )
 
 
@@ -241,7 +251,8 @@ def student_recipe(cfg: TrialConfig, path: FastPath | None = None) -> Recipe:
     return Recipe(
         epochs=cfg.epochs, batch_size=cfg.batch_size, optimizer=cfg.optimizer, lr=float(cfg.lr),
         weight_decay=cfg.weight_decay, lr_schedule=cfg.lr_schedule, augmentation=cfg.augmentation,
-        mixup_alpha=cfg.mixup_alpha, temperature=cfg.temperature, alpha=cfg.alpha, nesterov=True,
+        mixup_alpha=cfg.mixup_alpha, temperature=cfg.temperature, alpha=cfg.alpha, loss=cfg.loss,
+        jsd_beta=cfg.jsd_beta, nesterov=True,
         final_lr=1e-6 if cfg.lr_schedule == "cosine" else float(cfg.lr),
         bf16=path.bf16, channels_last=path.channels_last, steps=cfg.steps,
     )
@@ -263,7 +274,7 @@ class TrialData:
     indices, nor among the inputs extras are drawn from."""
 
     def __init__(self, cfg: TrialConfig, device: torch.device, data_dir: str | None) -> None:
-        self.info: DatasetInfo = DATASET_INFO[cfg.dataset]
+        self.info: DatasetInfo = dataset_info(cfg.dataset)
         self.arrays = load_arrays(cfg.dataset, data_dir)
         teacher_idx, distill_idx = split_indices(
             self.arrays.y_train, teacher_split=cfg.teacher_split, distill_split=cfg.distill_split,

@@ -4,7 +4,9 @@ Each ensemble member is stored on its own, keyed by a hash of the fields that de
 (``TrialConfig.teacher_spec(member)``), so an ensemble of 5 reuses the members of an ensemble of 3.
 Those fields include what names the member's random streams (``member_streams``): teacher seed,
 replicate (per-seed teachers), role (the reference ensemble or the control's) and the version of the
-stream derivation, so a member is never reused under a draw it was not trained with.
+stream derivation, so a member is never reused under a draw it was not trained with. A user's factory adds
+its arguments and a hash of its source file, and a user's dataset puts a hash of its arrays in place of the
+data version, so an edited model or changed data is trained again.
 A member directory holds ``weights.pt`` (initial and final state dicts), ``logits.pt`` (the member's
 float32 logits on the test set and on the whole clean train set, so no trial recomputes them) and
 ``manifest.json`` (key, spec, sha256 of each file, metrics), written last: a member without a manifest
@@ -35,7 +37,7 @@ import torch
 from kd_ray import __version__
 from kd_ray.atomic import is_uri, write_bytes
 from kd_ray.config import Streams, TrialConfig, content_hash, network_streams
-from kd_ray.data.datasets import DATASET_INFO, Arrays
+from kd_ray.data.datasets import Arrays, dataset_info
 from kd_ray.data.splits import split_indices
 from kd_ray.models.archs import build_model
 from kd_ray.models.ensembles import StackedEnsemble
@@ -350,9 +352,10 @@ def train_member(
     progress: Progress | None = None,
 ) -> tuple[dict, dict, dict]:
     """Train one member from scratch; returns (weights, logits, metrics) ready for the store."""
-    info = DATASET_INFO[cfg.dataset]
+    info = dataset_info(cfg.dataset)
     streams = member_streams(cfg, member, role)
-    model = build_seeded(cfg.teacher_arch, info.input_shape, info.num_classes, cfg.norm, streams.init).to(device)
+    model = build_seeded(cfg.teacher_arch, info.input_shape, info.num_classes, cfg.norm, streams.init,
+                         cfg.teacher_arch_args).to(device)
     initial = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     recipe = teacher_recipe(cfg)
     state = TrainState(
@@ -433,13 +436,13 @@ class Ensemble:
 
 def load_ensemble(cfg: TrialConfig, store: TeacherStore, device: torch.device, role: str = "reference") -> Ensemble:
     """The ensemble of ``cfg`` (the control's with ``role='control'``) from the store, verified, on ``device``."""
-    info = DATASET_INFO[cfg.dataset]
+    info = dataset_info(cfg.dataset)
     models, initial, final, test, train = [], [], [], [], []
     for member in range(cfg.teacher_members):
         key = member_key(cfg, member, role)
         weights = store.load(key, WEIGHTS)
         logits = store.load(key, LOGITS)
-        model = build_model(cfg.teacher_arch, info.input_shape, info.num_classes, cfg.norm)
+        model = build_model(cfg.teacher_arch, info.input_shape, info.num_classes, cfg.norm, cfg.teacher_arch_args)
         model.load_state_dict(weights["final"])
         model.to(device).eval()
         for p in model.parameters():
