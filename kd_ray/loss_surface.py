@@ -207,7 +207,8 @@ def evaluate(pair: TrainedPair, weights: State) -> tuple[float, float]:
     device = next(pair.model.parameters()).device
     pair.model.load_state_dict({k: v.to(device) for k, v in weights.items()})
     logits = predict(pair.model, pair.x)
-    loss = kd_loss(logits, pair.teacher_log_probs, pair.y, temperature=pair.cfg.temperature, alpha=pair.cfg.alpha)
+    loss = kd_loss(logits, pair.teacher_log_probs, pair.y, temperature=pair.cfg.temperature, alpha=pair.cfg.alpha,
+                   loss=pair.cfg.loss, jsd_beta=pair.cfg.jsd_beta)
     return float(loss), agreement(pair.teacher_log_probs, logits)
 
 

@@ -1,8 +1,8 @@
 """The loss and the optimizer step of K students at once, each with its own hyperparameters.
 
-``pack_kd_loss`` is ``losses.kd_loss`` for a ``[K, classes, batch]`` stack, with a temperature and a
-label weight per student. ``PackOptimizer`` is ``torch.optim.SGD`` (momentum 0.9, Nesterov) and
-``torch.optim.Adam`` (defaults), per student: every parameter of a wide network (``kd_ray.packs.wide``)
+``pack_kd_loss`` is ``losses.kd_loss`` for a ``[K, classes, batch]`` stack, with a temperature, a
+label weight and a divergence per student. ``PackOptimizer`` is ``torch.optim.SGD`` (momentum 0.9,
+Nesterov) and ``torch.optim.Adam`` (defaults), per student: every parameter of a wide network (``kd_ray.packs.wide``)
 is seen as ``[K, -1]`` blocks, and learning rate, weight decay and the choice of optimizer are
 vectors over K. The update arithmetic is that of torch's own optimizers, so a packed student
 follows the same trajectory as one trained alone, up to the last bits of float32.
@@ -10,8 +10,12 @@ follows the same trajectory as one trained alone, up to the last bits of float32
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
+
+from kd_ray.train.losses import divergence, divergence_scale
 
 MOMENTUM = 0.9  # SGD's, as distill.make_optimizer
 BETAS, EPS = (0.9, 0.999), 1e-8  # Adam's defaults
@@ -25,14 +29,13 @@ def pack_kd_loss(
     alpha: torch.Tensor,
     mix_index: torch.Tensor | None = None,
     lam: float = 1.0,
+    losses: Sequence[str] | None = None,
+    jsd_beta: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``[K]`` losses, student k's
-    ``alpha_k * CE(z_k, y) + (1 - alpha_k) * tau_k^2 * CE(softmax(t_k / tau_k), softmax(z_k / tau_k))``,
-    from class-major ``[K, classes, batch]`` logits and teacher log-probabilities."""
-    tau = temperature.view(-1, 1, 1)
-    log_q = F.log_softmax(student_logits.float() / tau, dim=1)
-    p_teacher = F.softmax(teacher_log_probs.float() / tau, dim=1)
-    soft = -(p_teacher * log_q).sum(1).mean(-1) * temperature**2
+    """``[K]`` losses, student k's ``kd_loss`` with its own temperature, label weight ``alpha_k``,
+    divergence ``losses[k]`` (all ``kl`` when ``None``) and ``jsd_beta[k]``, from class-major
+    ``[K, classes, batch]`` logits and teacher log-probabilities."""
+    soft = pack_divergences(student_logits, teacher_log_probs, temperature, losses, jsd_beta)
     if not bool((alpha > 0).any()):
         return soft
     k, _, batch = student_logits.shape
@@ -42,6 +45,38 @@ def pack_kd_loss(
         mixed = F.cross_entropy(logits, labels[mix_index].expand(k, batch), reduction="none").mean(-1)
         hard = lam * hard + (1.0 - lam) * mixed
     return torch.where(alpha > 0, alpha * hard + (1.0 - alpha) * soft, soft)
+
+
+def pack_divergences(
+    student_logits: torch.Tensor,
+    teacher_log_probs: torch.Tensor,
+    temperature: torch.Tensor,
+    losses: Sequence[str] | None = None,
+    jsd_beta: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``[K]``: student k's divergence ``losses[k]`` from its teacher, batch mean times its scale
+    (``losses.divergence_scale``). Students of one divergence are computed together: a pack of one
+    divergence (``kl`` the common case) is one call over the whole stack, as before divergences varied."""
+    k = student_logits.shape[0]
+    names = ["kl"] * k if losses is None else list(losses)
+    if len(names) != k:
+        raise ValueError(f"pack_kd_loss: got {len(names)} losses for {k} students")
+    groups = {name: [i for i, other in enumerate(names) if other == name] for name in dict.fromkeys(names)}
+    if len(groups) == 1:
+        beta = 0.5 if jsd_beta is None else jsd_beta.view(-1, 1, 1)
+        return divergence(student_logits, teacher_log_probs, names[0], temperature.view(-1, 1, 1), beta,
+                          dim=1).mean(-1) * divergence_scale(names[0], temperature)
+    parts, order = [], []
+    for name, members in groups.items():
+        index = torch.tensor(members, device=student_logits.device)
+        tau = temperature[index]
+        beta = 0.5 if jsd_beta is None else jsd_beta[index].view(-1, 1, 1)
+        values = divergence(student_logits[index], teacher_log_probs[index], name, tau.view(-1, 1, 1), beta,
+                            dim=1).mean(-1)
+        parts.append(values * divergence_scale(name, tau))
+        order.extend(members)
+    # Back to the students' order: position order[j] holds the j-th computed value.
+    return torch.cat(parts)[torch.tensor(order, device=student_logits.device).argsort()]
 
 
 class PackOptimizer:

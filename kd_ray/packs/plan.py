@@ -13,14 +13,14 @@ packed. Pure: plain values in, plain values out; no torch, no Ray.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from kd_ray.config import TrialConfig
 
 # What students of one pack may differ in.
 STUDENT_FIELDS = (
     "temperature", "alpha", "init", "init_lambda", "lr", "weight_decay", "optimizer", "lr_schedule", "epochs",
-    "teacher_members",
+    "teacher_members", "loss", "jsd_beta",
 )
 PACK_MODES = ("off", "auto")
 PACK_LIMIT = 32  # students per pack at most: beyond it a step gains little, and a lost pack costs more
@@ -56,15 +56,17 @@ def _split(indices: list[int], parts: int) -> list[list[int]]:
     return runs
 
 
-def plan_packs(configs: Iterable[TrialConfig], max_size: int = PACK_LIMIT, min_packs: int = 1) -> list[Pack]:
+def plan_packs(configs: Iterable[TrialConfig], max_size: int = PACK_LIMIT, min_packs: int = 1,
+               alone: Callable[[TrialConfig], bool] | None = None) -> list[Pack]:
     """The packs of a study: configs grouped by ``share_key`` (first appearance first), each group
     cut into packs of at most ``max_size``; while there are fewer packs than ``min_packs`` (the trials
-    the cluster runs at once), the largest pack is halved, so packing never leaves a slot idle."""
+    the cluster runs at once), the largest pack is halved, so packing never leaves a slot idle. A config that
+    ``alone`` holds true of is a pack of its own."""
     if max_size < 1 or min_packs < 1:
         raise ValueError(f"plan_packs: max_size={max_size} and min_packs={min_packs} must be >= 1")
     groups: dict[Any, list[int]] = {}
     for index, cfg in enumerate(configs):
-        key = share_key(cfg)
+        key = None if alone is not None and alone(cfg) else share_key(cfg)
         groups.setdefault(("alone", index) if key is None else key, []).append(index)
     runs: list[list[int]] = []
     for indices in groups.values():

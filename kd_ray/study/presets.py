@@ -4,8 +4,8 @@ A study has a ``local`` preset (the default: embedded data, small nets, minutes 
 and a ``paper`` preset (CIFAR-100 and the paper's recipes, for a GPU cluster). A preset is a base of
 TrialConfig fields plus the axes (crossed) and explicit arms it varies. Some studies adapt their
 preset to the dataset a user picks (``--dataset``), and the Optuna study builds a search space.
-``STUDIES`` holds them all, in the order the reproduction runs them; ``REPRODUCTION`` names those
-it runs (every study whose findings are judged from a grid).
+``STUDIES`` holds them all, the reproduction's first in the order it runs them; ``REPRODUCTION`` names
+those it runs (every study whose findings of the paper are judged from a grid).
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
-from kd_ray.config import TrialConfig
-from kd_ray.data.datasets import DATASET_INFO
+from kd_ray.config import LOSSES, TrialConfig, is_user_dataset
+from kd_ray.data.datasets import DATASET_INFO, dataset_info
 from kd_ray.study.spec import OptunaSpec
 
 
@@ -74,7 +74,7 @@ def applicable_policies(policies: list[str], dataset: str) -> list[str]:
     # Deferred: the augmentation registry imports torch, which building a preset does not need.
     from kd_ray.data.augment import policies_for
 
-    meaningful = policies_for(DATASET_INFO[dataset].kind)
+    meaningful = policies_for(dataset_info(dataset).kind)
     return [policy for policy in policies if policy in meaningful]
 
 
@@ -82,9 +82,9 @@ def keep_applicable_policies(preset: Preset, dataset: str | None) -> Preset:
     """Drop the policies (an axis, or arms) and the extra inputs the chosen dataset cannot take, so one
     script serves every dataset."""
     dataset = dataset or preset.base["dataset"]
-    if dataset not in DATASET_INFO:
+    if dataset not in DATASET_INFO and not is_user_dataset(dataset):
         return preset  # the config validation names the bad dataset
-    kind = DATASET_INFO[dataset].kind
+    kind = dataset_info(dataset).kind
     axes = dict(preset.axes)
     if "augmentation" in axes:
         policies = axes["augmentation"]
@@ -109,7 +109,8 @@ def drop_extra_data_if_not_generative(preset: Preset, dataset: str | None) -> Pr
     """Leave out an ``extra_data`` axis when the chosen dataset cannot generate samples (CIFAR)."""
     dataset = dataset or preset.base["dataset"]
     axes = dict(preset.axes)
-    if dataset in DATASET_INFO and not DATASET_INFO[dataset].can_generate and "extra_data" in axes:
+    known = dataset in DATASET_INFO or is_user_dataset(dataset)
+    if known and not dataset_info(dataset).can_generate and "extra_data" in axes:
         print(f"{dataset} cannot generate extra in-domain samples; the extra_data axis is left out")
         axes.pop("extra_data")
     return replace(preset, axes=axes)
@@ -324,8 +325,21 @@ AUGMENTATION_CONVNET = StudyPresets(
 )
 
 
-# --- the Optuna search (not part of the reproduction: no finding is judged from it) ---------------
+# --- beyond the paper (not part of the reproduction: no finding of the paper is judged from them) ---
 
+# The divergence the student minimises (kd_ray.train.losses), each at tau 1 and 4. kl and soft_ce are one
+# objective, so they train the same students: a null pair. mse_logits takes no temperature: its two
+# temperatures are one recipe run twice.
+DIVERGENCE_AXES: dict[str, list[Any]] = {"loss": list(LOSSES), "temperature": [1.0, 4.0]}
+DIVERGENCE = StudyPresets(
+    presets={
+        "local": Preset(base=LOCAL_BASE, axes=dict(DIVERGENCE_AXES), seeds=3),
+        "paper": Preset(base=PAPER_BASE, axes=dict(DIVERGENCE_AXES), seeds=3, gpus_per_trial=1.0),
+    },
+    in_reproduction=False,
+)
+
+# The Optuna search: no finding is judged from it.
 OPTUNA_PRESETS = {
     "local": Preset(base=LOCAL_BASE, seeds=1),
     "paper": Preset(base=PAPER_BASE, seeds=1, gpus_per_trial=1.0),
@@ -339,7 +353,8 @@ def optuna_search_space(preset: str, dataset: str | None, num_samples: int | Non
     dataset = dataset or OPTUNA_PRESETS[preset].base["dataset"]
     candidates = ["none", "baseline", "mixup", "cutmix", "rotation", "combaug"]
     # An unknown dataset is named by the config validation; the space is built for signals meanwhile.
-    policies = applicable_policies(candidates, dataset if dataset in DATASET_INFO else "mnist1d")
+    known = dataset in DATASET_INFO or is_user_dataset(dataset)
+    policies = applicable_policies(candidates, dataset if known else "mnist1d")
     return OptunaSpec(
         space={
             "temperature": ("logfloat", 1.0, 16.0),
@@ -369,6 +384,7 @@ STUDIES: dict[str, StudyPresets] = {
     "small_teacher": SMALL_TEACHER,
     "student_capacity": STUDENT_CAPACITY,
     "augmentation_convnet": AUGMENTATION_CONVNET,
+    "divergence": DIVERGENCE,
     "optuna_search": OPTUNA_SEARCH,
 }
 REPRODUCTION: tuple[str, ...] = tuple(name for name, study in STUDIES.items() if study.in_reproduction)

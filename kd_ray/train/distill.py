@@ -36,6 +36,8 @@ class Recipe:
     mixup_alpha: float = 1.0
     temperature: float = 1.0
     alpha: float = 0.0
+    loss: str = "kl"  # the divergence from the teacher (kd_ray.train.losses)
+    jsd_beta: float = 0.5
     nesterov: bool = True
     final_lr: float = 0.0
     bf16: bool = False  # bf16 autocast for the forward passes; losses and metrics stay float32
@@ -117,12 +119,14 @@ def make_optimizer(model: torch.nn.Module, recipe: Recipe) -> torch.optim.Optimi
     )
 
 
-def build_seeded(arch: str, input_shape: tuple[int, ...], num_classes: int, norm: str, seed: int) -> torch.nn.Module:
-    """``build_model`` with initial weights drawn from ``seed`` alone; torch's global generator is
-    left as it was."""
+def build_seeded(
+    arch: str, input_shape: tuple[int, ...], num_classes: int, norm: str, seed: int, args: str = ""
+) -> torch.nn.Module:
+    """``build_model`` (``args``: a user factory's keyword arguments) with initial weights drawn from ``seed``
+    alone; torch's global generator is left as it was."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return build_model(arch, input_shape, num_classes, norm)
+        return build_model(arch, input_shape, num_classes, norm, args)
 
 
 @dataclass
@@ -232,7 +236,8 @@ def fit(
             else:
                 loss = kd_loss(
                     logits, teacher_log_probs, y_batch, temperature=recipe.temperature,
-                    alpha=recipe.alpha, mix_index=batch.mix_index, lam=batch.lam,
+                    alpha=recipe.alpha, mix_index=batch.mix_index, lam=batch.lam, loss=recipe.loss,
+                    jsd_beta=recipe.jsd_beta,
                 )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

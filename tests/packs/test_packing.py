@@ -25,10 +25,10 @@ def test_student_fields_share_a_pack_and_the_rest_do_not():
     base = TrialConfig(norm="group")
     for name, value in [("temperature", 8.0), ("alpha", 0.5), ("init", "interpolate"), ("init_lambda", 0.3),
                         ("lr", 0.2), ("weight_decay", 0.0), ("optimizer", "adam"), ("lr_schedule", "constant"),
-                        ("epochs", 7), ("teacher_members", 5)]:
+                        ("epochs", 7), ("teacher_members", 5), ("loss", "reverse_kl"), ("jsd_beta", 0.3)]:
         assert share_key(base.replace(**{name: value})) == share_key(base), name
     assert set(STUDENT_FIELDS) == {"temperature", "alpha", "init", "init_lambda", "lr", "weight_decay", "optimizer",
-                                   "lr_schedule", "epochs", "teacher_members"}
+                                   "lr_schedule", "epochs", "teacher_members", "loss", "jsd_beta"}
     # The replicate, the policy, the data and the batch shape decide the teacher or the batch stream.
     for name, value in [("seed", 1), ("augmentation", "mixup"), ("distill_fraction", 0.5), ("batch_size", 64),
                         ("student_arch", "mlp4"), ("teacher_arch", "mlp4"), ("dataset", "digits"), ("steps", 100),

@@ -66,8 +66,8 @@ def test_the_registry_is_in_the_order_of_the_reproduction():
                             "training_duration", "initialization", "ensemble_size", "alpha_sweep", "small_teacher",
                             "student_capacity", "augmentation_convnet")
     assert list(STUDIES)[: len(REPRODUCTION)] == list(REPRODUCTION)
-    # The search judges no finding.
-    assert [name for name in STUDIES if name not in REPRODUCTION] == ["optuna_search"]
+    # The search and the divergence study judge no finding of the paper.
+    assert [name for name in STUDIES if name not in REPRODUCTION] == ["divergence", "optuna_search"]
     # loss_surface.py evaluates one trial's loss plane, not a grid of trials: it has its own presets.
     scripts = sorted(p.stem for p in (REPO / "studies").glob("*.py") if p.stem not in ("reproduce", "loss_surface"))
     assert scripts == sorted(STUDIES)
@@ -91,6 +91,21 @@ def test_the_capacity_study_varies_depth_and_width_around_the_teacher():
         ("preresnet56", "preresnet56"), ("preresnet56", "preresnet110")]
     assert TrialConfig.from_dict(paper.base).teacher_members == local.base["teacher_members"]
     assert "student_capacity" in REPRODUCTION and "augmentation_convnet" in STUDIES
+
+
+def test_the_divergence_study_crosses_every_loss_with_two_temperatures_outside_the_reproduction():
+    from kd_ray.config import LOSSES
+
+    study = STUDIES["divergence"]
+    local, paper = study.presets["local"], study.presets["paper"]
+    assert not study.in_reproduction and "divergence" not in REPRODUCTION
+    for preset in (local, paper):
+        assert preset.axes == {"loss": list(LOSSES), "temperature": [1.0, 4.0]} and preset.seeds == 3
+        assert not preset.arms
+        configs = _configs(preset)
+        assert sorted({cfg.loss for cfg in configs}) == sorted(LOSSES) and len(configs) == 2 * len(LOSSES)
+    assert local.base == presets.LOCAL_BASE and paper.base == presets.PAPER_BASE
+    assert TrialConfig.from_dict(paper.base).dataset == "cifar100"
 
 
 def test_the_small_teacher_sees_200_inputs_and_every_arm_the_same_step_budget():
