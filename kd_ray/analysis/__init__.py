@@ -7,6 +7,7 @@ be analysed on a laptop.
     analysis.correlate(df, x="test_agreement", y="test_acc", by="augmentation")
     analysis.pareto_front(df, maximize=["test_agreement", "test_acc"])
     analysis.report("results/augmentation_ablation")                # report.md + figures/*.png
+    analysis.load_predictions("results/augmentation_ablation")      # per-example predictions, if saved
 
 Failed trials are never dropped on load: every row carries ``usable`` (status TERMINATED and finite
 metrics) and ``excluded_reason``. The statistics functions leave unusable rows out unless
@@ -15,8 +16,8 @@ analysis needs, or with a known column of the wrong type, raises TableError; a t
 counts once, and text cells beyond MAX_TEXT_CHARS are shortened, both said on stderr.
 
 The submodules are layers, listed here bottom to top; each imports only those before it in the list:
-_columns (the column names, derived from kd_ray.tables), _load, _arms, _stats, _correlate, _text,
-_figures, _report.
+_columns (the column names, derived from kd_ray.tables), _load, _predictions, _arms, _stats, _correlate,
+_text, _figures, _report.
 """
 
 # Layer order, bottom to top, rather than alphabetical: the imports read as the package is built.
@@ -43,6 +44,7 @@ from kd_ray.analysis._load import (
     load_trials,
     study_dirs,
 )
+from kd_ray.analysis._predictions import load_predictions
 from kd_ray.analysis._arms import arm_columns
 from kd_ray.analysis._stats import control_gap, mean_ci, pareto_front, present_metrics, summarize
 from kd_ray.analysis._correlate import (
@@ -78,6 +80,7 @@ __all__ = [
     "load_trials",
     "load_epochs",
     "flag_usable",
+    "load_predictions",
     # arms
     "arm_columns",
     # statistics

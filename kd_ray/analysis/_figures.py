@@ -53,7 +53,7 @@ def _varies(df: pd.DataFrame, column: str) -> bool:
 def _axis_label(metric: str) -> str:
     if metric in FRACTION_METRICS:
         return f"{metric} (%)"
-    if metric.endswith(("_kl", "_nll", "_loss")):
+    if metric.endswith(("_kl", "_jsd", "_nll", "_loss")):
         return f"{metric} (nats)"
     return metric
 

@@ -25,14 +25,14 @@ from typing import Any, Callable
 import torch
 
 from kd_ray.config import TrialConfig, network_streams
-from kd_ray.data.datasets import DATASET_INFO
+from kd_ray.data.datasets import dataset_info
 from kd_ray.models.ensembles import ensemble_log_probs
 from kd_ray.packs.optim import PackOptimizer, pack_kd_loss
 from kd_ray.packs.plan import share_key
 from kd_ray.packs.wide import feature_major_applies, fold_batch_norms, narrow, wide_forward, widen
 from kd_ray.progress import Progress
 from kd_ray.provenance import versions
-from kd_ray.tables import DIVERGED, TERMINATED
+from kd_ray.tables import DIVERGED, TERMINATED, packed_trial_id
 from kd_ray.train.distill import (
     Recipe,
     Schedule,
@@ -44,6 +44,7 @@ from kd_ray.train.distill import (
     training_batch,
 )
 from kd_ray.train.metrics import agreement, student_metrics, validation_metrics
+from kd_ray.train.predictions import write_predictions
 from kd_ray.train.setup import (
     TrainClock,
     TrialData,
@@ -136,7 +137,7 @@ def choose_layout(cfg: TrialConfig, models: list[torch.nn.Module], device: torch
         return False
     if cfg.precision != "auto":
         return True
-    x = torch.randn(cfg.batch_size, *DATASET_INFO[cfg.dataset].input_shape, device=device)
+    x = torch.randn(cfg.batch_size, *dataset_info(cfg.dataset).input_shape, device=device)
 
     def seconds(feature_major: bool) -> float:
         wide = widen([copy.deepcopy(m) for m in models], feature_major).train()
@@ -244,7 +245,8 @@ def build_students(configs: list[TrialConfig], ensembles: list[Ensemble], data: 
     info = data.info
     for cfg, ensemble in zip(configs, ensembles):
         streams = network_streams(network, cfg.seed)
-        model = build_seeded(cfg.student_arch, info.input_shape, info.num_classes, cfg.norm, streams.init).to(device)
+        model = build_seeded(cfg.student_arch, info.input_shape, info.num_classes, cfg.norm, streams.init,
+                             cfg.student_arch_args).to(device)
         initialize_student(model, cfg.init, cfg.init_lambda, ensemble.initial_states[0], ensemble.final_states[0])
         models.append(model)
     return models
@@ -274,6 +276,8 @@ def train_epoch(pack: WidePack, data: TrialData, batch_recipe: Recipe) -> list[f
     recipes = [student_recipe(students[i].cfg) for i in pack.active]
     temperature = torch.tensor([r.temperature for r in recipes], device=x.device)
     alpha = torch.tensor([r.alpha for r in recipes], device=x.device)
+    divergences = [r.loss for r in recipes]
+    jsd_beta = torch.tensor([r.jsd_beta for r in recipes], device=x.device)
     loss_sum = torch.zeros(len(pack.active), device=x.device)
     order = torch.randperm(x.shape[0], device=x.device, generator=pack.generator)
     steps = max(plan.steps_in(epoch) for plan in plans)
@@ -288,7 +292,8 @@ def train_epoch(pack: WidePack, data: TrialData, batch_recipe: Recipe) -> list[f
         with autocast:
             logits = wide_forward(pack.wide, batch.x, class_major=True)
             teacher_log_probs = pack.teacher.log_probs(batch.x, class_major=True)
-        losses = pack_kd_loss(logits, teacher_log_probs, y_batch, temperature, alpha, batch.mix_index, batch.lam)
+        losses = pack_kd_loss(logits, teacher_log_probs, y_batch, temperature, alpha, batch.mix_index, batch.lam,
+                              divergences, jsd_beta)
         pack.optimizer.zero_grad()
         losses.sum().backward()
         pack.optimizer.step(lr)
@@ -316,10 +321,16 @@ def close_epoch(pack: WidePack, mean_losses: list[float]) -> list[int]:
 
 class PackMeasures:
     """Every student's metrics from one stacked pass over the test set, the distillation set, the validation
-    set and the replicate's augmented pass; the teacher's side of each computed once per ensemble size."""
+    set and the replicate's augmented pass; the teacher's side of each computed once per ensemble size. With a
+    ``predictions_dir``, a student with ``save_predictions`` measured at its last epoch writes its per-example
+    predictions there (``kd_ray.train.predictions``), named by ``trial_ids`` (one per student: its row's id)."""
 
-    def __init__(self, data: TrialData, ensembles: list[Ensemble], teacher: PackTeacher, cfg: TrialConfig) -> None:
+    def __init__(self, data: TrialData, ensembles: list[Ensemble], teacher: PackTeacher, cfg: TrialConfig,
+                 predictions_dir: str | None = None, trial_ids: list[str] | None = None) -> None:
         self.data = data
+        if predictions_dir is not None and trial_ids is None:
+            raise ValueError("PackMeasures: predictions_dir needs the students' trial_ids to name their files")
+        self.predictions_dir, self.trial_ids = predictions_dir, trial_ids
         self.teacher_test, self.teacher_distill = zip(*(data.teacher_log_probs(e) for e in ensembles))
         self.teacher_val = [data.teacher_val_log_probs(e) for e in ensembles]
         self.augmented = augmented_pass(data, cfg)
@@ -335,8 +346,9 @@ class PackMeasures:
         pack.wide.train(was_training)
         return out
 
-    def measure(self, pack: WidePack, which: list[int]) -> dict[int, dict[str, float]]:
-        """Metrics of the students ``which`` (indices into the pack's students, all active)."""
+    def measure(self, pack: WidePack, which: list[int], final: tuple[int, ...] = ()) -> dict[int, dict[str, float]]:
+        """Metrics of the students ``which`` (indices into the pack's students, all active); those of them in
+        ``final`` are at their last epoch, and write their predictions when they save them."""
         data = self.data
         # Without validation examples there is no validation pass, and the val_* metrics are NaN.
         val_parts = [list(data.x_val.split(EVAL_CHUNK))] if data.has_val else []
@@ -350,7 +362,20 @@ class PackMeasures:
             metrics.update(validation_metrics(val[0][j] if val else None, self.teacher_val[index], data.y_val))
             metrics["aug_train_agreement"] = agreement(self.teacher_aug[index], aug[j])
             out[index] = metrics
+            if index in final and self.predictions_dir is not None and pack.students[index].cfg.save_predictions:
+                self.save_predictions(pack, index, test[j], val[0][j] if val else None, train[j])
         return out
+
+    def save_predictions(self, pack: WidePack, index: int, test: torch.Tensor, val: torch.Tensor | None,
+                         train: torch.Tensor) -> str:
+        """Student ``index``'s per-example predictions from the logits its metrics were measured on."""
+        data = self.data
+        splits = {
+            "test": (self.teacher_test[index], test, data.y_test),
+            "val": None if val is None else (self.teacher_val[index], val, data.y_val),
+            "train": (self.teacher_distill[index], train, data.y),
+        }
+        return write_predictions(self.predictions_dir, self.trial_ids[index], pack.students[index].cfg.seed, splits)
 
     def train_agreement(self, pack: WidePack, index: int) -> float:
         (train,) = self._stacked(pack, list(self.data.x.split(EVAL_CHUNK)))
@@ -379,7 +404,8 @@ class PackEvaluations:
         if not due:
             return
         report = {}
-        for index, metrics in self.measures.measure(pack, due).items():
+        final = tuple(i for i in due if epoch == students[i].plan.epochs)
+        for index, metrics in self.measures.measure(pack, due, final).items():
             student = students[index]
             if epoch == student.reference_epoch:
                 student.reference = metrics["train_agreement"]
@@ -414,13 +440,20 @@ def run_pack(
     store: TeacherStore | str | None = None,
     data_dir: str | None = None,
     progress: Progress | None = None,
+    predictions_dir: str | None = None,
+    trial_ids: list[str] | None = None,
 ) -> list[dict[str, Any]]:
     """Distil the students of ``configs`` as one pack; one result per config, in order, as ``run_trial``'s.
 
     ``on_eval(epoch, metrics_by_student, checkpoint)`` is called at every epoch at which a student is
-    evaluated; ``checkpoint``, passed back as ``resume``, continues the pack from that epoch."""
+    evaluated; ``checkpoint``, passed back as ``resume``, continues the pack from that epoch. With
+    ``predictions_dir``, each student with ``save_predictions`` that finishes writes its per-example predictions
+    at its last evaluation to ``<predictions_dir>/<trial_id>.parquet``, ``trial_ids[index]`` being the id of its
+    row in the study's tables (by default ``tables.packed_trial_id(pack_id, index)``)."""
     cfgs = [c if isinstance(c, TrialConfig) else TrialConfig.from_dict(c) for c in configs]
     check_pack(cfgs)
+    if trial_ids is not None and len(trial_ids) != len(cfgs):
+        raise ValueError(f"run_pack: {len(trial_ids)} trial_ids for {len(cfgs)} students; give one per student")
     for cfg in cfgs:
         check_runnable(cfg)
     store = store if isinstance(store, TeacherStore) else TeacherStore(store or default_store())
@@ -439,7 +472,8 @@ def run_pack(
     # --- students: one wide network, built from the replicate's streams, or restored from the checkpoint ---
     students = [Student(cfg, schedule(student_recipe(cfg), data.x.shape[0])) for cfg in cfgs]
     models = build_students(cfgs, ensembles, data, device, "student")
-    measures = PackMeasures(data, ensembles, teacher, base)
+    trial_ids = trial_ids or [packed_trial_id(pack_id, index) for index in range(len(cfgs))]
+    measures = PackMeasures(data, ensembles, teacher, base, predictions_dir, trial_ids)
     teacher_summaries = [data.teacher_summary(e, test) for e, test in zip(ensembles, measures.teacher_test)]
     if resume:
         for student, saved in zip(students, resume["students"]):

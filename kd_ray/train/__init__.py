@@ -8,6 +8,7 @@ Submodules, each importing only those listed before it:
 - ``teachers``: the content-addressed teacher store and the training of its members;
 - ``setup``: what a trial and a pack share: the data (``TrialData``), the checks (``check_runnable``), the fast
   path, the student's recipe, the convergence rule and the result row (``result_row``);
+- ``predictions``: a final student's per-example top-k predictions beside its teacher's, as Parquet;
 - ``trial``: ``run_trial``, one teacher -> student trial, in named steps.
 
 This face imports nothing itself: every submodule imports torch.

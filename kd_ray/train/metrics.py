@@ -6,6 +6,8 @@ arithmetic is done in float32 whatever the input dtype.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -56,6 +58,60 @@ def predictive_kl(teacher: torch.Tensor, student: torch.Tensor) -> float:
     return terms.sum(-1).mean().item()
 
 
+TOP_K = 5  # top5_overlap compares the teacher's and the student's top min(TOP_K, classes) classes
+
+
+def top_k_overlap(teacher: torch.Tensor, student: torch.Tensor, k: int = TOP_K) -> float:
+    """Mean over inputs of |top-k(teacher) & top-k(student)| / k, with k = min(``k``, classes), a fraction.
+    Among tied scores torch.topk picks either; the share counts classes, not their order."""
+    k = min(k, teacher.shape[-1])
+    top_teacher = teacher.float().topk(k, dim=-1).indices
+    top_student = student.float().topk(k, dim=-1).indices
+    shared = (top_teacher.unsqueeze(-1) == top_student.unsqueeze(-2)).any(-1).sum(-1)
+    return (shared.float() / k).mean().item()
+
+
+def js_divergence(teacher: torch.Tensor, student: torch.Tensor) -> float:
+    """Mean over inputs of the Jensen-Shannon divergence between p_teacher and p_student at temperature 1,
+    ``(KL(p || m) + KL(q || m)) / 2`` with ``m = (p + q) / 2``, in nats (natural log): in [0, ln 2]."""
+    log_p = _log_probs(teacher)
+    log_q = _log_probs(student)
+    log_m = torch.logaddexp(log_p, log_q) - math.log(2.0)
+    p, q = log_p.exp(), log_q.exp()
+    # 0 * log 0 = 0, as in predictive_kl; m > 0 wherever p or q is.
+    to_p = torch.where(p > 0, p * (log_p - log_m), torch.zeros_like(p))
+    to_q = torch.where(q > 0, q * (log_q - log_m), torch.zeros_like(q))
+    return (0.5 * (to_p + to_q).sum(-1)).mean().item()
+
+
+def agreement_by_teacher_correctness(
+    teacher: torch.Tensor, student: torch.Tensor, labels: torch.Tensor
+) -> tuple[float, float]:
+    """Top-1 agreement on the inputs the teacher classifies correctly, and on those it gets wrong; NaN
+    for a group without inputs. Does the student copy the teacher's mistakes, or only its right answers?"""
+    teacher_top1 = teacher.float().argmax(-1)
+    agree = (teacher_top1 == student.float().argmax(-1)).float()
+    right = teacher_top1 == labels
+
+    def mean_over(group: torch.Tensor) -> float:
+        return agree[group].mean().item() if group.any() else float("nan")
+
+    return mean_over(right), mean_over(~right)
+
+
+def fidelity_detail(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """The fidelity beyond top-1 agreement and KL of one labelled split (``top5_overlap``, ``jsd``,
+    ``agreement_teacher_right``, ``agreement_teacher_wrong``), without the split's prefix."""
+    right, wrong = agreement_by_teacher_correctness(teacher, student, labels)
+    return {"top5_overlap": top_k_overlap(teacher, student), "jsd": js_divergence(teacher, student),
+            "agreement_teacher_right": right, "agreement_teacher_wrong": wrong}
+
+
+# One labelled split's metrics: prediction_metrics' and fidelity_detail's, in the tables' order.
+SPLIT_METRICS = ("acc", "nll", "ece", "agreement", "kl", "top5_overlap", "jsd", "agreement_teacher_right",
+                 "agreement_teacher_wrong")
+
+
 def prediction_metrics(
     student_logits: torch.Tensor, teacher_log_probs: torch.Tensor, labels: torch.Tensor | None = None
 ) -> dict[str, float]:
@@ -97,8 +153,10 @@ def validation_metrics(
     ...) and defined as the ``test_*`` ones. ``student_val`` None: no validation examples were held out
     (``val_fraction`` 0), and every one is NaN."""
     if student_val is None:
-        return {f"val_{k}": float("nan") for k in ("acc", "nll", "ece", "agreement", "kl")}
-    return {f"val_{k}": v for k, v in prediction_metrics(student_val, teacher_val, val_labels).items()}
+        return {f"val_{k}": float("nan") for k in SPLIT_METRICS}
+    val = {**prediction_metrics(student_val, teacher_val, val_labels),
+           **fidelity_detail(student_val, teacher_val, val_labels)}
+    return {f"val_{k}": val[k] for k in SPLIT_METRICS}
 
 
 def student_metrics(
@@ -109,8 +167,10 @@ def student_metrics(
     teacher_train: torch.Tensor,
 ) -> dict[str, float]:
     """A student's metric set, named as in the trial tables: generalization and fidelity on the test
-    set (``test_*``), fidelity on the clean distillation set (``train_agreement``, ``train_kl``).
-    ``aug_train_agreement`` needs the augmentation and is computed by the trial."""
+    set (``test_*``, the detail of ``fidelity_detail`` included), fidelity on the clean distillation set
+    (``train_agreement``, ``train_kl``). ``aug_train_agreement`` needs the augmentation and is computed by
+    the trial."""
     test = prediction_metrics(student_test, teacher_test, test_labels)
+    test.update(fidelity_detail(student_test, teacher_test, test_labels))
     train = prediction_metrics(student_train, teacher_train)
     return {**{f"test_{k}": v for k, v in test.items()}, **{f"train_{k}": v for k, v in train.items()}}

@@ -2,7 +2,8 @@
 
 ``run_trial`` is what ``kd-ray trial`` calls directly and what the Ray Tune trainable wraps. It reads
 top to bottom: the data (``setup.TrialData``), the teacher (``TrialTeacher``), the student
-(``build_student_state``), the fit and its evaluations (``StudentEvaluations``), the result row
+(``build_student_state``), the fit and its evaluations (``StudentEvaluations``), the final student's
+per-example predictions (``save_predictions``: ``kd_ray.train.predictions``), the result row
 (``setup.result_row``), the control (``distil_control``) and how the trial ran.
 
 Every random draw has its own stream (``config.seed_stream``): the student's initial weights, batch
@@ -38,6 +39,7 @@ from kd_ray.train.distill import (
 )
 from kd_ray.train.fastpath import FastPath
 from kd_ray.train.metrics import agreement, student_metrics, validation_metrics
+from kd_ray.train.predictions import default_trial_id, write_predictions
 from kd_ray.train.setup import (
     TrainClock,
     TrialData,
@@ -68,11 +70,16 @@ def run_trial(
     data_dir: str | None = None,
     progress: Progress | None = None,
     retrain_teachers: bool = False,
+    predictions_dir: str | None = None,
+    trial_id: str | None = None,
 ) -> dict[str, Any]:
     """Train (or load) the teacher ensemble, distil a student, return the final metrics.
 
     ``on_eval(metrics, checkpoint)`` is called at every evaluation epoch; ``checkpoint`` is a dict of
-    tensors that, passed back as ``resume``, continues the trial from that epoch.
+    tensors that, passed back as ``resume``, continues the trial from that epoch. With
+    ``cfg.save_predictions`` and ``predictions_dir``, a student that finished writes its final evaluation's
+    per-example predictions to ``<predictions_dir>/<trial_id>.parquet`` (``trial_id``: the id its row has
+    in the study's tables; by default one derived from the config, ``predictions.default_trial_id``).
     """
     cfg = config if isinstance(config, TrialConfig) else TrialConfig.from_dict(config)
     check_runnable(cfg)
@@ -104,6 +111,10 @@ def run_trial(
         # Resumed from the checkpoint of the last epoch (the process died after it, before the final
         # report): nothing is left to train, so the final metrics are those of the restored student.
         evaluations.last_metrics = evaluations.measure()
+
+    # --- per-example predictions of the final student ---
+    if cfg.save_predictions and predictions_dir is not None and status == TERMINATED:
+        evaluations.save_predictions(predictions_dir, trial_id or default_trial_id(cfg))
 
     # --- result row ---
     row = result_row(
@@ -146,7 +157,8 @@ def build_student_state(
     the replicate's own stream of ``network`` (student, or control_student for the control)."""
     streams = network_streams(network, cfg.seed)
     info = data.info
-    student = build_seeded(cfg.student_arch, info.input_shape, info.num_classes, cfg.norm, streams.init).to(device)
+    student = build_seeded(cfg.student_arch, info.input_shape, info.num_classes, cfg.norm, streams.init,
+                           cfg.student_arch_args).to(device)
     initialize_student(student, cfg.init, cfg.init_lambda, ensemble.initial_states[0], ensemble.final_states[0])
     if recipe.channels_last:
         student = student.to(memory_format=torch.channels_last)
@@ -183,6 +195,8 @@ class StudentEvaluations:
         self.reference_epoch = convergence_epoch(plan)
         self.reference: float | None = resume.get("convergence_reference") if resume else None
         self.last_metrics: dict[str, Any] = {}  # the last evaluation's
+        # The last evaluation's student logits by split, kept for save_predictions only (None: no val split).
+        self.last_outputs: dict[str, torch.Tensor | None] = {}
         if state.epoch == 0 and self.reference_epoch == 0:
             self.reference = self.train_agreement()
 
@@ -192,12 +206,26 @@ class StudentEvaluations:
     def measure(self) -> dict[str, float]:
         """The student's metrics as it is now."""
         model, data, teacher = self.state.model, self.data, self.teacher
-        metrics = student_metrics(predict(model, data.x_test), teacher.test_log_probs, data.y_test,
-                                  predict(model, data.x), teacher.distill_log_probs)
+        student_test, student_train = predict(model, data.x_test), predict(model, data.x)
+        metrics = student_metrics(student_test, teacher.test_log_probs, data.y_test,
+                                  student_train, teacher.distill_log_probs)
         student_val = predict(model, data.x_val) if data.has_val else None
         metrics.update(validation_metrics(student_val, teacher.val_log_probs, data.y_val))
         metrics["aug_train_agreement"] = aug_agreement(model, teacher.ensemble, data, self.cfg)
+        if self.cfg.save_predictions:
+            self.last_outputs = {"test": student_test, "val": student_val, "train": student_train}
         return metrics
+
+    def save_predictions(self, predictions_dir: str, trial_id: str) -> str:
+        """The last evaluation's per-example predictions (``kd_ray.train.predictions``); the path written.
+        The same logits its metrics were measured on, so the file's top-1 columns give its agreement."""
+        out, teacher, data = self.last_outputs, self.teacher, self.data
+        splits = {
+            "test": (teacher.test_log_probs, out["test"], data.y_test),
+            "val": None if out["val"] is None else (teacher.val_log_probs, out["val"], data.y_val),
+            "train": (teacher.distill_log_probs, out["train"], data.y),
+        }
+        return write_predictions(predictions_dir, trial_id, self.cfg.seed, splits)
 
     def on_epoch(self, epoch: int, loss: float, lr: float) -> None:
         evaluate = epoch % self.cfg.eval_every == 0 or epoch == self.plan.epochs

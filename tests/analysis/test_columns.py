@@ -49,6 +49,8 @@ def test_every_schema_column_is_read_with_its_schema_type(tmp_path) -> None:
             assert dtype == "Int64", field.name
         elif pa.types.is_boolean(field.type):
             assert dtype == "boolean", field.name
+        elif pa.types.is_timestamp(field.type):
+            assert dtype.startswith("datetime64") and dtype.endswith("UTC]"), field.name
         else:
             assert dtype.startswith("string"), field.name
 

@@ -1,4 +1,5 @@
-"""Metrics against hand and numpy computations: accuracy, NLL, ECE, agreement, predictive KL."""
+"""Metrics against hand and numpy computations: accuracy, NLL, ECE, agreement, predictive KL, top-5 overlap,
+Jensen-Shannon divergence, agreement where the teacher is right and where it is wrong."""
 
 from __future__ import annotations
 
@@ -358,7 +359,103 @@ def test_student_metrics_name_the_table_columns_and_match_the_parts():
     student_train, teacher_train = torch.randn(30, 5), torch.randn(30, 5).log_softmax(-1)
     labels = torch.randint(0, 5, (50,))
     out = student_metrics(student_test, teacher_test, labels, student_train, teacher_train)
-    assert list(out) == ["test_acc", "test_nll", "test_ece", "test_agreement", "test_kl", "train_agreement", "train_kl"]
+    assert list(out) == ["test_acc", "test_nll", "test_ece", "test_agreement", "test_kl", "test_top5_overlap",
+                         "test_jsd", "test_agreement_teacher_right", "test_agreement_teacher_wrong",
+                         "train_agreement", "train_kl"]
     assert set(out) <= set(METRICS)
     assert out["test_agreement"] == agreement(teacher_test, student_test)
     assert out["train_kl"] == predictive_kl(teacher_train, student_train)
+
+
+# --- top-k overlap, JSD, agreement by the teacher's correctness: a 3-class example by hand ------------
+
+# Four examples, three classes, probabilities with no ties (labels 0, 1, 0, 2):
+#   example  teacher p          label  teacher right?   student q          agree?  top-2 overlap
+#   0        (.5, .3, .2)       0      yes (0)          (.5, .3, .2)       yes     {0,1} & {0,1} -> 2/2
+#   1        (.2, .5, .3)       1      yes (1)          (.5, .2, .3)       no      {1,2} & {0,2} -> 1/2
+#   2        (.3, .2, .5)       0      no  (2)          (.3, .2, .5)       yes     {2,0} & {2,0} -> 2/2
+#   3        (.5, .2, .3)       2      no  (0)          (.5, .3, .2)       yes     {0,2} & {0,1} -> 1/2
+HAND_TEACHER = [[0.5, 0.3, 0.2], [0.2, 0.5, 0.3], [0.3, 0.2, 0.5], [0.5, 0.2, 0.3]]
+HAND_STUDENT = [[0.5, 0.3, 0.2], [0.5, 0.2, 0.3], [0.3, 0.2, 0.5], [0.5, 0.3, 0.2]]
+HAND_LABELS = [0, 1, 0, 2]
+# JSD(p, q) = (KL(p||m) + KL(q||m)) / 2, m = (p + q) / 2; zero where p = q (examples 0 and 2).
+#   example 1: m = (.35, .35, .3); KL(p||m) = .2 ln(.2/.35) + .5 ln(.5/.35) + 0 = KL(q||m)
+#              -> JSD = .2 ln(4/7) + .5 ln(10/7) = 0.066414
+#   example 3: m = (.5, .25, .25); KL(p||m) = 0 + .2 ln(.8) + .3 ln(1.2) = KL(q||m)
+#              -> JSD = .2 ln(.8) + .3 ln(1.2) = 0.010068
+HAND_JSD = (0.2 * math.log(4 / 7) + 0.5 * math.log(10 / 7) + 0.2 * math.log(0.8) + 0.3 * math.log(1.2)) / 4
+
+
+def _hand_tensors() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return (torch.tensor(HAND_TEACHER).log(), torch.tensor(HAND_STUDENT).log(), torch.tensor(HAND_LABELS))
+
+
+def test_top_k_overlap_by_hand() -> None:
+    from kd_ray.train.metrics import top_k_overlap
+
+    teacher, student, _ = _hand_tensors()
+    assert top_k_overlap(teacher, student, k=2) == pytest.approx((1 + 0.5 + 1 + 0.5) / 4)
+    assert top_k_overlap(teacher, student, k=1) == pytest.approx(agreement(teacher, student)) == pytest.approx(0.75)
+    # k = min(5, classes): with three classes the top 5 is every class, shared by both.
+    assert top_k_overlap(teacher, student) == 1.0
+    # Logits and log-probabilities rank alike.
+    assert top_k_overlap(teacher + 3.0, student * 2.0, k=2) == pytest.approx(0.75)
+
+
+def test_top5_overlap_counts_shared_classes_not_their_order() -> None:
+    from kd_ray.train.metrics import top_k_overlap
+
+    # 7 classes: the teacher ranks 0..6 in order; the student's top 5 is 4,3,2,1,6 (shares 1,2,3,4) -> 4/5.
+    teacher = torch.tensor([[7.0, 6, 5, 4, 3, 2, 1]])
+    student = torch.tensor([[0.0, 6, 7, 8, 9, 1, 5]])
+    assert top_k_overlap(teacher, student) == pytest.approx(4 / 5)
+    assert top_k_overlap(teacher, teacher) == 1.0
+
+
+def test_js_divergence_by_hand() -> None:
+    from kd_ray.train.metrics import js_divergence
+
+    teacher, student, _ = _hand_tensors()
+    assert HAND_JSD == pytest.approx((0.066414 + 0.010068) / 4, abs=1e-6)
+    assert js_divergence(teacher, student) == pytest.approx(HAND_JSD, rel=1e-5)
+    assert js_divergence(student, teacher) == pytest.approx(HAND_JSD, rel=1e-5)  # symmetric
+    assert js_divergence(teacher, teacher) == pytest.approx(0.0, abs=1e-7)
+
+
+def test_js_divergence_of_disjoint_predictions_is_ln2_and_finite_with_zeros() -> None:
+    from kd_ray.train.metrics import js_divergence
+
+    # p = (1, 0, 0), q = (0, 1, 0): m = (1/2, 1/2, 0); KL(p||m) = ln 2 = KL(q||m); 0 log 0 = 0 elsewhere.
+    teacher = torch.tensor([[0.0, -math.inf, -math.inf]])
+    student = torch.tensor([[-math.inf, 0.0, -math.inf]])
+    assert js_divergence(teacher, student) == pytest.approx(math.log(2), rel=1e-6)
+    assert math.isinf(predictive_kl(teacher, student))  # KL is unbounded here; JSD is not
+
+
+def test_agreement_where_the_teacher_is_right_and_where_it_is_wrong_by_hand() -> None:
+    from kd_ray.train.metrics import agreement_by_teacher_correctness, fidelity_detail
+
+    teacher, student, labels = _hand_tensors()
+    # Teacher right on examples 0 and 1 (the student agrees on 0): 1/2; wrong on 2 and 3 (agrees on both): 1.
+    assert agreement_by_teacher_correctness(teacher, student, labels) == (0.5, 1.0)
+    detail = fidelity_detail(student, teacher, labels)
+    assert detail == pytest.approx({"top5_overlap": 1.0, "jsd": HAND_JSD, "agreement_teacher_right": 0.5,
+                                    "agreement_teacher_wrong": 1.0}, rel=1e-5)
+    # A group without examples is NaN: here the teacher is right everywhere.
+    right, wrong = agreement_by_teacher_correctness(teacher, student, teacher.argmax(-1))
+    assert right == 0.75 and math.isnan(wrong)
+
+
+def test_the_new_metrics_reach_the_test_and_validation_columns() -> None:
+    from kd_ray.tables import FIDELITY_METRICS, FRACTION_METRICS, VALIDATION_METRICS
+    from kd_ray.train.metrics import student_metrics, validation_metrics
+
+    teacher, student, labels = _hand_tensors()
+    test = student_metrics(student, teacher, labels, student, teacher)
+    val = validation_metrics(student, teacher, labels)
+    for name, value in (("top5_overlap", 1.0), ("jsd", HAND_JSD), ("agreement_teacher_right", 0.5),
+                        ("agreement_teacher_wrong", 1.0)):
+        assert f"test_{name}" in FIDELITY_METRICS and f"val_{name}" in VALIDATION_METRICS
+        assert test[f"test_{name}"] == pytest.approx(value, rel=1e-5)
+        assert val[f"val_{name}"] == test[f"test_{name}"]
+        assert (f"test_{name}" in FRACTION_METRICS) == (name != "jsd")  # JSD is in nats, the others fractions
