@@ -39,11 +39,15 @@ STATUSES = (TERMINATED, ERROR, DIVERGED, STOPPED)
 
 # How well the student does on its own.
 GENERALIZATION_METRICS = ("test_acc", "test_nll", "test_ece")
-# How closely the student matches its teacher.
-FIDELITY_METRICS = ("test_agreement", "test_kl", "train_agreement", "train_kl", "aug_train_agreement")
+# How closely the student matches its teacher. Beside top-1 agreement and KL (kd_ray.train.metrics defines
+# each): the mean share of the teacher's top 5 classes among the student's top 5, the Jensen-Shannon divergence,
+# and the agreement on the examples the teacher gets right and on those it gets wrong (NaN where there are none).
+FIDELITY_METRICS = ("test_agreement", "test_kl", "train_agreement", "train_kl", "aug_train_agreement",
+                    "test_top5_overlap", "test_jsd", "test_agreement_teacher_right", "test_agreement_teacher_wrong")
 # The student's metrics on the validation examples held out of the train split (TrialConfig.val_fraction),
 # defined as the test_* ones; NaN where none are held out. Searches and ASHA select on these.
-VALIDATION_METRICS = ("val_acc", "val_nll", "val_ece", "val_agreement", "val_kl")
+VALIDATION_METRICS = ("val_acc", "val_nll", "val_ece", "val_agreement", "val_kl",
+                      "val_top5_overlap", "val_jsd", "val_agreement_teacher_right", "val_agreement_teacher_wrong")
 # The teacher ensemble's own: on the test set, its accuracy on its own (clean) training examples, and its
 # mean max predicted probability on the test set (how confident it is).
 TEACHER_METRICS = ("teacher_test_acc", "teacher_test_nll", "teacher_test_ece", "teacher_train_acc",
@@ -58,8 +62,9 @@ AFTER_TRAINING_METRICS = CONTROL_METRICS + CKA_METRICS
 # In the column order of the tables.
 METRICS = (GENERALIZATION_METRICS + FIDELITY_METRICS + VALIDATION_METRICS + TEACHER_METRICS + CONTROL_METRICS
            + CKA_METRICS)
-# Fractions in [0, 1]; the other metrics (KL, NLL) are in nats.
-FRACTION_METRICS = frozenset(m for m in METRICS if m.endswith(("_acc", "_agreement", "_ece", "_confidence")))
+# Fractions in [0, 1]; the other metrics (KL, JSD, NLL) are in nats.
+FRACTION_METRICS = frozenset(m for m in METRICS if m.endswith(
+    ("_acc", "_agreement", "_ece", "_confidence", "_overlap", "_teacher_right", "_teacher_wrong")))
 # What an Optuna search optimises and ASHA stops trials on: hyperparameters are chosen on validation data,
 # and the test metrics are only reported, so that they stay an unbiased estimate of the chosen trials.
 SELECTION_METRICS = VALIDATION_METRICS
@@ -73,8 +78,28 @@ DATA_SIZES = ("teacher_train_size", "distill_size")
 CONVERGENCE = ("convergence_delta", "converged")
 
 # Per trial, once: the pack it trained in (kd_ray.packs.run; a trial trained alone is a pack of one, its own
-# trial_id), how many students that pack held, and this student's share of the pack's time.
+# trial_id), how many students that pack held, and this student's share of the pack's time. A packed study's
+# pack_id is its name in packs.json (pack0000, ...), the same in the pack's Ray Tune config and trial directory.
 PACK = ("pack_id", "pack_size", "pack_time_share")
+# Per trial, once: the Ray Tune trial that ran it (its pack's, or its own), and the number of its Optuna trial
+# in the study's journal (null outside an Optuna search).
+RUN_BY = ("ray_trial_id", "optuna_trial_number")
+# Per trial, once, UTC: when its training began (a pack's students: the pack's start; a trial resumed from a
+# checkpoint: its first start) and ended (a pack's students: the pack's end; a trial that failed or was stopped:
+# its last report). Per epoch row: ``EPOCH_TIMESTAMP``, when that evaluation was reported.
+TIMES = ("started_at", "ended_at")
+EPOCH_TIMESTAMP = "timestamp"
+TIMESTAMP_TYPE = pa.timestamp("us", tz="UTC")  # pandas reads it as datetime64[us, UTC]
+
+# Per-example predictions (TrialConfig.save_predictions): one Parquet file per trial, <trial_id>.parquet,
+# in this folder of the study's directory (kd_ray.train.predictions writes them, kd_ray.analysis reads them).
+PREDICTIONS_DIR = "predictions"
+
+
+def packed_trial_id(pack_id: str, index: int) -> str:
+    """The ``trial_id`` of student ``index`` of the pack (Ray Tune trial) ``pack_id``."""
+    return f"{pack_id}_{index}"
+
 
 # Which code, and which device, produced a row.
 PRODUCED_BY = ("kd_ray_version", "git_sha", "torch_version", "ray_version", "device_name")
@@ -108,13 +133,15 @@ TRIALS_SCHEMA = pa.schema(
     + [pa.field("convergence_delta", pa.float64()), pa.field("converged", pa.bool_())]
     + [pa.field(p, pa.string()) for p in PROVENANCE]
     + [pa.field("pack_id", pa.string()), pa.field("pack_size", pa.int64()), pa.field("pack_time_share", pa.float64())]
+    + [pa.field("ray_trial_id", pa.string()), pa.field("optuna_trial_number", pa.int64())]
+    + [pa.field(name, TIMESTAMP_TYPE) for name in TIMES]
 )
 
 EPOCHS_SCHEMA = pa.schema(
     [pa.field("study", pa.string()), pa.field("trial_id", pa.string()), pa.field("epoch", pa.int64()),
      pa.field("lr", pa.float64()), pa.field("train_loss", pa.float64())]
     + [pa.field(m, pa.float64()) for m in METRICS if m not in AFTER_TRAINING_METRICS]
-    + [pa.field("train_time_s", pa.float64())]
+    + [pa.field("train_time_s", pa.float64()), pa.field(EPOCH_TIMESTAMP, TIMESTAMP_TYPE)]
 )
 
 # The loss surface of one trial (paper Fig. 6c): a row per point (a, b) of the plane through the teacher,

@@ -16,7 +16,8 @@ from ray.tune.experiment import Trial
 from kd_ray.atomic import is_uri
 from kd_ray.config import ConfigError
 from kd_ray.progress import log, time_left_s, trial_done_line
-from kd_ray.study.plan import ARM_KEY, PACK_KEY, flatten_arm
+from kd_ray.study.plan import PACK_KEY, PACK_MEAN_KEY, flatten_arm
+from kd_ray.study.trackers import TENSORBOARD_DIR, MLflowRuns, TensorBoardRuns, WandbRuns
 from kd_ray.tables import FIDELITY_METRICS, GENERALIZATION_METRICS
 
 # What a person watches a study for: the student's test agreement and test accuracy.
@@ -27,15 +28,33 @@ TABLE_EVERY_S = 60  # Ray Tune's progress table at most this often; a line per f
 def arm_columns(search_space: dict[str, tuple] | None, axes: dict[str, list], arms: list[dict[str, Any]],
                 seeds: list[int]) -> dict[str, str]:
     """What tells a study's trials apart, as Tune config keys and their labels: the axes, the arms'
-    fields and the seed, or a search's dimensions."""
+    fields and the seed, or a search's dimensions. A trial's config is its flat TrialConfig, so each key
+    is the field's own name."""
     if search_space is not None:
         return {name: name for name in search_space}
     columns = {axis: axis for axis in axes}
     for name in dict.fromkeys(name for arm in arms for name in arm):
-        columns[f"{ARM_KEY}/{name}"] = name
+        columns[name] = name
     if len(seeds) > 1:
         columns["seed"] = "seed"
     return columns
+
+
+def shown_metrics(packed: bool) -> dict[str, str]:
+    """The metrics the console shows, as keys of a trial's reports and their labels: the student's, or a
+    pack's means over its students (``pack_mean/…``)."""
+    if packed:
+        return {f"{PACK_MEAN_KEY}/{metric}": f"mean {metric}" for metric in CONSOLE_METRICS}
+    return {metric: metric for metric in CONSOLE_METRICS}
+
+
+def reported(result: dict[str, Any], key: str) -> Any:
+    """The value of a report at ``key``, a path through its nested dicts (``pack_mean/test_agreement``)."""
+    for part in key.split("/"):
+        if not isinstance(result, dict) or part not in result:
+            return None
+        result = result[part]
+    return result
 
 
 class TrialsDone(tune.Callback):
@@ -67,53 +86,55 @@ class TrialsDone(tune.Callback):
         running = sum(t.status == Trial.RUNNING for t in others)
         total = max(self.total, len(trials))
         left = time_left_s(statistics.mean(self.durations), total - done, running + 1) if self.durations else None
-        config = flatten_arm(trial.config)
-        if PACK_KEY in config:
+        config = flatten_arm(trial.config)  # a study stored with its arms under ARM_KEY: flat as today's
+        packed = PACK_KEY in config
+        if packed:
             arm = {"pack": config[PACK_KEY]["pack_id"], "students": config[PACK_KEY]["size"]}
         else:
             arm = {label: config[label] for label in self.arm_labels if label in config}
-        metrics = {m: result[m] for m in CONSOLE_METRICS if isinstance(result.get(m), (int, float))}
+        values = {label: reported(result, key) for key, label in shown_metrics(packed).items()}
+        metrics = {label: value for label, value in values.items() if isinstance(value, (int, float))}
         log(trial_done_line(done, total, outcome, arm, metrics, time.monotonic() - self.started, left))
 
 
-def progress_table(columns: dict[str, str]) -> tune.CLIReporter:
-    """Ray Tune's own table, with the trial's arm and the student's metrics rather than the first
-    metrics Tune finds in a report (the teacher's, the same for every trial of a seed)."""
+def progress_table(columns: dict[str, str], packed: bool = False) -> tune.CLIReporter:
+    """Ray Tune's own table, with the trial's arm and the student's metrics (a pack's: their means over its
+    students) rather than the first metrics Tune finds in a report (the teacher's, the same for every trial of
+    a seed)."""
     return tune.CLIReporter(
-        metric_columns={"epoch": "epoch", **{m: m for m in CONSOLE_METRICS}},
+        metric_columns={"epoch": "epoch", **shown_metrics(packed)},
         parameter_columns=columns, max_report_frequency=TABLE_EVERY_S,
     )
 
 
-def tracker_callbacks(trackers: tuple[str, ...], name: str, study_dir: str) -> list[tune.Callback]:
-    """Ray Tune's logger callback of each tracker the study logs to (the study checked the packages)."""
+def tracker_callbacks(trackers: tuple[str, ...], name: str, study_dir: str,
+                      label_fields: list[str] | None = None) -> list[tune.Callback]:
+    """A callback per tracker the study logs to (the study checked the packages), each logging one run per
+    student (``kd_ray.study.trackers``), named by ``label_fields`` (the fields that tell the study's
+    students apart; the seed is always among them)."""
+    fields = [*dict.fromkeys([*(label_fields or []), "seed"])]
     callbacks: list[tune.Callback] = []
     for tracker in trackers:
         if tracker == "tensorboard":
-            from ray.tune.logger import TBXLoggerCallback
-
-            callbacks.append(TBXLoggerCallback())
-            log(f"tensorboard: tensorboard --logdir {study_dir}")
+            # tensorboardX writes local files: with a URI storage, the runs stay beside the driver.
+            logdir = os.path.join(study_dir if not is_uri(study_dir) else os.path.abspath(name), TENSORBOARD_DIR)
+            callbacks.append(TensorBoardRuns(name, fields, logdir))
+            log(f"tensorboard: a run per student, tensorboard --logdir {logdir}")
         elif tracker == "mlflow":
             import mlflow
-            from ray.tune.logger.mlflow import MLflowLoggerCallback
 
             # Where the runs go is MLflow's own setting (MLFLOW_TRACKING_URI, else MLflow's default).
-            callbacks.append(MLflowLoggerCallback(experiment_name=name, tags={"kd_ray_study": name}))
-            log(f"mlflow: experiment '{name}', a run per trial, at {mlflow.get_tracking_uri()}")
+            callbacks.append(MLflowRuns(name, fields))
+            log(f"mlflow: experiment '{name}', a parent run '{name}' with a run per student, "
+                f"at {mlflow.get_tracking_uri()}")
         elif tracker == "wandb":
-            from ray.tune.logger.wandb import WandbLoggerCallback
-
             project = os.environ.get("WANDB_PROJECT", "kd_ray")
-            # Run files go to WANDB_DIR, else beside the tables: not into the trial directories, whose
-            # last sync to storage comes before W&B's logging actors have finished writing.
+            # Run files go to WANDB_DIR, else beside the tables.
             run_dir = os.environ.get("WANDB_DIR") or (study_dir if not is_uri(study_dir) else None)
             if run_dir:
                 os.makedirs(run_dir, exist_ok=True)
-            # The logging actors run in the raylet's environment, not the driver's: pass the mode on.
-            callbacks.append(WandbLoggerCallback(project=project, group=name, mode=os.environ.get("WANDB_MODE"),
-                                                 dir=run_dir))
-            log(f"wandb: project '{project}', group '{name}', a run per trial, files in {run_dir or '.'}/wandb")
+            callbacks.append(WandbRuns(name, fields, project, os.environ.get("WANDB_MODE"), run_dir))
+            log(f"wandb: project '{project}', group '{name}', a run per student, files in {run_dir or '.'}/wandb")
         else:
             raise ConfigError(f"tracker {tracker!r} is not allowed; choose from tensorboard, mlflow, wandb")
     return callbacks

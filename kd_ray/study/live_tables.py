@@ -9,6 +9,7 @@ tables grow as the study runs and an interrupted study keeps every finished tria
 
 from __future__ import annotations
 
+import datetime
 import json
 import math
 import os
@@ -19,9 +20,17 @@ from ray import tune
 from ray.tune.experiment import Trial
 
 from kd_ray import tables
-from kd_ray.config import TrialConfig
-from kd_ray.study.plan import PACK_KEY, STUDENTS_KEY, flatten_arm
-from kd_ray.tables import ERROR, STOPPED
+from kd_ray.study.plan import (
+    ENDED_AT,
+    OPTUNA_NUMBER_KEY,
+    OPTUNA_NUMBERS_KEY,
+    PACK_KEY,
+    REPORTED_KEY,
+    STARTED_AT,
+    STUDENTS_KEY,
+    trial_fields,
+)
+from kd_ray.tables import EPOCH_TIMESTAMP, ERROR, STOPPED, packed_trial_id
 
 RESULT_FILE = "result.json"  # Ray Tune's log of a trial's reports, one JSON object a line
 # How many trials each study expects, by its directory, as the newest LiveTables made in this process for
@@ -34,6 +43,13 @@ def _nan_to_none(value: Any) -> Any:
     return None if isinstance(value, float) and math.isnan(value) else value
 
 
+def _utc(seconds: Any) -> datetime.datetime | None:
+    """UTC seconds since the epoch (a report's time) as a timezone-aware datetime; None for none."""
+    if not isinstance(seconds, (int, float)) or isinstance(seconds, bool) or not math.isfinite(seconds):
+        return None
+    return datetime.datetime.fromtimestamp(seconds, tz=datetime.timezone.utc)
+
+
 def trial_rows(
     study_name: str, trial_id: str, config: dict[str, Any], metrics: dict[str, Any],
     error: BaseException | str | None, history,
@@ -41,13 +57,14 @@ def trial_rows(
     """A trial's row and its epoch rows, from what Ray Tune holds of it: its config, its last report
     (``metrics``), the error it failed with (None if it did not) and every report it made
     (``history``: a DataFrame, flattened as Ray Tune's ``Result.metrics_dataframe``, or None)."""
-    config = {k: v for k, v in flatten_arm(config).items() if k in TrialConfig.field_names()}
-    row = {"study": study_name, "trial_id": trial_id, **config}
+    optuna_number = config.get(OPTUNA_NUMBER_KEY)
+    config = trial_fields(config)
+    row = {"study": study_name, "trial_id": trial_id, **config, OPTUNA_NUMBER_KEY: optuna_number}
     epochs = []
     if error is not None:
         row.update(status=ERROR, error=f"{type(error).__name__}: {error}"[:2000])
     elif metrics.get("final"):
-        row.update({k: _nan_to_none(v) for k, v in metrics.items() if k not in config})
+        row.update({k: _nan_to_none(v) for k, v in metrics.items() if k not in row})
     else:
         row.update(status=STOPPED, error="stopped early by the scheduler")
     if history is not None and len(history):
@@ -58,14 +75,19 @@ def trial_rows(
             reports = reports.drop_duplicates(subset="epoch", keep="last").sort_values("epoch", kind="stable")
         for record in reports.to_dict("records"):
             values = {k: _nan_to_none(v) for k, v in record.items()}
-            epochs.append({"study": study_name, "trial_id": trial_id, **values})
+            # When the evaluation was reported: kd_ray's own time, else Ray Tune's (whole seconds).
+            values[EPOCH_TIMESTAMP] = _utc(record.get(REPORTED_KEY)) or _utc(record.get(EPOCH_TIMESTAMP))
+            epochs.append({**values, "study": study_name, "trial_id": trial_id})
         if row["status"] == STOPPED and len(reports):
             last = reports.iloc[-1].to_dict()
             row.update({
                 k: _nan_to_none(v) for k, v in last.items()
-                if k in row or k.startswith(("test_", "train_", "aug_", "teacher_"))
+                if k in row or k.startswith(("test_", "train_", "aug_", "teacher_", "val_"))
             })
             row["epochs_completed"] = int(last.get("epoch", 0))
+    # When it began and ended: a trial that did not finish ended at its last report.
+    row[STARTED_AT] = _utc(metrics.get(STARTED_AT))
+    row[ENDED_AT] = _utc(metrics.get(ENDED_AT) if metrics.get("final") else metrics.get(REPORTED_KEY))
     return row, epochs
 
 
@@ -73,29 +95,40 @@ def student_rows(
     study_name: str, trial_id: str, config: dict[str, Any], metrics: dict[str, Any],
     error: BaseException | str | None, history,
 ) -> list[tuple[dict[str, Any], list[dict[str, Any]]]]:
-    """``trial_rows`` of every student a Ray Tune trial trained: one for a plain trial (a pack of one,
-    its own ``pack_id``), one per student of a pack, whose ``trial_id`` is the pack's and its index."""
+    """``trial_rows`` of every student a Ray Tune trial (``trial_id``) trained: one for a plain trial (a pack of
+    one, its own ``pack_id``), one per student of a pack, whose ``trial_id`` is the Ray Tune trial's and its index
+    and whose ``pack_id`` is the pack's. Every row's ``ray_trial_id`` is ``trial_id``."""
     pack = config.get(PACK_KEY)
     if pack is None:
         row, epochs = trial_rows(study_name, trial_id, config, metrics, error, history)
         for name, value in (("pack_id", trial_id), ("pack_size", 1), ("pack_time_share", 1.0)):
             row.setdefault(name, value)
+        row["ray_trial_id"] = trial_id
         return [(row, epochs)]
     out = []
     reported = metrics.get(STUDENTS_KEY) or {}
+    numbers = pack.get(OPTUNA_NUMBERS_KEY) or [None] * len(pack[STUDENTS_KEY])
     for index, student in enumerate(pack[STUDENTS_KEY]):
         mine = reported.get(str(index)) or {}
-        final = {**mine, "final": True} if metrics.get("final") and mine else {}
-        prefix = f"{STUDENTS_KEY}/{index}/"
-        own = None
-        if history is not None and f"{prefix}epoch" in history:
-            columns = [c for c in history.columns if c.startswith(prefix)]
-            own = history[history[f"{prefix}epoch"].notna()][columns]
-            own = own.rename(columns={c: c[len(prefix):] for c in columns})
-        row, epochs = trial_rows(study_name, f"{trial_id}_{index}", student, final, error, own)
-        row.update(pack_id=trial_id, pack_size=len(pack[STUDENTS_KEY]))
+        # A pack's times are in every report: a student without its final report began and ended with the pack.
+        times = {key: metrics[key] for key in (STARTED_AT, REPORTED_KEY) if key in metrics}
+        final = {**times, **mine, "final": True} if metrics.get("final") and mine else times
+        own = _own_history(history, f"{STUDENTS_KEY}/{index}/")
+        student_config = {**student, OPTUNA_NUMBER_KEY: numbers[index]}
+        row, epochs = trial_rows(study_name, packed_trial_id(trial_id, index), student_config, final, error, own)
+        row.update(pack_id=str(pack["pack_id"]), pack_size=len(pack[STUDENTS_KEY]), ray_trial_id=trial_id)
         out.append((row, epochs))
     return out
+
+
+def _own_history(history, prefix: str):
+    """A pack's reports of one student (their columns under ``prefix``), with the time of each report."""
+    if history is None or f"{prefix}epoch" not in history:
+        return None
+    columns = [c for c in history.columns if c.startswith(prefix)]
+    own = history[history[f"{prefix}epoch"].notna()]
+    times = [c for c in (REPORTED_KEY, EPOCH_TIMESTAMP) if c in history and f"{prefix}{c}" not in history]
+    return own[columns + times].rename(columns={c: c[len(prefix):] for c in columns})
 
 
 def collect_rows(study_name: str, results) -> tuple[list[dict], list[dict]]:

@@ -10,13 +10,26 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from kd_ray.config import MAX_VAL_FRACTION, ConfigError, TrialConfig
-from kd_ray.tables import check_selection_metric
+from kd_ray.tables import TIMES, check_selection_metric
 
-ARM_KEY = "arm"  # an explicit arm travels through Tune's grid as one dict-valued parameter
-# A pack (kd_ray.packs.run) travels as one parameter too: {"pack_id", "size", "students": [config, ...]};
-# its reports hold each student's metrics under "students/<index>".
+# A trial's Ray Tune config is its whole flat TrialConfig (what Ray Tune's params.json, Result.config and
+# ExperimentAnalysis show), plus, in an Optuna search, the number of its Optuna trial under OPTUNA_NUMBER_KEY.
+# Studies stored before held an explicit arm as one dict-valued parameter under ARM_KEY: ``flatten_arm`` reads them.
+ARM_KEY = "arm"
+OPTUNA_NUMBER_KEY = "optuna_trial_number"
+# A pack (kd_ray.packs.run) travels as one parameter: {"pack_id", "size", "students": [config, ...], "labels":
+# [the fields that tell its students apart], and in a search "optuna_trial_numbers": [one a student]}. Its
+# reports hold each student's metrics under "students/<index>" (the final one its labels and trial_id too), and
+# the means over its students under "pack_mean", never under a metric's own name.
 PACK_KEY = "pack"
 STUDENTS_KEY = "students"
+LABELS_KEY = "labels"
+OPTUNA_NUMBERS_KEY = "optuna_trial_numbers"
+PACK_MEAN_KEY = "pack_mean"
+# In a trial's reports, UTC seconds: when it began (every report), when it ended (its final report), and when
+# each report was made; the trials table's started_at and ended_at, and the epochs table's timestamp.
+STARTED_AT, ENDED_AT = TIMES
+REPORTED_KEY = "reported_at"
 # What ASHA stops a grid study's trials on; a search names its own metrics. Either is a validation metric
 # (kd_ray.tables.SELECTION_METRICS): trials are selected on the validation split, test metrics only reported.
 GRID_METRICS = ("val_agreement",)
@@ -34,6 +47,12 @@ def flatten_arm(config: dict[str, Any]) -> dict[str, Any]:
     config = dict(config)
     arm = config.pop(ARM_KEY, None) or {}  # pop first: {**config, **config.pop(...)} keeps the key
     return {**config, **arm}
+
+
+def trial_fields(config: dict[str, Any]) -> dict[str, Any]:
+    """The TrialConfig fields of a trial's Ray Tune config (a stored arm's set beside the others)."""
+    names = set(TrialConfig.field_names())
+    return {name: value for name, value in flatten_arm(config).items() if name in names}
 
 
 @dataclass(frozen=True)
@@ -74,6 +93,16 @@ class RunPlan:
     search_seed: int
     spec: dict[str, Any]  # what decides the trials, stored beside the tables (kd_ray.study.guards)
     experiments: tuple[Experiment, ...]  # the first one, then one per growth of its seeds (``experiments``)
+
+    @property
+    def label_fields(self) -> list[str]:
+        """The fields that tell the study's trials apart: its axes and its arms' fields, or its search's
+        dimensions; and the seed."""
+        if self.search_space is not None:
+            names = list(self.search_space)
+        else:
+            names = [*self.axes, *(name for arm in self.arms for name in arm)]
+        return list(dict.fromkeys([*names, "seed"]))
 
     @classmethod
     def from_study(cls, study: Any) -> RunPlan:

@@ -9,8 +9,10 @@ imports ``kd_ray.study.spec``, which sits above it. The trainable is a plain fun
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
+import re
 import socket
 import sys
 import tempfile
@@ -41,7 +43,16 @@ from kd_ray.study.guards import (
 )
 from kd_ray.study.live_tables import LiveTables, record_finished_trials
 from kd_ray.study.pack_trials import choose_packs, pack_dirname, search_pack_size, train_pack
-from kd_ray.study.plan import ARM_KEY, PACK_KEY, Experiment, RunPlan, StudyResult, flatten_arm
+from kd_ray.study.plan import (
+    ENDED_AT,
+    PACK_KEY,
+    REPORTED_KEY,
+    STARTED_AT,
+    Experiment,
+    RunPlan,
+    StudyResult,
+    trial_fields,
+)
 from kd_ray.study.storage import BEGUN, clear_not_begun, rerun_hint, study_state
 from kd_ray.train.teachers import TeacherStoreError
 
@@ -126,7 +137,8 @@ def prepare_teachers(plan: RunPlan, configs: list[TrialConfig]) -> None:
 # --- the trainable ------------------------------------------------------------------------------
 
 
-def _trainable(config: dict[str, Any], store_uri: str, data_dir: str | None) -> None:
+def _trainable(config: dict[str, Any], store_uri: str | None, data_dir: str | None,
+               predictions_dir: str | None = None) -> None:
     import torch
 
     from kd_ray.train.trial import run_trial
@@ -135,21 +147,25 @@ def _trainable(config: dict[str, Any], store_uri: str, data_dir: str | None) -> 
     # Ray logs every persisted checkpoint at INFO from the worker, a line per evaluation on the console.
     logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)
     resume = None
+    started_at = time.time()
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             resume = torch.load(os.path.join(directory, STATE_FILE), map_location="cpu", weights_only=True)
         # The report that came with this checkpoint, again: a process lost after its checkpoint reached
         # storage but before Tune's driver took the report would otherwise leave that epoch without a row
-        # (trial_rows keeps one row per epoch, so a report the driver did take is not doubled).
+        # (trial_rows keeps one row per epoch, so a report the driver did take is not doubled). It holds
+        # when the trial first began, which a retried trial keeps.
         if REPORT_KEY in resume:
-            tune.report(resume.pop(REPORT_KEY))
+            report = resume.pop(REPORT_KEY)
+            started_at = float(report.get(STARTED_AT, started_at))
+            tune.report(report)
     # Which process and node produced each report (result.json, progress.csv): a retried trial's
-    # reports show where it died and where it went on.
-    where = {"pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id()}
+    # reports show where it died and where it went on. And when the trial began, in UTC seconds.
+    where = {"pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(), STARTED_AT: started_at}
 
     def report_to_tune(metrics: dict[str, Any], state: dict[str, Any] | None) -> None:
-        metrics = {**metrics, **where}
+        metrics = {**metrics, **where, REPORTED_KEY: time.time()}
         if state is None:
             tune.report(metrics)
             return
@@ -158,12 +174,27 @@ def _trainable(config: dict[str, Any], store_uri: str, data_dir: str | None) -> 
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(directory))
 
     if PACK_KEY in config:
-        train_pack(config[PACK_KEY], report_to_tune, resume, store_uri, data_dir, where)
+        train_pack(config[PACK_KEY], report_to_tune, resume, store_uri, data_dir, where, predictions_dir)
         return
-    cfg = TrialConfig.from_dict(flatten_arm(config))
-    result = run_trial(cfg, report_to_tune, resume, store=store_uri, data_dir=data_dir)
-    # The last report carries the trial's final status and provenance for the trials table.
-    tune.report({**result, "epoch": result["epochs_completed"], "final": True, **where})
+    cfg = TrialConfig.from_dict(trial_fields(config))
+    result = run_trial(cfg, report_to_tune, resume, store=store_uri, data_dir=data_dir, predictions_dir=predictions_dir,
+                       trial_id=tune.get_context().get_trial_id())
+    # The last report carries the trial's final status, provenance and end for the trials table.
+    tune.report({**result, "epoch": result["epochs_completed"], "final": True, **where, ENDED_AT: time.time()})
+
+
+def distillation_trainable(store_uri: str | None = None, data_dir: str | None = None, cpus_per_trial: float = 1,
+                           gpus_per_trial: float = 0, predictions_dir: str | None = None):
+    """The trainable every study runs, as Ray Tune takes it (with its resources), for
+    ``tune.Tuner.restore(study_dir, trainable=distillation_trainable(...))``: the teacher store
+    (``<storage>/teachers``; None: ``$KD_RAY_TEACHERS``), the data directory (None: ``$KD_RAY_DATA``), and the
+    CPUs and GPUs of each trial, and where trials with ``save_predictions`` write theirs. A restored Tuner's
+    ``get_results()`` reads the stored trials without it running."""
+    return tune.with_resources(
+        tune.with_parameters(_trainable, store_uri=store_uri, data_dir=data_dir,
+                             predictions_dir=predictions_dir),
+        {"cpu": cpus_per_trial, "gpu": gpus_per_trial},
+    )
 
 
 # --- the tuner ----------------------------------------------------------------------------------
@@ -193,20 +224,35 @@ def _scheduler(plan: RunPlan):
     )
 
 
-def _param_space(plan: RunPlan, seeds: tuple[int, ...], packs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-    if packs is not None:
-        return {PACK_KEY: tune.grid_search(packs)}
+def _search_space(plan: RunPlan) -> dict[str, Any]:
+    """A search's Ray Tune param space: the base's fields but the searched ones, which the searcher adds."""
     base = plan.base.to_dict()
-    if plan.search_space is not None:
-        for name in plan.search_space:
-            base.pop(name)
-        return base
-    for axis, values in plan.axes.items():
-        base[axis] = tune.grid_search(list(values))
-    if plan.arms:
-        base[ARM_KEY] = tune.grid_search(list(plan.arms))
-    base["seed"] = tune.grid_search(list(seeds))
+    for name in plan.search_space or {}:
+        base.pop(name)
     return base
+
+
+def _grid_points(configs: list[TrialConfig]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """A grid's trials as Ray Tune takes them: each config whole and flat as a point to evaluate, in the study's
+    order, and a param space that holds every point (a field that varies is a choice among its values)."""
+    points = [cfg.to_dict() for cfg in configs]
+    space = dict(points[0])
+    for name in space:
+        values = list(dict.fromkeys(point[name] for point in points))
+        if len(values) > 1:
+            space[name] = tune.choice(values)
+    return space, points
+
+
+MAX_DIRNAME = 130  # characters of a trial directory's name, as Ray Tune's own names are cut
+
+
+def labelled_dirname(labels: tuple[str, ...], trial) -> str:
+    """A grid trial's directory: the trainable's name, the trial's id and the values of the fields that tell the
+    study's trials apart (Ray Tune's own name would hold no values: each trial is a point, nothing is sampled)."""
+    values = ",".join(f"{name}={trial.config.get(name)}" for name in labels)
+    name = f"{_trainable.__name__}_{trial.trial_id}_{values}"[:MAX_DIRNAME]
+    return re.sub(r'[/()<>:"\\|?*\s]', "_", name)
 
 
 # Ray Tune snapshots the experiment state whenever a trial has written num_to_keep checkpoints since the
@@ -248,10 +294,8 @@ def _build_tuner(plan: RunPlan, experiment: Experiment, configs: list[TrialConfi
     state on a resume, else a new one, its trials packed where they can be."""
     # Ray Tune's newer console ignores a progress reporter; the classic one prints CLIReporter's table.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    trainable = tune.with_resources(
-        tune.with_parameters(_trainable, store_uri=plan.teacher_store, data_dir=plan.data_dir),
-        {"cpu": plan.cpus_per_trial, "gpu": plan.gpus_per_trial},
-    )
+    trainable = distillation_trainable(plan.teacher_store, plan.data_dir, plan.cpus_per_trial, plan.gpus_per_trial,
+                                       f"{plan.study_dir}/{tables.PREDICTIONS_DIR}")
     # A local study's files are written through a filesystem whose failed writes leave the old file.
     storage = atomic_local_filesystem(plan.study_dir) if not is_uri(plan.study_dir) else None
     folder, seeds = experiment
@@ -264,13 +308,34 @@ def _build_tuner(plan: RunPlan, experiment: Experiment, configs: list[TrialConfi
         return restore_tuner(where, trainable, storage)
     if folder:
         log(f"growth: seeds {list(seeds)}, {len(configs)} trials, as an experiment of their own in {where}")
-    packs, search_pack = _packs(plan, configs, where)
+    packs, search_pack = _packs(plan, configs, experiment)
     packed = packs is not None or search_pack > 1
-    tune_config = _tune_config(plan, packed, search_pack)
-    run_config = _run_config(plan, folder, storage, live_tables, _progress_columns(plan, packed))
-    # A packed search's searcher gives each trial its whole parameter: every student's config.
-    space = _param_space(plan, seeds, packs) if search_pack == 1 else {}
+    space, tune_config = _trials(plan, configs, packs, search_pack)
+    run_config = _run_config(plan, folder, storage, live_tables, _progress_columns(plan, packed), packed)
     return tune.Tuner(trainable, param_space=space, tune_config=tune_config, run_config=run_config)
+
+
+def _trials(plan: RunPlan, configs: list[TrialConfig], packs: list[dict[str, Any]] | None,
+            search_pack: int) -> tuple[dict[str, Any], tune.TuneConfig]:
+    """What Ray Tune runs: a grid's packs (one trial each), a grid's configs (a trial each, its config whole), or
+    a search's points (``search_pack`` to a trial); as the Tuner's param space and TuneConfig."""
+    from ray.tune.search import BasicVariantGenerator
+
+    trial_slots = slots(plan, count_gpus=False)  # CPUs only: each trial's GPU request holds them to the GPUs
+    if packs is not None:
+        space = {PACK_KEY: tune.grid_search(packs)}
+        return space, _tune_config(plan, None, 1, trial_slots, pack_dirname)
+    if plan.search_space is not None:
+        # A packed search's searcher gives each trial its whole parameter: every student's config.
+        space = _search_space(plan) if search_pack == 1 else {}
+        searcher = _searcher(plan, search_pack)
+        samples = -(-plan.num_samples // search_pack)  # a search's points, search_pack to a trial
+        return space, _tune_config(plan, searcher, samples, trial_slots, pack_dirname if search_pack > 1 else None)
+    space, points = _grid_points(configs)
+    # The generator holds the trials to the slots itself: Ray Tune would ignore max_concurrent_trials for it.
+    points_first = BasicVariantGenerator(points_to_evaluate=points, max_concurrent=trial_slots)
+    dirname = functools.partial(labelled_dirname, tuple(plan.label_fields))
+    return space, _tune_config(plan, points_first, len(points), None, dirname)
 
 
 def experiment_dir(plan: RunPlan, folder: str) -> str:
@@ -278,12 +343,14 @@ def experiment_dir(plan: RunPlan, folder: str) -> str:
     return f"{plan.study_dir}/{folder}" if folder else plan.study_dir
 
 
-def _packs(plan: RunPlan, configs: list[TrialConfig], where: str) -> tuple[list[dict[str, Any]] | None, int]:
-    """A grid study's packs as Ray Tune parameters (None: a trial per config), listed in ``where``, and
-    how many Optuna points each trial of a search asks for (1: a point per trial)."""
+def _packs(plan: RunPlan, configs: list[TrialConfig],
+           experiment: Experiment) -> tuple[list[dict[str, Any]] | None, int]:
+    """A grid study's packs as Ray Tune parameters (None: a trial per config), listed in the experiment's
+    directory, and how many Optuna points each trial of a search asks for (1: a point per trial)."""
     trial_slots = slots(plan)
+    folder, _ = experiment
     packs = choose_packs(plan.pack, plan.search_space is not None, plan.scheduler, trial_slots, plan.gpus_per_trial,
-                         where, configs)
+                         experiment_dir(plan, folder), configs, folder=folder, labels=plan.label_fields)
     if plan.search_space is None:
         return packs, 1
     search_pack = search_pack_size(plan.pack, plan.scheduler, list(plan.search_space), plan.base, plan.num_samples,
@@ -298,20 +365,20 @@ def _progress_columns(plan: RunPlan, packed: bool) -> dict[str, str]:
     return arm_columns(plan.search_space, plan.axes, plan.arms, plan.seeds)
 
 
-def _tune_config(plan: RunPlan, packed: bool, search_pack: int) -> tune.TuneConfig:
+def _tune_config(plan: RunPlan, search_alg, num_samples: int, max_concurrent: int | None,
+                 dirname) -> tune.TuneConfig:
     return tune.TuneConfig(
-        trial_dirname_creator=pack_dirname if packed else None,
-        search_alg=_searcher(plan, search_pack),
+        trial_dirname_creator=dirname,
+        search_alg=search_alg,
         scheduler=_scheduler(plan),
-        num_samples=-(-plan.num_samples // search_pack),  # a search's points, search_pack to a trial
-        # CPUs only: each trial's GPU request already holds the trials to the GPUs there are.
-        max_concurrent_trials=slots(plan, count_gpus=False),
+        num_samples=num_samples,
+        max_concurrent_trials=max_concurrent,
         reuse_actors=plan.gpus_per_trial == 0,
     )
 
 
-def _run_config(plan: RunPlan, folder: str, storage, live_tables: LiveTables,
-                columns: dict[str, str]) -> tune.RunConfig:
+def _run_config(plan: RunPlan, folder: str, storage, live_tables: LiveTables, columns: dict[str, str],
+                packed: bool) -> tune.RunConfig:
     return tune.RunConfig(
         # Ray Tune's experiment directory is <storage_path>/<name>: the study's, or a growth's folder in it.
         name=folder or plan.name,
@@ -320,8 +387,10 @@ def _run_config(plan: RunPlan, folder: str, storage, live_tables: LiveTables,
         failure_config=tune.FailureConfig(max_failures=plan.max_failures),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=CHECKPOINTS_KEPT),
         callbacks=[StorageWatch(local=storage is not None), live_tables,
-                   *tracker_callbacks(plan.trackers, plan.name, plan.study_dir), TrialsDone(list(columns.values()))],
-        progress_reporter=progress_table(columns),
+                   *tracker_callbacks(plan.trackers, plan.name, plan.study_dir,
+                                      list(arm_columns(plan.search_space, plan.axes, plan.arms, plan.seeds).values())),
+                   TrialsDone(list(columns.values()))],
+        progress_reporter=progress_table(columns, packed),
         verbose=plan.verbose,
     )
 

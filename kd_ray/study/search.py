@@ -23,6 +23,7 @@ import math
 import os
 import threading
 import time
+import warnings
 from typing import Any
 
 import optuna
@@ -32,8 +33,47 @@ from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 from kd_ray.progress import log
-from kd_ray.study.plan import PACK_KEY, STUDENTS_KEY, RunPlan
+from kd_ray.study.pack_trials import pack_name
+from kd_ray.study.plan import LABELS_KEY, OPTUNA_NUMBER_KEY, OPTUNA_NUMBERS_KEY, PACK_KEY, STUDENTS_KEY, RunPlan
 from kd_ray.study.storage import OPTUNA_JOURNAL
+from kd_ray.tables import packed_trial_id
+
+# On each Optuna trial: the trial_id of its row in trials.parquet, the Ray Tune trial that ran it and, packed,
+# the pack's id; the row's optuna_trial_number is the Optuna trial's number.
+ROW_ATTR, RAY_TRIAL_ATTR, PACK_ATTR = "kd_ray_trial_id", "ray_trial_id", "pack_id"
+
+
+def link_trial(trial: optuna.trial.Trial, row_trial_id: str, ray_trial_id: str, pack_id: str | None = None) -> None:
+    """Record on an Optuna trial which row of the tables and which Ray Tune trial (and pack) it is."""
+    trial.set_user_attr(ROW_ATTR, row_trial_id)
+    trial.set_user_attr(RAY_TRIAL_ATTR, ray_trial_id)
+    if pack_id is not None:
+        trial.set_user_attr(PACK_ATTR, pack_id)
+
+
+def name_metrics(study: optuna.Study, metrics: list[str]) -> None:
+    """Name the study's objectives after the metrics it optimises (what Optuna's plots and dashboard show)."""
+    with warnings.catch_warnings():  # experimental in Optuna since 3.2, and still so in 5.1
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.set_metric_names(list(metrics))
+
+
+class LinkedOptunaSearch(OptunaSearch):
+    """Ray Tune's ``OptunaSearch``, each of its points linked to its row: the trial's config carries the
+    number of its Optuna trial (``optuna_trial_number``), and the Optuna trial the row's trial_id and Ray Tune
+    trial id (user attributes); the Optuna study names its objectives after the metrics."""
+
+    def __init__(self, metric_names: list[str], **options: Any) -> None:
+        super().__init__(**options)
+        name_metrics(self._ot_study, metric_names)
+
+    def suggest(self, trial_id: str) -> dict[str, Any] | None:
+        config = super().suggest(trial_id)
+        trial = self._ot_trials.get(trial_id)
+        if config is None or trial is None:
+            return config
+        link_trial(trial, trial_id, trial_id)
+        return {**config, OPTUNA_NUMBER_KEY: trial.number}
 
 
 class PackedOptunaSearch(Searcher):
@@ -42,11 +82,12 @@ class PackedOptunaSearch(Searcher):
     def __init__(self, study, distributions: dict[str, Any], base: dict[str, Any], metrics: list[str],
                  num_points: int, pack_size: int) -> None:
         # No metric for Ray Tune to require at the top of a pack's report: the values told to Optuna are each
-        # student's own (students/<index>/<metric>), and the top holds only the pack's console means.
+        # student's own (students/<index>/<metric>), and the top holds only the pack's means (pack_mean/…).
         super().__init__(metric=None, mode=None)
         self.study, self.distributions, self.base = study, distributions, base
         self.metrics, self.num_points, self.pack_size = metrics, num_points, pack_size
         self.asked = 0
+        self.packs = 0  # packs asked for so far: the next one's pack_id is pack_name(self.packs)
         self.pending: dict[str, list[int]] = {}  # Tune trial id -> its students' Optuna trial numbers
 
     def set_search_properties(self, metric, mode, config, **spec) -> bool:
@@ -56,11 +97,17 @@ class PackedOptunaSearch(Searcher):
         if self.asked >= self.num_points:
             return Searcher.FINISHED
         size = min(self.pack_size, self.num_points - self.asked)
+        pack_id = pack_name(self.packs)
         asked = [self.study.ask(self.distributions) for _ in range(size)]
+        for index, trial in enumerate(asked):
+            link_trial(trial, packed_trial_id(trial_id, index), trial_id, pack_id)
         self.asked += size
+        self.packs += 1
         self.pending[trial_id] = [t.number for t in asked]
         students = [{**self.base, **t.params} for t in asked]
-        return {PACK_KEY: {"pack_id": f"search{len(self.pending) - 1:04d}", "size": size, STUDENTS_KEY: students}}
+        labels = [*self.distributions, "seed"]
+        return {PACK_KEY: {"pack_id": pack_id, "size": size, LABELS_KEY: labels, STUDENTS_KEY: students,
+                           OPTUNA_NUMBERS_KEY: self.pending[trial_id]}}
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         numbers = self.pending.pop(trial_id, [])
@@ -77,12 +124,14 @@ class PackedOptunaSearch(Searcher):
     def save(self, checkpoint_path: str) -> None:
         # Plain JSON: the Optuna study itself lives in its journal, and a saved state is never unpickled.
         with open(checkpoint_path, "w") as handle:
-            json.dump({"asked": self.asked, "pending": self.pending}, handle)
+            json.dump({"asked": self.asked, "packs": self.packs, "pending": self.pending}, handle)
 
     def restore(self, checkpoint_path: str) -> None:
         with open(checkpoint_path) as handle:
             state = json.load(handle)
         self.asked, self.pending = int(state["asked"]), {k: list(v) for k, v in state["pending"].items()}
+        # A state saved before packs were counted: as many as it had asked points for, at most.
+        self.packs = int(state.get("packs", -(-self.asked // self.pack_size)))
 
 
 # Each lock type, and how to make a new one.
@@ -107,8 +156,8 @@ class PicklableNSGAIISampler(optuna.samplers.NSGAIISampler):
 
 def optuna_searcher(plan: RunPlan, pack_size: int = 1) -> Searcher:
     """The Ray Tune searcher of ``plan``'s Optuna search, its Optuna study kept in a journal beside the
-    tables: Ray Tune's own ``OptunaSearch``, or a ``PackedOptunaSearch`` when each trial is a pack of
-    ``pack_size`` points."""
+    tables (``optuna.journal``), its objectives named after the metrics: Ray Tune's own ``OptunaSearch``
+    (``LinkedOptunaSearch``), or a ``PackedOptunaSearch`` when each trial is a pack of ``pack_size`` points."""
     assert plan.search_space is not None
     distributions = _distributions(plan.search_space)
     sampler = _sampler(plan, pack_size)
@@ -116,18 +165,19 @@ def optuna_searcher(plan: RunPlan, pack_size: int = 1) -> Searcher:
     os.makedirs(plan.study_dir, exist_ok=True)
     storage = JournalStorage(JournalFileBackend(journal))
     optuna_name = f"{plan.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    log(f"optuna: study '{optuna_name}' in {journal} "
-        f"(optuna.load_study(study_name=..., storage=JournalStorage(...)))")
+    log(f"optuna: study '{optuna_name}' in {journal} (optuna-dashboard {journal}, or "
+        f"optuna.load_study(study_name='{optuna_name}', storage=JournalStorage(JournalFileBackend('{journal}'))))")
     if pack_size > 1:
         directions = ["maximize" if mode == "max" else "minimize" for mode in plan.modes]
         study = optuna.create_study(storage=storage, sampler=sampler, study_name=optuna_name, directions=directions)
+        name_metrics(study, list(plan.metrics))
         return PackedOptunaSearch(study, distributions, plan.base.to_dict(), list(plan.metrics), plan.num_samples,
                                   pack_size)
     multi = len(plan.metrics) > 1
     metric = list(plan.metrics) if multi else plan.metrics[0]
     mode = list(plan.modes) if multi else plan.modes[0]
-    return OptunaSearch(space=distributions, metric=metric, mode=mode, sampler=sampler, storage=storage,
-                        study_name=optuna_name)
+    return LinkedOptunaSearch(list(plan.metrics), space=distributions, metric=metric, mode=mode, sampler=sampler,
+                              storage=storage, study_name=optuna_name)
 
 
 def _distributions(search_space: dict[str, tuple]) -> dict[str, optuna.distributions.BaseDistribution]:

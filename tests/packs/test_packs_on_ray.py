@@ -25,7 +25,7 @@ COMPARED = ["test_acc", "test_agreement", "train_agreement", "aug_train_agreemen
 
 
 def pack_dirs(study_dir: Path) -> list[Path]:
-    return sorted(p for p in study_dir.iterdir() if p.is_dir() and p.name.startswith("pack_"))
+    return sorted(p for p in study_dir.iterdir() if p.is_dir() and p.name.startswith("pack"))
 
 
 @pytest.fixture(scope="module")

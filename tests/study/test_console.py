@@ -14,7 +14,6 @@ import pytest
 
 from kd_ray.progress import format_duration, time_left_s, trial_done_line
 from kd_ray.study.console import arm_columns
-from kd_ray.study.plan import ARM_KEY
 from kd_ray.study.presets import STUDIES
 from kd_ray.study.runner import CHECKPOINTS_KEPT
 
@@ -48,7 +47,7 @@ def test_trial_done_line():
 def test_arm_columns_name_what_tells_the_trials_apart():
     arms = [{"optimizer": "sgd", "lr": 0.05}, {"optimizer": "adam", "lr": 1e-3}]
     assert arm_columns(None, {"temperature": [1.0, 4.0]}, arms, [0, 1]) == {
-        "temperature": "temperature", f"{ARM_KEY}/optimizer": "optimizer", f"{ARM_KEY}/lr": "lr", "seed": "seed"}
+        "temperature": "temperature", "optimizer": "optimizer", "lr": "lr", "seed": "seed"}
     assert arm_columns(None, {"teacher_members": [1, 3]}, [], [0]) == {"teacher_members": "teacher_members"}
     search = {"lr": ("logfloat", 0.01, 0.1), "alpha": ("float", 0.0, 1.0)}
     assert arm_columns(search, {}, [], [0]) == {"lr": "lr", "alpha": "alpha"}

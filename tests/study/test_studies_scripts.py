@@ -33,6 +33,7 @@ EXTRA = {
     "augmentation_ablation": ["--set", "temperature=4", "--set", "teacher_members=1"],
     "augmentation_convnet": ["--set", "temperature=4", "--set", "teacher_members=1"],
     "dataset_size": ["--set", "distill_fraction=0.25", "--set", "extra_data=0", "--set", "teacher_members=1"],
+    "divergence": ["--set", "temperature=4", "--set", "teacher_members=1"],
     "ensemble_size": [],
     "initialization": ["--set", "init_lambda=0.5"],
     "optuna_search": ["--num-samples", "2", "--set", "teacher_members=1"],
@@ -78,7 +79,7 @@ def expected_rows(name: str, argv: list[str]) -> int:
 
 def trial_dirs(study_dir: Path) -> list[Path]:
     """Ray Tune's trial directories: a trial per config, or a pack of configs (kd_ray.packs.run)."""
-    return [p for p in study_dir.iterdir() if p.is_dir() and p.name.startswith(("_trainable", "pack_"))]
+    return [p for p in study_dir.iterdir() if p.is_dir() and p.name.startswith(("_trainable", "pack"))]
 
 
 def check_study_dir(study_dir: Path, rows: int, argv: list[str]) -> pd.DataFrame:

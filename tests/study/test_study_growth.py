@@ -32,7 +32,7 @@ SAME_IN_EVERY_RUN = [*METRICS, "epochs_completed", "student_steps", "teacher_ste
 
 
 def trial_dirs(experiment_dir: Path) -> list[Path]:
-    return sorted(p for p in experiment_dir.iterdir() if p.is_dir() and p.name.startswith(("_trainable", "pack_")))
+    return sorted(p for p in experiment_dir.iterdir() if p.is_dir() and p.name.startswith(("_trainable", "pack")))
 
 
 def result_logs(experiment_dir: Path) -> dict[str, str]:
@@ -96,7 +96,7 @@ def test_a_grown_study_keeps_its_rows_and_runs_only_the_new_seed(grown):
     growth = study_dir / "grown-1"
     assert len(trial_dirs(growth)) == (2 if pack == "off" else 1)
     new = trials[trials["seed"] == 2]
-    assert set(new["pack_id"]) == {d.name.removeprefix("pack_") for d in trial_dirs(growth)} or pack == "off"
+    assert set(new["pack_id"]) == {d.name for d in trial_dirs(growth)} or pack == "off"
     spec = json.loads((study_dir / SPEC_FILE).read_text())
     assert spec["seeds"] == [0, 1, 2] and spec["growths"] == [{"folder": "grown-1", "seeds": [2]}]
     if pack == "auto":

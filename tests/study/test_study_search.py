@@ -61,7 +61,8 @@ def test_the_search_preset_and_asha_select_on_validation_metrics(tmp_path):
     assert study.plan().metrics == ("val_agreement", "val_acc")
     grid = Study(name="g", base=_tiny(), axes={"temperature": [1.0, 4.0]}, scheduler="asha", storage=str(tmp_path))
     assert (grid.plan().metrics, grid.plan().modes) == (("val_agreement",), ("max",))  # what ASHA stops a grid on
-    assert set(SELECTION_METRICS) == {"val_acc", "val_nll", "val_ece", "val_agreement", "val_kl"}
+    assert set(SELECTION_METRICS) == {"val_acc", "val_nll", "val_ece", "val_agreement", "val_kl", "val_top5_overlap",
+                                      "val_jsd", "val_agreement_teacher_right", "val_agreement_teacher_wrong"}
 
 
 @pytest.mark.parametrize("metrics", [("test_agreement", "val_acc"), ("val_agreement", "test_acc"),
@@ -77,7 +78,8 @@ def test_a_search_preset_refuses_an_objective_off_the_validation_split(tmp_path,
     message = str(info.value)
     bad = next(m for m in metrics if not m.startswith("val_"))
     assert message.startswith(f"search metric={bad!r} is not allowed") and "\n" not in message, message
-    assert message.endswith("allowed: val_acc, val_nll, val_ece, val_agreement, val_kl"), message
+    assert message.endswith("allowed: " + ", ".join(SELECTION_METRICS)), message
+    assert SELECTION_METRICS[:5] == ("val_acc", "val_nll", "val_ece", "val_agreement", "val_kl")
     if not ray_was_running:
         assert not ray.is_initialized(), "Ray was started for a search that is refused"
 
