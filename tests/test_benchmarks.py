@@ -51,6 +51,16 @@ def test_packing_tiny():
                                                                              for line in lines)
 
 
+@pytest.mark.slow
+def test_teachers_tiny():
+    lines = _run("teachers.py", 600)
+    assert re.fullmatch(r"fraction_of_peak: \d+\.\d\d", lines[-1]), lines[-1]
+    assert re.fullmatch(r"speedup_teachers: \d+\.\d\d", lines[-2]), lines[-2]
+    assert 0 <= float(lines[-1].split()[1]) < 1 and float(lines[-2].split()[1]) > 0
+    assert any(line.startswith("alone: median") for line in lines) and any(line.startswith("fused: median")
+                                                                             for line in lines)
+
+
 def _benchmark(name: str):
     spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)

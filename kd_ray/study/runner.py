@@ -72,18 +72,19 @@ def _set_threads() -> None:
 
 
 @ray.remote
-def _train_member(cfg_dict: dict, member: int, role: str, store_uri: str, data_dir: str | None) -> str:
+def _train_members(members: list[tuple[dict, int, str]], store_uri: str, data_dir: str | None) -> list[str]:
+    """Train the members ``(config, member, role)`` of one group (one dataset) into the store: fused where
+    they fuse, one by one otherwise (``kd_ray.packs.members.ensure_members_fused``). Their keys, in order."""
     from kd_ray.data.datasets import load_arrays
+    from kd_ray.packs.members import ensure_members_fused
     from kd_ray.train.setup import resolve_device
-    from kd_ray.train.teachers import TeacherStore, ensure_members
+    from kd_ray.train.teachers import TeacherStore
 
     _set_threads()
-    cfg = TrialConfig.from_dict(cfg_dict)
-    keys = ensure_members(
-        cfg, TeacherStore(store_uri), load_arrays(cfg.dataset, data_dir), resolve_device(cfg.device),
-        role=role, members=[member],
-    )
-    return keys[0]
+    needed = [(TrialConfig.from_dict(cfg_dict), member, role) for cfg_dict, member, role in members]
+    cfg = needed[0][0]
+    return ensure_members_fused(needed, TeacherStore(store_uri), load_arrays(cfg.dataset, data_dir),
+                                resolve_device(cfg.device))
 
 
 def check_teacher_store(plan: RunPlan, configs: list[TrialConfig]) -> None:
@@ -101,8 +102,11 @@ def check_teacher_store(plan: RunPlan, configs: list[TrialConfig]) -> None:
         check_stored_members(store, keys)
 
 
-def prepare_teachers(plan: RunPlan, configs: list[TrialConfig]) -> None:
-    """Train every missing teacher member the study needs, one Ray task per member, in parallel."""
+def prepare_teachers(plan: RunPlan, configs: list[TrialConfig], fused: bool = True) -> None:
+    """Train every missing teacher member the study needs, in parallel Ray tasks: members that fuse
+    (``kd_ray.packs.members``) as groups trained as one wide network each, in at least as many groups as
+    the cluster has trial slots; the others, or every member with ``fused=False``, one task per member."""
+    from kd_ray.packs.members import member_groups
     from kd_ray.train.teachers import TeacherStore, needed_members
 
     store = TeacherStore(plan.teacher_store)
@@ -111,16 +115,23 @@ def prepare_teachers(plan: RunPlan, configs: list[TrialConfig]) -> None:
     log(f"teachers: {len(members)} members needed, {len(members) - len(missing)} in the store {store.uri}")
     if not missing:
         return
-    task = _train_member.options(num_cpus=plan.cpus_per_trial, num_gpus=plan.gpus_per_trial)
+    if fused:
+        groups, refused = member_groups(missing, tasks_at_least=slots(plan))
+        for reason in refused.values():
+            log(f"teachers: trained one by one, not fused: {reason}")
+    else:
+        groups = [[needed] for needed in missing]
+    task = _train_members.options(num_cpus=plan.cpus_per_trial, num_gpus=plan.gpus_per_trial)
     pending = [
-        task.remote(needed.cfg.to_dict(), needed.member, needed.role, plan.teacher_store, plan.data_dir)
-        for needed in missing
+        task.remote([(needed.cfg.to_dict(), needed.member, needed.role) for needed in group], plan.teacher_store,
+                    plan.data_dir)
+        for group in groups
     ]
     done = 0
     while pending:
         ready, pending = ray.wait(pending, num_returns=1)
         try:
-            key = ray.get(ready[0])
+            keys = ray.get(ready[0])
         except ray.exceptions.RayTaskError as exc:
             # Missing data or a bad store is the user's to fix: raise the task's own error, whose
             # message says how, rather than a remote traceback.
@@ -130,8 +141,9 @@ def prepare_teachers(plan: RunPlan, configs: list[TrialConfig]) -> None:
             if problem is not None:
                 raise problem from None
             raise
-        done += 1
-        log(f"teachers: member {key} ready ({done}/{len(missing)})")
+        for key in keys:
+            done += 1
+            log(f"teachers: member {key} ready ({done}/{len(missing)})")
 
 
 # --- the trainable ------------------------------------------------------------------------------

@@ -11,12 +11,12 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 
-from kd_ray.data.augment import augment
+from kd_ray.data.augment import AugmentedBatch, augment
 from kd_ray.models.archs import build_model
 from kd_ray.train.losses import kd_loss
 
@@ -190,6 +190,20 @@ def training_batch(
     return batch, y_batch
 
 
+def epoch_batches(
+    x: torch.Tensor, y: torch.Tensor, steps: int, recipe: Recipe, augment_spec: AugmentSpec,
+    generator: torch.Generator, augment_generator: torch.Generator, extra: ExtraBatches | None = None,
+    extra_generator: torch.Generator | None = None,
+) -> Iterator[tuple[AugmentedBatch, torch.Tensor]]:
+    """The first ``steps`` training batches of one epoch, as ``fit`` draws them: the epoch's permutation
+    from ``generator``, then each batch (``training_batch``) with its augmentation from ``augment_generator``.
+    Lazy: each batch is drawn when asked for, so draws interleave with training exactly as in ``fit``.
+    A network trained alone and one trained beside others (``kd_ray.packs.members``) draw through this."""
+    order = torch.randperm(x.shape[0], device=x.device, generator=generator)
+    for i in range(steps):
+        yield training_batch(x, y, order, i, recipe, augment_spec, augment_generator, extra, extra_generator)
+
+
 def fit(
     state: TrainState,
     x: torch.Tensor,
@@ -215,16 +229,15 @@ def fit(
     for epoch in range(state.epoch, plan.epochs):
         model.train()
         loss_sum = torch.zeros((), device=x.device)
-        order = torch.randperm(n, device=x.device, generator=generator)
         lr = recipe.lr
         steps = plan.steps_in(epoch)
-        for i in range(steps):
+        batches = epoch_batches(x, y, steps, recipe, augment_spec, generator, augment_generator, extra,
+                                state.extra_generator)
+        for i, (batch, y_batch) in enumerate(batches):
             step = epoch * plan.steps_per_epoch + i
             lr = lr_at(recipe, step, plan.total_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            batch, y_batch = training_batch(x, y, order, i, recipe, augment_spec, augment_generator, extra,
-                                            state.extra_generator)
             inputs = batch.x.contiguous(memory_format=torch.channels_last) if channels_last else batch.x
             with autocast:
                 logits = (state.forward or model)(inputs)

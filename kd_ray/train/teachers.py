@@ -343,6 +343,13 @@ def member_steps(cfg: TrialConfig, y_train: np.ndarray) -> int:
     return schedule(teacher_recipe(cfg), len(teacher_indices(cfg, y_train))).total_steps
 
 
+def member_generators(streams: Streams, device: torch.device) -> tuple[torch.Generator, torch.Generator]:
+    """A member's batch-order and augmentation generators, each seeded from its own stream: trained alone
+    (``train_member``) or beside other members (``kd_ray.packs.members``), a member draws the same batches."""
+    return (torch.Generator(device=device).manual_seed(streams.batches),
+            torch.Generator(device=device).manual_seed(streams.augment))
+
+
 def train_member(
     cfg: TrialConfig,
     member: int,
@@ -358,10 +365,8 @@ def train_member(
                          cfg.teacher_arch_args).to(device)
     initial = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     recipe = teacher_recipe(cfg)
-    state = TrainState(
-        model, make_optimizer(model, recipe), torch.Generator(device=device).manual_seed(streams.batches),
-        augment_generator=torch.Generator(device=device).manual_seed(streams.augment),
-    )
+    batch_generator, augment_generator = member_generators(streams, device)
+    state = TrainState(model, make_optimizer(model, recipe), batch_generator, augment_generator=augment_generator)
     x_train = torch.as_tensor(arrays.x_train, device=device)
     y_train = torch.as_tensor(arrays.y_train, device=device)
     fit_idx = torch.as_tensor(teacher_indices(cfg, arrays.y_train), device=device)
