@@ -32,6 +32,7 @@ from kd_ray.config import TrialConfig
 from kd_ray.data.augment import AugmentedBatch
 from kd_ray.data.datasets import Arrays, dataset_info
 from kd_ray.models.archs import build_model
+from kd_ray.packs.plan import split_evenly
 from kd_ray.packs.wide import feature_major_applies, narrow, widen
 from kd_ray.progress import Progress
 from kd_ray.train.distill import (
@@ -214,17 +215,6 @@ def train_members_fused(
 
 
 # --- groups, and the store ------------------------------------------------------------------------
-
-
-def split_evenly(members: list, parts: int) -> list[list]:
-    """``members`` in ``parts`` consecutive runs whose sizes differ by at most one."""
-    size, extra = divmod(len(members), parts)
-    runs, start = [], 0
-    for part in range(parts):
-        end = start + size + (1 if part < extra else 0)
-        runs.append(members[start:end])
-        start = end
-    return runs
 
 
 def member_groups(members: Iterable[NeededMember], tasks_at_least: int = 1,

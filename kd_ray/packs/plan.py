@@ -45,13 +45,13 @@ def share_key(cfg: TrialConfig) -> tuple[tuple[str, Any], ...] | None:
     return tuple((name, value) for name, value in sorted(cfg.to_dict().items()) if name not in STUDENT_FIELDS)
 
 
-def _split(indices: list[int], parts: int) -> list[list[int]]:
-    """``indices`` in ``parts`` runs of sizes that differ by one at most, in order."""
-    size, extra = divmod(len(indices), parts)
+def split_evenly(items: list, parts: int) -> list[list]:
+    """``items`` in ``parts`` consecutive runs whose sizes differ by one at most, in order."""
+    size, extra = divmod(len(items), parts)
     runs, start = [], 0
     for part in range(parts):
         end = start + size + (1 if part < extra else 0)
-        runs.append(indices[start:end])
+        runs.append(items[start:end])
         start = end
     return runs
 
@@ -71,12 +71,12 @@ def plan_packs(configs: Iterable[TrialConfig], max_size: int = PACK_LIMIT, min_p
     runs: list[list[int]] = []
     for indices in groups.values():
         parts = -(-len(indices) // max_size)
-        runs += _split(indices, parts)
+        runs += split_evenly(indices, parts)
     while len(runs) < min_packs:
         largest = max(range(len(runs)), key=lambda i: len(runs[i]))
         if len(runs[largest]) < 2:
             break
-        runs[largest:largest + 1] = _split(runs[largest], 2)
+        runs[largest:largest + 1] = split_evenly(runs[largest], 2)
     runs.sort(key=lambda run: run[0])
     return [Pack(f"pack{number:04d}", tuple(run)) for number, run in enumerate(runs)]
 
