@@ -39,20 +39,17 @@ from kd_ray.train.distill import (
     AugmentSpec,
     Diverged,
     Recipe,
-    build_seeded,
     epoch_batches,
     lr_at,
     make_optimizer,
-    predict,
     schedule,
 )
-from kd_ray.train.metrics import accuracy
 from kd_ray.train.teachers import (
     NeededMember,
     TeacherStore,
-    member_generators,
+    finish_member,
     member_key,
-    member_streams,
+    start_member,
     teacher_indices,
     teacher_recipe,
     train_member,
@@ -172,42 +169,27 @@ def train_members_fused(
     started = time.perf_counter()
 
     # --- each member's network, training set and generators, as train_member sets them up alone ---
-    x_train = torch.as_tensor(arrays.x_train, device=device)
-    y_train = torch.as_tensor(arrays.y_train, device=device)
-    models, initial, fit_data, generators = [], [], [], []
-    for cfg, member, role in members:
-        streams = member_streams(cfg, member, role)
-        model = build_seeded(cfg.teacher_arch, info.input_shape, info.num_classes, cfg.norm, streams.init,
-                             cfg.teacher_arch_args).to(device)
-        models.append(model)
-        initial.append({k: v.detach().cpu().clone() for k, v in model.state_dict().items()})
-        fit_idx = torch.as_tensor(teacher_indices(cfg, arrays.y_train), device=device)
-        fit_data.append((x_train[fit_idx], y_train[fit_idx]))
-        generators.append(member_generators(streams, device))
+    begins = [start_member(cfg, member, role, arrays, device) for cfg, member, role in members]
+    fit_data = [(begin.x_fit, begin.y_fit) for begin in begins]
     sizes = sorted({len(x) for x, _ in fit_data})
     if len(sizes) > 1:
         raise ValueError(f"train_members_fused: the members' training sets differ in size ({sizes}); "
                          "fuse only members whose epochs have the same number of steps")
 
     # --- one wide network, every member fed its own batches ---
-    wide = widen(models, feature_major=True)
+    wide = widen([begin.model for begin in begins], feature_major=True)
 
     def on_epoch(epoch: int, losses: list[float], lr: float) -> None:
         if progress and (epoch % max(1, recipe.epochs // 5) == 0 or epoch == recipe.epochs):
             progress(f"teacher members fused ({len(members)}): epoch {epoch}/{recipe.epochs} "
                      f"mean loss {sum(losses) / len(losses):.3f}")
 
-    fit_members(wide, fit_data, generators, recipe, AugmentSpec(info.kind, info.crop_pad, info.hflip), on_epoch)
+    augment_spec = AugmentSpec(info.kind, info.crop_pad, info.hflip)
+    fit_members(wide, fit_data, [begin.generators for begin in begins], recipe, augment_spec, on_epoch)
 
     # --- each member's final weights and logits, from its own narrow network ---
-    x_test, y_test = torch.as_tensor(arrays.x_test, device=device), torch.as_tensor(arrays.y_test)
-    results = []
-    for k, model in enumerate(models):
-        trained = narrow(wide, model, k)
-        final = {name: value.detach().cpu().clone() for name, value in trained.state_dict().items()}
-        logits = {"test": predict(trained, x_test).cpu(), "train": predict(trained, x_train).cpu()}
-        results.append(({"initial": initial[k], "final": final}, logits,
-                        {"test_acc": accuracy(logits["test"], y_test), "device": str(device)}))
+    results = [finish_member(narrow(wide, begin.model, k), begin.initial, arrays, device)
+               for k, begin in enumerate(begins)]
     share = (time.perf_counter() - started) / len(members)
     for _, _, metrics in results:
         metrics.update(train_time_s=share, fused_members=len(members))

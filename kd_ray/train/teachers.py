@@ -350,6 +350,43 @@ def member_generators(streams: Streams, device: torch.device) -> tuple[torch.Gen
             torch.Generator(device=device).manual_seed(streams.augment))
 
 
+class MemberStart(NamedTuple):
+    """A member as it starts training, alone or fused: its seeded network, its initial weights, its training
+    examples and its batch-order and augmentation generators."""
+
+    model: torch.nn.Module
+    initial: dict
+    x_fit: torch.Tensor
+    y_fit: torch.Tensor
+    generators: tuple[torch.Generator, torch.Generator]
+
+
+def _cpu_state(model: torch.nn.Module) -> dict:
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+
+def start_member(cfg: TrialConfig, member: int, role: str, arrays: Arrays, device: torch.device) -> MemberStart:
+    """Member ``member`` of ``role`` before its first step, every draw from its own streams."""
+    info = dataset_info(cfg.dataset)
+    streams = member_streams(cfg, member, role)
+    model = build_seeded(cfg.teacher_arch, info.input_shape, info.num_classes, cfg.norm, streams.init,
+                         cfg.teacher_arch_args).to(device)
+    fit_idx = torch.as_tensor(teacher_indices(cfg, arrays.y_train), device=device)
+    x_fit = torch.as_tensor(arrays.x_train, device=device)[fit_idx]
+    y_fit = torch.as_tensor(arrays.y_train, device=device)[fit_idx]
+    return MemberStart(model, _cpu_state(model), x_fit, y_fit, member_generators(streams, device))
+
+
+def finish_member(model: torch.nn.Module, initial: dict, arrays: Arrays,
+                  device: torch.device) -> tuple[dict, dict, dict]:
+    """A trained member as the store takes it: (weights, logits on the test and the whole train set, metrics);
+    the metrics' ``train_time_s`` is the caller's to add."""
+    x_test, x_train = torch.as_tensor(arrays.x_test, device=device), torch.as_tensor(arrays.x_train, device=device)
+    logits = {"test": predict(model, x_test).cpu(), "train": predict(model, x_train).cpu()}
+    metrics = {"test_acc": accuracy(logits["test"], torch.as_tensor(arrays.y_test)), "device": str(device)}
+    return {"initial": initial, "final": _cpu_state(model)}, logits, metrics
+
+
 def train_member(
     cfg: TrialConfig,
     member: int,
@@ -360,17 +397,11 @@ def train_member(
 ) -> tuple[dict, dict, dict]:
     """Train one member from scratch; returns (weights, logits, metrics) ready for the store."""
     info = dataset_info(cfg.dataset)
-    streams = member_streams(cfg, member, role)
-    model = build_seeded(cfg.teacher_arch, info.input_shape, info.num_classes, cfg.norm, streams.init,
-                         cfg.teacher_arch_args).to(device)
-    initial = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    begin = start_member(cfg, member, role, arrays, device)
     recipe = teacher_recipe(cfg)
-    batch_generator, augment_generator = member_generators(streams, device)
-    state = TrainState(model, make_optimizer(model, recipe), batch_generator, augment_generator=augment_generator)
-    x_train = torch.as_tensor(arrays.x_train, device=device)
-    y_train = torch.as_tensor(arrays.y_train, device=device)
-    fit_idx = torch.as_tensor(teacher_indices(cfg, arrays.y_train), device=device)
-    x_fit, y_fit = x_train[fit_idx], y_train[fit_idx]
+    batch_generator, augment_generator = begin.generators
+    state = TrainState(begin.model, make_optimizer(begin.model, recipe), batch_generator,
+                       augment_generator=augment_generator)
     augment_spec = AugmentSpec(info.kind, info.crop_pad, info.hflip)
     started = time.perf_counter()
 
@@ -378,16 +409,10 @@ def train_member(
         if progress and (epoch % max(1, recipe.epochs // 5) == 0 or epoch == recipe.epochs):
             progress(f"teacher member {member}: epoch {epoch}/{recipe.epochs} loss {loss:.3f}")
 
-    fit(state, x_fit, y_fit, recipe, augment_spec, teacher=None, on_epoch=on_epoch)
-    final = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-    x_test = torch.as_tensor(arrays.x_test, device=device)
-    logits = {"test": predict(model, x_test).cpu(), "train": predict(model, x_train).cpu()}
-    metrics = {
-        "test_acc": accuracy(logits["test"], torch.as_tensor(arrays.y_test)),
-        "train_time_s": time.perf_counter() - started,
-        "device": str(device),
-    }
-    return {"initial": initial, "final": final}, logits, metrics
+    fit(state, begin.x_fit, begin.y_fit, recipe, augment_spec, teacher=None, on_epoch=on_epoch)
+    weights, logits, metrics = finish_member(begin.model, begin.initial, arrays, device)
+    metrics["train_time_s"] = time.perf_counter() - started
+    return weights, logits, metrics
 
 
 def ensure_members(
