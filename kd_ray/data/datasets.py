@@ -114,6 +114,11 @@ def load_arrays(name: str, cache_dir: str | Path | None = None, download: bool =
     return _load_cifar(name, root, download)
 
 
+def is_known_dataset(name: str) -> bool:
+    """Whether ``name`` is a built-in dataset or names a user's (an ``.npz`` or a function)."""
+    return name in DATASET_INFO or is_user_dataset(name)
+
+
 def dataset_info(name: str) -> DatasetInfo:
     """What every part of a trial needs to know of a dataset, built-in (``DATASET_INFO``) or a user's (read once
     per process, see ``load_user_arrays``)."""

@@ -14,8 +14,8 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
-from kd_ray.config import LOSSES, TrialConfig, is_user_dataset
-from kd_ray.data.datasets import DATASET_INFO, dataset_info
+from kd_ray.config import LOSSES, TrialConfig
+from kd_ray.data.datasets import DATASET_INFO, dataset_info, is_known_dataset
 from kd_ray.study.spec import OptunaSpec
 
 
@@ -82,7 +82,7 @@ def keep_applicable_policies(preset: Preset, dataset: str | None) -> Preset:
     """Drop the policies (an axis, or arms) and the extra inputs the chosen dataset cannot take, so one
     script serves every dataset."""
     dataset = dataset or preset.base["dataset"]
-    if dataset not in DATASET_INFO and not is_user_dataset(dataset):
+    if not is_known_dataset(dataset):
         return preset  # the config validation names the bad dataset
     kind = dataset_info(dataset).kind
     axes = dict(preset.axes)
@@ -109,8 +109,7 @@ def drop_extra_data_if_not_generative(preset: Preset, dataset: str | None) -> Pr
     """Leave out an ``extra_data`` axis when the chosen dataset cannot generate samples (CIFAR)."""
     dataset = dataset or preset.base["dataset"]
     axes = dict(preset.axes)
-    known = dataset in DATASET_INFO or is_user_dataset(dataset)
-    if known and not dataset_info(dataset).can_generate and "extra_data" in axes:
+    if is_known_dataset(dataset) and not dataset_info(dataset).can_generate and "extra_data" in axes:
         print(f"{dataset} cannot generate extra in-domain samples; the extra_data axis is left out")
         axes.pop("extra_data")
     return replace(preset, axes=axes)
@@ -353,8 +352,7 @@ def optuna_search_space(preset: str, dataset: str | None, num_samples: int | Non
     dataset = dataset or OPTUNA_PRESETS[preset].base["dataset"]
     candidates = ["none", "baseline", "mixup", "cutmix", "rotation", "combaug"]
     # An unknown dataset is named by the config validation; the space is built for signals meanwhile.
-    known = dataset in DATASET_INFO or is_user_dataset(dataset)
-    policies = applicable_policies(candidates, dataset if known else "mnist1d")
+    policies = applicable_policies(candidates, dataset if is_known_dataset(dataset) else "mnist1d")
     return OptunaSpec(
         space={
             "temperature": ("logfloat", 1.0, 16.0),
