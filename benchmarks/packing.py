@@ -34,11 +34,14 @@ from torch import nn
 from kd_ray.config import TrialConfig
 from kd_ray.data.datasets import DATASET_INFO
 from kd_ray.models.archs import build_model
-from kd_ray.packs.run import PackTeacher, Student, WidePack, build_students, run_pack, sub_ensemble, train_wide_pack
+from kd_ray.packs.plan import plan_packs
+from kd_ray.packs.run import Student, WidePack, build_students, load_streams, run_pack, sub_ensemble, train_wide_pack
+from kd_ray.packs.streams import PackTeacher, StreamBatches, across_shape
 from kd_ray.provenance import versions
 from kd_ray.study.presets import STUDIES
+from kd_ray.train.distill import schedule
 from kd_ray.train.setup import TrialData, student_recipe
-from kd_ray.train.teachers import TeacherStore, ensure_members, load_ensemble
+from kd_ray.train.teachers import TeacherStore, ensure_members
 from kd_ray.train.trial import run_trial
 
 MATMUL = 1024  # the side of the square fp32 matmul whose rate is the peak
@@ -92,34 +95,50 @@ def forward_flops(model: nn.Module, input_shape: tuple[int, ...], batch: int) ->
     return sum(flops)
 
 
+def ablation_configs(epochs: int | None, teacher_epochs: int | None = None) -> list[TrialConfig]:
+    """The augmentation ablation's local grid: every policy arm (and the OOD arm) x seeds 0, 1 and 2."""
+    study = STUDIES["augmentation_ablation"]
+    preset = study.adapt(study.presets["local"], None)  # the policies mnist1d's signals take
+    configs = []
+    for arm in preset.arms:
+        for seed in range(3):
+            values = {**preset.base, **{k: v[0] for k, v in preset.axes.items()}, **arm, "seed": seed, "device": "cpu"}
+            if epochs is not None:
+                values["epochs"] = epochs
+            if teacher_epochs is not None:
+                values["teacher_epochs"] = teacher_epochs
+            configs.append(TrialConfig.from_dict(values))
+    return configs
+
+
 def step_rate(configs: list[TrialConfig], store: TeacherStore) -> tuple[float, float]:
-    """(useful FLOP/s, seconds per step) of the pack's training step, over one epoch without evaluation."""
-    base = configs[0]
-    data = TrialData(base, torch.device("cpu"), None)
-    largest = base.replace(teacher_members=max(c.teacher_members for c in configs))
-    full = load_ensemble(largest, store, torch.device("cpu"))
-    ensembles = [sub_ensemble(full, cfg) for cfg in configs]
-    students = [Student(cfg.replace(epochs=1), _one_epoch(cfg, data)) for cfg in configs]
-    models = build_students(configs, ensembles, data, torch.device("cpu"), "student")
-    pack = WidePack(students, models, list(range(len(configs))),
-                    PackTeacher(full, [c.teacher_members for c in configs]), torch.device("cpu"), base.seed, "student")
+    """(useful FLOP/s, seconds per step) of the largest pack's training step (as ``plan_packs`` groups
+    ``configs`` across streams), over one epoch without evaluation. Useful: each stream's teacher forward once,
+    each student's forward and backward as three forwards."""
+    device = torch.device("cpu")
+    indices = max(plan_packs(configs, across=across_shape), key=lambda p: p.size).trial_indices
+    configs = [configs[i].replace(epochs=1) for i in indices]
+    streams = load_streams(configs, device, None, store, None)
+    stream_of = [next(s for s, stream in enumerate(streams) if i in stream.students) for i in range(len(configs))]
+    ensembles = [sub_ensemble(streams[stream_of[i]].full, cfg) for i, cfg in enumerate(configs)]
+    students = [Student(cfg, schedule(student_recipe(cfg), streams[0].data.x.shape[0])) for cfg in configs]
+    models = build_students(configs, ensembles, streams[0].data, device, "student")
+    batches = [StreamBatches(configs[stream.students[0]], stream.data, "student", device) for stream in streams]
+    teacher = PackTeacher([stream.full for stream in streams], [c.teacher_members for c in configs], stream_of)
+    pack = WidePack(students, models, list(range(len(configs))), teacher, batches, stream_of)
     started = time.perf_counter()
-    train_wide_pack(pack, data)
+    train_wide_pack(pack)
     seconds = time.perf_counter() - started
     steps = students[0].plan.total_steps
+    base = configs[0]
     info = DATASET_INFO[base.dataset]
-    teacher = forward_flops(build_model(base.teacher_arch, info.input_shape, info.num_classes, base.norm),
-                            info.input_shape, base.batch_size) * largest.teacher_members
-    student = forward_flops(build_model(base.student_arch, info.input_shape, info.num_classes, base.norm),
-                            info.input_shape, base.batch_size)
-    useful = steps * (teacher + 3 * student * len(configs))
+    teacher_flops = forward_flops(build_model(base.teacher_arch, info.input_shape, info.num_classes, base.norm),
+                                  info.input_shape, base.batch_size)
+    student_flops = forward_flops(build_model(base.student_arch, info.input_shape, info.num_classes, base.norm),
+                                  info.input_shape, base.batch_size)
+    members = sum(stream.largest.teacher_members for stream in streams)
+    useful = steps * (teacher_flops * members + 3 * student_flops * len(configs))
     return useful / seconds, seconds / steps
-
-
-def _one_epoch(cfg: TrialConfig, data: TrialData):
-    from kd_ray.train.distill import schedule
-
-    return schedule(student_recipe(cfg.replace(epochs=1)), data.x.shape[0])
 
 
 def interleaved(runs: dict[str, Any], repeats: int) -> dict[str, list[float]]:
@@ -139,23 +158,30 @@ def timed_in_process(configs: list[TrialConfig], store: TeacherStore, root: str,
         for cfg in configs:
             run_trial(cfg, store=store)
 
-    return interleaved({"alone": alone, "pack": lambda _repeat: run_pack(configs, store=store)}, repeats)
+    def packed(_repeat: int) -> None:
+        for pack in plan_packs(configs, across=across_shape):  # one slot: packs as large as the grid allows
+            run_pack([configs[i] for i in pack.trial_indices], store=store)
+
+    return interleaved({"alone": alone, "pack": packed}, repeats)
 
 
 def timed_studies(configs: list[TrialConfig], store: TeacherStore, root: str, repeats: int) -> dict:
+    """Both as real studies on a local Ray of one CPU: every config one Ray Tune trial, then ``--pack auto``."""
     import ray
 
     from kd_ray.study import Study
     from kd_ray.study.guards import local_ray_settings
 
-    axes = {"teacher_members": sorted({c.teacher_members for c in configs}),
-            "temperature": sorted({c.temperature for c in configs})}
-    base = configs[0].replace(teacher_members=1, temperature=1.0)
+    base = configs[0]
+    varied = [name for name in sorted(base.to_dict())
+              if name != "seed" and len({getattr(c, name) for c in configs}) > 1]
+    arms = list({tuple((name, getattr(c, name)) for name in varied): None for c in configs})
+    seeds = sorted({c.seed for c in configs})
 
     def study(pack: str):
         def run(repeat: int) -> None:
-            result = Study(f"{pack}_{repeat}", base=base, axes=axes, seeds=[0], storage=root, cpus_per_trial=1,
-                           max_concurrent_trials=1, verbose=0, pack=pack).run()
+            result = Study(f"{pack}_{repeat}", base=base, arms=[dict(arm) for arm in arms], seeds=seeds, storage=root,
+                           cpus_per_trial=1, max_concurrent_trials=1, verbose=0, pack=pack).run()
             assert not result.partial and len(result.trials) == len(configs)
         return run
 
@@ -167,33 +193,44 @@ def timed_studies(configs: list[TrialConfig], store: TeacherStore, root: str, re
             ray.shutdown()
 
 
+def ensure_teachers(configs: list[TrialConfig], store: TeacherStore) -> None:
+    """Every seed's teacher in the store before anything is timed."""
+    for seed in sorted({c.seed for c in configs}):
+        largest = max((c for c in configs if c.seed == seed), key=lambda c: c.teacher_members)
+        ensure_members(largest, store, TrialData(largest, torch.device("cpu"), None).arrays, torch.device("cpu"))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true",
                         help="2 epochs (teachers too) and 1 repeat, to check the benchmark runs")
-    parser.add_argument("--epochs", type=int, default=None, help="student epochs (default: the preset's 60)")
+    parser.add_argument("--across", action="store_true",
+                        help="the augmentation ablation's grid (every policy x 3 seeds): packs across streams")
+    parser.add_argument("--epochs", type=int, default=None, help="student epochs (default: the preset's)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs of each (default 3, tiny 1)")
     parser.add_argument("--no-ray", action="store_true", help="students in this process, without Ray Tune trials")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    configs = sweep_configs(2, teacher_epochs=2) if args.tiny else sweep_configs(args.epochs)
+    grid, study = (ablation_configs, "augmentation_ablation") if args.across else (sweep_configs, "temperature_sweep")
+    configs = grid(2, teacher_epochs=2) if args.tiny else grid(args.epochs)
     repeats = 1 if args.tiny else args.repeats
     with tempfile.TemporaryDirectory() as root:
         store = TeacherStore(f"{root}/teachers")
-        largest = max(configs, key=lambda c: c.teacher_members)
-        ensure_members(largest, store, TrialData(largest, torch.device("cpu"), None).arrays, torch.device("cpu"))
+        ensure_teachers(configs, store)
         times = (timed_in_process if args.no_ray else timed_studies)(configs, store, root, repeats)
         peak = matmul_peak()
         rate, per_step = step_rate(configs, store)
     print(f"versions: {versions()}")
-    print(f"{len(configs)} students of {configs[0].epochs} epochs (temperature_sweep, local preset, seed 0), "
+    seeds = ", ".join(str(seed) for seed in sorted({c.seed for c in configs}))
+    print(f"{len(configs)} students of {configs[0].epochs} epochs ({study}, local preset, seeds {seeds}), "
           f"1 thread, {repeats} interleaved repeats, "
           f"{'in this process' if args.no_ray else 'Ray Tune studies on one CPU'}")
     for what, values in times.items():
         print(f"{what}: median {statistics.median(values):.1f} s (min {min(values):.1f}, max {max(values):.1f})")
-    print(f"fused step: {per_step * 1e3:.2f} ms, {rate / 1e9:.1f} GFLOP/s useful; fp32 matmul peak "
+    print(f"fused step (largest pack): {per_step * 1e3:.2f} ms, {rate / 1e9:.1f} GFLOP/s useful; fp32 matmul peak "
           f"{peak / 1e9:.1f} GFLOP/s")
-    print(f"speedup: {statistics.median(times['alone']) / statistics.median(times['pack']):.2f}")
+    speedup = statistics.median(times["alone"]) / statistics.median(times["pack"])
+    print(f"{'speedup_across' if args.across else 'speedup'}: {speedup:.2f}")
     print(f"fraction_of_peak: {rate / peak:.2f}")
     return 0
 

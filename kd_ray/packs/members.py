@@ -33,7 +33,7 @@ from kd_ray.data.augment import AugmentedBatch
 from kd_ray.data.datasets import Arrays, dataset_info
 from kd_ray.models.archs import build_model
 from kd_ray.packs.plan import split_evenly
-from kd_ray.packs.wide import feature_major_applies, narrow, widen
+from kd_ray.packs.wide import feature_major_applies, narrow, per_network_forward, stack_inputs, widen
 from kd_ray.progress import Progress
 from kd_ray.train.distill import (
     AugmentSpec,
@@ -118,8 +118,6 @@ def fit_members(
     exactly as ``distill.fit`` draws it alone. ``on_epoch(epoch, mean losses, lr)`` after each epoch."""
     plan = schedule(recipe, fit_data[0][0].shape[0])
     optimizer = make_optimizer(wide, recipe)
-    # The members' inputs arrive as [K, features, batch]: flattening is done per member before stacking.
-    layers = [layer for layer in wide if not isinstance(layer, nn.Flatten)]
     device = fit_data[0][0].device
     for epoch in range(plan.epochs):
         wide.train()
@@ -132,10 +130,8 @@ def fit_members(
             lr = lr_at(recipe, epoch * plan.steps_per_epoch + i, plan.total_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            out = torch.stack([batch.x.reshape(batch.x.shape[0], -1).t() for batch, _ in drawn])
-            for layer in layers:
-                out = layer(out)
-            losses = member_losses(out, drawn)
+            logits = per_network_forward(wide, stack_inputs([batch.x for batch, _ in drawn]), class_major=True)
+            losses = member_losses(logits, drawn)
             optimizer.zero_grad(set_to_none=True)
             losses.sum().backward()  # blocks never mix: each member's gradient is its own loss's
             optimizer.step()

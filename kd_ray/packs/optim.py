@@ -75,8 +75,14 @@ def pack_divergences(
                             dim=1).mean(-1)
         parts.append(values * divergence_scale(name, tau))
         order.extend(members)
-    # Back to the students' order: position order[j] holds the j-th computed value.
-    return torch.cat(parts)[torch.tensor(order, device=student_logits.device).argsort()]
+    return in_students_order(parts, order)
+
+
+def in_students_order(parts: Sequence[torch.Tensor], order: Sequence[int]) -> torch.Tensor:
+    """``[K]``: values computed group by group, ``parts`` concatenated, put back in the students' order, where
+    ``order[j]`` is the student whose value is the j-th of the concatenation."""
+    values = torch.cat(list(parts))
+    return values[torch.tensor(list(order), device=values.device).argsort()]
 
 
 class PackOptimizer:

@@ -1,13 +1,16 @@
-"""A pack: K students of one replicate trained at once, one augmentation and one teacher forward per step.
+"""A pack: K students trained at once as one wide network, one teacher forward per step for all of them.
 
 ``run_pack`` is ``trial.run_trial`` for the students of one pack (``kd_ray.packs.plan`` says which trials
-may share one). They share the distillation data, the teacher ensemble (the largest one asked for:
-its first m members are the m-member ensemble) and the batch stream: the replicate's student
-streams, which each of them would also draw alone. The students run as one wide network
-(``kd_ray.packs.wide``), with their own temperature, label weight, initialisation, learning rate, weight
-decay, optimizer and number of epochs (``kd_ray.packs.optim``). Each returns the row ``run_trial``
-would return, plus ``pack_id``, ``pack_size`` and ``pack_time_share`` (its share of the pack's
-optimizer steps, by which the pack's time is split among its rows).
+may share one). Its students fall into streams (``kd_ray.packs.streams``): those of one stream share the
+distillation data, the teacher ensemble (the largest one asked for: its first m members are the m-member
+ensemble) and the batch stream, the replicate's student streams, which each of them would also draw
+alone. A pack of one stream draws one augmented batch per step for all its students; a pack of several
+(other seeds, augmentation policies, data splits or extra inputs) draws one per stream, each student
+reading its own stream's batch, and labels them all with one forward of every stream's teacher. The
+students run as one wide network (``kd_ray.packs.wide``), with their own temperature, label weight,
+initialisation, learning rate, weight decay, optimizer and number of epochs (``kd_ray.packs.optim``).
+Each returns the row ``run_trial`` would return, plus ``pack_id``, ``pack_size`` and ``pack_time_share``
+(its share of the pack's optimizer steps, by which the pack's time is split among its rows).
 
 A student whose epoch loss is not finite is marked DIVERGED and leaves the pack at that epoch
 boundary; a student whose epochs are done leaves it too. The others go on unchanged: their blocks
@@ -26,22 +29,35 @@ import torch
 
 from kd_ray.config import TrialConfig, network_streams
 from kd_ray.data.datasets import dataset_info
-from kd_ray.models.ensembles import ensemble_log_probs
-from kd_ray.packs.optim import PackOptimizer, pack_kd_loss
-from kd_ray.packs.plan import share_key
-from kd_ray.packs.wide import feature_major_applies, fold_batch_norms, narrow, wide_forward, widen
+from kd_ray.packs.optim import PackOptimizer
+from kd_ray.packs.streams import (
+    PackTeacher,
+    StreamBatches,
+    across_shape,
+    check_step_shapes,
+    check_streams,
+    group_streams,
+    stream_losses,
+)
+from kd_ray.packs.wide import (
+    feature_major_applies,
+    fold_batch_norms,
+    narrow,
+    per_network_forward,
+    stack_inputs,
+    wide_forward,
+    widen,
+)
 from kd_ray.progress import Progress
 from kd_ray.provenance import versions
 from kd_ray.tables import DIVERGED, TERMINATED, packed_trial_id
 from kd_ray.train.distill import (
-    Recipe,
     Schedule,
     build_seeded,
     initialize_student,
     lr_at,
     predict,
     schedule,
-    training_batch,
 )
 from kd_ray.train.metrics import agreement, student_metrics, validation_metrics
 from kd_ray.train.predictions import write_predictions
@@ -52,7 +68,6 @@ from kd_ray.train.setup import (
     check_runnable,
     convergence_epoch,
     device_name,
-    extra_batches_seed,
     fast_path,
     precision_used,
     resolve_device,
@@ -73,29 +88,6 @@ def sub_ensemble(ensemble: Ensemble, cfg: TrialConfig, role: str = "reference") 
     return Ensemble(key=cfg.teacher_key(role), models=ensemble.models[:m], initial_states=ensemble.initial_states[:m],
                     final_states=ensemble.final_states[:m], test_logits=ensemble.test_logits[:m],
                     train_logits=ensemble.train_logits[:m])
-
-
-class PackTeacher:
-    """The largest ensemble of the pack as one wide network; the log-probabilities of each student's
-    m-member prefix on a batch, computed once per distinct m."""
-
-    def __init__(self, ensemble: Ensemble, ensemble_sizes: list[int]) -> None:
-        self.wide = fold_batch_norms(widen(ensemble.models).eval())
-        self.ensemble_sizes = ensemble_sizes  # per student: how many members its teacher has
-        self.distinct_sizes = sorted(set(ensemble_sizes))
-
-    @torch.inference_mode()
-    def log_probs(self, x: torch.Tensor, class_major: bool = False) -> torch.Tensor:
-        """``[K, batch, classes]`` (``class_major``: ``[K, classes, batch]``): student k's teacher on ``x``."""
-        logits = wide_forward(self.wide, x, class_major)
-        by_size = {m: ensemble_log_probs(logits[:m], class_dim=1 if class_major else -1) for m in self.distinct_sizes}
-        return torch.stack([by_size[m] for m in self.ensemble_sizes])
-
-    def keep(self, keep: list[int]) -> "PackTeacher":
-        other = PackTeacher.__new__(PackTeacher)
-        other.wide, other.ensemble_sizes = self.wide, [self.ensemble_sizes[i] for i in keep]
-        other.distinct_sizes = sorted(set(other.ensemble_sizes))
-        return other
 
 
 @dataclass
@@ -154,27 +146,56 @@ def choose_layout(cfg: TrialConfig, models: list[torch.nn.Module], device: torch
     return seconds(True) <= seconds(False)
 
 
+@dataclass
+class PackView:
+    """Some of a pack's active students as a wide network of their own, for evaluation."""
+
+    students: list[Student]
+    wide: torch.nn.Module
+    active: list[int]
+
+
 class WidePack:
-    """The live students of a pack as one wide network, its optimizer and the shared generators
-    (``extra_batches``: one that picks the extra inputs of each batch, from the stream of ``network``)."""
+    """The live students of a pack as one wide network, its optimizer, its teacher, and its streams' batches
+    (``streams.StreamBatches``; student i is fed by ``streams[stream_of[i]]``). With several streams every
+    student reads its own stream's batch (per-network inputs), to the pack's end."""
 
     def __init__(self, students: list[Student], models: list[torch.nn.Module], active: list[int],
-                 teacher: PackTeacher, device: torch.device, seed: int, network: str,
-                 feature_major: bool = True, bf16: bool = False, *, extra_batches: bool = False) -> None:
+                 teacher: PackTeacher, streams: list[StreamBatches], stream_of: list[int],
+                 feature_major: bool = True, bf16: bool = False) -> None:
         self.students, self.active, self.template = students, active, models[0]
         self.feature_major, self.bf16 = feature_major, bf16
+        self.streams, self.stream_of = streams, stream_of
+        self.per_network = len(streams) > 1
         self.wide = widen(models, feature_major).train()
         self.teacher = teacher.keep(active)
         cfgs = [students[i].cfg for i in active]
         self.optimizer = PackOptimizer(list(self.wide.parameters()), len(active), [c.weight_decay for c in cfgs],
                                        [c.optimizer == "adam" for c in cfgs])
-        streams = network_streams(network, seed)
-        self.generator = torch.Generator(device=device).manual_seed(streams.batches)
-        self.augment_generator = torch.Generator(device=device).manual_seed(streams.augment)
-        self.extra_generator: torch.Generator | None = None
-        if extra_batches:
-            self.extra_generator = torch.Generator(device=device).manual_seed(extra_batches_seed(network, seed))
         self.epoch = 0
+
+    def positions(self) -> dict[int, list[int]]:
+        """Each live stream's students, as positions among the active ones, streams in order."""
+        where: dict[int, list[int]] = {}
+        for j, index in enumerate(self.active):
+            where.setdefault(self.stream_of[index], []).append(j)
+        return dict(sorted(where.items()))
+
+    def forward(self, drawn: dict[int, tuple]) -> torch.Tensor:
+        """``[K, classes, batch]`` logits of the active students, each on its stream's batch (``drawn[stream]``)."""
+        if not self.per_network:
+            ((batch, _),) = drawn.values()
+            return wide_forward(self.wide, batch.x, class_major=True)
+        inputs = stack_inputs([drawn[self.stream_of[i]][0].x for i in self.active])
+        return per_network_forward(self.wide, inputs, class_major=True)
+
+    def view(self, indices: list[int]) -> "WidePack | PackView":
+        """The active students ``indices`` for evaluation: the pack itself when it has one stream (its students
+        all read the same inputs), else a wide network of theirs alone."""
+        if not self.per_network:
+            return self
+        models = [narrow(self.wide, self.template, self.active.index(i)) for i in indices]
+        return PackView(self.students, widen(models, self.feature_major).train(self.wide.training), list(indices))
 
     def keep(self, keep: list[int]) -> None:
         """Only the students ``keep`` (indices into ``students``) stay in the pack; the others leave."""
@@ -198,22 +219,17 @@ class WidePack:
             self.keep([i for i in self.active if i not in leaving])
 
     def state_dict(self) -> dict[str, Any]:
-        state = {
+        return {
             "wide": {k: v.clone() for k, v in self.wide.state_dict().items()}, "active": list(self.active),
-            "optimizer": self.optimizer.state_dict(), "generator": self.generator.get_state(),
-            "augment_generator": self.augment_generator.get_state(), "epoch": self.epoch,
+            "optimizer": self.optimizer.state_dict(), "streams": [stream.state_dict() for stream in self.streams],
+            "epoch": self.epoch,
         }
-        if self.extra_generator is not None:
-            state["extra_generator"] = self.extra_generator.get_state()
-        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.wide.load_state_dict(state["wide"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.generator.set_state(state["generator"])
-        self.augment_generator.set_state(state["augment_generator"])
-        if self.extra_generator is not None:
-            self.extra_generator.set_state(state["extra_generator"])
+        for stream, saved in zip(self.streams, state["streams"]):
+            stream.load_state_dict(saved)
         self.epoch = int(state["epoch"])
 
     def restore(self, state: dict[str, Any]) -> None:
@@ -231,13 +247,6 @@ class WidePack:
                       if students[i].status != TERMINATED or students[i].epoch >= students[i].plan.epochs])
 
 
-def check_pack(configs: list[TrialConfig]) -> None:
-    keys = {share_key(cfg) for cfg in configs}
-    if len(keys) != 1 or None in keys:
-        raise ValueError("run_pack: the configs of a pack must share their teacher, data and batch stream "
-                         "(kd_ray.packs.plan.share_key)")
-
-
 def build_students(configs: list[TrialConfig], ensembles: list[Ensemble], data: TrialData, device: torch.device,
                    network: str) -> list[torch.nn.Module]:
     """Each student's initial network, as ``trial.build_student_state`` builds it alone."""
@@ -252,48 +261,46 @@ def build_students(configs: list[TrialConfig], ensembles: list[Ensemble], data: 
     return models
 
 
-def train_wide_pack(pack: WidePack, data: TrialData,
-                    on_epoch: Callable[[int, list[float]], None] | None = None) -> None:
+def train_wide_pack(pack: WidePack, on_epoch: Callable[[int, list[float]], None] | None = None) -> None:
     """Run the pack's students to the end of their schedules; ``on_epoch(epoch, losses)`` after each
     epoch with the mean loss of every active student. Non-finite or finished students leave the pack."""
-    # Batch size, augmentation and mixup are fields the students share: any one's recipe draws the batches.
-    batch_recipe = student_recipe(pack.students[pack.active[0]].cfg)
     last_epoch = max(pack.students[i].plan.epochs for i in pack.active)
     while pack.active and pack.epoch < last_epoch:
-        mean_losses = train_epoch(pack, data, batch_recipe)
+        mean_losses = train_epoch(pack)
         leaving = close_epoch(pack, mean_losses)
         if on_epoch is not None:
             on_epoch(pack.epoch, mean_losses)
         pack.release(leaving)
 
 
-def train_epoch(pack: WidePack, data: TrialData, batch_recipe: Recipe) -> list[float]:
-    """One epoch of the pack's active students: each step one augmented batch and one teacher forward,
-    shared by all, and each student's own loss and learning rate. Each student's mean loss."""
-    students, x, y = pack.students, data.x, data.y
-    epoch = pack.epoch
+def train_epoch(pack: WidePack) -> list[float]:
+    """One epoch of the pack's active students: each step one augmented batch per live stream and one teacher
+    forward for all of them, and each student's own loss and learning rate. Each student's mean loss."""
+    students, epoch = pack.students, pack.epoch
+    device = pack.streams[0].data.x.device
     plans = [students[i].plan for i in pack.active]
     recipes = [student_recipe(students[i].cfg) for i in pack.active]
-    temperature = torch.tensor([r.temperature for r in recipes], device=x.device)
-    alpha = torch.tensor([r.alpha for r in recipes], device=x.device)
+    temperature = torch.tensor([r.temperature for r in recipes], device=device)
+    alpha = torch.tensor([r.alpha for r in recipes], device=device)
     divergences = [r.loss for r in recipes]
-    jsd_beta = torch.tensor([r.jsd_beta for r in recipes], device=x.device)
-    loss_sum = torch.zeros(len(pack.active), device=x.device)
-    order = torch.randperm(x.shape[0], device=x.device, generator=pack.generator)
+    jsd_beta = torch.tensor([r.jsd_beta for r in recipes], device=device)
+    loss_sum = torch.zeros(len(pack.active), device=device)
+    positions = pack.positions()
+    orders = {stream: pack.streams[stream].epoch_order() for stream in positions}
     steps = max(plan.steps_in(epoch) for plan in plans)
-    steps_per_epoch = students[0].plan.steps_per_epoch
+    steps_per_epoch = plans[0].steps_per_epoch  # the pack's streams take steps of one shape (streams.step_shape)
     # As a trial alone: bf16 autocast for the forward passes when the fast path says so; losses in float32.
-    autocast = torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=pack.bf16)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=pack.bf16)
     for i in range(steps):
         step = epoch * steps_per_epoch + i
-        lr = torch.tensor([lr_at(r, step, p.total_steps) for r, p in zip(recipes, plans)], device=x.device)
-        batch, y_batch = training_batch(x, y, order, i, batch_recipe, data.augment_spec, pack.augment_generator,
-                                        data.extra, pack.extra_generator)
+        lr = torch.tensor([lr_at(r, step, p.total_steps) for r, p in zip(recipes, plans)], device=device)
+        drawn = {stream: pack.streams[stream].batch(order, i) for stream, order in orders.items()}
         with autocast:
-            logits = wide_forward(pack.wide, batch.x, class_major=True)
-            teacher_log_probs = pack.teacher.log_probs(batch.x, class_major=True)
-        losses = pack_kd_loss(logits, teacher_log_probs, y_batch, temperature, alpha, batch.mix_index, batch.lam,
-                              divergences, jsd_beta)
+            logits = pack.forward(drawn)
+            teacher_log_probs = pack.teacher.log_probs({s: batch.x for s, (batch, _) in drawn.items()},
+                                                       class_major=True)
+        losses = stream_losses(logits, teacher_log_probs, drawn, positions, temperature, alpha, divergences,
+                               jsd_beta)
         pack.optimizer.zero_grad()
         losses.sum().backward()
         pack.optimizer.step(lr)
@@ -320,24 +327,29 @@ def close_epoch(pack: WidePack, mean_losses: list[float]) -> list[int]:
 
 
 class PackMeasures:
-    """Every student's metrics from one stacked pass over the test set, the distillation set, the validation
-    set and the replicate's augmented pass; the teacher's side of each computed once per ensemble size. With a
-    ``predictions_dir``, a student with ``save_predictions`` measured at its last epoch writes its per-example
-    predictions there (``kd_ray.train.predictions``), named by ``trial_ids`` (one per student: its row's id)."""
+    """The metrics of one stream's students (``ensembles``: each one's teacher, by its index among the pack's
+    students) from one stacked pass over the test set, the stream's distillation set, the validation set and its
+    augmented pass; the teacher's side of each computed once per ensemble size. With a ``predictions_dir``, a
+    student with ``save_predictions`` measured at its last epoch writes its per-example predictions there
+    (``kd_ray.train.predictions``), named by ``trial_ids`` (one per student of the pack: its row's id)."""
 
-    def __init__(self, data: TrialData, ensembles: list[Ensemble], teacher: PackTeacher, cfg: TrialConfig,
+    def __init__(self, data: TrialData, ensembles: dict[int, Ensemble], full: Ensemble, cfg: TrialConfig,
                  predictions_dir: str | None = None, trial_ids: list[str] | None = None) -> None:
         self.data = data
         if predictions_dir is not None and trial_ids is None:
             raise ValueError("PackMeasures: predictions_dir needs the students' trial_ids to name their files")
         self.predictions_dir, self.trial_ids = predictions_dir, trial_ids
-        self.teacher_test, self.teacher_distill = zip(*(data.teacher_log_probs(e) for e in ensembles))
-        self.teacher_val = [data.teacher_val_log_probs(e) for e in ensembles]
+        self.students = list(ensembles)
+        self.teacher_test, self.teacher_distill, self.teacher_val = {}, {}, {}
+        for index, ensemble in ensembles.items():
+            self.teacher_test[index], self.teacher_distill[index] = data.teacher_log_probs(ensemble)
+            self.teacher_val[index] = data.teacher_val_log_probs(ensemble)
         self.augmented = augmented_pass(data, cfg)
-        self.teacher_aug = torch.cat([teacher.log_probs(x) for x in self.augmented], dim=1)  # [K, N, C]
+        teacher = PackTeacher([full], [len(e.models) for e in ensembles.values()])
+        self.teacher_aug = dict(zip(self.students, torch.cat([teacher.log_probs(x) for x in self.augmented], dim=1)))
 
     @torch.inference_mode()
-    def _stacked(self, pack: WidePack, *inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+    def _stacked(self, pack: WidePack | PackView, *inputs: list[torch.Tensor]) -> list[torch.Tensor]:
         """``[K, N, classes]`` logits of the pack's students on each list of input parts, from one
         evaluation copy of the wide network."""
         was_training = pack.wide.training
@@ -347,16 +359,16 @@ class PackMeasures:
         return out
 
     def measure(self, pack: WidePack, which: list[int], final: tuple[int, ...] = ()) -> dict[int, dict[str, float]]:
-        """Metrics of the students ``which`` (indices into the pack's students, all active); those of them in
-        ``final`` are at their last epoch, and write their predictions when they save them."""
-        data = self.data
+        """Metrics of the students ``which`` (indices into the pack's students, all active and of this stream);
+        those of them in ``final`` are at their last epoch, and write their predictions when they save them."""
+        data, view = self.data, pack.view(which)
         # Without validation examples there is no validation pass, and the val_* metrics are NaN.
         val_parts = [list(data.x_val.split(EVAL_CHUNK))] if data.has_val else []
-        test, train, aug, *val = self._stacked(pack, list(data.x_test.split(EVAL_CHUNK)),
+        test, train, aug, *val = self._stacked(view, list(data.x_test.split(EVAL_CHUNK)),
                                                list(data.x.split(EVAL_CHUNK)), self.augmented, *val_parts)
         out = {}
         for index in which:
-            j = pack.active.index(index)
+            j = view.active.index(index)
             metrics = student_metrics(test[j], self.teacher_test[index], data.y_test, train[j],
                                       self.teacher_distill[index])
             metrics.update(validation_metrics(val[0][j] if val else None, self.teacher_val[index], data.y_val))
@@ -378,16 +390,18 @@ class PackMeasures:
         return write_predictions(self.predictions_dir, self.trial_ids[index], pack.students[index].cfg.seed, splits)
 
     def train_agreement(self, pack: WidePack, index: int) -> float:
-        (train,) = self._stacked(pack, list(self.data.x.split(EVAL_CHUNK)))
-        return agreement(self.teacher_distill[index], train[pack.active.index(index)])
+        view = pack.view([index])
+        (train,) = self._stacked(view, list(self.data.x.split(EVAL_CHUNK)))
+        return agreement(self.teacher_distill[index], train[view.active.index(index)])
 
 
 class PackEvaluations:
     """The pack's epoch boundaries (``train_wide_pack``'s ``on_epoch``): the students due are evaluated
-    (every ``eval_every`` epochs and at the last of each), each one's train agreement at the start of
-    its convergence window is kept, and ``on_eval`` gets the evaluations with a checkpoint of the pack."""
+    (every ``eval_every`` epochs and at the last of each), stream by stream (``measures``: one per stream), each
+    one's train agreement at the start of its convergence window is kept, and ``on_eval`` gets the evaluations
+    with a checkpoint of the pack."""
 
-    def __init__(self, pack: WidePack, measures: PackMeasures, teacher_summaries: list[dict[str, float]],
+    def __init__(self, pack: WidePack, measures: list[PackMeasures], teacher_summaries: list[dict[str, float]],
                  clock: TrainClock, on_eval: PackEvalCallback | None, progress: Progress | None) -> None:
         self.pack, self.measures, self.teacher_summaries = pack, measures, teacher_summaries
         self.clock, self.on_eval, self.progress = clock, on_eval, progress
@@ -400,13 +414,18 @@ class PackEvaluations:
         for index in pack.active:
             student = students[index]
             if student.status == TERMINATED and epoch == student.reference_epoch and index not in due:
-                student.reference = self.measures.train_agreement(pack, index)
+                student.reference = self.measures[pack.stream_of[index]].train_agreement(pack, index)
         if not due:
             return
         report = {}
         final = tuple(i for i in due if epoch == students[i].plan.epochs)
-        for index, metrics in self.measures.measure(pack, due, final).items():
-            student = students[index]
+        measured: dict[int, dict[str, float]] = {}
+        for stream, measures in enumerate(self.measures):
+            which = [i for i in due if pack.stream_of[i] == stream]
+            if which:
+                measured.update(measures.measure(pack, which, final))
+        for index in due:
+            metrics, student = measured[index], students[index]
             if epoch == student.reference_epoch:
                 student.reference = metrics["train_agreement"]
             lr = lr_at(student_recipe(student.cfg), epoch * student.plan.steps_per_epoch - 1, student.plan.total_steps)
@@ -431,6 +450,32 @@ class PackEvaluations:
                 "train_time_s": self.clock.seconds()}
 
 
+@dataclass
+class PackStream:
+    """One stream of a pack (``streams.group_streams``): its students (indices), its data, the config of the
+    largest teacher ensemble its students ask for, and that ensemble."""
+
+    students: list[int]
+    data: TrialData
+    largest: TrialConfig
+    full: Ensemble
+
+
+def load_streams(cfgs: list[TrialConfig], device: torch.device, data_dir: str | None, store: TeacherStore,
+                 progress: Progress | None) -> list[PackStream]:
+    """Each stream's data, checked to take steps of one shape before any teacher is trained, then its teacher
+    ensemble: the largest asked for, whose first m members are each m-member one."""
+    groups = group_streams(cfgs)
+    datas = [TrialData(cfgs[students[0]], device, data_dir) for students in groups]
+    check_step_shapes(datas, len(groups) == 1 or across_shape(cfgs[0]) is not None)
+    streams = []
+    for students, data in zip(groups, datas):
+        largest = cfgs[students[0]].replace(teacher_members=max(cfgs[i].teacher_members for i in students))
+        ensure_members(largest, store, data.arrays, device, progress=progress)
+        streams.append(PackStream(students, data, largest, load_ensemble(largest, store, device)))
+    return streams
+
+
 def run_pack(
     configs: list[TrialConfig | dict[str, Any]],
     on_eval: PackEvalCallback | None = None,
@@ -451,7 +496,7 @@ def run_pack(
     at its last evaluation to ``<predictions_dir>/<trial_id>.parquet``, ``trial_ids[index]`` being the id of its
     row in the study's tables (by default ``tables.packed_trial_id(pack_id, index)``)."""
     cfgs = [c if isinstance(c, TrialConfig) else TrialConfig.from_dict(c) for c in configs]
-    check_pack(cfgs)
+    check_streams(cfgs)
     if trial_ids is not None and len(trial_ids) != len(cfgs):
         raise ValueError(f"run_pack: {len(trial_ids)} trial_ids for {len(cfgs)} students; give one per student")
     for cfg in cfgs:
@@ -461,45 +506,51 @@ def run_pack(
     device = resolve_device(base.device)
     clock = TrainClock(resume)
 
-    # --- data and teacher: the largest ensemble asked for, whose first m members are each m-member one ---
-    data = TrialData(base, device, data_dir)
-    largest = base.replace(teacher_members=max(c.teacher_members for c in cfgs))
-    ensure_members(largest, store, data.arrays, device, progress=progress)
-    full = load_ensemble(largest, store, device)
-    ensembles = [sub_ensemble(full, cfg) for cfg in cfgs]
-    teacher = PackTeacher(full, [c.teacher_members for c in cfgs])
+    # --- data and teachers, stream by stream: each the largest ensemble its students ask for ---
+    streams = load_streams(cfgs, device, data_dir, store, progress)
+    stream_of = [0] * len(cfgs)
+    for number, stream in enumerate(streams):
+        for index in stream.students:
+            stream_of[index] = number
+    ensembles = [sub_ensemble(streams[stream_of[i]].full, cfg) for i, cfg in enumerate(cfgs)]
+    datas = [streams[stream_of[i]].data for i in range(len(cfgs))]
+    teacher = PackTeacher([stream.full for stream in streams], [c.teacher_members for c in cfgs], stream_of)
 
     # --- students: one wide network, built from the replicate's streams, or restored from the checkpoint ---
-    students = [Student(cfg, schedule(student_recipe(cfg), data.x.shape[0])) for cfg in cfgs]
-    models = build_students(cfgs, ensembles, data, device, "student")
+    students = [Student(cfg, schedule(student_recipe(cfg), data.x.shape[0])) for cfg, data in zip(cfgs, datas)]
+    models = build_students(cfgs, ensembles, datas[0], device, "student")
     trial_ids = trial_ids or [packed_trial_id(pack_id, index) for index in range(len(cfgs))]
-    measures = PackMeasures(data, ensembles, teacher, base, predictions_dir, trial_ids)
-    teacher_summaries = [data.teacher_summary(e, test) for e, test in zip(ensembles, measures.teacher_test)]
+    measures = [PackMeasures(stream.data, {i: ensembles[i] for i in stream.students}, stream.full,
+                             cfgs[stream.students[0]], predictions_dir, trial_ids) for stream in streams]
+    teacher_summaries = [datas[i].teacher_summary(ensembles[i], measures[stream_of[i]].teacher_test[i])
+                         for i in range(len(cfgs))]
     if resume:
         for student, saved in zip(students, resume["students"]):
             student.load_state_dict(saved, models[0])
-    feature_major = choose_layout(base, models, device)
-    bf16 = fast_path(base, data.info, device).bf16  # measured under precision=auto, as for a trial alone
-    pack = WidePack(students, models, list(range(len(cfgs))), teacher, device, base.seed, "student", feature_major,
-                    bf16, extra_batches=data.extra is not None)
+    feature_major = len(streams) > 1 or choose_layout(base, models, device)
+    bf16 = fast_path(base, datas[0].info, device).bf16  # measured under precision=auto, as for a trial alone
+    batches = [StreamBatches(cfgs[stream.students[0]], stream.data, "student", device) for stream in streams]
+    pack = WidePack(students, models, list(range(len(cfgs))), teacher, batches, stream_of, feature_major, bf16)
     if resume:
         pack.restore(resume["pack"])
     else:
         for index, student in enumerate(students):
             if student.reference_epoch == 0:
-                student.reference = measures.train_agreement(pack, index)
+                student.reference = measures[stream_of[index]].train_agreement(pack, index)
 
     # --- fit ---
     evaluations = PackEvaluations(pack, measures, teacher_summaries, clock, on_eval, progress)
     if pack.active:
-        train_wide_pack(pack, data, evaluations.on_epoch)
+        train_wide_pack(pack, evaluations.on_epoch)
 
-    # --- result rows, and each student's control ---
-    teacher_steps = [member_steps(cfg, data.arrays.y_train) for cfg in cfgs]
-    results = student_rows(students, ensembles, teacher_summaries, data, teacher_steps, feature_major, bf16)
-    controls = [i for i, cfg in enumerate(cfgs) if cfg.control and results[i]["status"] == TERMINATED]
-    if controls:
-        run_controls(students, results, controls, store, data, measures, device, largest, progress, bf16)
+    # --- result rows, and each stream's controls ---
+    teacher_steps = [member_steps(cfg, data.arrays.y_train) for cfg, data in zip(cfgs, datas)]
+    results = student_rows(students, ensembles, teacher_summaries, datas, teacher_steps, feature_major, bf16,
+                           len(streams))
+    for stream, stream_measures in zip(streams, measures):
+        controls = [i for i in stream.students if cfgs[i].control and results[i]["status"] == TERMINATED]
+        if controls:
+            run_controls(students, results, controls, store, stream, stream_measures, device, progress, bf16)
 
     # --- how the pack ran ---
     add_pack_provenance(results, students, pack_id, clock.seconds(), device)
@@ -507,40 +558,44 @@ def run_pack(
 
 
 def student_rows(students: list[Student], ensembles: list[Ensemble], teacher_summaries: list[dict],
-                 data: TrialData, teacher_steps: list[int], feature_major: bool, bf16: bool) -> list[dict[str, Any]]:
-    """Each student's result row from its last evaluation (``setup.result_row``), with the pack's fast path."""
+                 datas: list[TrialData], teacher_steps: list[int], feature_major: bool, bf16: bool,
+                 streams: int = 1) -> list[dict[str, Any]]:
+    """Each student's result row from its last evaluation (``setup.result_row``; ``datas``: each one's stream's
+    data), with the pack's fast path."""
     rows = []
     layout = "feature-major" if feature_major else "channel blocks"
-    for student, ensemble, summary, steps in zip(students, ensembles, teacher_summaries, teacher_steps):
+    across = f" across {streams} streams" if streams > 1 else ""
+    for student, ensemble, summary, data, steps in zip(students, ensembles, teacher_summaries, datas, teacher_steps):
         row = result_row(
             status=student.status, error=student.error, ensemble=ensemble, teacher_summary=summary,
             last_metrics=student.last, epochs_completed=student.epoch, plan=student.plan, teacher_steps=steps,
             reference=student.reference, student=student.model, data=data,
         )
         row["precision_used"] = precision_used(bf16)
-        row["fast_path"] = f"{precision_used(bf16)}, {FUSED} ({layout})"
+        row["fast_path"] = f"{precision_used(bf16)}, {FUSED}{across} ({layout})"
         row["config_json"] = student.cfg.to_json()
         rows.append(row)
     return rows
 
 
 def run_controls(students: list[Student], results: list[dict[str, Any]], controls: list[int], store: TeacherStore,
-                 data: TrialData, measures: PackMeasures, device: torch.device, largest: TrialConfig,
-                 progress: Progress | None, bf16: bool = False) -> None:
-    """The independent-student control of each student in ``controls``, as one pack of its own:
-    distilled from the control's ensemble, it records its agreement with the student's reference teacher."""
+                 stream: PackStream, measures: PackMeasures, device: torch.device, progress: Progress | None,
+                 bf16: bool = False) -> None:
+    """The independent-student control of each student in ``controls`` (all of one ``stream``), as one pack of
+    its own: distilled from the control's ensemble, it records its agreement with the student's reference teacher."""
     if progress:
         progress(f"control: distilling {len(controls)} students from an independent teacher ensemble")
-    ensure_members(largest, store, data.arrays, device, role="control", progress=progress)
-    full = load_ensemble(largest, store, device, role="control")
+    data = stream.data
+    ensure_members(stream.largest, store, data.arrays, device, role="control", progress=progress)
+    full = load_ensemble(stream.largest, store, device, role="control")
     cfgs = [students[i].cfg for i in controls]
     ensembles = [sub_ensemble(full, cfg, "control") for cfg in cfgs]
     controls_of = [Student(cfg, students[i].plan) for cfg, i in zip(cfgs, controls)]
     models = build_students(cfgs, ensembles, data, device, "control_student")
-    pack = WidePack(controls_of, models, list(range(len(cfgs))), PackTeacher(full, [c.teacher_members for c in cfgs]),
-                    device, cfgs[0].seed, "control_student", choose_layout(cfgs[0], models, device), bf16,
-                    extra_batches=data.extra is not None)
-    train_wide_pack(pack, data)
+    batches = [StreamBatches(cfgs[0], data, "control_student", device)]
+    pack = WidePack(controls_of, models, list(range(len(cfgs))), PackTeacher([full], [c.teacher_members for c in cfgs]),
+                    batches, [0] * len(cfgs), choose_layout(cfgs[0], models, device), bf16)
+    train_wide_pack(pack)
     for index, control in zip(controls, controls_of):
         if control.status == DIVERGED:
             results[index].update(status=DIVERGED, error=f"control student: {control.error}")

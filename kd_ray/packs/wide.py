@@ -282,6 +282,22 @@ def wide_forward(wide: nn.Module, x: torch.Tensor, class_major: bool = False) ->
     return blocks.permute(1, 2, 0).contiguous() if class_major else blocks.transpose(0, 1)
 
 
+def stack_inputs(batches: list[torch.Tensor]) -> torch.Tensor:
+    """Each network's own batch, ``[batch, ...]`` each, as the feature-major ``[K, features, batch]`` input of a
+    wide plain MLP (``per_network_forward``): network k reads ``batches[k]``, flattened."""
+    return torch.stack([batch.reshape(batch.shape[0], -1).t() for batch in batches])
+
+
+def per_network_forward(wide: nn.Module, x: torch.Tensor, class_major: bool = False) -> torch.Tensor:
+    """``wide_forward`` of a feature-major wide network whose K networks each read their own batch, stacked
+    by ``stack_inputs``: already flat, so the flattening layers are skipped."""
+    out = x
+    for layer in wide:
+        if not isinstance(layer, nn.Flatten):
+            out = layer(out)
+    return out if class_major else out.transpose(1, 2).contiguous()
+
+
 def student_state(wide: nn.Module, template: nn.Module, k: int) -> dict[str, torch.Tensor]:
     """Student k's state dict, under the names and shapes of the narrow ``template``."""
     wide_state, state = wide.state_dict(), {}

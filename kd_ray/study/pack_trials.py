@@ -65,6 +65,7 @@ def choose_packs(mode: str, search: bool, scheduler: str, slots: int, gpus_per_t
     from kd_ray.atomic import is_uri, write_text
     from kd_ray.packs.memory import max_pack_size, memory_budget
     from kd_ray.packs.plan import describe_packs, plan_packs
+    from kd_ray.packs.streams import across_shape
 
     if mode == "off" or search:
         return None
@@ -73,9 +74,9 @@ def choose_packs(mode: str, search: bool, scheduler: str, slots: int, gpus_per_t
         return None
     limit = min(max_pack_size(cfg, memory_budget(gpus_per_trial, slots))
                 for cfg in {cfg.student_arch: cfg for cfg in configs}.values())
-    packs = plan_packs(configs, max_size=limit, min_packs=slots)
+    packs = plan_packs(configs, max_size=limit, min_packs=slots, across=across_shape)
     if all(pack.size == 1 for pack in packs):
-        log("packs: none: no two trials share a teacher, distillation data and batch stream")
+        log("packs: none: no two trials share a student network and a step shape")
         return None
     space = [{"pack_id": pack_name(number, folder), "size": pack.size, LABELS_KEY: list(labels),
               STUDENTS_KEY: [configs[i].to_dict() for i in pack.trial_indices]} for number, pack in enumerate(packs)]

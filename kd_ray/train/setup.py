@@ -115,6 +115,13 @@ def data_sizes(cfg: TrialConfig) -> DataSizes:
     return DataSizes(val, n, teacher_base, teacher, distill_base, subset, subset + joined, most)
 
 
+def extra_per_batch(cfg: TrialConfig) -> int:
+    """How many extra inputs ride along in each of ``cfg``'s training batches (0: none, or they join the set)."""
+    if cfg.extra_data > 0 and cfg.extra_ratio > 0:
+        return max(1, round(cfg.extra_ratio * cfg.batch_size))
+    return 0
+
+
 def _has_batch_norm(arch: str, info: DatasetInfo, norm: str, args: str = "") -> bool:
     """Whether ``arch`` under ``norm`` has batch norm layers (lenet5 and vgg16 ignore ``norm``, a user's factory
     builds what it builds). Built on the meta device: no weights are allocated and no random number is drawn."""
@@ -311,7 +318,7 @@ class TrialData:
             x_extra, y_extra = (torch.as_tensor(a, device=device)
                                 for a in extra_inputs(cfg, self.arrays, teacher_idx, data_dir))
             if cfg.extra_ratio > 0:
-                self.extra = ExtraBatches(x_extra, y_extra, max(1, round(cfg.extra_ratio * cfg.batch_size)))
+                self.extra = ExtraBatches(x_extra, y_extra, extra_per_batch(cfg))
             else:
                 self.n_extra = cfg.extra_data
                 self.x = torch.cat([self.x, x_extra])
