@@ -33,7 +33,7 @@ from kd_ray.packs.optim import PackOptimizer
 from kd_ray.packs.streams import (
     PackTeacher,
     StreamBatches,
-    across_shape,
+    can_cross_streams,
     check_step_shapes,
     check_streams,
     group_streams,
@@ -186,8 +186,8 @@ class WidePack:
         if not self.per_network:
             ((batch, _),) = drawn.values()
             return wide_forward(self.wide, batch.x, class_major=True)
-        inputs = stack_inputs([drawn[self.stream_of[i]][0].x for i in self.active])
-        return per_network_forward(self.wide, inputs, class_major=True)
+        inputs = stack_inputs([drawn[self.stream_of[i]][0].x for i in self.active], self.feature_major)
+        return per_network_forward(self.wide, inputs, self.feature_major, class_major=True)
 
     def view(self, indices: list[int]) -> "WidePack | PackView":
         """The active students ``indices`` for evaluation: the pack itself when it has one stream (its students
@@ -467,7 +467,7 @@ def load_streams(cfgs: list[TrialConfig], device: torch.device, data_dir: str | 
     ensemble: the largest asked for, whose first m members are each m-member one."""
     groups = group_streams(cfgs)
     datas = [TrialData(cfgs[students[0]], device, data_dir) for students in groups]
-    check_step_shapes(datas, len(groups) == 1 or across_shape(cfgs[0]) is not None)
+    check_step_shapes(datas, len(groups) == 1 or can_cross_streams(cfgs[0]))
     streams = []
     for students, data in zip(groups, datas):
         largest = cfgs[students[0]].replace(teacher_members=max(cfgs[i].teacher_members for i in students))
@@ -527,7 +527,8 @@ def run_pack(
     if resume:
         for student, saved in zip(students, resume["students"]):
             student.load_state_dict(saved, models[0])
-    feature_major = len(streams) > 1 or choose_layout(base, models, device)
+    # Several streams: a plain MLP feature-major, any other network in channel blocks (streams.stack_inputs).
+    feature_major = feature_major_applies(models[0]) if len(streams) > 1 else choose_layout(base, models, device)
     bf16 = fast_path(base, datas[0].info, device).bf16  # measured under precision=auto, as for a trial alone
     batches = [StreamBatches(cfgs[stream.students[0]], stream.data, "student", device) for stream in streams]
     pack = WidePack(students, models, list(range(len(cfgs))), teacher, batches, stream_of, feature_major, bf16)

@@ -6,25 +6,29 @@ one stream's data and generators, seeded from the replicate's student streams as
 them, and draws its batches through ``distill.training_batch``, the function a lone trial draws with.
 ``PackTeacher`` is the teachers of all the pack's streams as one wide network of their members: with
 one stream every member reads the stream's batch (the shared input); with several, each member reads
-its own stream's batch, stacked feature-major (``wide.stack_inputs``), so one forward labels every
-stream's batch. A pack of several streams keeps that per-network layout to its end, even when one
-stream is left, so that a student leaving never changes the arithmetic of those that stay.
+its own stream's batch, stacked feature-major for plain MLPs and in channel blocks for convolutional
+networks (``wide.stack_inputs``: each network's first layer reads its own block), so one forward labels
+every stream's batch. The students read their streams' batches the same way. A pack of several streams
+keeps that per-network layout to its end, even when one stream is left, so that a student leaving never
+changes the arithmetic of those that stay.
 """
 
 from __future__ import annotations
 
 import functools
+import time
 from typing import Any
 
 import torch
 
-from kd_ray.config import TrialConfig, network_streams
+from kd_ray.config import TrialConfig, is_user_function, network_streams
 from kd_ray.data.datasets import dataset_info
 from kd_ray.models.archs import build_model
 from kd_ray.models.ensembles import ensemble_log_probs
 from kd_ray.packs.optim import in_students_order, pack_kd_loss
 from kd_ray.packs.plan import share_key, stream_key
 from kd_ray.packs.wide import (
+    can_widen,
     feature_major_applies,
     fold_batch_norms,
     per_network_forward,
@@ -33,7 +37,14 @@ from kd_ray.packs.wide import (
     widen,
 )
 from kd_ray.train.distill import training_batch
-from kd_ray.train.setup import TrialData, data_sizes, extra_batches_seed, extra_per_batch, student_recipe
+from kd_ray.train.setup import (
+    TrialData,
+    data_sizes,
+    extra_batches_seed,
+    extra_per_batch,
+    resolve_device,
+    student_recipe,
+)
 from kd_ray.train.teachers import Ensemble
 
 
@@ -54,17 +65,83 @@ def check_streams(configs: list[TrialConfig]) -> None:
 
 
 @functools.lru_cache(maxsize=None)
-def reads_own_batches(arch: str, arch_args: str, dataset: str, norm: str) -> bool:
-    """Whether a wide network of ``arch`` students can feed each its own batch: a plain MLP (feature-major)."""
+def feature_major_applies_to(arch: str, arch_args: str, dataset: str, norm: str) -> bool:
+    """Whether ``arch`` is a plain MLP, whose wide network runs feature-major (``wide.feature_major_applies``)."""
     info = dataset_info(dataset)
     with torch.random.fork_rng(devices=[]):  # building draws initial weights: none of the caller's streams
         return feature_major_applies(build_model(arch, info.input_shape, info.num_classes, norm, arch_args))
 
 
+@functools.lru_cache(maxsize=None)
+def reads_own_batches(arch: str, arch_args: str, dataset: str, norm: str) -> bool:
+    """Whether a wide network of ``arch`` students can feed each its own batch: a plain MLP (feature-major), or a
+    built-in network of inputs with channels (signals, images) whose first layer, grouped, reads each student's
+    channels of the stacked batch. A user's factory may reshape its input as it likes: it crosses no streams."""
+    if feature_major_applies_to(arch, arch_args, dataset, norm):
+        return True
+    if is_user_function(arch) or len(dataset_info(dataset).input_shape) < 2:
+        return False
+    info = dataset_info(dataset)
+    with torch.random.fork_rng(devices=[]):
+        return can_widen(build_model(arch, info.input_shape, info.num_classes, norm, arch_args)) is None
+
+
+def can_cross_streams(cfg: TrialConfig) -> bool:
+    """Whether ``cfg``'s students and teachers can each read their own stream's batch in a pack."""
+    return all(reads_own_batches(arch, args, cfg.dataset, cfg.norm)
+               for arch, args in ((cfg.student_arch, cfg.student_arch_args), (cfg.teacher_arch, cfg.teacher_arch_args)))
+
+
+PROBE_STUDENTS = 4  # students per timed probe of a fused step against lone ones
+PROBE_STEPS = 3  # timed steps of each, after one warm-up step
+
+
+@functools.lru_cache(maxsize=None)
+def fused_steps_pay(arch: str, arch_args: str, dataset: str, norm: str, batch_size: int, device_name: str) -> bool:
+    """Whether ``PROBE_STUDENTS`` students of a convolutional ``arch``, each on its own batch, take their training
+    steps faster as one wide network (grouped convolutions) than one after another, measured on the device: on a
+    CPU grouped convolutions often lose (docs/performance.md), on a GPU a lone small network leaves it idle. A
+    device this process cannot see is not measured, and the students keep to their streams."""
+    device = resolve_device(device_name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return False
+    info = dataset_info(dataset)
+    with torch.random.fork_rng(devices=[]):  # the probe's weights and inputs are drawn from no caller's stream
+        models = [build_model(arch, info.input_shape, info.num_classes, norm, arch_args).to(device).train()
+                  for _ in range(PROBE_STUDENTS)]
+        batches = [torch.randn(batch_size, *info.input_shape, device=device) for _ in models]
+    wide = widen(models, feature_major=False).train()
+
+    def lone() -> None:
+        for model, x in zip(models, batches):
+            model(x).logsumexp(-1).sum().backward()
+
+    def fused() -> None:
+        per_network_forward(wide, stack_inputs(batches, False), False).logsumexp(-1).sum().backward()
+
+    def seconds(step) -> float:
+        step()  # warm-up
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        started = time.perf_counter()
+        for _ in range(PROBE_STEPS):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - started
+
+    return seconds(fused) < seconds(lone)
+
+
 def across_shape(cfg: TrialConfig) -> tuple[int, int] | None:
     """For ``plan.plan_packs``' ``across``: the shape of ``cfg``'s every training step (distillation-set size,
-    extras per batch), which streams of one pack must share; None where its student cannot read its own batch."""
-    if not reads_own_batches(cfg.student_arch, cfg.student_arch_args, cfg.dataset, cfg.norm):
+    extras per batch), which streams of one pack must share; None where its student or teacher cannot read its
+    own batch, or where a convolutional student's fused steps measure slower than its lone ones."""
+    if not can_cross_streams(cfg):
+        return None
+    if not feature_major_applies_to(cfg.student_arch, cfg.student_arch_args, cfg.dataset, cfg.norm) and not (
+            fused_steps_pay(cfg.student_arch, cfg.student_arch_args, cfg.dataset, cfg.norm, cfg.batch_size,
+                            cfg.device)):
         return None
     return data_sizes(cfg).distill, extra_per_batch(cfg)
 
@@ -75,13 +152,14 @@ def step_shape(data: TrialData) -> tuple[int, int]:
 
 
 def check_step_shapes(datas: list[TrialData], per_network: bool) -> None:
-    """Streams of one pack must take steps of one shape, and their students per-network inputs."""
+    """Streams of one pack must take steps of one shape, and their students (and teachers) per-network inputs."""
     shapes = sorted({step_shape(data) for data in datas})
     if len(shapes) > 1:
         raise ValueError(f"run_pack: the streams' steps differ in shape ({shapes}: distillation-set size, extras "
                          "per batch); pack only streams whose batches match")
     if len(datas) > 1 and not per_network:
-        raise ValueError("run_pack: students of several streams must be plain MLPs (each reads its own batch)")
+        raise ValueError("run_pack: students of several streams must read their own batches (plain MLPs, or "
+                         "built-in convolutional networks: kd_ray.packs.streams.reads_own_batches)")
 
 
 class StreamBatches:
@@ -131,11 +209,8 @@ class PackTeacher:
         self.per_network = len(ensembles) > 1 if per_network is None else per_network
         self.streams = sorted(set(self.stream_of))  # the streams this teacher labels
         models = [model for s in self.streams for model in ensembles[s].models]
-        self.fused = not self.per_network or feature_major_applies(models[0])
-        if self.fused:
-            self.wide = fold_batch_norms(widen(models).eval())
-        else:  # a teacher that cannot read per-network inputs labels each stream's batch on its own
-            self.wides = {s: fold_batch_norms(widen(ensembles[s].models).eval()) for s in self.streams}
+        self.feature_major = feature_major_applies(models[0])
+        self.wide = fold_batch_norms(widen(models).eval())
 
     @torch.inference_mode()
     def log_probs(self, x: torch.Tensor | dict[int, torch.Tensor], class_major: bool = False) -> torch.Tensor:
@@ -150,13 +225,12 @@ class PackTeacher:
 
     def member_logits(self, xs: dict[int, torch.Tensor], class_major: bool) -> dict[int, torch.Tensor]:
         """Each stream's members' logits on its batch, ``[members, ...]``."""
-        if not self.fused:
-            return {s: wide_forward(self.wides[s], xs[s], class_major) for s in self.streams}
         if not self.per_network:
             return {self.streams[0]: wide_forward(self.wide, xs[self.streams[0]], class_major)}
         counts = [len(self.ensembles[s].models) for s in self.streams]
-        inputs = stack_inputs([xs[s] for s, count in zip(self.streams, counts) for _ in range(count)])
-        out = per_network_forward(self.wide, inputs, class_major)
+        batches = [xs[s] for s, count in zip(self.streams, counts) for _ in range(count)]
+        out = per_network_forward(self.wide, stack_inputs(batches, self.feature_major), self.feature_major,
+                                  class_major)
         return dict(zip(self.streams, out.split(counts)))
 
     def keep(self, keep: list[int]) -> "PackTeacher":

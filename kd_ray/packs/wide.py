@@ -282,15 +282,22 @@ def wide_forward(wide: nn.Module, x: torch.Tensor, class_major: bool = False) ->
     return blocks.permute(1, 2, 0).contiguous() if class_major else blocks.transpose(0, 1)
 
 
-def stack_inputs(batches: list[torch.Tensor]) -> torch.Tensor:
-    """Each network's own batch, ``[batch, ...]`` each, as the feature-major ``[K, features, batch]`` input of a
-    wide plain MLP (``per_network_forward``): network k reads ``batches[k]``, flattened."""
-    return torch.stack([batch.reshape(batch.shape[0], -1).t() for batch in batches])
+def stack_inputs(batches: list[torch.Tensor], feature_major: bool = True) -> torch.Tensor:
+    """Each network's own batch, ``[batch, ...]`` each, as the input of a wide network whose network k reads
+    ``batches[k]`` (``per_network_forward``): feature-major ``[K, features, batch]``, each batch flattened; in
+    channel blocks ``[batch, K * channels, ...]``, network k's channels the k-th block, as its first layer's
+    grouped convolution (or block matmul) reads them."""
+    if feature_major:
+        return torch.stack([batch.reshape(batch.shape[0], -1).t() for batch in batches])
+    return torch.cat(batches, dim=1)
 
 
-def per_network_forward(wide: nn.Module, x: torch.Tensor, class_major: bool = False) -> torch.Tensor:
-    """``wide_forward`` of a feature-major wide network whose K networks each read their own batch, stacked
-    by ``stack_inputs``: already flat, so the flattening layers are skipped."""
+def per_network_forward(wide: nn.Module, x: torch.Tensor, feature_major: bool = True,
+                        class_major: bool = False) -> torch.Tensor:
+    """``wide_forward`` of a wide network whose K networks each read their own batch, stacked by ``stack_inputs``
+    in the same layout; feature-major inputs are already flat, so the flattening layers are skipped."""
+    if not feature_major:
+        return wide_forward(wide, x, class_major)
     out = x
     for layer in wide:
         if not isinstance(layer, nn.Flatten):

@@ -64,8 +64,9 @@ def study_parser(description: str | None) -> argparse.ArgumentParser:
                         help="max trials at once (default: CPUs / cpus-per-trial)")
     parser.add_argument("--scheduler", choices=("fifo", "asha"), default="fifo", help="asha stops weak trials early")
     parser.add_argument("--pack", choices=PACK_MODES, default="auto",
-                        help="auto (default): trials that share a teacher, data and batch stream train as one Ray "
-                        "Tune trial, one teacher pass for all their students; off: one trial per config")
+                        help="auto (default): trials that share a student network train as one Ray Tune trial, one "
+                        "teacher pass per step for all their students (MLP students of other seeds, policies or "
+                        "data too, each fed its own batches); off: one trial per config")
     parser.add_argument("--num-samples", type=int, default=None,
                         help="trials of an Optuna search (default: the preset's)")
     parser.add_argument("--resume", action="store_true",

@@ -9,7 +9,8 @@ too (the fields that tell the study's trials apart, and its ``trial_id`` in tria
 test agreement and accuracy, for the progress table, are under ``pack_mean/``, never under a metric's own
 name, so that nothing ranks packs by a mean over students of different configurations.
 
-``--pack auto`` (the default) packs a grid study run by the FIFO scheduler, and an Optuna search
+``--pack auto`` (the default) packs a grid study run by the FIFO scheduler (plain-MLP students across
+streams, ``kd_ray.packs.streams.across_shape``; other students by stream), and an Optuna search
 whose every dimension is a student field (``kd_ray.study.search``: a pack asks for several points at
 once). ASHA stops students one by one, so a study under it runs unpacked (logged); so does a search
 over a dimension that decides the teacher, data or batch stream.

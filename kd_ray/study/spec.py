@@ -80,7 +80,7 @@ class Study:
     retrain_teachers: bool = False  # delete the needed teacher members first and train them again
     trackers: list[str] = field(default_factory=list)  # names of TRACKERS to log every trial to
     verbose: int = 1
-    pack: str = "auto"  # auto: trials that share a teacher, data and batch stream train as one (kd_ray.packs.plan)
+    pack: str = "auto"  # auto: trials that share a student network and step shape train as one (kd_ray.packs.plan)
 
     # --- specification ------------------------------------------------------------------------
     @property

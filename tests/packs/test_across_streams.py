@@ -14,11 +14,11 @@ from kd_ray.config import TrialConfig
 from kd_ray.models.archs import build_model
 from kd_ray.packs.plan import plan_packs
 from kd_ray.packs.run import FUSED, run_pack
-from kd_ray.packs.streams import across_shape
+from kd_ray.packs.streams import across_shape, fused_steps_pay
 from kd_ray.packs.wide import student_state, widen
 from kd_ray.study import Study
 from kd_ray.tables import CKA_METRICS, TEACHER_METRICS
-from kd_ray.train.setup import FINAL_METRICS
+from kd_ray.train.setup import FINAL_METRICS, data_sizes
 from kd_ray.train.trial import run_trial
 
 TINY = dict(dataset="mnist1d", teacher_arch="mlp", student_arch="mlp", teacher_epochs=2, teacher_members=2,
@@ -127,7 +127,7 @@ def test_streams_whose_steps_differ_in_shape_are_refused_before_any_training(sto
     assert not (tmp_path / "empty").exists() or not any((tmp_path / "empty").iterdir())
 
 
-def test_the_planner_packs_streams_of_one_step_shape_and_keeps_convnets_by_stream():
+def test_the_planner_packs_streams_of_one_step_shape_together():
     grid = [tiny(seed=seed, augmentation=policy) for policy in ("baseline", "noise", "mixup") for seed in (0, 1, 2)]
     grid += [tiny(seed=seed, **EXTRAS) for seed in (0, 1, 2)]  # another step shape: extras ride in every batch
     packs = plan_packs(grid, min_packs=2, across=across_shape)
@@ -135,10 +135,29 @@ def test_the_planner_packs_streams_of_one_step_shape_and_keeps_convnets_by_strea
     assert sorted(i for p in packs[:2] for i in p.trial_indices) == list(range(9))
     assert packs[2].trial_indices == (9, 10, 11)
     assert {grid[i].seed for i in packs[0].trial_indices} == {0, 1, 2}  # streams of every seed in one pack
+    # Convolutional students cross streams where their fused (grouped) steps measure faster on the device.
     convnets = [TrialConfig(dataset="digits", teacher_arch="smallcnn", student_arch="smallcnn", norm="none", seed=seed,
                             augmentation=policy) for policy in ("baseline", "mixup") for seed in (0, 1)]
-    assert across_shape(convnets[0]) is None
-    assert all(p.size == 1 for p in plan_packs(convnets, across=across_shape))
+    pays = fused_steps_pay("smallcnn", "", "digits", "none", convnets[0].batch_size, "cpu")
+    assert across_shape(convnets[0]) == ((data_sizes(convnets[0]).distill, 0) if pays else None)
+    assert [p.size for p in plan_packs(convnets, across=across_shape)] == ([4] if pays else [1, 1, 1, 1])
+
+
+def test_convolutional_students_of_other_streams_read_their_own_channels(store):
+    images = dict(dataset="digits", teacher_arch="smallcnn", student_arch="smallcnn", norm="batch", batch_size=128)
+    configs = [tiny(steps=3, **images, **changes) for changes in
+               (dict(seed=0), dict(seed=1, augmentation="mixup"), dict(seed=0, augmentation="vflip"))]
+    _, pack_checkpoints = recorded(configs, store)
+    template = build_model("smallcnn", (1, 8, 8), 10, "batch")
+    wide = widen([template] * 3, feature_major=False)
+    wide.load_state_dict(pack_checkpoints[1]["pack"]["wide"])
+    for k, cfg in enumerate(configs):
+        checkpoints: dict[int, dict] = {}
+        run_trial(cfg, lambda metrics, state, c=checkpoints: c.update({metrics["epoch"]: state}), store=store)
+        for name, value in checkpoints[1]["train_state"]["model"].items():
+            scale = max(1.0, float(value.abs().max()))
+            torch.testing.assert_close(student_state(wide, template, k)[name], value, rtol=1e-4,
+                                       atol=1e-4 * scale, msg=f"student {k}: {name}")
 
 
 def test_a_study_packs_policies_and_seeds_together_and_writes_the_tables_of_a_trial_per_config(ray_local, tmp_path):
