@@ -16,9 +16,9 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _run(script: str, timeout: int) -> list[str]:
+def _run(script: str, timeout: int, *flags: str) -> list[str]:
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--tiny"], capture_output=True,
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--tiny", *flags], capture_output=True,
                           text=True, timeout=timeout, env=env, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout.strip().splitlines()
@@ -49,6 +49,26 @@ def test_packing_tiny():
     assert 0 < float(lines[-1].split()[1]) < 1 and float(lines[-2].split()[1]) > 0
     assert any(line.startswith("alone: median") for line in lines) and any(line.startswith("pack: median")
                                                                              for line in lines)
+
+
+@pytest.mark.slow
+def test_packing_across_streams_tiny():
+    lines = _run("packing.py", 900, "--across", "--no-ray")
+    assert re.fullmatch(r"fraction_of_peak: \d+\.\d\d", lines[-1]), lines[-1]
+    assert re.fullmatch(r"speedup_across: \d+\.\d\d", lines[-2]), lines[-2]
+    assert 0 < float(lines[-1].split()[1]) < 1 and float(lines[-2].split()[1]) > 0
+    assert any("augmentation_ablation" in line and "seeds 0, 1, 2" in line for line in lines)
+
+
+@pytest.mark.slow
+def test_profile_studies_tiny():
+    lines = _run("profile_studies.py", 600)
+    assert re.fullmatch(r"largest: \w+ (teachers|steps|evaluation|tables) \d\.\d\d", lines[-1]), lines[-1]
+    rows = [line.split() for line in lines if line.startswith(("temperature_sweep", "augmentation_ablation"))]
+    assert len(rows) == 2
+    for row in rows:  # trials, then the four parts and the total, each in seconds
+        seconds = [float(value.rstrip("s")) for value in row[2:]]
+        assert all(value >= 0 for value in seconds) and sum(seconds[:4]) == pytest.approx(seconds[4], abs=0.2)
 
 
 @pytest.mark.slow
