@@ -39,6 +39,7 @@ from kd_ray.packs.run import Student, WidePack, build_students, load_streams, ru
 from kd_ray.packs.streams import PackTeacher, StreamBatches, across_shape
 from kd_ray.provenance import versions
 from kd_ray.study.presets import STUDIES
+from kd_ray.study.spec import Study
 from kd_ray.train.distill import schedule
 from kd_ray.train.setup import TrialData, student_recipe
 from kd_ray.train.teachers import TeacherStore, ensure_members
@@ -47,19 +48,19 @@ from kd_ray.train.trial import run_trial
 MATMUL = 1024  # the side of the square fp32 matmul whose rate is the peak
 
 
+def local_grid(name: str, seeds: list[int], epochs: int | None, teacher_epochs: int | None) -> list[TrialConfig]:
+    """Study ``name``'s local grid (its preset adapted to its dataset) for ``seeds``, on the CPU."""
+    study = STUDIES[name]
+    preset = study.adapt(study.presets["local"], None) if study.adapt else study.presets["local"]
+    configs = Study(name, base=TrialConfig.from_dict({**preset.base, "device": "cpu"}), axes=preset.axes,
+                    arms=preset.arms, seeds=seeds).configs()
+    changes = {"epochs": epochs, "teacher_epochs": teacher_epochs}
+    return [cfg.replace(**{k: v for k, v in changes.items() if v is not None}) for cfg in configs]
+
+
 def sweep_configs(epochs: int | None, teacher_epochs: int | None = None) -> list[TrialConfig]:
-    preset = STUDIES["temperature_sweep"].presets["local"]
-    configs = []
-    for members in preset.axes["teacher_members"]:
-        for temperature in preset.axes["temperature"]:
-            values = {**preset.base, "teacher_members": members, "temperature": temperature, "seed": 0,
-                      "device": "cpu"}
-            if epochs is not None:
-                values["epochs"] = epochs
-            if teacher_epochs is not None:
-                values["teacher_epochs"] = teacher_epochs
-            configs.append(TrialConfig.from_dict(values))
-    return configs
+    """The temperature sweep's 12 students of seed 0."""
+    return local_grid("temperature_sweep", [0], epochs, teacher_epochs)
 
 
 def matmul_peak() -> float:
@@ -96,19 +97,8 @@ def forward_flops(model: nn.Module, input_shape: tuple[int, ...], batch: int) ->
 
 
 def ablation_configs(epochs: int | None, teacher_epochs: int | None = None) -> list[TrialConfig]:
-    """The augmentation ablation's local grid: every policy arm (and the OOD arm) x seeds 0, 1 and 2."""
-    study = STUDIES["augmentation_ablation"]
-    preset = study.adapt(study.presets["local"], None)  # the policies mnist1d's signals take
-    configs = []
-    for arm in preset.arms:
-        for seed in range(3):
-            values = {**preset.base, **{k: v[0] for k, v in preset.axes.items()}, **arm, "seed": seed, "device": "cpu"}
-            if epochs is not None:
-                values["epochs"] = epochs
-            if teacher_epochs is not None:
-                values["teacher_epochs"] = teacher_epochs
-            configs.append(TrialConfig.from_dict(values))
-    return configs
+    """The augmentation ablation's local grid: every policy arm mnist1d takes (and the OOD arm) x seeds 0, 1, 2."""
+    return local_grid("augmentation_ablation", [0, 1, 2], epochs, teacher_epochs)
 
 
 def step_rate(configs: list[TrialConfig], store: TeacherStore) -> tuple[float, float]:
@@ -169,7 +159,6 @@ def timed_studies(configs: list[TrialConfig], store: TeacherStore, root: str, re
     """Both as real studies on a local Ray of one CPU: every config one Ray Tune trial, then ``--pack auto``."""
     import ray
 
-    from kd_ray.study import Study
     from kd_ray.study.guards import local_ray_settings
 
     base = configs[0]

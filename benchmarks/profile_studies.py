@@ -38,26 +38,14 @@ from kd_ray.packs.plan import plan_packs
 from kd_ray.packs.run import PackMeasures, run_pack
 from kd_ray.packs.streams import across_shape
 from kd_ray.provenance import versions
-from kd_ray.study.presets import REPRODUCTION, STUDIES
-from kd_ray.study.spec import Study
+from kd_ray.study.presets import REPRODUCTION
 from kd_ray.tables import compact_trial_parts, write_trial_part
 from kd_ray.train.setup import TrialData
 from kd_ray.train.teachers import TeacherStore, needed_members
 from kd_ray.train.trial import StudentEvaluations, run_trial
+from packing import local_grid  # this folder's: the local grid of a study, as the benchmarks build it
 
 PARTS = ("teachers", "steps", "evaluation", "tables")
-
-
-def study_configs(name: str, seed: int, epochs: int | None) -> list[TrialConfig]:
-    """The study's local grid for one replicate, as its script builds it (the preset adapted to its dataset)."""
-    study = STUDIES[name]
-    preset = study.presets["local"]
-    preset = study.adapt(preset, None) if study.adapt else preset
-    configs = Study(name, base=TrialConfig.from_dict({**preset.base, "device": "cpu"}), axes=preset.axes,
-                    arms=preset.arms, seeds=[seed]).configs()
-    if epochs is not None:
-        configs = [cfg.replace(epochs=epochs, steps=0, teacher_epochs=epochs) for cfg in configs]
-    return configs
 
 
 @contextlib.contextmanager
@@ -134,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     largest = ("", "", 0.0)
     with tempfile.TemporaryDirectory() as root:
         for name in names:
-            configs = study_configs(name, args.seed, 2 if args.tiny else None)
+            configs = local_grid(name, [args.seed], *((2, 2) if args.tiny else (None, None)))
             seconds = profile(name, configs, root)
             total = sum(seconds.values())
             print(f"{name:<22} {len(configs):>6} " + " ".join(f"{seconds[part]:>10.1f}s" for part in PARTS)

@@ -4,63 +4,28 @@ diverging student that leaves the others bit-identical; an exact resume; and wha
 
 from __future__ import annotations
 
-import io
-import math
-
 import pytest
 import torch
+from pack_runs import pack_weights, recorded, same, tiny
 
 from kd_ray.config import TrialConfig
-from kd_ray.models.archs import build_model
 from kd_ray.packs.plan import plan_packs
 from kd_ray.packs.run import FUSED, run_pack
 from kd_ray.packs.streams import across_shape, fused_steps_pay
-from kd_ray.packs.wide import student_state, widen
 from kd_ray.study import Study
 from kd_ray.tables import CKA_METRICS, TEACHER_METRICS
 from kd_ray.train.setup import FINAL_METRICS, data_sizes
 from kd_ray.train.trial import run_trial
 
-TINY = dict(dataset="mnist1d", teacher_arch="mlp", student_arch="mlp", teacher_epochs=2, teacher_members=2,
-            epochs=3, eval_every=1, batch_size=256, device="cpu", precision="fp32")
 # One stream per student: other seeds (other teachers), other policies, mixup, other label weights.
 ACROSS = [dict(seed=0), dict(seed=1, augmentation="noise", temperature=4.0), dict(seed=0, augmentation="mixup"),
           dict(seed=2, alpha=0.5, teacher_members=1)]
 EXTRAS = dict(extra_data=500, extra_source="gmm", extra_ratio=0.25)
 
 
-def tiny(**changes) -> TrialConfig:
-    return TrialConfig(**{**TINY, **changes})
-
-
-def same(a, b) -> bool:
-    return a == b or (isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b))
-
-
 @pytest.fixture(scope="module")
 def store(tmp_path_factory) -> str:
     return str(tmp_path_factory.mktemp("across_teachers"))
-
-
-def recorded(configs, store):
-    """A pack's results and its checkpoints by epoch, through torch.save and a weights-only load."""
-    checkpoints: dict[int, dict] = {}
-
-    def keep(epoch: int, _metrics: dict, state: dict) -> None:
-        buffer = io.BytesIO()
-        torch.save(state, buffer)
-        buffer.seek(0)
-        checkpoints[epoch] = torch.load(buffer, weights_only=True)
-
-    return run_pack(configs, keep, store=store), checkpoints
-
-
-def pack_weights(checkpoint: dict) -> list[dict[str, torch.Tensor]]:
-    template = build_model("mlp", (40,), 10, "batch")
-    active = checkpoint["pack"]["active"]
-    wide = widen([template] * len(active))
-    wide.load_state_dict(checkpoint["pack"]["wide"])
-    return [student_state(wide, template, k) for k in range(len(active))]
 
 
 def assert_first_steps_alone(configs: list[TrialConfig], store: str) -> None:
@@ -148,15 +113,13 @@ def test_convolutional_students_of_other_streams_read_their_own_channels(store):
     configs = [tiny(steps=3, **images, **changes) for changes in
                (dict(seed=0), dict(seed=1, augmentation="mixup"), dict(seed=0, augmentation="vflip"))]
     _, pack_checkpoints = recorded(configs, store)
-    template = build_model("smallcnn", (1, 8, 8), 10, "batch")
-    wide = widen([template] * 3, feature_major=False)
-    wide.load_state_dict(pack_checkpoints[1]["pack"]["wide"])
+    weights = pack_weights(pack_checkpoints[1], "smallcnn", (1, 8, 8), "batch", feature_major=False)
     for k, cfg in enumerate(configs):
         checkpoints: dict[int, dict] = {}
         run_trial(cfg, lambda metrics, state, c=checkpoints: c.update({metrics["epoch"]: state}), store=store)
         for name, value in checkpoints[1]["train_state"]["model"].items():
             scale = max(1.0, float(value.abs().max()))
-            torch.testing.assert_close(student_state(wide, template, k)[name], value, rtol=1e-4,
+            torch.testing.assert_close(weights[k][name], value, rtol=1e-4,
                                        atol=1e-4 * scale, msg=f"student {k}: {name}")
 
 

@@ -3,34 +3,20 @@ the same rows, a diverging student that leaves the others untouched, and resumes
 
 from __future__ import annotations
 
-import io
 import math
 
 import pytest
 import torch
+from pack_runs import pack_weights, recorded, same, tiny
 
-from kd_ray.config import TrialConfig
-from kd_ray.models.archs import build_model
 from kd_ray.packs.run import FUSED, run_pack
-from kd_ray.packs.wide import student_state, widen
 from kd_ray.tables import CKA_METRICS, TEACHER_METRICS, TRIALS_SCHEMA, VALIDATION_METRICS
 from kd_ray.train.setup import FINAL_METRICS
 from kd_ray.train.trial import run_trial
 
-TINY = dict(dataset="mnist1d", teacher_arch="mlp", student_arch="mlp", teacher_epochs=2, teacher_members=2,
-            epochs=3, eval_every=1, batch_size=256, device="cpu", precision="fp32")
 # Students that differ in everything a pack lets them differ in.
 VARIED = [dict(temperature=1.0), dict(temperature=4.0, teacher_members=1), dict(alpha=0.5, lr=0.1),
           dict(optimizer="adam", weight_decay=0.0), dict(epochs=2, lr_schedule="constant")]
-
-
-def tiny(**changes) -> TrialConfig:
-    return TrialConfig(**{**TINY, **changes})
-
-
-def same(a, b) -> bool:
-    """Equal, NaN equal to NaN (a metric a network has no stage for)."""
-    return a == b or (isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b))
 
 
 @pytest.fixture(scope="module")
@@ -38,35 +24,12 @@ def store(tmp_path_factory) -> str:
     return str(tmp_path_factory.mktemp("pack_teachers"))
 
 
-def recorded(configs, store):
-    """A pack's results and its checkpoints by epoch, each through torch.save and a weights-only load
-    as a Ray Tune trial stores them."""
-    checkpoints: dict[int, dict] = {}
-
-    def keep(epoch: int, _metrics: dict, state: dict) -> None:
-        buffer = io.BytesIO()
-        torch.save(state, buffer)
-        buffer.seek(0)
-        checkpoints[epoch] = torch.load(buffer, weights_only=True)
-
-    return run_pack(configs, keep, store=store), checkpoints
-
-
-def pack_weights(checkpoint: dict, configs: list[TrialConfig]) -> list[dict[str, torch.Tensor]]:
-    """Each active student's weights in a pack checkpoint, under its narrow network's names."""
-    template = build_model("mlp", (40,), 10, "batch")
-    active = checkpoint["pack"]["active"]
-    wide = widen([template] * len(active))
-    wide.load_state_dict(checkpoint["pack"]["wide"])
-    return [student_state(wide, template, k) for k in range(len(active))]
-
-
 def test_over_the_first_steps_a_pack_is_its_students_trained_alone(store):
     # Three optimizer steps: float32 rounding has not yet grown (training is chaotic: by epoch 1, at
     # lr 0.1, a thread count alone moves a weight by 1e-3).
     configs = [tiny(steps=3, **changes) for changes in VARIED[:4]]
     _, pack_checkpoints = recorded(configs, store)
-    weights = pack_weights(pack_checkpoints[1], configs)
+    weights = pack_weights(pack_checkpoints[1])
     for k, cfg in enumerate(configs):
         checkpoints: dict[int, dict] = {}
         run_trial(cfg, lambda metrics, state, c=checkpoints: c.update({metrics["epoch"]: state}), store=store)
