@@ -108,8 +108,9 @@ def test_a_lone_trial_s_row_says_which_ray_trial_ran_it_and_when(arms):
 
 @pytest.fixture(scope="module")
 def packed(ray_local, storage):
-    """Two seeds x two temperatures, one Ray Tune trial at a time: a pack of two students per seed."""
-    return run(storage, "packed", axes={"temperature": [1.0, 4.0]}, seeds=[0, 1], max_concurrent_trials=1)
+    """Two seeds x two temperatures, two Ray Tune trials at once: a pack of two students per seed (the planner
+    gives each slot its share of the study, and a seed's students are kept together)."""
+    return run(storage, "packed", axes={"temperature": [1.0, 4.0]}, seeds=[0, 1], max_concurrent_trials=2)
 
 
 def test_a_pack_labels_each_student_and_reports_no_mean_as_a_metric(packed):
