@@ -35,7 +35,16 @@ from kd_ray.config import TrialConfig
 from kd_ray.data.datasets import DATASET_INFO
 from kd_ray.models.archs import build_model
 from kd_ray.packs.plan import plan_packs
-from kd_ray.packs.run import Student, WidePack, build_students, load_streams, run_pack, sub_ensemble, train_wide_pack
+from kd_ray.packs.run import (
+    Student,
+    WidePack,
+    build_students,
+    load_streams,
+    run_pack,
+    stream_numbers,
+    sub_ensemble,
+    train_wide_pack,
+)
 from kd_ray.packs.streams import PackTeacher, StreamBatches, across_shape
 from kd_ray.provenance import versions
 from kd_ray.study.presets import STUDIES
@@ -109,7 +118,7 @@ def step_rate(configs: list[TrialConfig], store: TeacherStore) -> tuple[float, f
     indices = max(plan_packs(configs, across=across_shape), key=lambda p: p.size).trial_indices
     configs = [configs[i].replace(epochs=1) for i in indices]
     streams = load_streams(configs, device, None, store, None)
-    stream_of = [next(s for s, stream in enumerate(streams) if i in stream.students) for i in range(len(configs))]
+    stream_of = stream_numbers(streams)
     ensembles = [sub_ensemble(streams[stream_of[i]].full, cfg) for i, cfg in enumerate(configs)]
     students = [Student(cfg, schedule(student_recipe(cfg), streams[0].data.x.shape[0])) for cfg in configs]
     models = build_students(configs, ensembles, streams[0].data, device, "student")

@@ -461,6 +461,15 @@ class PackStream:
     full: Ensemble
 
 
+def stream_numbers(streams: list[PackStream]) -> list[int]:
+    """Each student's stream, by its index among the pack's students: the number of the stream holding it."""
+    stream_of = [0] * sum(len(stream.students) for stream in streams)
+    for number, stream in enumerate(streams):
+        for index in stream.students:
+            stream_of[index] = number
+    return stream_of
+
+
 def load_streams(cfgs: list[TrialConfig], device: torch.device, data_dir: str | None, store: TeacherStore,
                  progress: Progress | None) -> list[PackStream]:
     """Each stream's data, checked to take steps of one shape before any teacher is trained, then its teacher
@@ -508,10 +517,7 @@ def run_pack(
 
     # --- data and teachers, stream by stream: each the largest ensemble its students ask for ---
     streams = load_streams(cfgs, device, data_dir, store, progress)
-    stream_of = [0] * len(cfgs)
-    for number, stream in enumerate(streams):
-        for index in stream.students:
-            stream_of[index] = number
+    stream_of = stream_numbers(streams)
     ensembles = [sub_ensemble(streams[stream_of[i]].full, cfg) for i, cfg in enumerate(cfgs)]
     datas = [streams[stream_of[i]].data for i in range(len(cfgs))]
     teacher = PackTeacher([stream.full for stream in streams], [c.teacher_members for c in cfgs], stream_of)

@@ -15,6 +15,7 @@ changes the arithmetic of those that stay.
 
 from __future__ import annotations
 
+import copy
 import functools
 import time
 from typing import Any
@@ -234,9 +235,14 @@ class PackTeacher:
         return dict(zip(self.streams, out.split(counts)))
 
     def keep(self, keep: list[int]) -> "PackTeacher":
-        """The teacher of the students ``keep`` (positions among this teacher's students) alone."""
-        return PackTeacher(self.ensembles, [self.ensemble_sizes[i] for i in keep], [self.stream_of[i] for i in keep],
-                           self.per_network)
+        """The teacher of the students ``keep`` (positions among this teacher's students) alone: the same wide
+        network while their streams are this one's, a narrower one once a stream has no student left."""
+        sizes, stream_of = [self.ensemble_sizes[i] for i in keep], [self.stream_of[i] for i in keep]
+        if sorted(set(stream_of)) != self.streams:
+            return PackTeacher(self.ensembles, sizes, stream_of, self.per_network)
+        other = copy.copy(self)
+        other.ensemble_sizes, other.stream_of = sizes, stream_of
+        return other
 
 
 def stream_losses(logits: torch.Tensor, teacher_log_probs: torch.Tensor, drawn: dict[int, tuple],
